@@ -1,0 +1,104 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// agex: secrets, activation and dual backups for a host whose config lives in git.
+#[derive(Debug, Parser)]
+#[command(
+    name = "agex",
+    version,
+    about,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Configuration directory (default: nearest directory upward holding agex.toml)
+    #[arg(short = 'C', long = "config", global = true, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// Root for every host path read or written
+    #[arg(long, global = true, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Host to act for (default: this machine's hostname)
+    #[arg(long, global = true, value_name = "NAME")]
+    pub host: Option<String>,
+    /// Identity file to decrypt with (repeatable; replaces the default search)
+    #[arg(short = 'i', long = "identity", global = true, value_name = "PATH")]
+    pub identity: Vec<PathBuf>,
+    /// Machine-readable output on read commands
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create agex.toml, secrets/secrets.toml and policies/ in a directory
+    Init {
+        /// Where to create it (default: the current directory)
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// First admin key as NAME=RECIPIENT (default: ~/.ssh/id_ed25519.pub as `me`)
+        #[arg(long, value_name = "NAME=RECIPIENT")]
+        key: Option<String>,
+    },
+    /// Edit a secret in $VISUAL/$EDITOR via a RAM-backed temp file
+    Edit {
+        /// The secret's .age file (or its name)
+        file: PathBuf,
+        /// Allow the temp file on a persistent filesystem
+        #[arg(long)]
+        unsafe_tmpdir: bool,
+    },
+    /// Print a secret's plaintext to stdout
+    Decrypt {
+        /// The secret's .age file (or its name)
+        file: PathBuf,
+        /// Print even when stdout is a terminal
+        #[arg(long)]
+        force: bool,
+    },
+    /// Encrypt stdin to a secret's recipients
+    Encrypt {
+        /// The secret's .age file (or its name)
+        file: PathBuf,
+    },
+    /// Re-encrypt secrets to the recipients their rules name now
+    Rekey {
+        /// Only these secrets (default: every stale one)
+        files: Vec<PathBuf>,
+        /// Re-encrypt even secrets that are up to date
+        #[arg(long)]
+        force: bool,
+        /// Show what would be re-encrypted, change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Validate the configuration and every secret file without decrypting
+    Check,
+    /// Create missing secrets whose rule has a generator
+    Generate {
+        /// Only these secrets (default: all missing ones)
+        files: Vec<PathBuf>,
+    },
+    /// Inspect secrets
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Every secret: recipients, services, status (ok / stale / missing / orphan)
+    List,
+}

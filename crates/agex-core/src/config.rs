@@ -1,0 +1,395 @@
+//! `agex.toml`: keys, groups, hosts, repositories, activation and notification settings.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diagnostic::{did_you_mean, from_toml_error, Diagnostics, SourceFile};
+use crate::recipient::RecipientKey;
+
+/// The host identity used when a host entry names none.
+pub const DEFAULT_HOST_IDENTITY: &str = "/etc/ssh/ssh_host_ed25519_key";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    keys: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    groups: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
+    #[serde(default)]
+    hosts: BTreeMap<Spanned<String>, RawHost>,
+    #[serde(default)]
+    repositories: BTreeMap<Spanned<String>, RawRepository>,
+    #[serde(default)]
+    activation: Activation,
+    #[serde(default)]
+    notify: Notify,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    key: Spanned<String>,
+    identity: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    kind: Spanned<RepositoryKind>,
+    url: Spanned<String>,
+    password_secret: Spanned<String>,
+    ssh_key_secret: Option<Spanned<String>>,
+}
+
+/// Which engine a repository is written by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepositoryKind {
+    /// Restic format, written in-process by rustic_core.
+    Restic,
+    /// Borg format, written by the `borg` binary.
+    Borg,
+}
+
+/// One offsite backup repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repository {
+    /// Its name in `agex.toml`.
+    pub name: String,
+    /// Restic or Borg.
+    pub kind: RepositoryKind,
+    /// Where it lives (local path, `sftp:`, `rest:`, `ssh://`, …).
+    pub url: String,
+    /// The secret holding its password.
+    pub password_secret: Spanned<String>,
+    /// The secret holding the ssh key used to reach it, if any.
+    pub ssh_key_secret: Option<Spanned<String>>,
+}
+
+/// `[activation]` settings.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Activation {
+    /// How many generations to keep (the active one included).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_keep() -> usize {
+    5
+}
+
+impl Default for Activation {
+    fn default() -> Self {
+        Activation {
+            keep: default_keep(),
+        }
+    }
+}
+
+/// `[notify]` settings: where job results are reported. Values may be `secret:NAME`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// Generic JSON webhook.
+    pub webhook: Option<Spanned<String>>,
+    /// healthchecks.io-style ping URL.
+    pub healthchecks: Option<Spanned<String>>,
+    /// ntfy topic URL.
+    pub ntfy: Option<Spanned<String>>,
+}
+
+/// A host that receives secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// Its name in `agex.toml` (and usually its hostname).
+    pub name: String,
+    /// Its public key (usually the ssh host key).
+    pub key: RecipientKey,
+    /// Where its private key lives on the host (a host path, resolved under `--root`).
+    pub identity: PathBuf,
+}
+
+/// What a name in a `recipients` list refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    /// An entry of `[keys]`.
+    Key,
+    /// An entry of `[groups]`.
+    Group,
+    /// An entry of `[hosts]`.
+    Host,
+}
+
+/// A validated `agex.toml`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file's text, for diagnostics that point into it.
+    pub source: SourceFile,
+    /// Named public keys.
+    pub keys: BTreeMap<String, RecipientKey>,
+    /// Named lists of keys and hosts.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Hosts by name.
+    pub hosts: BTreeMap<String, Host>,
+    /// Backup repositories by name.
+    pub repositories: BTreeMap<String, Repository>,
+    /// Activation settings.
+    pub activation: Activation,
+    /// Notification settings.
+    pub notify: Notify,
+}
+
+impl Config {
+    /// Parses and validates the text of `agex.toml`.
+    pub fn parse(source: SourceFile) -> Result<Config, Diagnostics> {
+        let raw: RawConfig = toml::from_str(&source.text)
+            .map_err(|e| Diagnostics(vec![from_toml_error(&source, &e)]))?;
+        let mut diags = Diagnostics::default();
+
+        let mut seen: BTreeMap<String, &'static str> = BTreeMap::new();
+        let mut claim = |name: &Spanned<String>, what: &'static str, diags: &mut Diagnostics| {
+            if let Some(prev) = seen.insert(name.get_ref().clone(), what) {
+                diags.push(
+                    source
+                        .error(
+                            Some(name.span()),
+                            format!(
+                                "duplicate name `{}`: it is already a {prev}",
+                                name.get_ref()
+                            ),
+                        )
+                        .with_help(
+                            "keys, groups and hosts share one namespace; rename one of them",
+                        ),
+                );
+            }
+            if name.get_ref().is_empty()
+                || !name
+                    .get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                diags.push(source.error(
+                    Some(name.span()),
+                    format!(
+                        "invalid name `{}`: use letters, digits, `-`, `_` and `.`",
+                        name.get_ref()
+                    ),
+                ));
+            }
+        };
+
+        let mut keys = BTreeMap::new();
+        for (name, value) in &raw.keys {
+            claim(name, "key", &mut diags);
+            match RecipientKey::from_str(value.get_ref()) {
+                Ok(k) => {
+                    keys.insert(name.get_ref().clone(), k);
+                }
+                Err(e) => diags.push(source.error(
+                    Some(value.span()),
+                    format!("key `{}`: {}", name.get_ref(), e.reason),
+                )),
+            }
+        }
+        let mut hosts = BTreeMap::new();
+        for (name, h) in &raw.hosts {
+            claim(name, "host", &mut diags);
+            match RecipientKey::from_str(h.key.get_ref()) {
+                Ok(key) => {
+                    hosts.insert(
+                        name.get_ref().clone(),
+                        Host {
+                            name: name.get_ref().clone(),
+                            key,
+                            identity: PathBuf::from(
+                                h.identity.as_deref().unwrap_or(DEFAULT_HOST_IDENTITY),
+                            ),
+                        },
+                    );
+                }
+                Err(e) => diags.push(source.error(
+                    Some(h.key.span()),
+                    format!("host `{}`: {}", name.get_ref(), e.reason),
+                )),
+            }
+        }
+        for name in raw.groups.keys() {
+            claim(name, "group", &mut diags);
+        }
+        let mut groups = BTreeMap::new();
+        for (name, members) in &raw.groups {
+            let mut list = Vec::new();
+            let mut unique = BTreeSet::new();
+            for m in members {
+                let member = m.get_ref();
+                if !raw.keys.keys().any(|k| k.get_ref() == member)
+                    && !raw.hosts.keys().any(|k| k.get_ref() == member)
+                {
+                    let is_group = raw.groups.keys().any(|g| g.get_ref() == member);
+                    let mut d = source.error(
+                        Some(m.span()),
+                        if is_group {
+                            format!("group `{}` lists group `{member}`: groups hold keys and hosts, not other groups", name.get_ref())
+                        } else {
+                            format!("group `{}` lists `{member}`, which is not a key or host", name.get_ref())
+                        },
+                    );
+                    let names = raw
+                        .keys
+                        .keys()
+                        .chain(raw.hosts.keys())
+                        .map(|k| k.get_ref().as_str());
+                    if let Some(best) = did_you_mean(member, names) {
+                        d = d.with_help(format!("did you mean `{best}`?"));
+                    }
+                    diags.push(d);
+                } else if !unique.insert(member.clone()) {
+                    diags.push(source.error(
+                        Some(m.span()),
+                        format!("group `{}` lists `{member}` twice", name.get_ref()),
+                    ));
+                } else {
+                    list.push(member.clone());
+                }
+            }
+            groups.insert(name.get_ref().clone(), list);
+        }
+        let mut repositories = BTreeMap::new();
+        for (name, r) in &raw.repositories {
+            if r.url.get_ref().trim().is_empty() {
+                diags.push(source.error(
+                    Some(r.url.span()),
+                    format!("repository `{}` has an empty url", name.get_ref()),
+                ));
+            }
+            repositories.insert(
+                name.get_ref().clone(),
+                Repository {
+                    name: name.get_ref().clone(),
+                    kind: *r.kind.get_ref(),
+                    url: r.url.get_ref().clone(),
+                    password_secret: r.password_secret.clone(),
+                    ssh_key_secret: r.ssh_key_secret.clone(),
+                },
+            );
+        }
+        if raw.activation.keep == 0 {
+            diags.push(source.error(None, "[activation] keep must be at least 1"));
+        }
+        diags.into_result()?;
+        Ok(Config {
+            source,
+            keys,
+            groups,
+            hosts,
+            repositories,
+            activation: raw.activation,
+            notify: raw.notify,
+        })
+    }
+
+    /// What a name refers to, if anything.
+    pub fn kind_of(&self, name: &str) -> Option<NameKind> {
+        if self.keys.contains_key(name) {
+            Some(NameKind::Key)
+        } else if self.groups.contains_key(name) {
+            Some(NameKind::Group)
+        } else if self.hosts.contains_key(name) {
+            Some(NameKind::Host)
+        } else {
+            None
+        }
+    }
+
+    /// Every key, group and host name, for "did you mean" hints.
+    pub fn all_names(&self) -> impl Iterator<Item = &str> {
+        self.keys
+            .keys()
+            .chain(self.groups.keys())
+            .chain(self.hosts.keys())
+            .map(String::as_str)
+    }
+
+    /// Expands a key, group or host name into `(member name, key)` pairs.
+    pub fn expand(&self, name: &str) -> Vec<(String, RecipientKey)> {
+        let single = |n: &str| -> Option<(String, RecipientKey)> {
+            self.keys
+                .get(n)
+                .cloned()
+                .or_else(|| self.hosts.get(n).map(|h| h.key.clone()))
+                .map(|k| (n.to_string(), k))
+        };
+        match self.groups.get(name) {
+            Some(members) => members.iter().filter_map(|m| single(m)).collect(),
+            None => single(name).into_iter().collect(),
+        }
+    }
+
+    /// The hosts a name stands for (itself, or the hosts in a group).
+    pub fn hosts_in(&self, name: &str) -> Vec<String> {
+        match self.groups.get(name) {
+            Some(members) => members
+                .iter()
+                .filter(|m| self.hosts.contains_key(*m))
+                .cloned()
+                .collect(),
+            None if self.hosts.contains_key(name) => vec![name.to_string()],
+            None => vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+    fn parse(text: &str) -> Result<Config, Diagnostics> {
+        Config::parse(SourceFile::new("agex.toml", text))
+    }
+
+    #[test]
+    fn parses_minimal() {
+        let c = parse(&format!(
+            "[keys]\nalice = \"{X}\"\n[groups]\nadmins = [\"alice\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.expand("admins").len(), 1);
+        assert_eq!(c.activation.keep, 5);
+    }
+
+    #[test]
+    fn reports_bad_key_with_line() {
+        let e = parse("[keys]\nalice = \"age1bad\"\n").unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.starts_with("agex.toml:2:9: key `alice`"), "{shown}");
+    }
+
+    #[test]
+    fn reports_duplicate_names_across_tables() {
+        let e = parse(&format!(
+            "[keys]\nadmins = \"{X}\"\n[groups]\nadmins = [\"admins\"]\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("duplicate name `admins`"), "{e}");
+    }
+
+    #[test]
+    fn reports_unknown_group_member_with_hint() {
+        let e = parse(&format!(
+            "[keys]\nalice = \"{X}\"\n[groups]\nadmins = [\"alcie\"]\n"
+        ))
+        .unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("not a key or host"), "{shown}");
+        assert!(shown.contains("did you mean `alice`"), "{shown}");
+    }
+}

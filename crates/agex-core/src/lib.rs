@@ -1,0 +1,20 @@
+//! The agex configuration model: `agex.toml`, `secrets/secrets.toml`, `secrets.lock` and
+//! backup policies, parsed and validated with errors that name file:line:col.
+
+pub mod atomic;
+pub mod config;
+pub mod diagnostic;
+pub mod error;
+pub mod lock;
+pub mod project;
+pub mod recipient;
+pub mod rules;
+pub mod template;
+
+pub use config::{Config, Host, Repository, RepositoryKind};
+pub use diagnostic::{Diagnostic, Diagnostics, SourceFile};
+pub use error::ConfigError;
+pub use lock::{Lock, LockEntry};
+pub use project::Project;
+pub use recipient::{RecipientKey, RecipientKind};
+pub use rules::{Generator, Rules, SecretRule, TemplateRule};

@@ -1,0 +1,99 @@
+//! `secrets/secrets.lock`: per secret, the recipients its file is encrypted to and a
+//! digest of the file's age header. No plaintext facts: it lets `agex check` find stale
+//! or tampered files without any identity.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::{from_toml_error, Diagnostics, SourceFile};
+
+/// The lock file format version this build writes.
+pub const LOCK_VERSION: u32 = 1;
+
+/// The parsed lock file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    /// Format version.
+    pub version: u32,
+    /// Entries by secret name.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, LockEntry>,
+}
+
+/// What agex last wrote for one secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockEntry {
+    /// The file, relative to the config dir.
+    pub file: String,
+    /// `sha256:<hex>` of the age header: changes whenever the file is re-encrypted.
+    pub header: String,
+    /// Member name to recipient fingerprint, for every recipient of the file.
+    pub recipients: BTreeMap<String, String>,
+}
+
+impl Lock {
+    /// An empty lock.
+    pub fn new() -> Self {
+        Lock {
+            version: LOCK_VERSION,
+            secrets: BTreeMap::new(),
+        }
+    }
+
+    /// Parses lock file text.
+    pub fn parse(source: &SourceFile) -> Result<Lock, Diagnostics> {
+        if source.text.trim().is_empty() {
+            return Ok(Lock::new());
+        }
+        let lock: Lock = toml::from_str(&source.text)
+            .map_err(|e| Diagnostics(vec![from_toml_error(source, &e)]))?;
+        if lock.version != LOCK_VERSION {
+            return Err(Diagnostics(vec![source.error(
+                None,
+                format!(
+                    "lock file version {} is not supported (this agex writes version {LOCK_VERSION})",
+                    lock.version
+                ),
+            )]));
+        }
+        Ok(lock)
+    }
+
+    /// The lock file's text: sorted, one table per secret, diff-friendly.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).unwrap_or_default();
+        format!(
+            "# Written by agex: the recipients each secret is encrypted to and a digest of its\n# age header. Holds no plaintext facts. Commit it with the .age files.\n{body}"
+        )
+    }
+
+    /// Writes the lock atomically.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        crate::atomic::write_atomic(path, self.to_toml().as_bytes(), 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let mut lock = Lock::new();
+        lock.secrets.insert(
+            "db".into(),
+            LockEntry {
+                file: "secrets/db.age".into(),
+                header: "sha256:00".into(),
+                recipients: [("alice".to_string(), "age1x".to_string())].into(),
+            },
+        );
+        let text = lock.to_toml();
+        let back = Lock::parse(&SourceFile::new("secrets.lock", text)).unwrap();
+        assert_eq!(back, lock);
+    }
+}

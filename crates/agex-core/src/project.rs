@@ -1,0 +1,151 @@
+//! A loaded, cross-validated configuration directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::diagnostic::{Diagnostics, SourceFile};
+use crate::error::ConfigError;
+use crate::lock::Lock;
+use crate::rules::Rules;
+
+/// The file name that marks a configuration directory.
+pub const CONFIG_FILE: &str = "agex.toml";
+/// The rules file, relative to the config dir.
+pub const RULES_FILE: &str = "secrets/secrets.toml";
+/// The lock file, relative to the config dir.
+pub const LOCK_FILE: &str = "secrets/secrets.lock";
+/// The secrets directory, relative to the config dir.
+pub const SECRETS_DIR: &str = "secrets";
+
+/// A configuration directory whose files all parsed and agree with each other.
+#[derive(Debug, Clone)]
+pub struct Project {
+    /// The directory holding `agex.toml`.
+    pub dir: PathBuf,
+    /// `agex.toml`.
+    pub config: Config,
+    /// `secrets/secrets.toml`.
+    pub rules: Rules,
+    /// `secrets/secrets.lock` (empty if absent).
+    pub lock: Lock,
+}
+
+impl Project {
+    /// The nearest directory at or above `start` that holds `agex.toml`.
+    pub fn discover(start: &Path) -> Result<PathBuf, ConfigError> {
+        let abs = if start.is_absolute() {
+            start.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|source| ConfigError::Io {
+                    path: start.to_path_buf(),
+                    source,
+                })?
+                .join(start)
+        };
+        abs.ancestors()
+            .find(|d| d.join(CONFIG_FILE).is_file())
+            .map(Path::to_path_buf)
+            .ok_or(ConfigError::NotFound { start: abs })
+    }
+
+    /// Loads and validates the configuration in `dir`.
+    pub fn load(dir: &Path) -> Result<Project, ConfigError> {
+        let config = Config::parse(read_source(dir, CONFIG_FILE)?).map_err(ConfigError::Invalid)?;
+        let rules_path = dir.join(RULES_FILE);
+        let rules_source = if rules_path.exists() {
+            read_source(dir, RULES_FILE)?
+        } else {
+            SourceFile::new(display_path(dir, RULES_FILE), "")
+        };
+        let rules = Rules::parse(rules_source, &config).map_err(ConfigError::Invalid)?;
+        let lock = if dir.join(LOCK_FILE).exists() {
+            Lock::parse(&read_source(dir, LOCK_FILE)?).map_err(ConfigError::Invalid)?
+        } else {
+            Lock::new()
+        };
+        check_repositories(&config, &rules).map_err(ConfigError::Invalid)?;
+        Ok(Project {
+            dir: dir.to_path_buf(),
+            config,
+            rules,
+            lock,
+        })
+    }
+
+    /// A path relative to the config dir, made absolute.
+    pub fn path(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// A path as it should be shown to the user (relative to the working directory when
+    /// the config dir is below it).
+    pub fn display(&self, rel: impl AsRef<Path>) -> PathBuf {
+        PathBuf::from(display_path(&self.dir, rel.as_ref()))
+    }
+}
+
+fn display_path(dir: &Path, rel: impl AsRef<Path>) -> String {
+    let full = dir.join(rel);
+    let shown = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| full.strip_prefix(&cwd).ok().map(Path::to_path_buf))
+        .unwrap_or(full);
+    shown.display().to_string()
+}
+
+fn read_source(dir: &Path, rel: &str) -> Result<SourceFile, ConfigError> {
+    let path = dir.join(rel);
+    let text = fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(SourceFile::new(display_path(dir, rel), text))
+}
+
+/// Repository password and ssh key secrets must exist; passwords must be marked
+/// `backup_password` so `check` proves the recovery key can open them.
+fn check_repositories(config: &Config, rules: &Rules) -> Result<(), Diagnostics> {
+    let mut diags = Diagnostics::default();
+    for repo in config.repositories.values() {
+        let pw = &repo.password_secret;
+        match rules.secrets.get(pw.get_ref()) {
+            None => diags.push(config.source.error(
+                Some(pw.span()),
+                format!(
+                    "repository `{}`: password_secret `{}` has no rule in secrets.toml",
+                    repo.name,
+                    pw.get_ref()
+                ),
+            )),
+            Some(rule) if !rule.backup_password => diags.push(
+                config
+                    .source
+                    .error(
+                        Some(pw.span()),
+                        format!(
+                            "repository `{}`: secret `{}` holds a repository password but is not marked `backup_password = true`",
+                            repo.name,
+                            pw.get_ref()
+                        ),
+                    )
+                    .with_help("mark it, so `agex check` proves the recovery key can open the backups"),
+            ),
+            Some(_) => {}
+        }
+        if let Some(k) = &repo.ssh_key_secret {
+            if !rules.secrets.contains_key(k.get_ref()) {
+                diags.push(config.source.error(
+                    Some(k.span()),
+                    format!(
+                        "repository `{}`: ssh_key_secret `{}` has no rule in secrets.toml",
+                        repo.name,
+                        k.get_ref()
+                    ),
+                ));
+            }
+        }
+    }
+    diags.into_result()
+}

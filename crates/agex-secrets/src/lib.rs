@@ -1,0 +1,18 @@
+//! agex secrets: age-encrypted files in git, the identities that open them, and the
+//! operations on them (edit, encrypt, decrypt, rekey, check, generate).
+
+pub mod check;
+pub mod crypt;
+pub mod edit;
+pub mod error;
+pub mod generate;
+pub mod header;
+pub mod identity;
+pub mod init;
+pub mod ramdir;
+pub mod rekey;
+pub mod secret_file;
+
+pub use crypt::Plaintext;
+pub use error::SecretsError;
+pub use identity::Identities;
