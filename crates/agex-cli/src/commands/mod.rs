@@ -1,0 +1,3 @@
+//! One module per area of commands; each function runs one subcommand.
+
+pub mod secrets;

@@ -1,0 +1,291 @@
+//! Secrets commands: init, edit, decrypt, encrypt, rekey, check, generate, secrets list.
+
+use std::collections::BTreeSet;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use agex_core::{Project, RecipientKey, SecretRule};
+use agex_secrets::check::Status;
+use agex_secrets::{edit, generate, rekey, secret_file, SecretsError};
+use zeroize::Zeroizing;
+
+use crate::context::Context;
+use crate::error::{Failure, CONFIG, FAILURE, OK};
+use crate::output;
+
+pub fn cmd_init(ctx: &Context, dir: Option<PathBuf>, key: Option<String>) -> Result<i32, Failure> {
+    let dir = dir
+        .or_else(|| ctx.global.config.clone())
+        .unwrap_or_else(|| PathBuf::from("."));
+    let admin = match key {
+        Some(spec) => {
+            let (name, value) = spec.split_once('=').ok_or_else(|| {
+                Failure::new(CONFIG, format!("--key {spec}: expected NAME=RECIPIENT"))
+            })?;
+            let key = RecipientKey::from_str(value)
+                .map_err(|e| Failure::new(CONFIG, format!("--key {name}: {e}")))?;
+            Some((name.to_string(), key))
+        }
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".ssh/id_ed25519.pub"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| RecipientKey::from_str(s.trim()).ok())
+            .map(|k| ("me".to_string(), k)),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Failure::new(FAILURE, format!("{}: {e}", dir.display())))?;
+    let outcome = agex_secrets::init::init(&dir, admin)?;
+    for f in &outcome.created {
+        println!("created {}", dir.join(f).display());
+    }
+    match &outcome.admin_key {
+        Some((name, key)) => println!("admin key `{name}`: {}", key.fingerprint()),
+        None => println!(
+            "no admin key found: add yours under [keys] in agex.toml and to the `admins` group"
+        ),
+    }
+    Ok(OK)
+}
+
+pub fn cmd_edit(ctx: &Context, file: &Path, unsafe_tmpdir: bool) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let rule = secret_file::rule_for(&project, file)?;
+    let ids = if project.path(&rule.file).exists() {
+        Some(ctx.identities(&project)?)
+    } else {
+        None
+    };
+    let opts = edit::EditOptions {
+        editor: None,
+        unsafe_tmpdir,
+    };
+    let outcome = edit::edit(&project, rule, ids.as_ref(), &opts)?;
+    let shown = project.display(&rule.file);
+    match outcome {
+        edit::EditOutcome::Unchanged => eprintln!("{}: unchanged", shown.display()),
+        edit::EditOutcome::Updated(entry) | edit::EditOutcome::Created(entry) => {
+            save_lock_entries(&project, vec![(rule.name.clone(), entry)])?;
+            eprintln!(
+                "{}: encrypted to {}",
+                shown.display(),
+                rule.recipient_names.join(", ")
+            );
+        }
+    }
+    Ok(OK)
+}
+
+pub fn cmd_decrypt(ctx: &Context, file: &Path, force: bool) -> Result<i32, Failure> {
+    if std::io::stdout().is_terminal() && !force {
+        return Err(SecretsError::Terminal.into());
+    }
+    let project = ctx.project()?;
+    let rule = secret_file::rule_for(&project, file)?;
+    let ids = ctx.identities(&project)?;
+    let plaintext = secret_file::open(&project, rule, &ids)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&plaintext)
+        .and_then(|_| out.flush())
+        .map_err(|e| Failure::new(FAILURE, format!("writing to stdout: {e}")))?;
+    Ok(OK)
+}
+
+pub fn cmd_encrypt(ctx: &Context, file: &Path) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let rule = secret_file::rule_for(&project, file)?;
+    if std::io::stdin().is_terminal() {
+        eprintln!("reading the secret from stdin; end with Ctrl-D");
+    }
+    let mut plaintext = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .read_to_end(&mut plaintext)
+        .map_err(|e| Failure::new(FAILURE, format!("reading stdin: {e}")))?;
+    let entry = secret_file::write(&project, rule, &plaintext)?;
+    save_lock_entries(&project, vec![(rule.name.clone(), entry)])?;
+    eprintln!(
+        "{}: encrypted to {}",
+        project.display(&rule.file).display(),
+        rule.recipient_names.join(", ")
+    );
+    Ok(OK)
+}
+
+pub fn cmd_rekey(
+    ctx: &Context,
+    files: &[PathBuf],
+    force: bool,
+    dry_run: bool,
+) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let only = selected_rules(&project, files)?
+        .into_iter()
+        .map(|r| r.name.clone())
+        .collect::<BTreeSet<_>>();
+    let opts = rekey::RekeyOptions {
+        force,
+        host: ctx.global.host.clone(),
+        only,
+    };
+    let plan = rekey::plan(&project, &opts)?;
+    if ctx.global.json && dry_run {
+        output::json(&plan)?;
+        return Ok(OK);
+    }
+    for item in &plan.items {
+        println!(
+            "{} {}: {}",
+            if dry_run { "would rekey" } else { "rekey" },
+            item.name,
+            item.reason
+        );
+    }
+    for name in &plan.missing {
+        eprintln!("warning: {name}: file missing, skipped (agex generate / agex edit)");
+    }
+    if dry_run {
+        println!(
+            "dry run: {} to re-encrypt, {} up to date, nothing changed",
+            plan.items.len(),
+            plan.up_to_date
+        );
+        return Ok(OK);
+    }
+    if plan.items.is_empty() {
+        println!("all {} secrets up to date", plan.up_to_date);
+        return Ok(OK);
+    }
+    let ids = ctx.identities(&project)?;
+    let started = std::time::Instant::now();
+    let outcome = rekey::execute(&project, &plan, &ids)?;
+    for name in &outcome.unverified {
+        eprintln!("note: {name}: none of your identities is a recipient any more; verified the header only");
+    }
+    println!(
+        "re-encrypted {} secrets in {:.3}s",
+        outcome.rekeyed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(OK)
+}
+
+pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let report = agex_secrets::check::check(&project);
+    if ctx.global.json {
+        output::json(&report)?;
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .secrets
+            .iter()
+            .filter(|s| s.status != Status::Ok)
+            .map(|s| {
+                vec![
+                    s.status.as_str().to_string(),
+                    s.file.display().to_string(),
+                    s.detail.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            output::table(&["STATUS", "FILE", "DETAIL"], &rows);
+        }
+        for name in &report.stale_lock_entries {
+            println!("secrets.lock has an entry for `{name}`, which has no rule any more (agex rekey removes it)");
+        }
+        let ok = report
+            .secrets
+            .iter()
+            .filter(|s| s.status == Status::Ok)
+            .count();
+        println!(
+            "{}: {} secrets, {} ok, {} need attention; {} keys, {} groups, {} hosts, {} repositories",
+            if report.has_findings() { "check failed" } else { "check passed" },
+            report.secrets.len(),
+            ok,
+            report.secrets.len() - ok,
+            project.config.keys.len(),
+            project.config.groups.len(),
+            project.config.hosts.len(),
+            project.config.repositories.len(),
+        );
+    }
+    Ok(if report.has_findings() { FAILURE } else { OK })
+}
+
+pub fn cmd_generate(ctx: &Context, files: &[PathBuf]) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let only = selected_rules(&project, files)?;
+    let generate::GenerateOutcome { created, entries } =
+        generate::generate_missing(&project, &only)?;
+    save_lock_entries(&project, entries)?;
+    if ctx.global.json {
+        output::json(&created)?;
+    } else {
+        for g in &created {
+            match &g.public_file {
+                Some(p) => println!(
+                    "generated {} (public key in {})",
+                    g.file.display(),
+                    p.display()
+                ),
+                None => println!("generated {}", g.file.display()),
+            }
+        }
+        if created.is_empty() {
+            println!("nothing to generate: every secret with a generator has a file");
+        }
+    }
+    Ok(OK)
+}
+
+pub fn cmd_secrets_list(ctx: &Context) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let report = agex_secrets::check::check(&project);
+    if ctx.global.json {
+        output::json(&report.secrets)?;
+        return Ok(OK);
+    }
+    let rows: Vec<Vec<String>> = report
+        .secrets
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone().unwrap_or_else(|| "-".into()),
+                s.recipients.join(","),
+                s.services.join(","),
+                s.status.as_str().to_string(),
+            ]
+        })
+        .collect();
+    output::table(&["SECRET", "RECIPIENTS", "SERVICES", "STATUS"], &rows);
+    Ok(OK)
+}
+
+/// Rules named on the command line (files or secret names).
+fn selected_rules<'a>(
+    project: &'a Project,
+    files: &[PathBuf],
+) -> Result<Vec<&'a SecretRule>, Failure> {
+    files
+        .iter()
+        .map(|f| secret_file::rule_for(project, f).map_err(Failure::from))
+        .collect()
+}
+
+/// Records new lock entries, re-reading the lock so concurrent entries are kept.
+pub fn save_lock_entries(
+    project: &Project,
+    entries: Vec<(String, agex_core::LockEntry)>,
+) -> Result<(), Failure> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut lock = project.lock.clone();
+    for (name, entry) in entries {
+        lock.secrets.insert(name, entry);
+    }
+    let path = project.path(agex_core::project::LOCK_FILE);
+    lock.save(&path)
+        .map_err(|e| Failure::new(FAILURE, format!("{}: {e}", path.display())))
+}

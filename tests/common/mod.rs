@@ -1,0 +1,201 @@
+//! Shared harness for the end-to-end tests: each test gets its own copy of the `bunk`
+//! example in a temp dir and runs the real `agex` binary against it.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The product repository's top directory.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
+}
+
+/// The `agex` binary built for these tests.
+pub fn agex_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_agex"))
+}
+
+/// Whether an external tool is on PATH; prints why the caller skips when it is not.
+pub fn have_tool(tool: &str, test: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        eprintln!("SKIP {test}: `{tool}` is not installed (run scripts/install-deps.sh)");
+    }
+    found
+}
+
+/// Whether we run as root; prints why the caller skips when not.
+pub fn is_root(test: &str) -> bool {
+    let root = rustix_uid() == 0;
+    if !root {
+        eprintln!("SKIP {test}: needs root (tmpfs mounts, chown)");
+    }
+    root
+}
+
+fn rustix_uid() -> u32 {
+    let out = Command::new("id").arg("-u").output().expect("id -u");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(u32::MAX)
+}
+
+/// A private copy of the example configuration and its demo keys.
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// A copy of the `bunk` example (agex.toml, secrets/, policies/, examples/keys/).
+    pub fn bunk() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = repo_root();
+        for item in ["agex.toml", "secrets", "policies", "examples/keys"] {
+            let src = root.join(item);
+            if src.exists() {
+                copy_tree(&src, &tmp.path().join("config").join(item));
+            }
+        }
+        fs::create_dir_all(tmp.path().join("home")).unwrap();
+        Fixture { tmp }
+    }
+
+    /// An empty configuration directory (for `agex init`).
+    pub fn empty() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(tmp.path().join("config")).unwrap();
+        fs::create_dir_all(tmp.path().join("home")).unwrap();
+        Fixture { tmp }
+    }
+
+    /// The configuration directory.
+    pub fn dir(&self) -> PathBuf {
+        self.tmp.path().join("config")
+    }
+
+    /// A scratch root for host paths (`--root`).
+    pub fn root(&self) -> PathBuf {
+        let r = self.tmp.path().join("root");
+        fs::create_dir_all(&r).unwrap();
+        r
+    }
+
+    /// A demo key file of the example.
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir().join("examples/keys").join(name)
+    }
+
+    /// `agex` with cwd = the config dir and a private, empty HOME.
+    pub fn agex(&self) -> Command {
+        let mut c = Command::new(agex_bin());
+        c.current_dir(self.dir())
+            .env("HOME", self.tmp.path().join("home"))
+            .env_remove("AGEX_IDENTITY")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("VISUAL")
+            .env_remove("EDITOR")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `agex ARGS` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.agex().args(args).output().expect("run agex")
+    }
+
+    /// Runs `agex -i admin.txt ARGS`.
+    pub fn run_admin(&self, args: &[&str]) -> Output {
+        let key = self.key("admin.txt");
+        let mut all = vec!["-i", key.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
+    /// Decrypts a secret with the admin key through agex.
+    pub fn decrypt(&self, name: &str) -> Vec<u8> {
+        let out = self.run_admin(&["decrypt", name]);
+        assert_ok(&out);
+        out.stdout
+    }
+
+    /// Every file under the config dir with its bytes, to prove a command changed nothing.
+    pub fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+        snapshot(&self.dir())
+    }
+}
+
+/// Every regular file below `dir` with its content.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.insert(
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Copies a file or directory tree.
+pub fn copy_tree(src: &Path, dst: &Path) {
+    if src.is_dir() {
+        fs::create_dir_all(dst).unwrap();
+        for e in fs::read_dir(src).unwrap().flatten() {
+            copy_tree(&e.path(), &dst.join(e.file_name()));
+        }
+    } else {
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        fs::copy(src, dst).unwrap();
+    }
+}
+
+/// Asserts a command exited 0, showing its output otherwise.
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "expected success, got {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts a command failed with `code` and no panic, and returns its stderr.
+pub fn assert_fails(out: &Output, code: i32) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}\nstdout:\n{}\nstderr:\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "agex panicked:\n{stderr}");
+    stderr
+}
+
+/// stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
