@@ -69,7 +69,7 @@ pub fn edit(
     let signals = SignalGuard::install()?;
     let mut child = Command::new("/bin/sh")
         .arg("-c")
-        .arg(format!("{editor} \"$1\""))
+        .arg(format!("exec {editor} \"$1\""))
         .arg("agex-edit")
         .arg(&file)
         .spawn()
