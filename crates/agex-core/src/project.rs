@@ -1,5 +1,6 @@
 //! A loaded, cross-validated configuration directory.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use crate::config::Config;
 use crate::diagnostic::{Diagnostics, SourceFile};
 use crate::error::ConfigError;
 use crate::lock::Lock;
+use crate::policy::Policy;
 use crate::rules::Rules;
 
 /// The file name that marks a configuration directory.
@@ -17,6 +19,8 @@ pub const RULES_FILE: &str = "secrets/secrets.toml";
 pub const LOCK_FILE: &str = "secrets/secrets.lock";
 /// The secrets directory, relative to the config dir.
 pub const SECRETS_DIR: &str = "secrets";
+/// The backup policies directory, relative to the config dir.
+pub const POLICIES_DIR: &str = "policies";
 
 /// A configuration directory whose files all parsed and agree with each other.
 #[derive(Debug, Clone)]
@@ -29,6 +33,8 @@ pub struct Project {
     pub rules: Rules,
     /// `secrets/secrets.lock` (empty if absent).
     pub lock: Lock,
+    /// `policies/<service>.toml` by service name.
+    pub policies: BTreeMap<String, Policy>,
 }
 
 impl Project {
@@ -66,11 +72,13 @@ impl Project {
             Lock::new()
         };
         check_repositories(&config, &rules).map_err(ConfigError::Invalid)?;
+        let policies = load_policies(dir, &config, &rules)?;
         Ok(Project {
             dir: dir.to_path_buf(),
             config,
             rules,
             lock,
+            policies,
         })
     }
 
@@ -93,6 +101,40 @@ fn display_path(dir: &Path, rel: impl AsRef<Path>) -> String {
         .and_then(|cwd| full.strip_prefix(&cwd).ok().map(Path::to_path_buf))
         .unwrap_or(full);
     shown.display().to_string()
+}
+
+/// Every `policies/*.toml`, validated; all problems are reported together.
+fn load_policies(
+    dir: &Path,
+    config: &Config,
+    rules: &Rules,
+) -> Result<BTreeMap<String, Policy>, ConfigError> {
+    let pdir = dir.join(POLICIES_DIR);
+    let mut names: Vec<String> = match fs::read_dir(&pdir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".toml").map(str::to_string)
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(ConfigError::Io { path: pdir, source }),
+    };
+    names.sort();
+    let mut policies = BTreeMap::new();
+    let mut diags = Diagnostics::default();
+    for service in names {
+        let source = read_source(dir, &format!("{POLICIES_DIR}/{service}.toml"))?;
+        match Policy::parse(&service, source, config, rules) {
+            Ok(p) => {
+                policies.insert(service, p);
+            }
+            Err(d) => diags.0.extend(d.0),
+        }
+    }
+    diags.into_result().map_err(ConfigError::Invalid)?;
+    Ok(policies)
 }
 
 fn read_source(dir: &Path, rel: &str) -> Result<SourceFile, ConfigError> {

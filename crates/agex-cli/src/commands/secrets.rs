@@ -199,7 +199,7 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
             .filter(|s| s.status == Status::Ok)
             .count();
         println!(
-            "{}: {} secrets, {} ok, {} need attention; {} keys, {} groups, {} hosts, {} repositories",
+            "{}: {} secrets, {} ok, {} need attention; {} keys, {} groups, {} hosts, {} repositories, {} backup policies",
             if report.has_findings() { "check failed" } else { "check passed" },
             report.secrets.len(),
             ok,
@@ -208,6 +208,7 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
             project.config.groups.len(),
             project.config.hosts.len(),
             project.config.repositories.len(),
+            project.policies.len(),
         );
     }
     Ok(if report.has_findings() { FAILURE } else { OK })
