@@ -78,7 +78,7 @@ impl Schedule {
     pub fn period(&self) -> Option<chrono::Duration> {
         let now = chrono::Utc::now();
         let next = self.next_after(&now, 3);
-        (next.len() >= 3).then(|| next[2].clone() - next[1].clone())
+        (next.len() >= 3).then(|| next[2] - next[1])
     }
 }
 

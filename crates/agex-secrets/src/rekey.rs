@@ -122,6 +122,19 @@ pub fn execute(
         })
         .collect();
 
+    // One directory sync for every rename above, before the lock records them.
+    let mut dirs: BTreeSet<std::path::PathBuf> = BTreeSet::new();
+    for item in &plan.items {
+        if let Some(dir) = project
+            .path(&project.rules.secrets[&item.name].file)
+            .parent()
+        {
+            dirs.insert(dir.to_path_buf());
+        }
+    }
+    for dir in dirs {
+        agex_core::atomic::sync_dir(&dir).map_err(SecretsError::io(&dir))?;
+    }
     let mut lock: Lock = project.lock.clone();
     lock.secrets
         .retain(|name, _| project.rules.secrets.contains_key(name));
@@ -192,5 +205,8 @@ fn rekey_one(
         }
         false
     };
-    Ok((secret_file::replace(project, rule, &ciphertext)?, verified))
+    Ok((
+        secret_file::replace_unsynced(project, rule, &ciphertext)?,
+        verified,
+    ))
 }

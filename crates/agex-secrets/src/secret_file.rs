@@ -64,12 +64,25 @@ pub fn replace(
     rule: &SecretRule,
     ciphertext: &[u8],
 ) -> Result<LockEntry, SecretsError> {
+    let entry = replace_unsynced(project, rule, ciphertext)?;
+    if let Some(dir) = project.path(&rule.file).parent() {
+        agex_core::atomic::sync_dir(dir).map_err(SecretsError::io(dir))?;
+    }
+    Ok(entry)
+}
+
+/// [`replace`] without the directory sync, for batches that sync once at the end.
+pub fn replace_unsynced(
+    project: &Project,
+    rule: &SecretRule,
+    ciphertext: &[u8],
+) -> Result<LockEntry, SecretsError> {
     let entry = lock_entry(project, rule, ciphertext)?;
     let path = project.path(&rule.file);
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(SecretsError::io(dir))?;
     }
-    agex_core::atomic::write_atomic(&path, ciphertext, 0o644)
+    agex_core::atomic::replace_file(&path, ciphertext, 0o644)
         .map_err(SecretsError::io(project.display(&rule.file)))?;
     Ok(entry)
 }
