@@ -1,6 +1,7 @@
 //! Shared harness for the end-to-end tests: each test gets its own copy of the `bunk`
 //! example in a temp dir and runs the real `agex` binary against it.
 #![allow(dead_code)]
+pub mod services;
 
 use std::collections::BTreeMap;
 use std::fs;
