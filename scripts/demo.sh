@@ -4,7 +4,11 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 AGEX="${1:-$repo/target/debug/agex}"
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+cleanup() {
+  umount -l "$work/root/run/agex.d" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 cp -r "$repo/agex.toml" "$repo/secrets" "$repo/policies" "$repo/examples" "$work/" 2>/dev/null || true
 cd "$work"
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
@@ -15,5 +19,40 @@ step "$AGEX" secrets list
 printf '\n\033[1m$ agex -i examples/keys/admin.txt decrypt vikunja-jwt-secret\033[0m\n'
 "$AGEX" -i examples/keys/admin.txt decrypt vikunja-jwt-secret | cut -c1-16 | sed 's/$/… (cut)/'
 step "$AGEX" rekey --dry-run
+
+# Activation under a scratch root: the host key where bunk has it, and a user database
+# for the owners the rules name (mapped to the current user when not root, so chown works).
+root="$work/root"
+mkdir -p "$root/etc/ssh"
+install -m 0600 examples/keys/bunk_ssh_host_ed25519_key "$root/etc/ssh/ssh_host_ed25519_key"
+me_u=0 me_g=0 flags=()
+if [ "$(id -u)" != 0 ]; then
+  me_u="$(id -u)" me_g="$(id -g)" flags=(--allow-unmounted)   # no ramfs mount without root
+fi
+n=1000
+echo "root:x:$me_u:$me_g::/root:/bin/sh" > "$root/etc/passwd"
+echo "root:x:$me_g:" > "$root/etc/group"
+for u in actual authelia-main caddy forgejo grafana hass immich jellyfin mealie miniflux n8n \
+         paperless vaultwarden vikunja systemd-network; do
+  n=$((n + 1))
+  [ "$me_u" = 0 ] && id_u=$n id_g=$n || id_u=$me_u id_g=$me_g
+  echo "$u:x:$id_u:$id_g::/nonexistent:/usr/sbin/nologin" >> "$root/etc/passwd"
+  echo "$u:x:$id_g:" >> "$root/etc/group"
+done
+[ "$me_u" = 0 ] && echo "smtp-users:x:2000:" >> "$root/etc/group" || echo "smtp-users:x:$me_g:" >> "$root/etc/group"
+
+step "$AGEX" --root "$root" --host bunk build
+step "$AGEX" --root "$root" --host bunk activate --no-restart "${flags[@]}"
+printf '\n\033[1m$ find root/run root/var/lib/hass (the tree activation produced)\033[0m\n'
+echo "(owners are ids from root/etc/passwd; dot files, not shown, hold the digest key, keyed digests and a marker)"
+(cd "$root" && find run var/lib/hass -name '.*' -prune \
+  -o \( -type l -printf '%M %-5u %-5g %p -> %l\n' \) -o -printf '%M %-5u %-5g %p\n' | sort -k4)
+printf '\n\033[1m$ printf new | agex encrypt secrets/grafana-admin-password.age; agex diff; agex activate\033[0m\n'
+printf 'a-new-grafana-password' | "$AGEX" encrypt secrets/grafana-admin-password.age
+"$AGEX" --root "$root" --host bunk diff
+"$AGEX" --root "$root" --host bunk activate --no-restart "${flags[@]}"
+step "$AGEX" --root "$root" generations
+step "$AGEX" --root "$root" rollback --no-restart "${flags[@]}"
 echo
-echo "demo finished: every secret checked without a key, one decrypted with the admin key."
+echo "demo finished: every secret checked without a key, one decrypted with the admin key,"
+echo "bunk's generation built, activated (one directory per service), changed and rolled back."

@@ -95,6 +95,52 @@ pub enum Command {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// Build this host's generation: an immutable, content-addressed store entry
+    Build,
+    /// Decrypt a generation into /run/agex.d, switch /run/agex, restart what changed
+    Activate {
+        /// A generation number, hash prefix or `last` (default: build the configuration first)
+        #[arg(value_name = "GENERATION")]
+        generation: Option<String>,
+        #[command(flatten)]
+        switch: SwitchArgs,
+        /// Print the plan (files, owners, modes, links) and change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Switch back to the previous generation (or generation N)
+    Rollback {
+        /// The generation to switch to
+        #[arg(long, value_name = "N")]
+        to: Option<u64>,
+        #[command(flatten)]
+        switch: SwitchArgs,
+    },
+    /// List generations: number, date, hash, active, kept on the tmpfs
+    Generations,
+    /// Which secrets, templates and services differ (never plaintext)
+    Diff {
+        /// From this generation (default: the active one)
+        #[arg(value_name = "A")]
+        a: Option<String>,
+        /// To this generation (default: what the configuration builds now)
+        #[arg(value_name = "B")]
+        b: Option<String>,
+    },
+}
+
+/// Flags of the commands that switch generations.
+#[derive(Debug, Args)]
+pub struct SwitchArgs {
+    /// Use /run/agex.d even if it is not a ramfs/tmpfs and none can be mounted
+    #[arg(long)]
+    pub allow_unmounted: bool,
+    /// Do not restart or reload the units whose secrets changed
+    #[arg(long)]
+    pub no_restart: bool,
+    /// Command that runs systemctl (default: `systemctl` when --root is /, none otherwise)
+    #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
+    pub systemctl: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ use std::io::Write;
 use clap::Parser;
 
 use cli::{Cli, Command, SecretsCommand};
+use commands::activate;
 use commands::secrets;
 use context::Context;
 use error::Failure;
@@ -52,5 +53,14 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Secrets {
             command: SecretsCommand::List,
         } => secrets::cmd_secrets_list(&ctx),
+        Command::Build => activate::cmd_build(&ctx),
+        Command::Activate {
+            generation,
+            switch,
+            dry_run,
+        } => activate::cmd_activate(&ctx, generation.as_deref(), &switch, dry_run),
+        Command::Rollback { to, switch } => activate::cmd_rollback(&ctx, to, &switch),
+        Command::Generations => activate::cmd_generations(&ctx),
+        Command::Diff { a, b } => activate::cmd_diff(&ctx, a.as_deref(), b.as_deref()),
     }
 }

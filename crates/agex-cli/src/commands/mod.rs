@@ -1,3 +1,4 @@
 //! One module per area of commands; each function runs one subcommand.
 
+pub mod activate;
 pub mod secrets;

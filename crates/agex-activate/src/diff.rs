@@ -1,0 +1,229 @@
+//! What differs between two generations, from their manifests: which secrets, templates
+//! and services changed. Encrypted files are compared by digest; plaintext is never read.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use agex_core::rules::Placement;
+use serde::Serialize;
+
+use crate::manifest::{directories, Manifest};
+
+/// Whether an item was added, removed or changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// Only in the second generation.
+    Added,
+    /// Only in the first generation.
+    Removed,
+    /// In both, different.
+    Changed,
+}
+
+/// One differing secret or template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    /// `secret` or `template`.
+    pub item: &'static str,
+    /// Its name.
+    pub name: String,
+    /// Added, removed or changed.
+    pub kind: ChangeKind,
+    /// What changed (`encrypted content`, `owner a -> b`, …).
+    pub details: Vec<String>,
+    /// The services whose files it touches (of both generations).
+    pub services: Vec<String>,
+}
+
+/// The differences from `a` to `b`, secrets first, by name.
+pub fn diff(a: &Manifest, b: &Manifest) -> Vec<Change> {
+    let mut out = Vec::new();
+    let sa: BTreeMap<&str, _> = a.secrets.iter().map(|s| (s.name.as_str(), s)).collect();
+    let sb: BTreeMap<&str, _> = b.secrets.iter().map(|s| (s.name.as_str(), s)).collect();
+    let names: BTreeSet<&str> = sa.keys().chain(sb.keys()).copied().collect();
+    for name in names {
+        let (x, y) = (sa.get(name), sb.get(name));
+        let mut details = Vec::new();
+        if let (Some(x), Some(y)) = (x, y) {
+            if x.sha256 != y.sha256 {
+                details.push("encrypted content".to_string());
+            }
+            if x.early != y.early {
+                details.push(format!("early {} -> {}", x.early, y.early));
+            }
+            placement_details(&x.placement, &y.placement, &mut details);
+        }
+        push(
+            &mut out,
+            "secret",
+            name,
+            x.map(|s| (&s.placement, s.early)),
+            y.map(|s| (&s.placement, s.early)),
+            details,
+        );
+    }
+    let ta: BTreeMap<&str, _> = a.templates.iter().map(|t| (t.name.as_str(), t)).collect();
+    let tb: BTreeMap<&str, _> = b.templates.iter().map(|t| (t.name.as_str(), t)).collect();
+    let names: BTreeSet<&str> = ta.keys().chain(tb.keys()).copied().collect();
+    for name in names {
+        let (x, y) = (ta.get(name), tb.get(name));
+        let mut details = Vec::new();
+        if let (Some(x), Some(y)) = (x, y) {
+            if x.pieces != y.pieces {
+                details.push("template text".to_string());
+            }
+            let used_x: BTreeSet<&str> = x.secrets().collect();
+            for s in y.secrets().collect::<BTreeSet<_>>() {
+                let changed = match (sa.get(s), sb.get(s)) {
+                    (Some(p), Some(q)) => p.sha256 != q.sha256,
+                    _ => true,
+                };
+                if changed || !used_x.contains(s) {
+                    details.push(format!("uses changed secret `{s}`"));
+                }
+            }
+            placement_details(&x.placement, &y.placement, &mut details);
+        }
+        push(
+            &mut out,
+            "template",
+            name,
+            x.map(|t| (&t.placement, false)),
+            y.map(|t| (&t.placement, false)),
+            details,
+        );
+    }
+    out
+}
+
+fn push(
+    out: &mut Vec<Change>,
+    item: &'static str,
+    name: &str,
+    x: Option<(&Placement, bool)>,
+    y: Option<(&Placement, bool)>,
+    details: Vec<String>,
+) {
+    let kind = match (x, y) {
+        (None, Some(_)) => ChangeKind::Added,
+        (Some(_), None) => ChangeKind::Removed,
+        _ if details.is_empty() => return,
+        _ => ChangeKind::Changed,
+    };
+    let mut services: BTreeSet<String> = BTreeSet::new();
+    for (p, early) in [x, y].into_iter().flatten() {
+        services.extend(directories(p, early));
+    }
+    out.push(Change {
+        item,
+        name: name.to_string(),
+        kind,
+        details,
+        services: services.into_iter().collect(),
+    });
+}
+
+fn placement_details(x: &Placement, y: &Placement, details: &mut Vec<String>) {
+    if x.owner != y.owner {
+        details.push(format!("owner {} -> {}", x.owner, y.owner));
+    }
+    if x.group != y.group {
+        details.push(format!("group {} -> {}", x.group, y.group));
+    }
+    if x.mode != y.mode {
+        details.push(format!("mode {:04o} -> {:04o}", x.mode, y.mode));
+    }
+    if x.services != y.services {
+        details.push(format!(
+            "services [{}] -> [{}]",
+            x.services.join(", "),
+            y.services.join(", ")
+        ));
+    }
+    if x.path != y.path {
+        let show = |p: &Option<std::path::PathBuf>| {
+            p.as_ref()
+                .map_or("none".to_string(), |p| p.display().to_string())
+        };
+        details.push(format!("path {} -> {}", show(&x.path), show(&y.path)));
+    }
+    if x.restart != y.restart {
+        details.push(format!("restart {:?} -> {:?}", x.restart, y.restart).to_lowercase());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Piece, SecretEntry, TemplateEntry, FORMAT};
+    use agex_core::rules::RestartAction;
+
+    fn p(owner: &str) -> Placement {
+        Placement {
+            owner: owner.into(),
+            group: owner.into(),
+            mode: 0o400,
+            services: vec!["a.service".into()],
+            path: None,
+            restart: RestartAction::Restart,
+        }
+    }
+
+    fn m(secrets: &[(&str, &str, &str)]) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            host: "h".into(),
+            host_key: "k".into(),
+            identity: "/k".into(),
+            keep: 5,
+            secrets: secrets
+                .iter()
+                .map(|(n, d, o)| SecretEntry {
+                    name: n.to_string(),
+                    sha256: d.to_string(),
+                    early: false,
+                    placement: p(o),
+                })
+                .collect(),
+            templates: vec![TemplateEntry {
+                name: "t.env".into(),
+                pieces: vec![Piece::Secret("x".into())],
+                placement: p("root"),
+            }],
+        }
+    }
+
+    #[test]
+    fn added_removed_changed() {
+        let a = m(&[
+            ("x", "1", "root"),
+            ("gone", "1", "root"),
+            ("same", "1", "root"),
+        ]);
+        let b = m(&[
+            ("x", "2", "app"),
+            ("new", "1", "root"),
+            ("same", "1", "root"),
+        ]);
+        let d = diff(&a, &b);
+        let shown: Vec<(String, ChangeKind)> = d.iter().map(|c| (c.name.clone(), c.kind)).collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("gone".into(), ChangeKind::Removed),
+                ("new".into(), ChangeKind::Added),
+                ("x".into(), ChangeKind::Changed),
+                ("t.env".into(), ChangeKind::Changed),
+            ]
+        );
+        assert_eq!(
+            d[2].details,
+            vec![
+                "encrypted content",
+                "owner root -> app",
+                "group root -> app"
+            ]
+        );
+        assert!(diff(&a, &a).is_empty());
+    }
+}

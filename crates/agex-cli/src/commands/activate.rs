@@ -1,0 +1,348 @@
+//! Generation commands: build, activate, rollback, generations, diff.
+
+use agex_activate::diff::{diff, Change, ChangeKind};
+use agex_activate::ramfs::SecretsFs;
+use agex_activate::restart::{Restarts, Systemctl};
+use agex_activate::store::{self, StoredGeneration};
+use agex_activate::users::UserDb;
+use agex_activate::{
+    ActivateError, ActivateOptions, Activation, Layout, Manifest, Plan, StateLock,
+};
+use agex_core::Project;
+use serde::Serialize;
+
+use crate::cli::SwitchArgs;
+use crate::context::Context;
+use crate::error::{Failure, CONFIG, FAILURE, OK};
+use crate::output;
+
+impl From<ActivateError> for Failure {
+    fn from(e: ActivateError) -> Self {
+        let code = if e.is_config() { CONFIG } else { FAILURE };
+        match e {
+            ActivateError::Config(c) => c.into(),
+            ActivateError::Secrets(s) => s.into(),
+            other => Failure::new(code, other.to_string()),
+        }
+    }
+}
+
+fn layout(ctx: &Context) -> Layout {
+    Layout::new(&ctx.global.root)
+}
+
+/// `--host`, else this machine's hostname.
+fn host_name(ctx: &Context) -> String {
+    if let Some(h) = &ctx.global.host {
+        return h.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer and its length are passed together; the result is NUL-terminated
+    // within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn options(ctx: &Context, switch: &SwitchArgs, host: Option<String>) -> ActivateOptions {
+    let layout = layout(ctx);
+    let systemctl = match &switch.systemctl {
+        Some(cmd) => Systemctl::parse(cmd),
+        None if layout.is_host_root() => Systemctl::parse("systemctl"),
+        None => None,
+    };
+    ActivateOptions {
+        allow_unmounted: switch.allow_unmounted,
+        identities: ctx.global.identity.clone(),
+        host,
+        systemctl,
+        no_restart: switch.no_restart,
+    }
+}
+
+fn build_inputs(
+    ctx: &Context,
+    project: &Project,
+) -> Result<agex_activate::manifest::Inputs, Failure> {
+    Ok(Manifest::from_project(project, &host_name(ctx))?)
+}
+
+pub fn cmd_build(ctx: &Context) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let inputs = build_inputs(ctx, &project)?;
+    let lock = StateLock::acquire(&layout(ctx))?;
+    let built = store::build(&lock, &inputs)?;
+    let note = match (built.new_number, built.new_entry) {
+        (false, _) => " (unchanged)",
+        (true, false) => " (existing store entry)",
+        (true, true) => "",
+    };
+    println!(
+        "generation {}{note}: {} {}",
+        built.number,
+        built.hash,
+        built.path.display()
+    );
+    Ok(OK)
+}
+
+pub fn cmd_activate(
+    ctx: &Context,
+    generation: Option<&str>,
+    switch: &SwitchArgs,
+    dry_run: bool,
+) -> Result<i32, Failure> {
+    let layout = layout(ctx);
+    if dry_run {
+        let manifest = match generation {
+            Some(spec) => {
+                let n = store::resolve(&layout, spec)?;
+                StoredGeneration::open(&layout, n)?.manifest
+            }
+            None => build_inputs(ctx, &ctx.project()?)?.manifest,
+        };
+        let plan = Plan::new(&manifest, &layout, &UserDb::for_layout(&layout)?)?;
+        print!("{plan}");
+        println!(
+            "{} files for host `{}`; owners from {}; nothing changed (--dry-run)",
+            plan.files.len(),
+            manifest.host,
+            plan.users
+        );
+        return Ok(OK);
+    }
+    let activation = match generation {
+        Some(spec) => {
+            let lock = StateLock::acquire(&layout)?;
+            let n = store::resolve(&layout, spec)?;
+            let opts = options(ctx, switch, ctx.global.host.clone());
+            agex_activate::activate(&lock, n, &opts)?
+        }
+        None => {
+            let project = ctx.project()?;
+            let inputs = build_inputs(ctx, &project)?;
+            let opts = options(ctx, switch, Some(inputs.manifest.host.clone()));
+            let lock = StateLock::acquire(&layout)?;
+            let built = store::build(&lock, &inputs)?;
+            if built.new_number {
+                println!(
+                    "built generation {}: {} {}",
+                    built.number,
+                    built.hash,
+                    built.path.display()
+                );
+            }
+            agex_activate::activate(&lock, built.number, &opts)?
+        }
+    };
+    report(activation)
+}
+
+pub fn cmd_rollback(ctx: &Context, to: Option<u64>, switch: &SwitchArgs) -> Result<i32, Failure> {
+    let layout = layout(ctx);
+    let lock = StateLock::acquire(&layout)?;
+    let activation =
+        agex_activate::rollback(&lock, to, &options(ctx, switch, ctx.global.host.clone()))?;
+    report(activation)
+}
+
+fn report(a: Activation) -> Result<i32, Failure> {
+    match &a.fs {
+        SecretsFs::Mounted(kind) => eprintln!(
+            "mounted {kind} on {} (mode 0751, nosuid, nodev, noexec)",
+            a.dir.parent().map_or(String::new(), |p| p.display().to_string())
+        ),
+        SecretsFs::Unmounted => eprintln!(
+            "warning: {} is not a ramfs/tmpfs (--allow-unmounted): plaintext is on a persistent filesystem",
+            a.dir.parent().map_or(String::new(), |p| p.display().to_string())
+        ),
+        SecretsFs::Present => {}
+    }
+    let how = if a.reused {
+        "switched to the kept directory of"
+    } else {
+        "activated"
+    };
+    let previous = a
+        .previous
+        .filter(|p| *p != a.number)
+        .map_or(String::new(), |p| format!(" (was {p})"));
+    println!(
+        "{how} generation {} ({}): {} files in {}{previous}",
+        a.number,
+        a.hash,
+        a.files,
+        a.dir.display()
+    );
+    if !a.pruned.is_empty() {
+        println!(
+            "removed old generations: {}",
+            a.pruned
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    match a.restarts {
+        Restarts::Done {
+            commands,
+            restart,
+            reload,
+        } => {
+            for c in &commands {
+                eprintln!("ran: {c}");
+            }
+            if restart.is_empty() && reload.is_empty() {
+                println!("no unit's secrets changed");
+            }
+            if !restart.is_empty() {
+                println!("restarted: {}", restart.join(" "));
+            }
+            if !reload.is_empty() {
+                println!("reloaded: {}", reload.join(" "));
+            }
+            Ok(OK)
+        }
+        Restarts::Skipped {
+            reason,
+            restart,
+            reload,
+        } => {
+            let units: Vec<String> = restart.into_iter().chain(reload).collect();
+            println!(
+                "not restarting ({reason}); changed units: {}",
+                units.join(" ")
+            );
+            Ok(OK)
+        }
+        Restarts::Failed(e) => Err(Failure::new(
+            FAILURE,
+            format!(
+                "switched to generation {}, but restarting its units failed: {e}",
+                a.number
+            ),
+        )),
+    }
+}
+
+#[derive(Serialize)]
+struct GenerationRow {
+    number: u64,
+    date: Option<String>,
+    hash: String,
+    active: bool,
+    kept: bool,
+    path: String,
+}
+
+pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
+    let layout = layout(ctx);
+    let active = agex_activate::activate::active(&layout);
+    let rows: Vec<GenerationRow> = store::list(&layout)?
+        .into_iter()
+        .map(|l| GenerationRow {
+            number: l.number,
+            date: l.created.map(|t| {
+                chrono::DateTime::<chrono::Local>::from(t)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string()
+            }),
+            hash: l.hash,
+            active: active == Some(l.number),
+            kept: agex_activate::activate::Marker::read(&layout.generation_dir(l.number)).is_some(),
+            path: l.path.display().to_string(),
+        })
+        .collect();
+    if ctx.global.json {
+        output::json(&rows)?;
+        return Ok(OK);
+    }
+    if rows.is_empty() {
+        println!("no generations yet; run `agex build` or `agex activate`");
+        return Ok(OK);
+    }
+    let yes = |b: bool| if b { "yes" } else { "" }.to_string();
+    output::table(
+        &["#", "DATE", "HASH", "ACTIVE", "ON TMPFS"],
+        &rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.number.to_string(),
+                    r.date.clone().unwrap_or_default(),
+                    r.hash.clone(),
+                    yes(r.active),
+                    yes(r.kept),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    Ok(OK)
+}
+
+pub fn cmd_diff(ctx: &Context, a: Option<&str>, b: Option<&str>) -> Result<i32, Failure> {
+    let layout = layout(ctx);
+    let open = |spec: &str| -> Result<(String, Manifest), Failure> {
+        let n = store::resolve(&layout, spec)?;
+        Ok((
+            format!("generation {n}"),
+            StoredGeneration::open(&layout, n)?.manifest,
+        ))
+    };
+    let (a_name, a_manifest) = match a {
+        Some(spec) => open(spec)?,
+        None => match agex_activate::activate::active(&layout) {
+            Some(n) => open(&n.to_string())?,
+            None => open("last")?,
+        },
+    };
+    let (b_name, b_manifest) = match b {
+        Some(spec) => open(spec)?,
+        None => {
+            let project = ctx.project()?;
+            let host = ctx
+                .global
+                .host
+                .clone()
+                .unwrap_or_else(|| a_manifest.host.clone());
+            let inputs = Manifest::from_project(&project, &host)?;
+            (format!("the configuration (host {host})"), inputs.manifest)
+        }
+    };
+    let changes = diff(&a_manifest, &b_manifest);
+    if ctx.global.json {
+        output::json(&changes)?;
+        return Ok(OK);
+    }
+    println!("from {a_name} to {b_name}:");
+    if changes.is_empty() {
+        println!("  no differences");
+    }
+    for c in &changes {
+        println!("  {}", show_change(c));
+    }
+    Ok(OK)
+}
+
+fn show_change(c: &Change) -> String {
+    let sign = match c.kind {
+        ChangeKind::Added => "+",
+        ChangeKind::Removed => "-",
+        ChangeKind::Changed => "~",
+    };
+    let details = if c.details.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", c.details.join(", "))
+    };
+    format!(
+        "{sign} {} {}{details}  [{}]",
+        c.item,
+        c.name,
+        c.services.join(" ")
+    )
+}
