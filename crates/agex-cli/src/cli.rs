@@ -127,6 +127,74 @@ pub enum Command {
         #[arg(value_name = "B")]
         b: Option<String>,
     },
+    /// Back up each service's paths and databases to its repositories
+    Backup {
+        /// Only this service
+        #[arg(long, value_name = "SERVICE")]
+        service: Option<String>,
+        /// Only this repository
+        #[arg(long, value_name = "REPO")]
+        repo: Option<String>,
+        /// Show what would be backed up, touch nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Command that runs systemctl for `stop_units` (default: `systemctl` when --root is /)
+        #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
+        systemctl: Option<String>,
+    },
+    /// List the snapshots (Restic) and archives (Borg) agex wrote
+    Snapshots {
+        /// Only this service
+        #[arg(long, value_name = "SERVICE")]
+        service: Option<String>,
+        /// Only this repository
+        #[arg(long, value_name = "REPO")]
+        repo: Option<String>,
+    },
+    /// Remove snapshots the policies' retention no longer keeps
+    Forget {
+        /// Only this service
+        #[arg(long, value_name = "SERVICE")]
+        service: Option<String>,
+        /// Only this repository
+        #[arg(long, value_name = "REPO")]
+        repo: Option<String>,
+        /// Free the space at once (restic prune, borg compact) even if the policy says not to
+        #[arg(long)]
+        prune: bool,
+        /// Show what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Last backup per service and repository: when, result, size, duration
+    Status,
+    /// Repository maintenance
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Create a repository with the password from its secret
+    Init {
+        /// The repository's name in agex.toml
+        repo: String,
+    },
+    /// Verify a repository's integrity (all repositories by default)
+    Check {
+        /// The repository's name in agex.toml
+        repo: Option<String>,
+        /// Also read this share of the data: `all`, `5%`, `1/7` (borg: any value reads all)
+        #[arg(long, value_name = "SUBSET")]
+        read_data_subset: Option<String>,
+    },
+    /// Remove stale locks left by dead processes
+    Unlock {
+        /// The repository's name in agex.toml
+        repo: String,
+    },
 }
 
 /// Flags of the commands that switch generations.

@@ -17,10 +17,19 @@ impl Context {
     pub fn project(&self) -> Result<Project, Failure> {
         let dir = match &self.global.config {
             Some(d) => {
+                if !d.is_dir() {
+                    return Err(Failure::new(
+                        CONFIG,
+                        format!("-C {}: no such directory", d.display()),
+                    ));
+                }
                 if !d.join(agex_core::project::CONFIG_FILE).is_file() {
                     return Err(Failure::new(
                         CONFIG,
-                        format!("{}: no agex.toml in this directory", d.display()),
+                        format!(
+                            "-C {}: no agex.toml in this directory; give the directory that holds it",
+                            d.display()
+                        ),
                     ));
                 }
                 d.clone()
@@ -35,20 +44,31 @@ impl Context {
         self.global.root.join(p.strip_prefix("/").unwrap_or(p))
     }
 
-    /// Identities for a person's command: `-i`, else the user's defaults, plus the
-    /// host's identity when `--host` names a configured host whose key is readable.
+    /// Identities: `-i`, else the user's defaults plus the identity of the host this
+    /// runs as (`--host`, else the hostname) when it is configured and readable.
     pub fn identities(&self, project: &Project) -> Result<Identities, Failure> {
         let mut candidates = Identities::candidates(&self.global.identity);
         if self.global.identity.is_empty() {
-            if let Some(host) = self
-                .global
-                .host
-                .as_ref()
-                .and_then(|h| project.config.hosts.get(h))
-            {
+            if let Some(host) = project.config.hosts.get(&self.host_name()) {
                 candidates.push((self.host_path(&host.identity), Origin::Default));
             }
         }
         Ok(Identities::load(&candidates)?.require_any(&candidates)?)
+    }
+
+    /// `--host`, else this machine's hostname.
+    pub fn host_name(&self) -> String {
+        if let Some(h) = &self.global.host {
+            return h.clone();
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: the buffer and its length are passed together; the result is NUL-terminated
+        // within it on success.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc != 0 {
+            return String::new();
+        }
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
     }
 }

@@ -11,6 +11,8 @@ pub const OK: i32 = 0;
 pub const FAILURE: i32 = 1;
 /// Exit code for a usage or configuration error.
 pub const CONFIG: i32 = 2;
+/// Exit code for partial success (some repository or service failed).
+pub const PARTIAL: i32 = 3;
 
 /// A failed command: the message and the exit code.
 #[derive(Debug)]

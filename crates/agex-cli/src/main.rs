@@ -10,8 +10,9 @@ use std::io::Write;
 
 use clap::Parser;
 
-use cli::{Cli, Command, SecretsCommand};
+use cli::{Cli, Command, RepoCommand, SecretsCommand};
 use commands::activate;
+use commands::backup;
 use commands::secrets;
 use context::Context;
 use error::Failure;
@@ -62,5 +63,37 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Rollback { to, switch } => activate::cmd_rollback(&ctx, to, &switch),
         Command::Generations => activate::cmd_generations(&ctx),
         Command::Diff { a, b } => activate::cmd_diff(&ctx, a.as_deref(), b.as_deref()),
+        Command::Backup {
+            service,
+            repo,
+            dry_run,
+            systemctl,
+        } => backup::cmd_backup(
+            &ctx,
+            backup::BackupArgs {
+                service: service.as_deref(),
+                repo: repo.as_deref(),
+                dry_run,
+                systemctl: systemctl.as_deref(),
+            },
+        ),
+        Command::Snapshots { service, repo } => {
+            backup::cmd_snapshots(&ctx, service.as_deref(), repo.as_deref())
+        }
+        Command::Forget {
+            service,
+            repo,
+            prune,
+            dry_run,
+        } => backup::cmd_forget(&ctx, service.as_deref(), repo.as_deref(), prune, dry_run),
+        Command::Status => backup::cmd_status(&ctx),
+        Command::Repo { command } => match command {
+            RepoCommand::Init { repo } => backup::cmd_repo_init(&ctx, &repo),
+            RepoCommand::Check {
+                repo,
+                read_data_subset,
+            } => backup::cmd_repo_check(&ctx, repo.as_deref(), read_data_subset.as_deref()),
+            RepoCommand::Unlock { repo } => backup::cmd_repo_unlock(&ctx, &repo),
+        },
     }
 }

@@ -25,9 +25,11 @@ struct RawConfig {
     #[serde(default)]
     repositories: BTreeMap<Spanned<String>, RawRepository>,
     #[serde(default)]
-    activation: Activation,
+    activation: RawActivation,
     #[serde(default)]
     notify: Notify,
+    #[serde(default)]
+    backup: BackupSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +37,12 @@ struct RawConfig {
 struct RawHost {
     key: Spanned<String>,
     identity: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActivation {
+    keep: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +100,31 @@ impl Default for Activation {
     }
 }
 
+/// `[backup]` settings shared by every backup run.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSettings {
+    /// Host directory for the Prometheus textfile (node_exporter's textfile collector);
+    /// none writes no metrics.
+    pub metrics_dir: Option<PathBuf>,
+    /// Seconds a run waits for another run holding a repository before failing.
+    #[serde(default = "default_lock_wait")]
+    pub lock_wait: u64,
+}
+
+fn default_lock_wait() -> u64 {
+    300
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        BackupSettings {
+            metrics_dir: None,
+            lock_wait: default_lock_wait(),
+        }
+    }
+}
+
 /// `[notify]` settings: where job results are reported. Values may be `secret:NAME`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +176,8 @@ pub struct Config {
     pub activation: Activation,
     /// Notification settings.
     pub notify: Notify,
+    /// Backup settings.
+    pub backup: BackupSettings,
 }
 
 impl Config {
@@ -280,9 +315,17 @@ impl Config {
                 },
             );
         }
-        if raw.activation.keep == 0 {
-            diags.push(source.error(None, "[activation] keep must be at least 1"));
-        }
+        let keep = match &raw.activation.keep {
+            Some(k) if *k.get_ref() == 0 => {
+                diags.push(source.error(
+                    Some(k.span()),
+                    "[activation] keep must be at least 1: the active generation is always kept",
+                ));
+                default_keep()
+            }
+            Some(k) => *k.get_ref(),
+            None => default_keep(),
+        };
         diags.into_result()?;
         Ok(Config {
             source,
@@ -290,8 +333,9 @@ impl Config {
             groups,
             hosts,
             repositories,
-            activation: raw.activation,
+            activation: Activation { keep },
             notify: raw.notify,
+            backup: raw.backup,
         })
     }
 
@@ -371,6 +415,17 @@ mod tests {
         let e = parse("[keys]\nalice = \"age1bad\"\n").unwrap_err();
         let shown = e.to_string();
         assert!(shown.starts_with("agex.toml:2:9: key `alice`"), "{shown}");
+    }
+
+    #[test]
+    fn keep_zero_points_at_its_line() {
+        let e = parse("[activation]\nkeep = 0\n").unwrap_err().to_string();
+        assert!(e.starts_with("agex.toml:2:8: [activation] keep"), "{e}");
+        assert_eq!(
+            parse("[activation]\nkeep = 3\n").unwrap().activation.keep,
+            3
+        );
+        assert_eq!(parse("").unwrap().activation.keep, 5);
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod rules;
 pub mod schedule;
 pub mod template;
 
-pub use config::{Config, Host, Repository, RepositoryKind};
+pub use config::{BackupSettings, Config, Host, Repository, RepositoryKind};
 pub use diagnostic::{Diagnostic, Diagnostics, SourceFile};
 pub use error::ConfigError;
 pub use lock::{Lock, LockEntry};

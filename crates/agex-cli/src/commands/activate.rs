@@ -31,22 +31,6 @@ fn layout(ctx: &Context) -> Layout {
     Layout::new(&ctx.global.root)
 }
 
-/// `--host`, else this machine's hostname.
-fn host_name(ctx: &Context) -> String {
-    if let Some(h) = &ctx.global.host {
-        return h.clone();
-    }
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer and its length are passed together; the result is NUL-terminated
-    // within it on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return String::new();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
 fn options(ctx: &Context, switch: &SwitchArgs, host: Option<String>) -> ActivateOptions {
     let layout = layout(ctx);
     let systemctl = match &switch.systemctl {
@@ -67,7 +51,7 @@ fn build_inputs(
     ctx: &Context,
     project: &Project,
 ) -> Result<agex_activate::manifest::Inputs, Failure> {
-    Ok(Manifest::from_project(project, &host_name(ctx))?)
+    Ok(Manifest::from_project(project, &ctx.host_name())?)
 }
 
 pub fn cmd_build(ctx: &Context) -> Result<i32, Failure> {

@@ -1,4 +1,5 @@
 //! One module per area of commands; each function runs one subcommand.
 
 pub mod activate;
+pub mod backup;
 pub mod secrets;

@@ -1,0 +1,89 @@
+//! Errors of backup runs, worded for the operator.
+
+use std::path::PathBuf;
+
+use agex_secrets::SecretsError;
+
+/// Everything that can go wrong talking to a repository or running a backup.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Decrypting a repository's password or ssh key failed.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    /// A repository name is not in agex.toml.
+    #[error("repository `{name}` is not defined in agex.toml (known: {known})")]
+    UnknownRepository {
+        /// The name given.
+        name: String,
+        /// The names defined.
+        known: String,
+    },
+    /// A service has no policy.
+    #[error("service `{name}` has no policy in policies/ (known: {known})")]
+    UnknownService {
+        /// The name given.
+        name: String,
+        /// The services with policies.
+        known: String,
+    },
+    /// An external tool exited non-zero.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Tool {
+        /// The command, without secrets.
+        tool: String,
+        /// How it ended.
+        status: String,
+        /// Its last stderr lines.
+        stderr: String,
+    },
+    /// An external tool could not be started.
+    #[error("cannot run {tool}: {source}")]
+    Spawn {
+        /// The program.
+        tool: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The Restic engine (rustic_core) reported an error.
+    #[error("restic repository `{repo}`: {message}")]
+    Restic {
+        /// The repository.
+        repo: String,
+        /// What rustic_core said.
+        message: String,
+    },
+    /// A tool's machine output could not be read.
+    #[error("{tool}: unexpected output: {detail}")]
+    Output {
+        /// The tool.
+        tool: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Another agex run holds the repository.
+    #[error("repository `{repo}` is busy: another agex run holds {} (waited {waited} s; `[backup] lock_wait` in agex.toml)", .lock.display())]
+    Busy {
+        /// The repository.
+        repo: String,
+        /// Its lock file.
+        lock: PathBuf,
+        /// Seconds waited.
+        waited: u64,
+    },
+    /// A file operation failed.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl BackupError {
+    /// Wraps an io error with its path.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> BackupError {
+        let path = path.into();
+        move |source| BackupError::Io { path, source }
+    }
+}

@@ -1,0 +1,15 @@
+//! agex backups: per-service policies written to a Restic repository (in-process,
+//! rustic_core) and a Borg repository (the `borg` binary), each database dumped once.
+
+pub mod access;
+pub mod borg;
+pub mod dump;
+pub mod error;
+pub mod lock;
+pub mod manifest;
+pub mod process;
+pub mod restic;
+pub mod run;
+pub mod status;
+
+pub use error::BackupError;

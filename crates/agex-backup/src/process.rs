@@ -1,0 +1,81 @@
+//! The one way agex runs external tools (`borg`, `pg_dump`, `systemctl`): the command is
+//! logged without secrets, stderr is captured, and a failure becomes a typed error that
+//! quotes the tool's last stderr lines.
+
+use std::process::{Command, Output, Stdio};
+
+use crate::error::BackupError;
+
+/// How many stderr lines a failure quotes.
+const TAIL_LINES: usize = 12;
+
+/// The program and arguments of a command, for logs and errors. Environment values are
+/// never shown (they carry `BORG_PASSCOMMAND` and friends).
+pub fn describe(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+/// Runs a command to completion, capturing stdout and stderr; non-zero exit is an error.
+pub fn run(cmd: &mut Command) -> Result<Output, BackupError> {
+    let shown = describe(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|source| BackupError::Spawn {
+            tool: shown.clone(),
+            source,
+        })?;
+    check(&shown, out)
+}
+
+/// Turns a finished command's output into `Ok(output)` or a [`BackupError::Tool`].
+pub fn check(shown: &str, out: Output) -> Result<Output, BackupError> {
+    if out.status.success() {
+        return Ok(out);
+    }
+    Err(BackupError::Tool {
+        tool: shown.to_string(),
+        status: status_text(&out.status),
+        stderr: tail(&String::from_utf8_lossy(&out.stderr)),
+    })
+}
+
+/// `exit status 2` or `killed by signal 9`.
+pub fn status_text(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "failed".into(),
+    }
+}
+
+/// The last lines of a tool's stderr; borg's `--log-json` lines are reduced to their
+/// message.
+pub fn tail(stderr: &str) -> String {
+    let lines: Vec<String> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| {
+                    v.get("message")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| l.to_string())
+        })
+        .collect();
+    let start = lines.len().saturating_sub(TAIL_LINES);
+    let text = lines[start..].join("\n  ");
+    if text.is_empty() {
+        "(no error output)".into()
+    } else {
+        text
+    }
+}

@@ -1,0 +1,404 @@
+//! The Restic side, in-process with rustic_core: one snapshot per service per run holding
+//! the policy's paths (read under `--root`, stored under their host paths) and the
+//! database dumps streamed into it.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use agex_core::Retention;
+use rustic_backend::BackendOptions;
+use rustic_core::repofile::SnapshotFile;
+use rustic_core::{
+    BackupOptions, CheckOptions, ConfigOptions, Credentials, KeepOptions, KeyOptions, LocalSource,
+    LocalSourceFilterOptions, LocalSourceSaveOptions, OpenStatus, PruneOptions, ReadSource,
+    ReadSourceEntry, ReadSourceOpen, ReadSubsetOption, Repository, RepositoryOptions, RusticResult,
+    SnapshotOptions,
+};
+
+use crate::access::RepoAccess;
+use crate::error::BackupError;
+
+/// An open Restic-format repository.
+pub struct Restic {
+    name: String,
+    repo: Repository<OpenStatus>,
+}
+
+/// A snapshot as agex shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotInfo {
+    /// Snapshot id (hex).
+    pub id: String,
+    /// When it was taken (RFC 3339).
+    pub time: String,
+    /// Its tags (`service=…`, `run=…`).
+    pub tags: Vec<String>,
+    /// Paths it holds.
+    pub paths: Vec<String>,
+    /// Bytes it added to the repository (after dedup and compression), when recorded.
+    pub bytes_added: Option<u64>,
+}
+
+fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
+    move |e| BackupError::Restic {
+        repo: repo.to_string(),
+        message: e
+            .display_log()
+            .lines()
+            .next()
+            .unwrap_or("error")
+            .to_string(),
+    }
+}
+
+fn unopened(access: &RepoAccess) -> Result<Repository<()>, BackupError> {
+    let err = restic_err(&access.repo.name);
+    let backends = BackendOptions::default()
+        .repository(access.repo.url.clone())
+        .to_backends()
+        .map_err(&err)?;
+    let opts = RepositoryOptions::default();
+    Repository::new(&opts, &backends).map_err(err)
+}
+
+impl Restic {
+    /// Creates a new repository at the URL with the password.
+    pub fn init(access: &RepoAccess) -> Result<Restic, BackupError> {
+        let err = restic_err(&access.repo.name);
+        let repo = unopened(access)?
+            .init(
+                &Credentials::password(access.password.as_str()),
+                &KeyOptions::default(),
+                &ConfigOptions::default(),
+            )
+            .map_err(err)?;
+        Ok(Restic {
+            name: access.repo.name.clone(),
+            repo,
+        })
+    }
+
+    /// Opens an existing repository.
+    pub fn open(access: &RepoAccess) -> Result<Restic, BackupError> {
+        let err = restic_err(&access.repo.name);
+        let repo = unopened(access)?
+            .open(&Credentials::password(access.password.as_str()))
+            .map_err(err)?;
+        Ok(Restic {
+            name: access.repo.name.clone(),
+            repo,
+        })
+    }
+
+    /// The repository's name in agex.toml.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>, BackupError> {
+        let mut snaps = self
+            .repo
+            .get_all_snapshots()
+            .map_err(restic_err(&self.name))?;
+        snaps.sort_by(|a, b| a.time.cmp(&b.time));
+        Ok(snaps.iter().map(info).collect())
+    }
+
+    /// Takes one snapshot of `paths` (host paths, read under `root`) plus `streams`
+    /// (virtual files filled from readers), tagged with the service and run id.
+    pub fn backup(
+        self,
+        root: &Path,
+        paths: &[PathBuf],
+        excludes: &[String],
+        streams: Vec<Stream>,
+        tags: &[String],
+    ) -> Result<SnapshotInfo, BackupError> {
+        let err = restic_err(&self.name);
+        let indexed = self.repo.to_indexed_ids().map_err(&err)?;
+        let mut snap_opts = SnapshotOptions::default();
+        snap_opts = snap_opts.add_tags(&tags.join(",")).map_err(&err)?;
+        let snap = SnapshotFile::from_options(&snap_opts).map_err(&err)?;
+        let source = Combined::new(root, paths, excludes, streams).map_err(&err)?;
+        let mut backup_paths: Vec<PathBuf> = paths.to_vec();
+        backup_paths.extend(source.stream_paths());
+        if backup_paths.is_empty() {
+            backup_paths.push(PathBuf::from("/"));
+        }
+        let opts = BackupOptions::default();
+        let snap = indexed
+            .archive(&opts, &source, snap, &backup_paths)
+            .map_err(&err)?;
+        Ok(info(&snap))
+    }
+
+    /// Applies `retention` to the snapshots of `service` (tag `service=<name>`); returns
+    /// the ids forgotten. With `prune`, the space they held is freed at once.
+    pub fn forget(
+        &self,
+        service: &str,
+        retention: &Retention,
+        prune: bool,
+        dry_run: bool,
+    ) -> Result<Vec<String>, BackupError> {
+        let err = restic_err(&self.name);
+        let tag = format!("service={service}");
+        let snaps: Vec<SnapshotFile> = self
+            .repo
+            .get_all_snapshots()
+            .map_err(&err)?
+            .into_iter()
+            .filter(|s| s.tags.contains(&tag))
+            .collect();
+        let keep = keep_options(retention);
+        let now = rustic_core::jiff::Zoned::now();
+        let decided = keep.apply(snaps, &now).map_err(&err)?;
+        let doomed: Vec<_> = decided
+            .iter()
+            .filter(|f| !f.keep)
+            .map(|f| f.snapshot.id)
+            .collect();
+        let ids = doomed
+            .iter()
+            .map(|i| i.to_hex().as_str().to_string())
+            .collect();
+        if dry_run || doomed.is_empty() {
+            return Ok(ids);
+        }
+        self.repo.delete_snapshots(&doomed).map_err(&err)?;
+        if prune {
+            let opts = PruneOptions::default();
+            let plan = self.repo.prune_plan(&opts).map_err(&err)?;
+            self.repo.prune(&opts, plan).map_err(&err)?;
+        }
+        Ok(ids)
+    }
+
+    /// Checks the repository's structure and, with `read_data` (`all`, `5%`, `1/7`, a
+    /// size), the content of that share of its pack files.
+    pub fn check(&self, read_data: Option<&str>) -> Result<(), BackupError> {
+        let err = restic_err(&self.name);
+        let mut opts = CheckOptions::default();
+        if let Some(subset) = read_data {
+            let subset: ReadSubsetOption = subset.parse().map_err(&err)?;
+            opts = opts.read_data(true).read_data_subset(subset);
+        }
+        let results = self.repo.check(opts).map_err(&err)?;
+        if results.is_ok().is_ok() {
+            return Ok(());
+        }
+        let findings: Vec<String> = results.0.iter().map(|(_, e)| e.to_string()).collect();
+        Err(BackupError::Restic {
+            repo: self.name.clone(),
+            message: format!("check found errors: {}", findings.join("; ")),
+        })
+    }
+
+    /// Deletes snapshots by id (used to discard one whose dump failed).
+    pub fn delete(&self, ids: &[String]) -> Result<(), BackupError> {
+        let err = restic_err(&self.name);
+        let all = self.repo.get_all_snapshots().map_err(&err)?;
+        let doomed: Vec<_> = all
+            .iter()
+            .filter(|s| ids.iter().any(|i| i.as_str() == s.id.to_hex().as_str()))
+            .map(|s| s.id)
+            .collect();
+        self.repo.delete_snapshots(&doomed).map_err(err)
+    }
+}
+
+fn keep_options(r: &Retention) -> KeepOptions {
+    let n = |v: u32| (v > 0).then(|| i32::try_from(v).unwrap_or(i32::MAX));
+    KeepOptions::default()
+        .keep_last(n(r.keep_last))
+        .keep_hourly(n(r.keep_hourly))
+        .keep_daily(n(r.keep_daily))
+        .keep_weekly(n(r.keep_weekly))
+        .keep_monthly(n(r.keep_monthly))
+        .keep_yearly(n(r.keep_yearly))
+}
+
+fn info(s: &SnapshotFile) -> SnapshotInfo {
+    SnapshotInfo {
+        id: s.id.to_hex().as_str().to_string(),
+        time: s.time.to_string(),
+        tags: s.tags.iter().map(ToString::to_string).collect(),
+        paths: s.paths.iter().map(ToString::to_string).collect(),
+        bytes_added: s.summary.as_ref().map(|x| x.data_added_packed),
+    }
+}
+
+/// A virtual file of a snapshot whose bytes come from a reader (a database dump).
+pub struct Stream {
+    /// Where it appears in the snapshot (absolute).
+    pub path: PathBuf,
+    /// Its exact size: restic restores a file to the size its node records.
+    pub size: u64,
+    /// Its content.
+    pub reader: Box<dyn Read + Send>,
+}
+
+/// The entries of local paths and of streams, in the order the archiver needs (sorted by
+/// path, component-wise, as a directory walk yields them).
+struct Combined {
+    local: Option<LocalSource>,
+    root: PathBuf,
+    streams: std::sync::Mutex<Vec<Stream>>,
+    stream_paths: Vec<PathBuf>,
+}
+
+impl Combined {
+    fn new(
+        root: &Path,
+        paths: &[PathBuf],
+        excludes: &[String],
+        streams: Vec<Stream>,
+    ) -> RusticResult<Combined> {
+        let under_root: Vec<PathBuf> = paths.iter().map(|p| under(root, p)).collect();
+        let local = if under_root.is_empty() {
+            None
+        } else {
+            let mut ex = rustic_core::Excludes::default();
+            ex.globs = excludes
+                .iter()
+                .map(|g| format!("!{}", under(root, Path::new(g)).display()))
+                .collect();
+            Some(LocalSource::new(
+                LocalSourceSaveOptions::default(),
+                &ex,
+                &LocalSourceFilterOptions::default(),
+                &under_root,
+            )?)
+        };
+        let stream_paths = streams.iter().map(|s| s.path.clone()).collect();
+        Ok(Combined {
+            local,
+            root: root.to_path_buf(),
+            streams: std::sync::Mutex::new(streams),
+            stream_paths,
+        })
+    }
+
+    fn stream_paths(&self) -> Vec<PathBuf> {
+        self.stream_paths.clone()
+    }
+}
+
+/// `p` (a host path) under `root`.
+fn under(root: &Path, p: &Path) -> PathBuf {
+    root.join(p.strip_prefix("/").unwrap_or(p))
+}
+
+/// How an entry is opened: a local file, or a stream handed over once.
+pub enum Open {
+    /// A file under the root.
+    Local(<LocalSource as ReadSource>::Open),
+    /// A dump stream.
+    Stream(Box<dyn Read + Send>),
+}
+
+impl ReadSourceOpen for Open {
+    type Reader = Box<dyn Read + Send>;
+
+    fn open(self) -> RusticResult<Self::Reader> {
+        match self {
+            Open::Local(o) => Ok(Box::new(o.open()?)),
+            Open::Stream(r) => Ok(r),
+        }
+    }
+}
+
+impl ReadSource for Combined {
+    type Open = Open;
+    type Iter = Merged;
+
+    fn size(&self) -> RusticResult<Option<u64>> {
+        Ok(None)
+    }
+
+    fn entries(&self) -> Self::Iter {
+        let now = rustic_core::jiff::Zoned::now().timestamp();
+        let mut streams: Vec<ReadSourceEntry<Open>> =
+            std::mem::take(&mut *self.streams.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .map(|s| {
+                    let name = s
+                        .path
+                        .file_name()
+                        .map(|n| n.to_os_string())
+                        .unwrap_or_default();
+                    // The time of this run: a stream never matches the parent snapshot's
+                    // node, so its content is always read, never reused from a stale dump.
+                    let meta = rustic_core::repofile::Metadata {
+                        size: s.size,
+                        mode: Some(0o600),
+                        mtime: Some(now),
+                        ..Default::default()
+                    };
+                    let node = rustic_core::repofile::Node::new_node(
+                        &name,
+                        rustic_core::repofile::NodeType::File,
+                        meta,
+                    );
+                    ReadSourceEntry {
+                        path: s.path,
+                        node,
+                        open: Some(Open::Stream(s.reader)),
+                    }
+                })
+                .collect();
+        // Popped from the back: keep the greatest path first.
+        streams.sort_by(|a, b| b.path.cmp(&a.path));
+        let root = self.root.clone();
+        let local: Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<Open>>> + Send> =
+            match &self.local {
+                Some(l) => Box::new(l.entries().map(move |e| {
+                    e.map(|e| ReadSourceEntry {
+                        path: host_path(&root, &e.path),
+                        node: e.node,
+                        open: e.open.map(Open::Local),
+                    })
+                })),
+                None => Box::new(std::iter::empty()),
+            };
+        Merged {
+            local: local.peekable(),
+            streams,
+        }
+    }
+}
+
+/// The local walk (already in path order) merged with the few stream entries, lazily:
+/// memory stays flat however many files the paths hold.
+pub struct Merged {
+    local:
+        std::iter::Peekable<Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<Open>>> + Send>>,
+    streams: Vec<ReadSourceEntry<Open>>,
+}
+
+impl Iterator for Merged {
+    type Item = RusticResult<ReadSourceEntry<Open>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let stream_first = match (self.local.peek(), self.streams.last()) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(Err(_)), Some(_)) => false,
+            (Some(Ok(l)), Some(s)) => s.path < l.path,
+        };
+        if stream_first {
+            self.streams.pop().map(Ok)
+        } else {
+            self.local.next()
+        }
+    }
+}
+
+/// A path read under `root`, as the host sees it.
+fn host_path(root: &Path, p: &Path) -> PathBuf {
+    match p.strip_prefix(root) {
+        Ok(rel) => Path::new("/").join(rel),
+        Err(_) => p.to_path_buf(),
+    }
+}

@@ -1,0 +1,703 @@
+//! One backup run: for each selected service, dump each database once, fan the dump out
+//! to every selected repository, write one snapshot/archive per repository concurrently,
+//! discard any snapshot whose dump did not complete, apply retention, and record the
+//! result.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agex_core::{Database, Policy, Project, RepositoryKind};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::access::RepoAccess;
+use crate::borg::Borg;
+use crate::dump;
+use crate::error::BackupError;
+use crate::lock;
+use crate::manifest::{self, under, DumpEntry, Manifest, Selection};
+use crate::process;
+use crate::restic::{Restic, Stream};
+
+/// Where run records are written, under `--root`.
+pub const RUNS_DIR: &str = "/var/lib/agex/runs";
+/// agex's state directory, under `--root`.
+pub const STATE_DIR: &str = "/var/lib/agex";
+
+/// Which services and repositories a run covers, and how it treats the system.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Only this service (default: every policy).
+    pub service: Option<String>,
+    /// Only this repository (default: each policy's repositories).
+    pub repo: Option<String>,
+    /// The `systemctl` command used for a policy's `stop_units` (None: units are not
+    /// touched, and a policy that names some fails rather than back up a live service).
+    pub systemctl: Option<Vec<String>>,
+    /// How long to wait for another run holding a repository.
+    pub lock_wait: Duration,
+}
+
+/// One service to back up to some repositories. Pure: building it touches nothing.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedService {
+    /// The service.
+    pub service: String,
+    /// Repositories to write to.
+    pub repositories: Vec<String>,
+    /// Host paths.
+    pub paths: Vec<PathBuf>,
+    /// Dump file names.
+    pub dumps: Vec<String>,
+}
+
+/// Decides what a run does.
+pub fn plan(project: &Project, opts: &RunOptions) -> Result<Vec<PlannedService>, BackupError> {
+    if let Some(r) = &opts.repo {
+        crate::access::repository(project, r)?;
+    }
+    let policies: Vec<&Policy> = match &opts.service {
+        Some(s) => vec![project
+            .policies
+            .get(s)
+            .ok_or_else(|| BackupError::UnknownService {
+                name: s.clone(),
+                known: project
+                    .policies
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?],
+        None => project.policies.values().collect(),
+    };
+    Ok(policies
+        .into_iter()
+        .map(|p| PlannedService {
+            service: p.service.clone(),
+            repositories: p
+                .repositories
+                .iter()
+                .filter(|r| opts.repo.as_ref().is_none_or(|only| only == *r))
+                .cloned()
+                .collect(),
+            paths: p.paths.clone(),
+            dumps: p.databases.iter().map(Database::dump_file).collect(),
+        })
+        .filter(|p| !p.repositories.is_empty())
+        .collect())
+}
+
+/// The outcome for one service in one repository.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoResult {
+    /// The service.
+    pub service: String,
+    /// The repository.
+    pub repo: String,
+    /// `ok` or `failed`.
+    pub result: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Snapshot id or archive name.
+    pub snapshot: Option<String>,
+    /// Wall time in seconds.
+    pub duration_seconds: f64,
+    /// Bytes the snapshot added to the repository (when the engine reports it).
+    pub bytes_added: Option<u64>,
+    /// Things that went wrong without failing the backup (retention, say).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+impl RepoResult {
+    fn failed(service: &str, repo: &str, why: String, secs: f64) -> RepoResult {
+        RepoResult {
+            service: service.to_string(),
+            repo: repo.to_string(),
+            result: "failed".into(),
+            error: Some(why),
+            snapshot: None,
+            duration_seconds: secs,
+            bytes_added: None,
+            warnings: vec![],
+        }
+    }
+
+    /// Whether it succeeded.
+    pub fn ok(&self) -> bool {
+        self.result == "ok"
+    }
+}
+
+/// The record of one run, written as JSON under `/var/lib/agex/runs/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// `YYYYMMDDTHHMMSS.mmmZ` of the start.
+    pub run_id: String,
+    /// Start, RFC 3339.
+    pub started: String,
+    /// End, RFC 3339.
+    pub finished: String,
+    /// One entry per service and repository.
+    pub results: Vec<RepoResult>,
+    /// Every complete dump taken.
+    pub dumps: Vec<DumpEntry>,
+}
+
+impl RunRecord {
+    /// How many entries failed and how many there were.
+    pub fn failures(&self) -> (usize, usize) {
+        (
+            self.results.iter().filter(|r| !r.ok()).count(),
+            self.results.len(),
+        )
+    }
+}
+
+/// How one repository's side of a service backup ended: its index among the live
+/// repositories, the snapshot id (or archive) and bytes added or the error, wall seconds.
+type SideOutcome = (usize, Result<(String, Option<u64>), String>, f64);
+
+/// What a service backup needs besides its policy.
+struct Env<'a> {
+    root: &'a Path,
+    state: PathBuf,
+    access: &'a BTreeMap<String, Result<RepoAccess, String>>,
+    db_passwords: &'a BTreeMap<String, Zeroizing<Vec<u8>>>,
+    run_id: String,
+    opts: &'a RunOptions,
+}
+
+/// Runs a planned backup. Repository credentials were decrypted by the caller; a
+/// repository whose credentials failed is reported failed for each of its services.
+pub fn execute(
+    project: &Project,
+    root: &Path,
+    planned: &[PlannedService],
+    access: &BTreeMap<String, Result<RepoAccess, String>>,
+    db_passwords: &BTreeMap<String, Zeroizing<Vec<u8>>>,
+    opts: &RunOptions,
+) -> Result<RunRecord, BackupError> {
+    let started = chrono::Utc::now();
+    let env = Env {
+        root,
+        state: under(root, Path::new(STATE_DIR)),
+        access,
+        db_passwords,
+        run_id: started.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
+        opts,
+    };
+    std::fs::create_dir_all(&env.state).map_err(BackupError::io(&env.state))?;
+    let mut results = Vec::new();
+    let mut dumps = Vec::new();
+    for item in planned {
+        let Some(policy) = project.policies.get(&item.service) else {
+            continue;
+        };
+        let (mut r, mut d) = backup_service(&env, policy, &item.repositories);
+        results.append(&mut r);
+        dumps.append(&mut d);
+    }
+    let record = RunRecord {
+        run_id: env.run_id.clone(),
+        started: started.to_rfc3339(),
+        finished: chrono::Utc::now().to_rfc3339(),
+        results,
+        dumps,
+    };
+    save_record(root, &record)?;
+    Ok(record)
+}
+
+fn save_record(root: &Path, record: &RunRecord) -> Result<(), BackupError> {
+    let dir = under(root, Path::new(RUNS_DIR));
+    std::fs::create_dir_all(&dir).map_err(BackupError::io(&dir))?;
+    let path = dir.join(format!("{}.json", record.run_id));
+    let text = serde_json::to_vec_pretty(record).map_err(|e| BackupError::Output {
+        tool: "run record".into(),
+        detail: e.to_string(),
+    })?;
+    agex_core::atomic::write_atomic(&path, &text, 0o644).map_err(BackupError::io(&path))
+}
+
+/// Every run record under the root, oldest first. A record that does not parse (a
+/// foreign file) is an error naming it.
+pub fn records(root: &Path) -> Result<Vec<RunRecord>, BackupError> {
+    let dir = under(root, Path::new(RUNS_DIR));
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(BackupError::io(&dir)(e)),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let mut out = Vec::new();
+    for p in paths {
+        let text = std::fs::read(&p).map_err(BackupError::io(&p))?;
+        let rec = serde_json::from_slice::<RunRecord>(&text).map_err(|e| BackupError::Output {
+            tool: p.display().to_string(),
+            detail: format!("not a run record: {e}"),
+        })?;
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+/// Stops a policy's units and starts them again when dropped, on every exit path.
+struct StoppedUnits<'a> {
+    systemctl: Option<&'a [String]>,
+    units: &'a [String],
+}
+
+impl Drop for StoppedUnits<'_> {
+    fn drop(&mut self) {
+        if let (Some(cmd), false) = (self.systemctl, self.units.is_empty()) {
+            let _ = process::run(
+                std::process::Command::new(&cmd[0])
+                    .args(&cmd[1..])
+                    .arg("start")
+                    .args(self.units),
+            );
+        }
+    }
+}
+
+fn stop_units<'a>(env: &'a Env<'_>, policy: &'a Policy) -> Result<StoppedUnits<'a>, String> {
+    let guard = StoppedUnits {
+        systemctl: env.opts.systemctl.as_deref(),
+        units: &policy.stop_units,
+    };
+    if policy.stop_units.is_empty() {
+        return Ok(guard);
+    }
+    let Some(cmd) = guard.systemctl.filter(|c| !c.is_empty()) else {
+        return Err(format!(
+            "policy stops units ({}) but no systemctl command is set (--systemctl)",
+            policy.stop_units.join(", ")
+        ));
+    };
+    process::run(
+        std::process::Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .arg("stop")
+            .args(&policy.stop_units),
+    )
+    .map(|_| guard)
+    .map_err(|e| format!("stopping units failed: {e}"))
+}
+
+fn run_hooks(cmds: &[String]) -> Result<(), BackupError> {
+    for cmd in cmds {
+        process::run(std::process::Command::new("/bin/sh").arg("-c").arg(cmd))?;
+    }
+    Ok(())
+}
+
+/// Takes every dump of a service once (into RAM) and builds its manifest.
+fn take_dumps(
+    env: &Env<'_>,
+    policy: &Policy,
+    files: Vec<manifest::FileEntry>,
+) -> Result<(Vec<dump::Dump>, Vec<u8>), String> {
+    let mut dumps = Vec::new();
+    for db in &policy.databases {
+        let password = match db {
+            Database::Postgres {
+                password_secret: Some(secret),
+                ..
+            } => env.db_passwords.get(secret).cloned(),
+            _ => None,
+        };
+        let d = dump::take(db, env.root, password)
+            .map_err(|e| format!("dump of {} failed: {e}", db.dump_file()))?;
+        dumps.push((db, d));
+    }
+    let entries = dumps
+        .iter()
+        .map(|(db, d)| DumpEntry {
+            name: db.name().to_string(),
+            kind: match db {
+                Database::Sqlite { .. } => "sqlite",
+                Database::Postgres { .. } => "postgres",
+            }
+            .into(),
+            path: manifest::dump_path(&policy.service, &d.file)
+                .to_string_lossy()
+                .into_owned(),
+            size: d.size,
+            digest: d.digest.clone(),
+            row_counts: d.row_counts.clone(),
+        })
+        .collect();
+    let m = Manifest {
+        format: manifest::FORMAT,
+        service: policy.service.clone(),
+        run_id: env.run_id.clone(),
+        files,
+        dumps: entries,
+    };
+    let bytes = serde_json::to_vec_pretty(&m).map_err(|e| format!("manifest: {e}"))?;
+    Ok((dumps.into_iter().map(|(_, d)| d).collect(), bytes))
+}
+
+/// The virtual files of one repository's snapshot: every dump, then the manifest.
+fn streams_for(
+    service: &str,
+    dumps: &[dump::Dump],
+    manifest_bytes: &[u8],
+) -> Result<Vec<Stream>, BackupError> {
+    let mut out = Vec::new();
+    for d in dumps {
+        out.push(Stream {
+            path: manifest::dump_path(service, &d.file),
+            size: d.size,
+            reader: Box::new(d.open()?),
+        });
+    }
+    out.push(Stream {
+        path: manifest::manifest_path(service),
+        size: manifest_bytes.len() as u64,
+        reader: Box::new(std::io::Cursor::new(manifest_bytes.to_vec())),
+    });
+    Ok(out)
+}
+
+fn backup_service(
+    env: &Env<'_>,
+    policy: &Policy,
+    repos: &[String],
+) -> (Vec<RepoResult>, Vec<DumpEntry>) {
+    let service = policy.service.as_str();
+    let mut results = Vec::new();
+    let mut live: Vec<(&String, &RepoAccess, lock::RepoLock)> = Vec::new();
+    for r in repos {
+        match env.access.get(r) {
+            Some(Ok(a)) => match lock::acquire(&env.state, r, env.opts.lock_wait) {
+                Ok(l) => live.push((r, a, l)),
+                Err(e) => results.push(RepoResult::failed(service, r, e.to_string(), 0.0)),
+            },
+            Some(Err(e)) => results.push(RepoResult::failed(service, r, e.clone(), 0.0)),
+            None => results.push(RepoResult::failed(
+                service,
+                r,
+                "repository is not open".into(),
+                0.0,
+            )),
+        }
+    }
+    if live.is_empty() {
+        return (results, vec![]);
+    }
+    let fail_live = |results: &mut Vec<RepoResult>, why: String| {
+        for (r, _, _) in &live {
+            results.push(RepoResult::failed(service, r, why.clone(), 0.0));
+        }
+    };
+
+    let selection = match Selection::new(policy) {
+        Ok(s) => s,
+        Err(e) => {
+            fail_live(&mut results, e.to_string());
+            return (results, vec![]);
+        }
+    };
+    let files = match selection.walk(env.root) {
+        Ok(f) => f,
+        Err(e) => {
+            fail_live(&mut results, format!("reading the paths failed: {e}"));
+            return (results, vec![]);
+        }
+    };
+    let units = match stop_units(env, policy) {
+        Ok(u) => u,
+        Err(e) => {
+            fail_live(&mut results, e);
+            return (results, vec![]);
+        }
+    };
+    if let Err(e) = run_hooks(&policy.before) {
+        drop(units);
+        fail_live(&mut results, format!("before command failed: {e}"));
+        return (results, vec![]);
+    }
+    let (dumps, manifest_bytes) = match take_dumps(env, policy, files) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = run_hooks(&policy.after);
+            drop(units);
+            fail_live(&mut results, e);
+            return (results, vec![]);
+        }
+    };
+
+    let tags = vec![
+        format!("service={service}"),
+        format!("run={}", env.run_id),
+        "agex".to_string(),
+    ];
+    let archive = format!("{service}-{}", env.run_id);
+    let outcomes: Vec<SideOutcome> = std::thread::scope(|scope| {
+        let joins: Vec<_> = live
+            .iter()
+            .enumerate()
+            .map(|(i, (_, access, _))| {
+                let (tags, archive, selection) = (&tags, &archive, &selection);
+                let (dumps, manifest_bytes) = (&dumps, &manifest_bytes);
+                scope.spawn(move || {
+                    let t = Instant::now();
+                    let streams = match streams_for(service, dumps, manifest_bytes) {
+                        Ok(s) => s,
+                        Err(e) => return (i, Err(e.to_string()), 0.0),
+                    };
+                    let r = match access.repo.kind {
+                        RepositoryKind::Restic => {
+                            restic_side(access, env.root, selection, streams, tags)
+                        }
+                        RepositoryKind::Borg => borg_side(access, env, selection, streams, archive),
+                    };
+                    (i, r.map_err(|e| e.to_string()), t.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        joins
+            .into_iter()
+            .enumerate()
+            .map(|(i, j)| {
+                j.join()
+                    .unwrap_or_else(|_| (i, Err("the backup thread died".into()), 0.0))
+            })
+            .collect()
+    });
+    let manifest_dumps = serde_json::from_slice::<Manifest>(&manifest_bytes)
+        .map(|m| m.dumps)
+        .unwrap_or_default();
+    drop(dumps);
+    if let Err(e) = run_hooks(&policy.after) {
+        for (_, access, _) in &live {
+            results.push(RepoResult::failed(
+                service,
+                &access.repo.name,
+                format!("after command failed: {e}"),
+                0.0,
+            ));
+        }
+    }
+    drop(units);
+
+    for (i, outcome, secs) in outcomes {
+        let (name, access, _) = &live[i];
+        let result = match outcome {
+            Ok((snapshot, added)) => {
+                let mut ok = RepoResult {
+                    service: service.to_string(),
+                    repo: (*name).clone(),
+                    result: "ok".into(),
+                    error: None,
+                    snapshot: Some(snapshot),
+                    duration_seconds: secs,
+                    bytes_added: added,
+                    warnings: vec![],
+                };
+                if let Some(ret) = policy.retention.as_ref().filter(|r| r.keeps_something()) {
+                    if let Err(e) = forget(access, &env.state, service, ret, ret.prune, false) {
+                        ok.warnings.push(format!("retention failed: {e}"));
+                    }
+                }
+                ok
+            }
+            Err(e) => RepoResult::failed(service, name, e, secs),
+        };
+        results.push(result);
+    }
+    (results, manifest_dumps)
+}
+
+/// Applies a retention policy to one service's snapshots in one repository; returns the
+/// snapshots (Restic ids or Borg archive names) removed, or that would be with `dry_run`.
+pub fn forget(
+    access: &RepoAccess,
+    state: &Path,
+    service: &str,
+    retention: &agex_core::Retention,
+    prune: bool,
+    dry_run: bool,
+) -> Result<Vec<String>, BackupError> {
+    match access.repo.kind {
+        RepositoryKind::Restic => Restic::open(access)?.forget(service, retention, prune, dry_run),
+        RepositoryKind::Borg => Borg::new(access, state)?.prune(service, retention, prune, dry_run),
+    }
+}
+
+fn restic_side(
+    access: &RepoAccess,
+    root: &Path,
+    selection: &Selection,
+    streams: Vec<Stream>,
+    tags: &[String],
+) -> Result<(String, Option<u64>), BackupError> {
+    let restic = Restic::open(access)?;
+    let snap = restic.backup(root, selection.paths(), selection.excludes(), streams, tags)?;
+    Ok((snap.id, snap.bytes_added))
+}
+
+/// Borg reads each dump, and then the manifest, from a named pipe at its place under
+/// the dumps directory, so the archive holds them at the same paths as the Restic
+/// snapshot does.
+fn borg_side(
+    access: &RepoAccess,
+    env: &Env<'_>,
+    selection: &Selection,
+    streams: Vec<Stream>,
+    archive: &str,
+) -> Result<(String, Option<u64>), BackupError> {
+    let borg = Borg::new(access, &env.state)?;
+    let mut rel_paths: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
+    let mut fifos = Vec::new();
+    let fail = |fifos: &[PathBuf], e: BackupError| {
+        cleanup_fifos(fifos);
+        Err(e)
+    };
+    for stream in &streams {
+        let path = &stream.path;
+        let fifo = under(env.root, path);
+        if let Some(dir) = fifo.parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                return fail(&fifos, BackupError::io(dir)(e));
+            }
+        }
+        let _ = std::fs::remove_file(&fifo);
+        if let Err(e) = rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        ) {
+            return fail(&fifos, BackupError::io(&fifo)(e.into()));
+        }
+        rel_paths.push(rel(path));
+        fifos.push(fifo);
+    }
+    let mut cmd = borg.command();
+    cmd.current_dir(env.root).args([
+        "create",
+        "--json",
+        "--log-json",
+        "--compression",
+        "zstd,3",
+        "--read-special",
+        "--lock-wait",
+    ]);
+    cmd.arg(env.opts.lock_wait.as_secs().to_string());
+    for e in selection.excludes() {
+        cmd.arg("--exclude")
+            .arg(format!("sh:{}", rel(Path::new(e)).display()));
+    }
+    cmd.arg(borg.archive_url(archive));
+    cmd.args(&rel_paths);
+    let shown = process::describe(&cmd);
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(source) => {
+            return fail(
+                &fifos,
+                BackupError::Spawn {
+                    tool: shown,
+                    source,
+                },
+            )
+        }
+    };
+    let borg_done = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = streams
+        .into_iter()
+        .zip(fifos.iter().cloned())
+        .map(|(stream, fifo)| {
+            let reader = stream.reader;
+            let done = Arc::clone(&borg_done);
+            std::thread::spawn(move || feed_fifo(&fifo, reader, &done))
+        })
+        .collect();
+    let out = child.wait_with_output();
+    borg_done.store(true, Ordering::SeqCst);
+    for w in writers {
+        let _ = w.join();
+    }
+    cleanup_fifos(&fifos);
+    let out = out.map_err(|source| BackupError::Spawn {
+        tool: shown.clone(),
+        source,
+    })?;
+    // borg exits 1 for warnings (e.g. a file changed while read): the archive exists.
+    if !(out.status.success() || out.status.code() == Some(1)) {
+        return match process::check(&shown, out) {
+            Err(e) => Err(e),
+            Ok(_) => Err(BackupError::Output {
+                tool: shown,
+                detail: "failed without an error".into(),
+            }),
+        };
+    }
+    let stats = crate::borg::parse_create_stats(&out.stdout)?;
+    Ok((archive.to_string(), Some(stats.deduplicated_size)))
+}
+
+fn cleanup_fifos(fifos: &[PathBuf]) {
+    for f in fifos {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Copies a stream into a named pipe once borg opens it. Opening does not block forever:
+/// if borg exits without opening the pipe, the copy stops and the reader is dropped so
+/// the tee moves on. A write to a pipe borg closed fails with EPIPE (SIGPIPE is ignored
+/// by the backup commands), never kills the process.
+fn feed_fifo(fifo: &Path, mut reader: Box<dyn Read + Send>, borg_done: &AtomicBool) {
+    let file = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(fifo)
+        {
+            Ok(f) => break f,
+            Err(_) if !borg_done.load(Ordering::SeqCst) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => return,
+        }
+    };
+    if rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty()).is_err() {
+        return;
+    }
+    let mut file = file;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if file.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn rel(p: &Path) -> PathBuf {
+    p.strip_prefix("/").unwrap_or(p).to_path_buf()
+}

@@ -1,0 +1,136 @@
+//! What the run records say: the last result per service and repository, and the
+//! Prometheus textfile written from it after every run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::error::BackupError;
+use crate::run::RunRecord;
+
+/// The latest state of one service in one repository.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The service.
+    pub service: String,
+    /// The repository.
+    pub repo: String,
+    /// When the last run of it ended (RFC 3339).
+    pub last_run: String,
+    /// `ok` or `failed`.
+    pub result: String,
+    /// Why the last run failed.
+    pub error: Option<String>,
+    /// When it last succeeded (RFC 3339), if ever.
+    pub last_success: Option<String>,
+    /// Wall time of the last run, seconds.
+    pub duration_seconds: f64,
+    /// Bytes the last successful run added, when known.
+    pub bytes_added: Option<u64>,
+    /// Snapshot id or archive of the last success.
+    pub snapshot: Option<String>,
+}
+
+/// Folds run records (oldest first) into the latest status per service and repository.
+pub fn summarize(records: &[RunRecord]) -> Vec<Status> {
+    let mut map: BTreeMap<(String, String), Status> = BTreeMap::new();
+    for rec in records {
+        for r in &rec.results {
+            let key = (r.service.clone(), r.repo.clone());
+            let prev = map.remove(&key);
+            let ok = r.result == "ok";
+            let last_success = if ok {
+                Some(rec.finished.clone())
+            } else {
+                prev.as_ref().and_then(|p| p.last_success.clone())
+            };
+            let (bytes_added, snapshot) = if ok {
+                (r.bytes_added, r.snapshot.clone())
+            } else {
+                prev.map(|p| (p.bytes_added, p.snapshot))
+                    .unwrap_or_default()
+            };
+            map.insert(
+                key,
+                Status {
+                    service: r.service.clone(),
+                    repo: r.repo.clone(),
+                    last_run: rec.finished.clone(),
+                    result: r.result.clone(),
+                    error: r.error.clone(),
+                    last_success,
+                    duration_seconds: r.duration_seconds,
+                    bytes_added,
+                    snapshot,
+                },
+            );
+        }
+    }
+    map.into_values().collect()
+}
+
+/// A gauge: name, help text, and its value for one status (none: not emitted).
+type Metric = (&'static str, &'static str, fn(&Status) -> Option<f64>);
+
+/// The Prometheus text exposition of `statuses`.
+pub fn prometheus(statuses: &[Status]) -> String {
+    let mut out = String::new();
+    let metrics: [Metric; 4] = [
+        (
+            "agex_backup_last_success_timestamp_seconds",
+            "Unix time of the last successful backup",
+            |s| s.last_success.as_deref().and_then(unix_seconds),
+        ),
+        (
+            "agex_backup_duration_seconds",
+            "Wall time of the last backup",
+            |s| Some(s.duration_seconds),
+        ),
+        (
+            "agex_backup_bytes_added",
+            "Bytes the last successful backup added to the repository",
+            |s| s.bytes_added.map(|b| b as f64),
+        ),
+        (
+            "agex_backup_result",
+            "1 if the last backup succeeded, 0 if it failed",
+            |s| Some(if s.result == "ok" { 1.0 } else { 0.0 }),
+        ),
+    ];
+    for (name, help, value) in metrics {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
+        for s in statuses {
+            if let Some(v) = value(s) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",repo=\"{}\"}} {v}",
+                    label(&s.service),
+                    label(&s.repo)
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Writes `agex_backup.prom` into `dir` atomically (node_exporter never reads half a file).
+pub fn write_textfile(dir: &Path, statuses: &[Status]) -> Result<(), BackupError> {
+    std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+    let path = dir.join("agex_backup.prom");
+    agex_core::atomic::write_atomic(&path, prometheus(statuses).as_bytes(), 0o644)
+        .map_err(BackupError::io(&path))
+}
+
+fn unix_seconds(rfc3339: &str) -> Option<f64> {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .ok()
+        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

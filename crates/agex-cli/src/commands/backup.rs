@@ -1,0 +1,516 @@
+//! Backup commands: backup, snapshots, forget, status, repo init/check/unlock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agex_backup::access::{self, RepoAccess};
+use agex_backup::borg::Borg;
+use agex_backup::restic::Restic;
+use agex_backup::run::{self, RunOptions, STATE_DIR};
+use agex_backup::{status, BackupError};
+use agex_core::{Database, Project, RepositoryKind};
+use agex_secrets::Identities;
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::context::Context;
+use crate::error::{Failure, CONFIG, FAILURE, OK, PARTIAL};
+use crate::output;
+
+impl From<BackupError> for Failure {
+    fn from(e: BackupError) -> Self {
+        match e {
+            BackupError::Secrets(s) => s.into(),
+            e @ (BackupError::UnknownRepository { .. } | BackupError::UnknownService { .. }) => {
+                Failure::new(CONFIG, e.to_string())
+            }
+            other => Failure::new(FAILURE, other.to_string()),
+        }
+    }
+}
+
+fn state_dir(ctx: &Context) -> std::path::PathBuf {
+    ctx.host_path(std::path::Path::new(STATE_DIR))
+}
+
+/// Decrypts the credentials of each named repository; a repository whose secrets fail
+/// to open is reported, not fatal, so the other can still run.
+fn unlock_all(
+    project: &Project,
+    ids: &Identities,
+    names: &[String],
+) -> BTreeMap<String, Result<RepoAccess, String>> {
+    names
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                access::unlock(project, n, ids).map_err(|e| e.to_string()),
+            )
+        })
+        .collect()
+}
+
+fn unlock_one(ctx: &Context, project: &Project, name: &str) -> Result<RepoAccess, Failure> {
+    access::repository(project, name)?;
+    let ids = ctx.identities(project)?;
+    Ok(access::unlock(project, name, &ids)?)
+}
+
+fn systemctl(ctx: &Context, given: Option<&str>) -> Option<Vec<String>> {
+    let argv = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    match given {
+        Some(cmd) => Some(argv(cmd)).filter(|a| !a.is_empty()),
+        None if ctx.global.root == std::path::Path::new("/") => Some(argv("systemctl")),
+        None => None,
+    }
+}
+
+pub struct BackupArgs<'a> {
+    pub service: Option<&'a str>,
+    pub repo: Option<&'a str>,
+    pub dry_run: bool,
+    pub systemctl: Option<&'a str>,
+}
+
+pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
+    // Writes into a pipe borg has closed must fail with EPIPE, not kill agex.
+    // SAFETY: changing a signal disposition before any thread of this command starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let project = ctx.project()?;
+    let opts = RunOptions {
+        service: args.service.map(str::to_string),
+        repo: args.repo.map(str::to_string),
+        systemctl: systemctl(ctx, args.systemctl),
+        lock_wait: Duration::from_secs(project.config.backup.lock_wait),
+    };
+    let planned = run::plan(&project, &opts)?;
+    if planned.is_empty() {
+        return Err(Failure::new(
+            CONFIG,
+            "nothing to back up: no policy selects that service and repository",
+        ));
+    }
+    if args.dry_run {
+        if ctx.global.json {
+            output::json(&planned)?;
+        } else {
+            let rows: Vec<Vec<String>> = planned
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.service.clone(),
+                        p.repositories.join(","),
+                        p.paths
+                            .iter()
+                            .map(|x| x.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        p.dumps.join(","),
+                    ]
+                })
+                .collect();
+            output::table(&["SERVICE", "REPOSITORIES", "PATHS", "DUMPS"], &rows);
+        }
+        return Ok(OK);
+    }
+    let ids = ctx.identities(&project)?;
+    let mut repo_names: Vec<String> = planned
+        .iter()
+        .flat_map(|p| p.repositories.iter().cloned())
+        .collect();
+    repo_names.sort();
+    repo_names.dedup();
+    let access = unlock_all(&project, &ids, &repo_names);
+    let db_passwords = database_passwords(&project, &ids, &planned)?;
+    let record = run::execute(
+        &project,
+        &ctx.global.root,
+        &planned,
+        &access,
+        &db_passwords,
+        &opts,
+    )?;
+    if let Some(dir) = &project.config.backup.metrics_dir {
+        let statuses = status::summarize(&run::records(&ctx.global.root)?);
+        if let Err(e) = status::write_textfile(&ctx.host_path(dir), &statuses) {
+            eprintln!("warning: metrics not written: {e}");
+        }
+    }
+    if ctx.global.json {
+        output::json(&record)?;
+    } else {
+        for r in &record.results {
+            match (&r.snapshot, &r.error) {
+                (Some(s), _) if r.ok() => eprintln!(
+                    "{} → {}: ok, snapshot {s} ({:.1} s{})",
+                    r.service,
+                    r.repo,
+                    r.duration_seconds,
+                    r.bytes_added
+                        .map(|b| format!(", {b} bytes added"))
+                        .unwrap_or_default()
+                ),
+                (_, e) => eprintln!(
+                    "{} → {}: FAILED: {}",
+                    r.service,
+                    r.repo,
+                    e.as_deref().unwrap_or("unknown error")
+                ),
+            }
+            for w in &r.warnings {
+                eprintln!("{} → {}: warning: {w}", r.service, r.repo);
+            }
+        }
+    }
+    let (failed, total) = record.failures();
+    Ok(match failed {
+        0 => OK,
+        n if n == total => {
+            eprintln!("backup failed: {n} of {total} service/repository pairs failed");
+            FAILURE
+        }
+        n => {
+            eprintln!("backup partly failed: {n} of {total} service/repository pairs failed");
+            PARTIAL
+        }
+    })
+}
+
+/// Passwords of the PostgreSQL roles the planned services dump with, by secret name.
+fn database_passwords(
+    project: &Project,
+    ids: &Identities,
+    planned: &[run::PlannedService],
+) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, Failure> {
+    let mut out = BTreeMap::new();
+    for p in planned {
+        let Some(policy) = project.policies.get(&p.service) else {
+            continue;
+        };
+        for db in &policy.databases {
+            if let Database::Postgres {
+                password_secret: Some(name),
+                ..
+            } = db
+            {
+                if out.contains_key(name) {
+                    continue;
+                }
+                let rule = project.rules.secrets.get(name).ok_or_else(|| {
+                    Failure::new(
+                        CONFIG,
+                        format!(
+                            "policies/{}.toml: password_secret `{name}` has no rule in secrets.toml",
+                            p.service
+                        ),
+                    )
+                })?;
+                out.insert(
+                    name.clone(),
+                    agex_secrets::secret_file::open(project, rule, ids)?,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn selected_repos(project: &Project, repo: Option<&str>) -> Result<Vec<String>, Failure> {
+    match repo {
+        Some(r) => {
+            access::repository(project, r)?;
+            Ok(vec![r.to_string()])
+        }
+        None => Ok(project.config.repositories.keys().cloned().collect()),
+    }
+}
+
+#[derive(Serialize)]
+struct SnapshotRow {
+    repo: String,
+    service: String,
+    id: String,
+    time: String,
+}
+
+pub fn cmd_snapshots(
+    ctx: &Context,
+    service: Option<&str>,
+    repo: Option<&str>,
+) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    if let Some(s) = service {
+        if !project.policies.contains_key(s) {
+            return Err(BackupError::UnknownService {
+                name: s.to_string(),
+                known: project
+                    .policies
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
+        }
+    }
+    let ids = ctx.identities(&project)?;
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for name in selected_repos(&project, repo)? {
+        let listed = access::unlock(&project, &name, &ids).and_then(|a| list(&a, &state_dir(ctx)));
+        match listed {
+            Ok(list) => rows.extend(
+                list.into_iter()
+                    .map(|(svc, id, time)| SnapshotRow {
+                        repo: name.clone(),
+                        service: svc,
+                        id,
+                        time,
+                    })
+                    .filter(|r| service.is_none_or(|s| s == r.service)),
+            ),
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    if ctx.global.json {
+        output::json(&rows)?;
+    } else {
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.repo.clone(),
+                    r.service.clone(),
+                    r.time.clone(),
+                    r.id.clone(),
+                ]
+            })
+            .collect();
+        output::table(&["REPOSITORY", "SERVICE", "TIME", "ID"], &table);
+    }
+    report_errors(&errors, !rows.is_empty())
+}
+
+/// (service, id, time) of every agex snapshot in a repository, oldest first.
+fn list(
+    a: &RepoAccess,
+    state: &std::path::Path,
+) -> Result<Vec<(String, String, String)>, BackupError> {
+    match a.repo.kind {
+        RepositoryKind::Restic => Ok(Restic::open(a)?
+            .snapshots()?
+            .into_iter()
+            .map(|s| {
+                let svc = s
+                    .tags
+                    .iter()
+                    .find_map(|t| t.strip_prefix("service="))
+                    .unwrap_or("")
+                    .to_string();
+                (svc, s.id, s.time)
+            })
+            .collect()),
+        RepositoryKind::Borg => Ok(Borg::new(a, state)?
+            .list(None)?
+            .into_iter()
+            .map(|x| {
+                // Archives are named `<service>-<run id>`; the run id has no `-`.
+                let svc = x
+                    .name
+                    .rsplit_once('-')
+                    .map(|(s, _)| s.to_string())
+                    .unwrap_or_default();
+                (svc, x.name, x.start)
+            })
+            .collect()),
+    }
+}
+
+/// Exit 0 when nothing failed, 3 when something else succeeded, 1 otherwise.
+fn report_errors(errors: &[String], some_ok: bool) -> Result<i32, Failure> {
+    if errors.is_empty() {
+        return Ok(OK);
+    }
+    for e in errors {
+        eprintln!("error: {e}");
+    }
+    Ok(if some_ok { PARTIAL } else { FAILURE })
+}
+
+pub fn cmd_forget(
+    ctx: &Context,
+    service: Option<&str>,
+    repo: Option<&str>,
+    prune: bool,
+    dry_run: bool,
+) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let opts = RunOptions {
+        service: service.map(str::to_string),
+        repo: repo.map(str::to_string),
+        ..RunOptions::default()
+    };
+    let planned = run::plan(&project, &opts)?;
+    let ids = ctx.identities(&project)?;
+    let mut errors = Vec::new();
+    let mut done = 0;
+    let mut cache: BTreeMap<String, Result<RepoAccess, String>> = BTreeMap::new();
+    for p in &planned {
+        let Some(retention) = project
+            .policies
+            .get(&p.service)
+            .and_then(|x| x.retention.as_ref())
+            .filter(|r| r.keeps_something())
+        else {
+            eprintln!(
+                "{}: no retention in its policy, nothing forgotten",
+                p.service
+            );
+            continue;
+        };
+        for r in &p.repositories {
+            let a = cache
+                .entry(r.clone())
+                .or_insert_with(|| access::unlock(&project, r, &ids).map_err(|e| e.to_string()));
+            let a = match a {
+                Ok(a) => a,
+                Err(e) => {
+                    errors.push(format!("{r}: {e}"));
+                    continue;
+                }
+            };
+            let prune = prune || retention.prune;
+            match run::forget(a, &state_dir(ctx), &p.service, retention, prune, dry_run) {
+                Ok(gone) => {
+                    done += 1;
+                    let verb = if dry_run { "would forget" } else { "forgot" };
+                    println!("{} {r}: {verb} {} snapshot(s)", p.service, gone.len());
+                    for g in gone {
+                        println!("  {g}");
+                    }
+                }
+                Err(e) => errors.push(format!("{} {r}: {e}", p.service)),
+            }
+        }
+    }
+    report_errors(&errors, done > 0)
+}
+
+pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
+    let records = run::records(&ctx.global.root)?;
+    let statuses = status::summarize(&records);
+    if ctx.global.json {
+        output::json(&statuses)?;
+        return Ok(OK);
+    }
+    if statuses.is_empty() {
+        println!(
+            "no backup has run yet (no records in {})",
+            ctx.host_path(std::path::Path::new(run::RUNS_DIR)).display()
+        );
+        return Ok(OK);
+    }
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.service.clone(),
+                s.repo.clone(),
+                s.result.clone(),
+                s.last_run.clone(),
+                s.last_success.clone().unwrap_or_else(|| "never".into()),
+                format!("{:.1}s", s.duration_seconds),
+                s.bytes_added.map(|b| b.to_string()).unwrap_or_default(),
+                s.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "SERVICE",
+            "REPOSITORY",
+            "RESULT",
+            "LAST RUN",
+            "LAST SUCCESS",
+            "TIME",
+            "ADDED",
+            "ERROR",
+        ],
+        &rows,
+    );
+    Ok(OK)
+}
+
+pub fn cmd_repo_init(ctx: &Context, name: &str) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let a = unlock_one(ctx, &project, name)?;
+    match a.repo.kind {
+        RepositoryKind::Restic => {
+            Restic::init(&a)?;
+        }
+        RepositoryKind::Borg => Borg::new(&a, &state_dir(ctx))?.init()?,
+    }
+    println!(
+        "initialized {} repository `{name}` at {}",
+        kind(&a),
+        a.repo.url
+    );
+    Ok(OK)
+}
+
+pub fn cmd_repo_check(
+    ctx: &Context,
+    name: Option<&str>,
+    read_data: Option<&str>,
+) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let ids = ctx.identities(&project)?;
+    let mut errors = Vec::new();
+    let mut ok = 0;
+    for r in selected_repos(&project, name)? {
+        let checked = access::unlock(&project, &r, &ids).and_then(|a| match a.repo.kind {
+            RepositoryKind::Restic => Restic::open(&a)?.check(read_data),
+            RepositoryKind::Borg => Borg::new(&a, &state_dir(ctx))?.check(read_data.is_some()),
+        });
+        match checked {
+            Ok(()) => {
+                ok += 1;
+                println!("{r}: ok");
+            }
+            Err(e) => errors.push(format!("{r}: {e}")),
+        }
+    }
+    report_errors(&errors, ok > 0)
+}
+
+pub fn cmd_repo_unlock(ctx: &Context, name: &str) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let a = unlock_one(ctx, &project, name)?;
+    match a.repo.kind {
+        RepositoryKind::Restic => {
+            // rustic_core writes no lock files, and agex's own repository lock is a
+            // flock the kernel releases when its holder dies: nothing can be stale.
+            println!(
+                "{name}: restic repositories written by agex hold no locks; nothing to remove"
+            );
+        }
+        RepositoryKind::Borg => {
+            // break-lock removes every lock, live ones too: refuse while an agex run on
+            // this host holds the repository.
+            let _held = agex_backup::lock::acquire(&state_dir(ctx), name, Duration::ZERO)?;
+            Borg::new(&a, &state_dir(ctx))?.break_lock()?;
+            println!("{name}: borg locks removed");
+        }
+    }
+    Ok(OK)
+}
+
+fn kind(a: &RepoAccess) -> &'static str {
+    match a.repo.kind {
+        RepositoryKind::Restic => "restic",
+        RepositoryKind::Borg => "borg",
+    }
+}

@@ -1,0 +1,702 @@
+//! The backup engine end to end: the real `agex` binary writes to a Restic repository
+//! (local, or `rclone serve restic` on 127.0.0.1) and a Borg repository (local, or over
+//! ssh to a test sshd), and the real `restic` and `borg` binaries check and restore what
+//! it wrote.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::services::{Postgres, RcloneRestic, Sshd};
+use common::{assert_fails, assert_ok, have_tool, stdout, Fixture};
+
+/// A bunk fixture whose repositories point at test URLs, with a `testapp` policy.
+struct Setup {
+    fx: Fixture,
+    root: PathBuf,
+}
+
+impl Setup {
+    fn new(restic_url: &str, borg_url: &str, borg_over_ssh: bool) -> Setup {
+        let fx = Fixture::bunk();
+        let cfg = fx.dir().join("agex.toml");
+        let mut text = fs::read_to_string(&cfg).unwrap();
+        text = text.replace(
+            "url             = \"sftp:u123@storagebox.example:/restic\"",
+            &format!("url             = \"{restic_url}\""),
+        );
+        text = text.replace(
+            "url             = \"ssh://u456@borg.example/./repo\"",
+            &format!("url             = \"{borg_url}\""),
+        );
+        if !borg_over_ssh {
+            text = text.replace("ssh_key_secret  = \"borg-ssh-key\"\n", "");
+        }
+        text.push_str("\n[backup]\nlock_wait = 5\nmetrics_dir = \"/var/lib/node-exporter\"\n");
+        fs::write(&cfg, text).unwrap();
+        let root = fx.root();
+        Setup { fx, root }
+    }
+
+    fn policy(&self, name: &str, text: &str) {
+        fs::write(
+            self.fx.dir().join("policies").join(format!("{name}.toml")),
+            text,
+        )
+        .unwrap();
+    }
+
+    fn agex(&self, args: &[&str]) -> Output {
+        let root = self.root.to_str().unwrap().to_string();
+        let mut all = vec!["--root", &root];
+        all.extend_from_slice(args);
+        self.fx.run_admin(&all)
+    }
+
+    fn host(&self, p: &str) -> PathBuf {
+        self.root.join(p.trim_start_matches('/'))
+    }
+
+    /// A secret's plaintext in a 0600 file of the test's temp dir (for the peer tools).
+    fn secret_file(&self, name: &str) -> PathBuf {
+        let path = self.fx.tmp.path().join(format!("{name}.plain"));
+        fs::write(&path, self.fx.decrypt(name)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    fn restic(&self, url: &str) -> Command {
+        let mut c = Command::new("restic");
+        c.arg("-r")
+            .arg(url)
+            .arg("--no-cache")
+            .env("RESTIC_PASSWORD_FILE", self.secret_file("restic-password"))
+            .env_remove("RESTIC_PASSWORD")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn borg(&self, rsh: Option<String>) -> Command {
+        let mut c = Command::new("borg");
+        let pass = self.secret_file("borg-passphrase");
+        c.env("BORG_PASSCOMMAND", format!("cat {}", pass.display()))
+            .env_remove("BORG_PASSPHRASE")
+            .env("BORG_BASE_DIR", self.fx.tmp.path().join("peer-borg"))
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
+            .stdin(Stdio::null());
+        if let Some(rsh) = rsh {
+            c.env("BORG_RSH", rsh);
+        }
+        c
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = self.agex(&["--json", "status"]);
+        assert_ok(&out);
+        serde_json::from_str(&stdout(&out)).unwrap()
+    }
+}
+
+fn run(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
+
+/// The application data of `testapp`: files, a cache to exclude, a live SQLite file.
+fn app_data(s: &Setup, big: usize) {
+    let files = s.host("/srv/app/files");
+    fs::create_dir_all(files.join("sub/deeper")).unwrap();
+    fs::create_dir_all(files.join("cache")).unwrap();
+    fs::write(files.join("a.txt"), "hello agex\n").unwrap();
+    fs::write(files.join("sub/deeper/b.bin"), pseudo_random(256 * 1024, 7)).unwrap();
+    fs::write(files.join("cache/skip.tmp"), "excluded\n").unwrap();
+    if big > 0 {
+        fs::write(files.join("big.bin"), pseudo_random(big, 11)).unwrap();
+    }
+    let db = s.host("/srv/app/app.db");
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg(
+            "PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, v TEXT);
+             WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 300)
+             INSERT INTO items(v) SELECT hex(randomblob(16)) FROM c;",
+        )
+        .output()
+        .unwrap();
+    assert_ok(&out);
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+const SQLITE_POLICY: &str = r#"
+paths   = ["/srv/app/files"]
+exclude = ["/srv/app/files/cache"]
+schedule = "*-*-* 03:00:00"
+
+[[databases]]
+kind = "sqlite"
+path = "/srv/app/app.db"
+"#;
+
+/// Every regular file under `dir`, relative path → bytes.
+fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    common::snapshot(dir)
+}
+
+fn sqlite_count(db: &Path) -> String {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg("PRAGMA integrity_check; SELECT count(*) FROM items;")
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    stdout(&out)
+}
+
+/// Checks a restored tree against the live data and the manifest stored with it.
+fn verify_restored(s: &Setup, restored: &Path) {
+    let live = tree(&s.host("/srv/app/files"));
+    let got = tree(&restored.join("srv/app/files"));
+    let expected: std::collections::BTreeMap<_, _> = live
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("cache"))
+        .collect();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    assert!(got == expected, "restored files differ from the originals");
+    assert!(
+        !restored.join("srv/app/app.db").exists(),
+        "the live SQLite file must be left to its dump"
+    );
+    let dump = restored.join("var/lib/agex/dumps/testapp/db/app.sqlite3");
+    let counted = sqlite_count(&dump);
+    assert_eq!(counted, sqlite_count(&s.host("/srv/app/app.db")));
+    assert!(counted.starts_with("ok\n"), "{counted}");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(restored.join("var/lib/agex/dumps/testapp/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["service"], "testapp");
+    let files = manifest["files"].as_array().unwrap();
+    assert_eq!(files.len(), expected.len(), "{manifest}");
+    let dumps = manifest["dumps"].as_array().unwrap();
+    let sqlite = dumps.iter().find(|d| d["kind"] == "sqlite").unwrap();
+    assert_eq!(sqlite["size"], fs::metadata(&dump).unwrap().len());
+    assert_eq!(sqlite["row_counts"]["items"], 300);
+}
+
+#[test]
+fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
+    let test = "local_restic_and_borg_round_trip_with_the_peer_binaries";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 0);
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+
+    run(
+        s.restic(&restic_url).args(["check", "--read-data"]),
+        "restic check",
+    );
+    let r = tmp.path().join("restored-restic");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r),
+        "restic restore",
+    );
+    verify_restored(&s, &r);
+    let snaps: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.restic(&restic_url).args(["snapshots", "--json"]),
+        "restic snapshots",
+    )))
+    .unwrap();
+    let tags = snaps[0]["tags"].as_array().unwrap();
+    assert!(tags.iter().any(|t| t == "service=testapp"), "{snaps}");
+    assert!(tags.iter().any(|t| t.as_str().unwrap().starts_with("run=")));
+
+    run(s.borg(None).arg("check").arg(&borg_url), "borg check");
+    let list: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.borg(None).args(["list", "--json"]).arg(&borg_url),
+        "borg list",
+    )))
+    .unwrap();
+    let name = list["archives"][0]["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("testapp-"), "{list}");
+    let b = tmp.path().join("restored-borg");
+    fs::create_dir_all(&b).unwrap();
+    run(
+        s.borg(None)
+            .current_dir(&b)
+            .arg("extract")
+            .arg(format!("{borg_url}::{name}")),
+        "borg extract",
+    );
+    verify_restored(&s, &b);
+
+    // The same dump went to both: identical bytes.
+    assert_eq!(
+        fs::read(r.join("var/lib/agex/dumps/testapp/db/app.sqlite3")).unwrap(),
+        fs::read(b.join("var/lib/agex/dumps/testapp/db/app.sqlite3")).unwrap()
+    );
+    // No named pipe or dump copy left under the root.
+    assert!(fs::read_dir(s.host("/var/lib/agex/dumps/testapp/db"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+
+    let status = s.status();
+    let rows = status.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{status}");
+    assert!(rows.iter().all(|r| r["result"] == "ok"), "{status}");
+    let prom = fs::read_to_string(s.host("/var/lib/node-exporter/agex_backup.prom")).unwrap();
+    assert!(prom.contains(
+        "agex_backup_last_success_timestamp_seconds{service=\"testapp\",repo=\"offsite-borg\"}"
+    ));
+    assert!(prom.contains("agex_backup_result{service=\"testapp\",repo=\"offsite-restic\"} 1"));
+
+    let out = s.agex(&["--json", "snapshots", "--service", "testapp"]);
+    assert_ok(&out);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_ok(&s.agex(&["repo", "check"]));
+}
+
+#[test]
+fn rest_server_restic_while_the_database_is_being_written() {
+    let test = "rest_server_restic_while_the_database_is_being_written";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let Some(srv) = RcloneRestic::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = srv.url("agex");
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 4 << 20);
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+
+    // A writer commits rows the whole time the backup runs.
+    let db = s.host("/srv/app/app.db");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = Command::new("sqlite3")
+                    .arg(&db)
+                    .arg("PRAGMA busy_timeout=5000; INSERT INTO items(v) VALUES (hex(randomblob(64)));")
+                    .output();
+                n += 1;
+            }
+            n
+        })
+    };
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    assert_ok(&out);
+    assert!(writes > 0);
+
+    run(
+        s.restic(&restic_url).args(["check", "--read-data"]),
+        "restic check",
+    );
+    let r = tmp.path().join("restored");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r),
+        "restic restore",
+    );
+    let dump = r.join("var/lib/agex/dumps/testapp/db/app.sqlite3");
+    let check = sqlite_count(&dump);
+    assert!(check.starts_with("ok\n"), "dump is not consistent: {check}");
+    let rows: u64 = check.lines().nth(1).unwrap().parse().unwrap();
+    assert!(rows >= 300, "{rows}");
+    assert_eq!(
+        tree(&r.join("srv/app/files"))
+            .get(Path::new("big.bin"))
+            .map(Vec::len),
+        Some(4 << 20)
+    );
+}
+
+#[test]
+fn borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial() {
+    let test = "borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial";
+    if !have_tool("restic", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let Some(mut sshd) = Sshd::start(test) else {
+        return;
+    };
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    pg.create_db("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); \
+         INSERT INTO notes SELECT g, md5(g::text) FROM generate_series(1, 1234) g; \
+         CREATE TABLE tags (id serial PRIMARY KEY, name text); \
+         INSERT INTO tags(name) VALUES ('a'), ('b');",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = sshd.url("borg");
+    let s = Setup::new(&restic_url, &borg_url, true);
+    // The borg user accepts the key that lives in the age secret.
+    let key = s.secret_file("borg-ssh-key");
+    let pubkey = Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_ok(&pubkey);
+    sshd.authorize(&stdout(&pubkey));
+    // The policy's socket path, under the root, leads to the test cluster.
+    fs::create_dir_all(s.host("/run")).unwrap();
+    std::os::unix::fs::symlink(pg.socket_dir(), s.host("/run/postgresql")).unwrap();
+    s.policy(
+        "testapp",
+        &format!(
+            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
+             socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
+            pg.port()
+        ),
+    );
+    app_data(&s, 0);
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+
+    let rsh = sshd.borg_rsh(&key);
+    run(
+        s.borg(Some(rsh.clone())).arg("check").arg(&borg_url),
+        "borg check",
+    );
+    let list: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.borg(Some(rsh.clone()))
+            .args(["list", "--json"])
+            .arg(&borg_url),
+        "borg list",
+    )))
+    .unwrap();
+    let name = list["archives"][0]["name"].as_str().unwrap().to_string();
+    let b = tmp.path().join("restored-borg");
+    fs::create_dir_all(&b).unwrap();
+    run(
+        s.borg(Some(rsh.clone()))
+            .current_dir(&b)
+            .arg("extract")
+            .arg(format!("{borg_url}::{name}")),
+        "borg extract",
+    );
+    verify_restored(&s, &b);
+    let r = tmp.path().join("restored-restic");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r),
+        "restic restore",
+    );
+    verify_restored(&s, &r);
+    let pg_dump_path = "var/lib/agex/dumps/testapp/db/app.pgdump";
+    assert_eq!(
+        fs::read(r.join(pg_dump_path)).unwrap(),
+        fs::read(b.join(pg_dump_path)).unwrap(),
+        "both repositories hold the same dump"
+    );
+    // The dump restores into a new database with the same rows.
+    pg.create_db("restored");
+    let dump = pg.scratch_dir().join("app.pgdump");
+    fs::copy(r.join(pg_dump_path), &dump).unwrap();
+    fs::set_permissions(&dump, fs::Permissions::from_mode(0o644)).unwrap();
+    run(
+        pg.command("pg_restore")
+            .args(["--no-owner", "-d", "restored"])
+            .arg(&dump),
+        "pg_restore",
+    );
+    for (table, rows) in [("notes", "1234"), ("tags", "2")] {
+        assert_eq!(
+            pg.psql("restored", &format!("SELECT count(*) FROM {table}"))
+                .trim(),
+            rows
+        );
+    }
+
+    // sshd goes away: the Restic side still completes; exit 3 names the failure.
+    sshd.stop();
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("offsite-borg: FAILED"), "{err}");
+    assert!(err.contains("offsite-restic: ok"), "{err}");
+    let status = s.status();
+    let borg_row = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["repo"] == "offsite-borg")
+        .unwrap()
+        .clone();
+    assert_eq!(borg_row["result"], "failed", "{status}");
+    assert!(borg_row["last_success"].is_string(), "{status}");
+    let snaps: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.restic(&restic_url).args(["snapshots", "--json"]),
+        "restic snapshots",
+    )))
+    .unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_failed_dump_keeps_no_snapshot_and_a_wrong_password_fails_only_its_repository() {
+    let test = "a_failed_dump_keeps_no_snapshot_and_a_wrong_password_fails_only_its_repository";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("pg_dump", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    // pg_dump cannot connect: there is no server behind this socket directory.
+    fs::create_dir_all(s.host("/run/nothing")).unwrap();
+    s.policy(
+        "testapp",
+        &format!(
+            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"nope\"\n\
+             socket = \"/run/nothing\"\nuser = \"postgres\"\n"
+        ),
+    );
+    app_data(&s, 2 << 20);
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    let err = assert_fails(&out, 1);
+    assert!(err.contains("pg_dump"), "{err}");
+    let snaps = stdout(&run(
+        s.restic(&restic_url).args(["snapshots", "--json"]),
+        "restic snapshots",
+    ));
+    assert_eq!(snaps.trim(), "[]", "a snapshot without its dump was kept");
+    let list: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.borg(None).args(["list", "--json"]).arg(&borg_url),
+        "borg list",
+    )))
+    .unwrap();
+    assert_eq!(list["archives"].as_array().unwrap().len(), 0, "{list}");
+
+    // Now a good policy, but the restic password secret no longer opens its repository.
+    s.policy("testapp", SQLITE_POLICY);
+    let mut enc = s.fx.agex();
+    enc.args([
+        "-i",
+        s.fx.key("admin.txt").to_str().unwrap(),
+        "encrypt",
+        "secrets/restic-password.age",
+    ])
+    .stdin(Stdio::piped());
+    let mut child = enc.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"not the password\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("offsite-restic: FAILED"), "{err}");
+    assert!(err.contains("offsite-borg: ok"), "{err}");
+}
+
+#[test]
+fn retention_keeps_what_the_policy_says_in_both_repositories() {
+    let test = "retention_keeps_what_the_policy_says_in_both_repositories";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.policy(
+        "testapp",
+        &format!("{SQLITE_POLICY}\n[retention]\nkeep_last = 2\n"),
+    );
+    app_data(&s, 0);
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    for i in 0..3 {
+        fs::write(s.host(&format!("/srv/app/files/run{i}")), format!("{i}")).unwrap();
+        let db = s.host("/srv/app/app.db");
+        assert_ok(
+            &Command::new("sqlite3")
+                .arg(&db)
+                .arg("INSERT INTO items(v) VALUES ('more');")
+                .output()
+                .unwrap(),
+        );
+        assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = s.agex(&["--json", "snapshots", "--service", "testapp"]);
+    assert_ok(&out);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let n = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["repo"] == repo)
+            .count();
+        assert_eq!(n, 2, "{repo}: {listed}");
+    }
+    run(s.restic(&restic_url).arg("check"), "restic check");
+    run(s.borg(None).arg("check").arg(&borg_url), "borg check");
+    // The latest snapshot holds the latest dump, never one reused from its parent.
+    let r = tmp.path().join("restored");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r),
+        "restic restore",
+    );
+    assert_eq!(
+        sqlite_count(&r.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
+        sqlite_count(&s.host("/srv/app/app.db"))
+    );
+    let out = s.agex(&["forget", "--dry-run"]);
+    assert_ok(&out);
+}
+
+#[test]
+fn kill_9_mid_backup_leaves_both_repositories_healthy() {
+    let test = "kill_9_mid_backup_leaves_both_repositories_healthy";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 24 << 20);
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+
+    // Measure one full run, then kill runs at moments spread over that duration.
+    let t = Instant::now();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    let full = t.elapsed();
+    let runs = 10;
+    for i in 0..runs {
+        // New content each time so every run has work to do.
+        fs::write(
+            s.host("/srv/app/files/big.bin"),
+            pseudo_random(24 << 20, 100 + i),
+        )
+        .unwrap();
+        let root = s.root.to_str().unwrap().to_string();
+        let key = s.fx.key("admin.txt");
+        let mut child =
+            s.fx.agex()
+                .args(["-i", key.to_str().unwrap(), "--root", &root])
+                .args(["backup", "--service", "testapp"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+        let at = full.mul_f64((i as f64 + 0.5) / runs as f64);
+        std::thread::sleep(at);
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc_kill(child.id() as i32);
+        }
+        let _ = child.wait();
+        // Children of the killed run (borg) finish or die on their own; wait for them so
+        // the checks below see a quiet repository.
+        wait_for_no_borg(&borg_url);
+    }
+    run(
+        s.restic(&restic_url).arg("check"),
+        "restic check after kills",
+    );
+    run(
+        s.borg(None).arg("check").arg(&borg_url),
+        "borg check after kills",
+    );
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    run(s.restic(&restic_url).arg("check"), "restic check");
+    run(s.borg(None).arg("check").arg(&borg_url), "borg check");
+}
+
+unsafe fn libc_kill(pid: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    kill(pid, 9);
+}
+
+/// Waits (bounded) until no borg process works on `repo`.
+fn wait_for_no_borg(repo: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let busy = fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten().any(|e| {
+                    fs::read(e.path().join("cmdline"))
+                        .map(|c| {
+                            let c = String::from_utf8_lossy(&c);
+                            c.contains("borg") && c.contains(repo)
+                        })
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        if !busy {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
