@@ -159,6 +159,61 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
+/// One entry of a directory tree, as [`tree_state`] records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TreeEntry {
+    /// A directory.
+    Dir,
+    /// A regular file: permission bits and content.
+    File(u32, Vec<u8>),
+    /// A symbolic link and its target.
+    Link(PathBuf),
+}
+
+/// Every directory, file and symlink below `dir` (not following links), to prove a
+/// command created, removed or changed nothing, temp files and modes included.
+pub fn tree_state(dir: &Path) -> BTreeMap<PathBuf, TreeEntry> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+            let meta = fs::symlink_metadata(&p).unwrap();
+            let entry = if meta.file_type().is_symlink() {
+                TreeEntry::Link(fs::read_link(&p).unwrap())
+            } else if meta.is_dir() {
+                stack.push(p);
+                TreeEntry::Dir
+            } else {
+                TreeEntry::File(meta.permissions().mode() & 0o7777, fs::read(&p).unwrap())
+            };
+            out.insert(rel, entry);
+        }
+    }
+    out
+}
+
+/// What differs between two [`tree_state`]s, one line per path.
+pub fn tree_changes(
+    before: &BTreeMap<PathBuf, TreeEntry>,
+    after: &BTreeMap<PathBuf, TreeEntry>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (p, b) in before {
+        match after.get(p) {
+            None => out.push(format!("{} was removed", p.display())),
+            Some(a) if a != b => out.push(format!("{} was modified", p.display())),
+            Some(_) => {}
+        }
+    }
+    for p in after.keys().filter(|p| !before.contains_key(*p)) {
+        out.push(format!("{} was created", p.display()));
+    }
+    out
+}
+
 /// Copies a file or directory tree.
 pub fn copy_tree(src: &Path, dst: &Path) {
     if src.is_dir() {

@@ -201,7 +201,7 @@ pub fn did_you_mean<'a>(
 /// Turns a `toml` deserialization error into a diagnostic, adding "did you mean" to
 /// unknown-field errors.
 pub fn from_toml_error(source: &SourceFile, err: &toml::de::Error) -> Diagnostic {
-    let message = err.message().trim().to_string();
+    let message = plain_integer_types(err.message().trim());
     let mut diag = source.error(err.span(), message.clone());
     if let Some(rest) = message.strip_prefix("unknown field `") {
         if let Some((field, expected)) = rest.split_once('`') {
@@ -214,9 +214,34 @@ pub fn from_toml_error(source: &SourceFile, err: &toml::de::Error) -> Diagnostic
     diag
 }
 
+/// serde names Rust integer types (`expected u32`); say what a user may write instead.
+fn plain_integer_types(message: &str) -> String {
+    for (ty, max) in [
+        ("u8", u64::from(u8::MAX)),
+        ("u16", u64::from(u16::MAX)),
+        ("u32", u64::from(u32::MAX)),
+        ("u64", u64::MAX),
+        ("usize", usize::MAX as u64),
+    ] {
+        if let Some(head) = message.strip_suffix(&format!("expected {ty}")) {
+            return format!("{head}expected a whole number from 0 to {max}");
+        }
+    }
+    message.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_types_are_named_in_words() {
+        assert_eq!(
+            plain_integer_types("invalid value: integer `-4`, expected u32"),
+            "invalid value: integer `-4`, expected a whole number from 0 to 4294967295"
+        );
+        assert_eq!(plain_integer_types("invalid type"), "invalid type");
+    }
 
     #[test]
     fn locates_line_and_column() {

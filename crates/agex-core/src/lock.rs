@@ -23,6 +23,12 @@ pub struct Lock {
     pub secrets: BTreeMap<String, LockEntry>,
 }
 
+/// Just the version of a lock file, read before the rest.
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: Option<toml::Spanned<i64>>,
+}
+
 /// What agex last wrote for one secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,18 +55,24 @@ impl Lock {
         if source.text.trim().is_empty() {
             return Ok(Lock::new());
         }
-        let lock: Lock = toml::from_str(&source.text)
-            .map_err(|e| Diagnostics(vec![from_toml_error(source, &e)]))?;
-        if lock.version != LOCK_VERSION {
-            return Err(Diagnostics(vec![source.error(
-                None,
-                format!(
-                    "lock file version {} is not supported (this agex writes version {LOCK_VERSION})",
-                    lock.version
-                ),
-            )]));
+        // The version is checked first: a newer format may have fields this build lacks.
+        if let Ok(VersionOnly {
+            version: Some(version),
+        }) = toml::from_str::<VersionOnly>(&source.text)
+        {
+            if *version.get_ref() != i64::from(LOCK_VERSION) {
+                return Err(Diagnostics(vec![source
+                    .error(
+                        Some(version.span()),
+                        format!(
+                            "lock file version {} is not supported (this agex writes version {LOCK_VERSION})",
+                            version.get_ref()
+                        ),
+                    )
+                    .with_help("another agex release wrote this file; run that release, or upgrade this one")]));
+            }
         }
-        Ok(lock)
+        toml::from_str(&source.text).map_err(|e| Diagnostics(vec![from_toml_error(source, &e)]))
     }
 
     /// The lock file's text: sorted, one table per secret, diff-friendly.
@@ -95,5 +107,16 @@ mod tests {
         let text = lock.to_toml();
         let back = Lock::parse(&SourceFile::new("secrets.lock", text)).unwrap();
         assert_eq!(back, lock);
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_at_its_line_before_its_fields() {
+        let text = "# header\nversion = 2\nfuture_field = true\n";
+        let e = Lock::parse(&SourceFile::new("secrets.lock", text)).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("secrets.lock:2:11: lock file version 2"),
+            "{shown}"
+        );
     }
 }

@@ -21,7 +21,7 @@ struct RawPolicy {
     paths: Vec<Spanned<String>>,
     #[serde(default)]
     exclude: Vec<Spanned<String>>,
-    repositories: Option<Vec<Spanned<String>>>,
+    repositories: Option<Spanned<Vec<Spanned<String>>>>,
     schedule: Option<Spanned<String>>,
     #[serde(default)]
     stop_units: Vec<String>,
@@ -207,14 +207,18 @@ impl Policy {
         let repositories = match &raw.repositories {
             None => config.repositories.keys().cloned().collect(),
             Some(list) => {
-                if list.is_empty() {
-                    diags.push(source.error(
-                        None,
-                        "`repositories = []`: a policy must write to at least one repository",
-                    ));
+                if list.get_ref().is_empty() {
+                    diags.push(
+                        source
+                            .error(
+                                Some(list.span()),
+                                "`repositories = []`: a policy must write to at least one repository",
+                            )
+                            .with_help("list some, or remove the line to write to every repository"),
+                    );
                 }
                 let mut out = Vec::new();
-                for r in list {
+                for r in list.get_ref() {
                     if !config.repositories.contains_key(r.get_ref()) {
                         let mut d = source.error(
                             Some(r.span()),

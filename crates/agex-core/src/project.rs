@@ -49,6 +49,9 @@ impl Project {
                     source,
                 })?
                 .join(start)
+                // Drops the `.` of `cwd/.`, so messages show a plain path.
+                .components()
+                .collect()
         };
         abs.ancestors()
             .find(|d| d.join(CONFIG_FILE).is_file())
@@ -138,12 +141,27 @@ fn load_policies(
 }
 
 fn read_source(dir: &Path, rel: &str) -> Result<SourceFile, ConfigError> {
-    let path = dir.join(rel);
-    let text = fs::read_to_string(&path).map_err(|source| ConfigError::Io {
-        path: path.clone(),
+    let bytes = fs::read(dir.join(rel)).map_err(|source| ConfigError::Io {
+        path: PathBuf::from(display_path(dir, rel)),
         source,
     })?;
-    Ok(SourceFile::new(display_path(dir, rel), text))
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(SourceFile::new(display_path(dir, rel), text)),
+        Err(e) => {
+            let at = e.utf8_error().valid_up_to();
+            let bad = e.as_bytes().get(at).copied().unwrap_or_default();
+            let source = SourceFile::new(
+                display_path(dir, rel),
+                String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            );
+            // The lossy text has the same bytes up to `at`, so the span still points right.
+            let diag = source.error(
+                Some(at..at + 1),
+                format!("byte 0x{bad:02x} is not UTF-8: configuration files are UTF-8 text"),
+            );
+            Err(ConfigError::Invalid(Diagnostics(vec![diag])))
+        }
+    }
 }
 
 /// Repository password and ssh key secrets must exist; passwords must be marked

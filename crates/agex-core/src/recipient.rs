@@ -74,7 +74,8 @@ impl FromStr for RecipientKey {
             let canonical = format!("{key_type} {body}");
             age::ssh::Recipient::from_str(&canonical).map_err(|e| {
                 fail(format!(
-                    "not a valid {key_type} public key ({e:?}): expected `{key_type} AAAA… [comment]` as in a .pub file"
+                    "not a valid {key_type} public key ({}): expected `{key_type} AAAA… [comment]` as in a .pub file",
+                    ssh_key_problem(&e)
                 ))
             })?;
             return Ok(RecipientKey { kind, canonical });
@@ -107,6 +108,17 @@ impl FromStr for RecipientKey {
             "not a recognised public key: expected `age1…` (age X25519), `age1<plugin>1…`, `ssh-ed25519 AAAA…` or `ssh-rsa AAAA…`"
                 .to_string(),
         ))
+    }
+}
+
+/// Why age refused an ssh public key, in words (its error type has no `Display`).
+fn ssh_key_problem(e: &age::ssh::ParseRecipientKeyError) -> String {
+    use age::ssh::ParseRecipientKeyError as E;
+    match e {
+        E::RsaModulusTooLarge => "the RSA key is larger than age supports".into(),
+        E::RsaModulusTooSmall => "the RSA key is shorter than 2048 bits".into(),
+        E::Unsupported(kind) => format!("age does not support `{kind}` keys"),
+        _ => "the key data is cut short or damaged".into(),
     }
 }
 

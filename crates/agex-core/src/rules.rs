@@ -455,12 +455,14 @@ fn placement(
         if let Some(v) = v {
             let s = v.get_ref();
             if s.trim().is_empty() || s.chars().any(|c| c.is_whitespace() || c == ':' || c == '/') {
+                let why = if s.trim().is_empty() {
+                    format!("`{name}`: {what} is empty")
+                } else {
+                    format!("`{name}`: {what} `{s}` is not a user/group name")
+                };
                 diags.push(
                     source
-                        .error(
-                            Some(v.span()),
-                            format!("`{name}`: {what} `{s}` is not a user/group name"),
-                        )
+                        .error(Some(v.span()), why)
                         .with_help(format!("give the {what} by name, e.g. {what} = \"root\"")),
                 );
             }

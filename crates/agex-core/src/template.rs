@@ -61,8 +61,20 @@ impl Template {
                     message: "`{{` is never closed with `}}`".into(),
                 });
             };
-            let inner = after[..end].trim();
-            let name = parse_placeholder(inner).ok_or_else(|| TemplateError {
+            let raw_inner = &after[..end];
+            let inner = raw_inner.trim();
+            let parsed = parse_placeholder(inner);
+            // The `}}` found belongs to a later placeholder or line: this one is open.
+            if raw_inner.contains("{{") || (parsed.is_none() && raw_inner.contains('\n')) {
+                return Err(TemplateError {
+                    offset: offset + start,
+                    len: raw_inner.find(['\n', '{']).map_or(2, |i| i + 2),
+                    message:
+                        "`{{` is not closed with `}}` before the end of its line or the next `{{`"
+                            .into(),
+                });
+            }
+            let name = parsed.ok_or_else(|| TemplateError {
                 offset: offset + start,
                 len: end + 4,
                 message: format!(
@@ -145,5 +157,16 @@ mod tests {
         assert_eq!(e.offset, 2);
         assert!(e.message.contains("unknown placeholder"));
         assert!(Template::parse("{{ secret \"a\" ").is_err());
+    }
+
+    #[test]
+    fn an_open_placeholder_is_not_read_up_to_a_later_one() {
+        let e = Template::parse("A={{ secret \"a\"\nB={{ secret \"b\" }}").unwrap_err();
+        assert_eq!(e.offset, 2);
+        assert!(e.message.contains("not closed"), "{}", e.message);
+        let e = Template::parse("A={{ secret \"a\"\nB=1 }}").unwrap_err();
+        assert!(e.message.contains("not closed"), "{}", e.message);
+        // A placeholder may still be spread over lines when it is whole.
+        assert!(Template::parse("{{\n secret \"a\"\n}}").is_ok());
     }
 }

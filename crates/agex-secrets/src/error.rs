@@ -76,8 +76,18 @@ pub enum SecretsError {
         /// A rule to paste.
         suggestion: String,
     },
+    /// A name given on the command line is no secret's name.
+    #[error("no secret named `{name}` in {}{hint}", .rules.display())]
+    UnknownSecret {
+        /// The name given.
+        name: String,
+        /// The rules file.
+        rules: PathBuf,
+        /// "; did you mean …?" when a name is close, else empty.
+        hint: String,
+    },
     /// The named file is not a secret file of this configuration.
-    #[error("{}: not inside the secrets directory {}", .path.display(), .dir.display())]
+    #[error("{}: not inside the secrets directory {}/; give a secret's name or its .age file", .path.display(), .dir.display())]
     OutsideSecrets {
         /// The path given.
         path: PathBuf,
@@ -125,6 +135,15 @@ pub enum SecretsError {
         /// What is wrong.
         reason: String,
     },
+    /// A rekey stopped before replacing anything because some secrets could not be
+    /// re-encrypted.
+    #[error("{} of {total} secrets cannot be rekeyed; no file was changed:\n{}\n  fix these (or rekey the others by name) and run it again", .failures.len(), .failures.iter().map(|(n, e)| format!("  - {n}: {e}")).collect::<Vec<_>>().join("\n"))]
+    RekeyAborted {
+        /// How many were to be rekeyed.
+        total: usize,
+        /// Each secret that could not be re-encrypted, and why.
+        failures: Vec<(String, SecretsError)>,
+    },
     /// Some items of a batch failed; the rest completed.
     #[error("{} of {total} secrets failed:\n{}", .failures.len(), .failures.iter().map(|(n, e)| format!("  - {n}: {e}")).collect::<Vec<_>>().join("\n"))]
     Partial {
@@ -159,6 +178,7 @@ impl SecretsError {
             self,
             SecretsError::Config(_)
                 | SecretsError::NoRule { .. }
+                | SecretsError::UnknownSecret { .. }
                 | SecretsError::OutsideSecrets { .. }
         )
     }

@@ -106,19 +106,46 @@ pub struct RekeyOutcome {
     pub unverified: Vec<String>,
 }
 
-/// Executes a plan. Every secret that succeeds is in place and recorded in the lock even
-/// when others fail; the error then names each failure.
+/// Executes a plan in two phases: every secret is decrypted, re-encrypted and verified
+/// first; only when all of them succeeded are the new files put in place. One secret
+/// that cannot be rekeyed (corrupt, or no identity opens it) leaves every file as it was.
 pub fn execute(
     project: &Project,
     plan: &RekeyPlan,
     ids: &Identities,
 ) -> Result<RekeyOutcome, SecretsError> {
-    let results: Vec<(String, Result<Rekeyed, SecretsError>)> = plan
+    let prepared: Vec<(String, Result<Prepared, SecretsError>)> = plan
         .items
         .par_iter()
         .map(|item| {
             let rule = &project.rules.secrets[&item.name];
-            (item.name.clone(), rekey_one(project, rule, ids))
+            (item.name.clone(), prepare_one(project, rule, ids))
+        })
+        .collect();
+    let mut ready = Vec::new();
+    let mut failures = Vec::new();
+    for (name, result) in prepared {
+        match result {
+            Ok(p) => ready.push((name, p)),
+            Err(e) => failures.push((name, e)),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(SecretsError::RekeyAborted {
+            total: plan.items.len(),
+            failures,
+        });
+    }
+
+    // Past this point only the file system can fail; files already replaced stay
+    // replaced and are recorded in the lock, so the lock never lies about them.
+    let results: Vec<(String, Result<Rekeyed, SecretsError>)> = ready
+        .into_par_iter()
+        .map(|(name, (ciphertext, verified))| {
+            let rule = &project.rules.secrets[&name];
+            let result = secret_file::replace_unsynced(project, rule, &ciphertext)
+                .map(|entry| (entry, verified));
+            (name, result)
         })
         .collect();
 
@@ -139,7 +166,6 @@ pub fn execute(
     lock.secrets
         .retain(|name, _| project.rules.secrets.contains_key(name));
     let mut outcome = RekeyOutcome::default();
-    let mut failures = Vec::new();
     for (name, result) in results {
         match result {
             Ok((entry, verified)) => {
@@ -168,16 +194,19 @@ pub fn execute(
     }
 }
 
+/// A re-encrypted file not yet in place, and whether it was verified by decrypting it.
+type Prepared = (Vec<u8>, bool);
+
 /// A rewritten file's lock entry, and whether it was verified by decrypting it.
 type Rekeyed = (agex_core::LockEntry, bool);
 
-/// Decrypts, re-encrypts, verifies and replaces one file. Returns its lock entry and
-/// whether the new file was verified by decrypting it.
-fn rekey_one(
+/// Decrypts, re-encrypts and verifies one file without touching it. Returns the new
+/// ciphertext and whether it was verified by decrypting it.
+fn prepare_one(
     project: &Project,
     rule: &SecretRule,
     ids: &Identities,
-) -> Result<(agex_core::LockEntry, bool), SecretsError> {
+) -> Result<Prepared, SecretsError> {
     let plaintext = secret_file::open(project, rule, ids)?;
     let ciphertext = secret_file::seal(project, rule, &plaintext)?;
     let shown = project.display(&rule.file);
@@ -205,8 +234,5 @@ fn rekey_one(
         }
         false
     };
-    Ok((
-        secret_file::replace_unsynced(project, rule, &ciphertext)?,
-        verified,
-    ))
+    Ok((ciphertext, verified))
 }

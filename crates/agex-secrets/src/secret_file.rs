@@ -115,6 +115,20 @@ pub fn rule_for<'a>(project: &'a Project, arg: &Path) -> Result<&'a SecretRule, 
         if let Some(rule) = project.rules.secrets.get(name) {
             return Ok(rule);
         }
+        // A bare word that is no file here was meant as a secret's name.
+        let bare = arg.components().count() == 1
+            && arg.extension().is_none_or(|e| e != "age")
+            && !arg.exists();
+        if bare {
+            let names = project.rules.secrets.keys().map(String::as_str);
+            return Err(SecretsError::UnknownSecret {
+                name: name.to_string(),
+                rules: project.display(agex_core::project::RULES_FILE),
+                hint: agex_core::diagnostic::did_you_mean(name, names)
+                    .map(|n| format!("; did you mean `{n}`?"))
+                    .unwrap_or_default(),
+            });
+        }
     }
     let rel = relative_to_project(project, arg)?;
     project.rules.by_file(&rel).ok_or_else(|| {

@@ -132,13 +132,10 @@ pub fn cmd_rekey(
         output::json(&plan)?;
         return Ok(OK);
     }
-    for item in &plan.items {
-        println!(
-            "{} {}: {}",
-            if dry_run { "would rekey" } else { "rekey" },
-            item.name,
-            item.reason
-        );
+    if dry_run {
+        for item in &plan.items {
+            println!("would rekey {}: {}", item.name, item.reason);
+        }
     }
     for name in &plan.missing {
         eprintln!("warning: {name}: file missing, skipped (agex generate / agex edit)");
@@ -158,6 +155,10 @@ pub fn cmd_rekey(
     let ids = ctx.identities(&project)?;
     let started = std::time::Instant::now();
     let outcome = rekey::execute(&project, &plan, &ids)?;
+    // Printed only once done: a rekey that fails part-way must not claim files it kept.
+    for item in &plan.items {
+        println!("rekeyed {}: {}", item.name, item.reason);
+    }
     for name in &outcome.unverified {
         eprintln!("note: {name}: none of your identities is a recipient any more; verified the header only");
     }
