@@ -53,6 +53,19 @@ printf 'a-new-grafana-password' | "$AGEX" encrypt secrets/grafana-admin-password
 "$AGEX" --root "$root" --host bunk activate --no-restart "${flags[@]}"
 step "$AGEX" --root "$root" generations
 step "$AGEX" --root "$root" rollback --no-restart "${flags[@]}"
+
+# Backups: the example's offsite repositories, pointed at local directories for the demo.
+sed -i -e "s#^url *= \"sftp:.*#url = \"$work/restic\"#" -e "s#^url *= \"ssh://.*#url = \"$work/borg\"#" \
+  -e '/^ssh_key_secret/d' agex.toml
+mkdir -p "$root/var/lib/vikunja/files" "$root/var/lib/mealie"
+echo "an attachment" > "$root/var/lib/vikunja/files/task-1.txt"
+sqlite3 "$root/var/lib/vikunja/vikunja.db" "CREATE TABLE tasks(id INTEGER PRIMARY KEY, title TEXT); INSERT INTO tasks(title) VALUES ('water the plants'), ('renew the domain');"
+step "$AGEX" -i examples/keys/admin.txt --root "$root" repo init offsite-restic
+step "$AGEX" -i examples/keys/admin.txt --root "$root" repo init offsite-borg
+step "$AGEX" -i examples/keys/admin.txt --root "$root" backup --service vikunja
+step "$AGEX" -i examples/keys/admin.txt --root "$root" snapshots
+step "$AGEX" --root "$root" status
 echo
 echo "demo finished: every secret checked without a key, one decrypted with the admin key,"
-echo "bunk's generation built, activated (one directory per service), changed and rolled back."
+echo "bunk's generation built, activated (one directory per service), changed and rolled back,"
+echo "and vikunja's files and SQLite database backed up to a Restic and a Borg repository at once."
