@@ -42,6 +42,22 @@ pub fn repository<'a>(project: &'a Project, name: &str) -> Result<&'a Repository
         })
 }
 
+/// The policy of service `name`, or a clear error listing the services that have one.
+pub fn policy<'a>(project: &'a Project, name: &str) -> Result<&'a agex_core::Policy, BackupError> {
+    project
+        .policies
+        .get(name)
+        .ok_or_else(|| BackupError::UnknownService {
+            name: name.to_string(),
+            known: project
+                .policies
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
 /// Decrypts the password (and ssh key) of a repository with `ids`.
 pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAccess, BackupError> {
     let repo = repository(project, name)?.clone();

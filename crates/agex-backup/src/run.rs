@@ -62,18 +62,7 @@ pub fn plan(project: &Project, opts: &RunOptions) -> Result<Vec<PlannedService>,
         crate::access::repository(project, r)?;
     }
     let policies: Vec<&Policy> = match &opts.service {
-        Some(s) => vec![project
-            .policies
-            .get(s)
-            .ok_or_else(|| BackupError::UnknownService {
-                name: s.clone(),
-                known: project
-                    .policies
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?],
+        Some(s) => vec![crate::access::policy(project, s)?],
         None => project.policies.values().collect(),
     };
     Ok(policies

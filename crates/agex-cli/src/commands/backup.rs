@@ -243,18 +243,7 @@ pub fn cmd_snapshots(
 ) -> Result<i32, Failure> {
     let project = ctx.project()?;
     if let Some(s) = service {
-        if !project.policies.contains_key(s) {
-            return Err(BackupError::UnknownService {
-                name: s.to_string(),
-                known: project
-                    .policies
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-            .into());
-        }
+        access::policy(&project, s)?;
     }
     let ids = ctx.identities(&project)?;
     let mut rows = Vec::new();
