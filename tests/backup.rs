@@ -57,6 +57,12 @@ impl Setup {
         self.fx.run_admin(&all)
     }
 
+    /// `agex repo init` of both repositories.
+    fn init_repos(&self) {
+        assert_ok(&self.agex(&["repo", "init", "offsite-restic"]));
+        assert_ok(&self.agex(&["repo", "init", "offsite-borg"]));
+    }
+
     fn host(&self, p: &str) -> PathBuf {
         self.root.join(p.trim_start_matches('/'))
     }
@@ -219,8 +225,7 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     let s = Setup::new(&restic_url, &borg_url, false);
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
-    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
-    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    s.init_repos();
     let out = s.agex(&["backup", "--service", "testapp"]);
     assert_ok(&out);
 
@@ -306,8 +311,7 @@ fn rest_server_restic_while_the_database_is_being_written() {
     let s = Setup::new(&restic_url, &borg_url, false);
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 4 << 20);
-    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
-    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    s.init_repos();
 
     // A writer commits rows the whole time the backup runs.
     let db = s.host("/srv/app/app.db");
@@ -402,8 +406,7 @@ fn borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial() {
         ),
     );
     app_data(&s, 0);
-    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
-    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    s.init_repos();
     let out = s.agex(&["backup", "--service", "testapp"]);
     assert_ok(&out);
 
@@ -507,8 +510,7 @@ fn a_failed_dump_keeps_no_snapshot_and_a_wrong_password_fails_only_its_repositor
         ),
     );
     app_data(&s, 2 << 20);
-    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
-    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    s.init_repos();
     let out = s.agex(&["backup", "--service", "testapp"]);
     let err = assert_fails(&out, 1);
     assert!(err.contains("pg_dump"), "{err}");
@@ -564,8 +566,7 @@ fn retention_keeps_what_the_policy_says_in_both_repositories() {
         &format!("{SQLITE_POLICY}\n[retention]\nkeep_last = 2\n"),
     );
     app_data(&s, 0);
-    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
-    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    s.init_repos();
     for i in 0..3 {
         fs::write(s.host(&format!("/srv/app/files/run{i}")), format!("{i}")).unwrap();
         let db = s.host("/srv/app/app.db");
@@ -621,8 +622,7 @@ fn kill_9_mid_backup_leaves_both_repositories_healthy() {
     let s = Setup::new(&restic_url, &borg_url, false);
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 24 << 20);
-    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
-    assert_ok(&s.agex(&["repo", "init", "offsite-borg"]));
+    s.init_repos();
 
     // Measure one full run, then kill runs at moments spread over that duration.
     let t = Instant::now();

@@ -11,13 +11,14 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use agex_core::Database;
 use agex_secrets::ramdir::RamDir;
 use zeroize::Zeroizing;
 
 use crate::error::BackupError;
+use crate::manifest::under;
 use crate::process;
 
 /// A finished dump on a RAM-backed filesystem: its size and digest are known before
@@ -162,7 +163,6 @@ pub fn sqlite_row_counts(path: &Path) -> Result<BTreeMap<String, u64>, rusqlite:
 }
 
 fn postgres(file: String, mut cmd: Command, pass_dir: Option<RamDir>) -> Result<Dump, BackupError> {
-    let shown = process::describe(&cmd);
     let dir = RamDir::create(false)?;
     let path = dir.path().join("dump.pgdump");
     let out = File::options()
@@ -170,17 +170,9 @@ fn postgres(file: String, mut cmd: Command, pass_dir: Option<RamDir>) -> Result<
         .create_new(true)
         .open(&path)
         .map_err(BackupError::io(&path))?;
-    let result = cmd
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| BackupError::Spawn {
-            tool: shown.clone(),
-            source,
-        })?;
+    let result = process::run_to(&mut cmd, out.into());
     drop(pass_dir);
-    process::check(&shown, result)?;
+    result?;
     let (size, digest) = crate::manifest::digest_file(&path)?;
     Ok(Dump {
         file,
@@ -190,10 +182,6 @@ fn postgres(file: String, mut cmd: Command, pass_dir: Option<RamDir>) -> Result<
         row_counts: BTreeMap::new(),
         _dir: dir,
     })
-}
-
-fn under(root: &Path, p: &Path) -> PathBuf {
-    root.join(p.strip_prefix("/").unwrap_or(p))
 }
 
 fn is_root() -> bool {

@@ -19,10 +19,15 @@ pub fn describe(cmd: &Command) -> String {
 
 /// Runs a command to completion, capturing stdout and stderr; non-zero exit is an error.
 pub fn run(cmd: &mut Command) -> Result<Output, BackupError> {
+    run_to(cmd, Stdio::piped())
+}
+
+/// [`run`] with stdout going to `stdout` (a file, say) instead of being captured.
+pub fn run_to(cmd: &mut Command, stdout: Stdio) -> Result<Output, BackupError> {
     let shown = describe(cmd);
     let out = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .output()
         .map_err(|source| BackupError::Spawn {

@@ -17,6 +17,7 @@ use rustic_core::{
 
 use crate::access::RepoAccess;
 use crate::error::BackupError;
+use crate::manifest::{host_path, under};
 
 /// An open Restic-format repository.
 pub struct Restic {
@@ -285,11 +286,6 @@ impl Combined {
     }
 }
 
-/// `p` (a host path) under `root`.
-fn under(root: &Path, p: &Path) -> PathBuf {
-    root.join(p.strip_prefix("/").unwrap_or(p))
-}
-
 /// How an entry is opened: a local file, or a stream handed over once.
 pub enum Open {
     /// A file under the root.
@@ -392,13 +388,5 @@ impl Iterator for Merged {
         } else {
             self.local.next()
         }
-    }
-}
-
-/// A path read under `root`, as the host sees it.
-fn host_path(root: &Path, p: &Path) -> PathBuf {
-    match p.strip_prefix(root) {
-        Ok(rel) => Path::new("/").join(rel),
-        Err(_) => p.to_path_buf(),
     }
 }

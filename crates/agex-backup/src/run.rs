@@ -292,12 +292,19 @@ fn run_hooks(cmds: &[String]) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// Every dump of a service, taken once (into RAM), and its manifest.
+struct Dumps {
+    dumps: Vec<dump::Dump>,
+    manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+}
+
 /// Takes every dump of a service once (into RAM) and builds its manifest.
 fn take_dumps(
     env: &Env<'_>,
     policy: &Policy,
     files: Vec<manifest::FileEntry>,
-) -> Result<(Vec<dump::Dump>, Vec<u8>), String> {
+) -> Result<Dumps, String> {
     let mut dumps = Vec::new();
     for db in &policy.databases {
         let password = match db {
@@ -335,8 +342,12 @@ fn take_dumps(
         files,
         dumps: entries,
     };
-    let bytes = serde_json::to_vec_pretty(&m).map_err(|e| format!("manifest: {e}"))?;
-    Ok((dumps.into_iter().map(|(_, d)| d).collect(), bytes))
+    let manifest_bytes = serde_json::to_vec_pretty(&m).map_err(|e| format!("manifest: {e}"))?;
+    Ok(Dumps {
+        dumps: dumps.into_iter().map(|(_, d)| d).collect(),
+        manifest: m,
+        manifest_bytes,
+    })
 }
 
 /// The virtual files of one repository's snapshot: every dump, then the manifest.
@@ -419,7 +430,11 @@ fn backup_service(
         fail_live(&mut results, format!("before command failed: {e}"));
         return (results, vec![]);
     }
-    let (dumps, manifest_bytes) = match take_dumps(env, policy, files) {
+    let Dumps {
+        dumps,
+        manifest,
+        manifest_bytes,
+    } = match take_dumps(env, policy, files) {
         Ok(d) => d,
         Err(e) => {
             let _ = run_hooks(&policy.after);
@@ -467,9 +482,6 @@ fn backup_service(
             })
             .collect()
     });
-    let manifest_dumps = serde_json::from_slice::<Manifest>(&manifest_bytes)
-        .map(|m| m.dumps)
-        .unwrap_or_default();
     drop(dumps);
     if let Err(e) = run_hooks(&policy.after) {
         for (_, access, _) in &live {
@@ -508,7 +520,7 @@ fn backup_service(
         };
         results.push(result);
     }
-    (results, manifest_dumps)
+    (results, manifest.dumps)
 }
 
 /// Applies a retention policy to one service's snapshots in one repository; returns the
