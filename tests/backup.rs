@@ -458,12 +458,23 @@ fn borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial() {
             .arg(&dump),
         "pg_restore",
     );
-    for (table, rows) in [("notes", "1234"), ("tags", "2")] {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(r.join("var/lib/agex/dumps/testapp/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let pg_entry = manifest["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "postgres")
+        .unwrap();
+    for (table, rows) in [("notes", 1234), ("tags", 2)] {
         assert_eq!(
             pg.psql("restored", &format!("SELECT count(*) FROM {table}"))
                 .trim(),
-            rows
+            rows.to_string()
         );
+        assert_eq!(pg_entry["row_counts"][format!("public.{table}")], rows);
     }
 
     // sshd goes away: the Restic side still completes; exit 3 names the failure.

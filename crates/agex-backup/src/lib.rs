@@ -7,6 +7,7 @@ pub mod dump;
 pub mod error;
 pub mod lock;
 pub mod manifest;
+pub mod postgres;
 pub mod process;
 pub mod restic;
 pub mod run;

@@ -55,7 +55,8 @@ pub struct DumpEntry {
     pub size: u64,
     /// `sha256:<hex>` of the dump.
     pub digest: String,
-    /// Rows per table at dump time (SQLite; empty where not known).
+    /// Rows per table at dump time (SQLite `table`, PostgreSQL `schema.table`, counted in
+    /// the dump's own snapshot; empty where not known).
     pub row_counts: BTreeMap<String, u64>,
 }
 
