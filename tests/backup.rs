@@ -57,6 +57,40 @@ impl Setup {
         self.fx.run_admin(&all)
     }
 
+    /// [`Setup::agex`] with stdout and stderr on a pseudo-terminal (`script`), as a user
+    /// at a shell sees it; the output is what the terminal showed.
+    fn agex_on_tty(&self, args: &[&str]) -> Output {
+        let key = self.fx.key("admin.txt");
+        let base = self.fx.agex();
+        let quote =
+            |a: &std::ffi::OsStr| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''"));
+        let mut line = quote(base.get_program());
+        for a in [
+            "-i".as_ref(),
+            key.as_os_str(),
+            "--root".as_ref(),
+            self.root.as_os_str(),
+        ]
+        .into_iter()
+        .chain(args.iter().map(|a| a.as_ref()))
+        {
+            line.push(' ');
+            line.push_str(&quote(a));
+        }
+        let mut cmd = Command::new("script");
+        cmd.args(["-qefc", &line, "/dev/null"]);
+        if let Some(d) = base.get_current_dir() {
+            cmd.current_dir(d);
+        }
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.stdin(Stdio::null()).output().expect("script")
+    }
+
     /// `agex repo init` of both repositories.
     fn init_repos(&self) {
         assert_ok(&self.agex(&["repo", "init", "offsite-restic"]));
@@ -169,6 +203,26 @@ fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     common::snapshot(dir)
 }
 
+/// Terminal output without its escape sequences (`ESC [ … letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn sqlite_count(db: &Path) -> String {
     let out = Command::new("sqlite3")
         .arg(db)
@@ -226,8 +280,15 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     s.init_repos();
-    let out = s.agex(&["backup", "--service", "testapp"]);
+    // On a terminal, each repository draws a progress bar that ends done.
+    let out = s.agex_on_tty(&["backup", "--service", "testapp"]);
     assert_ok(&out);
+    let shown = strip_ansi(&stdout(&out));
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let full = format!("testapp → {repo} [{}]", "=".repeat(30));
+        assert!(shown.contains(&full), "no finished bar for {repo}: {shown}");
+    }
+    assert!(shown.matches("files, done").count() >= 2, "{shown}");
 
     run(
         s.restic(&restic_url).args(["check", "--read-data"]),
@@ -524,7 +585,10 @@ fn a_failed_dump_keeps_no_snapshot_and_a_wrong_password_fails_only_its_repositor
     s.init_repos();
     let out = s.agex(&["backup", "--service", "testapp"]);
     let err = assert_fails(&out, 1);
-    assert!(err.contains("pg_dump"), "{err}");
+    assert!(
+        err.contains("dump of nope.pgdump failed") && err.contains("nothing/.s.PGSQL"),
+        "{err}"
+    );
     let snaps = stdout(&run(
         s.restic(&restic_url).args(["snapshots", "--json"]),
         "restic snapshots",

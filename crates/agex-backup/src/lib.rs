@@ -9,6 +9,7 @@ pub mod lock;
 pub mod manifest;
 pub mod postgres;
 pub mod process;
+pub mod progress;
 pub mod restic;
 pub mod run;
 pub mod status;

@@ -22,6 +22,7 @@ use crate::error::BackupError;
 use crate::lock;
 use crate::manifest::{self, under, DumpEntry, Manifest, Selection};
 use crate::process;
+use crate::progress::{Meter, Progress};
 use crate::restic::{Restic, Stream};
 
 /// Where run records are written, under `--root`.
@@ -41,6 +42,8 @@ pub struct RunOptions {
     pub systemctl: Option<Vec<String>>,
     /// How long to wait for another run holding a repository.
     pub lock_wait: Duration,
+    /// Where each repository reports how far it has got (None: nowhere).
+    pub progress: Option<Arc<dyn Progress>>,
 }
 
 /// One service to back up to some repositories. Pure: building it touches nothing.
@@ -450,6 +453,10 @@ fn backup_service(
         "agex".to_string(),
     ];
     let archive = format!("{service}-{}", env.run_id);
+    let total_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>()
+        + dumps.iter().map(|d| d.size).sum::<u64>()
+        + manifest_bytes.len() as u64;
+    let total_files = (manifest.files.len() + dumps.len() + 1) as u64;
     let outcomes: Vec<SideOutcome> = std::thread::scope(|scope| {
         let joins: Vec<_> = live
             .iter()
@@ -463,12 +470,26 @@ fn backup_service(
                         Ok(s) => s,
                         Err(e) => return (i, Err(e.to_string()), 0.0),
                     };
+                    let meter = env.opts.progress.as_ref().map(|sink| {
+                        Meter::start(
+                            Arc::clone(sink),
+                            service,
+                            &access.repo.name,
+                            total_bytes,
+                            total_files,
+                        )
+                    });
                     let r = match access.repo.kind {
                         RepositoryKind::Restic => {
-                            restic_side(access, env.root, selection, streams, tags)
+                            restic_side(access, env.root, selection, streams, tags, meter.as_ref())
                         }
-                        RepositoryKind::Borg => borg_side(access, env, selection, streams, archive),
+                        RepositoryKind::Borg => {
+                            borg_side(access, env, selection, streams, archive, meter.as_ref())
+                        }
                     };
+                    if let Some(m) = &meter {
+                        m.finish(r.is_ok());
+                    }
                     (i, r.map_err(|e| e.to_string()), t.elapsed().as_secs_f64())
                 })
             })
@@ -545,8 +566,9 @@ fn restic_side(
     selection: &Selection,
     streams: Vec<Stream>,
     tags: &[String],
+    meter: Option<&Arc<Meter>>,
 ) -> Result<(String, Option<u64>), BackupError> {
-    let restic = Restic::open(access)?;
+    let restic = Restic::open_metered(access, meter)?;
     let snap = restic.backup(root, selection.paths(), selection.excludes(), streams, tags)?;
     Ok((snap.id, snap.bytes_added))
 }
@@ -560,6 +582,7 @@ fn borg_side(
     selection: &Selection,
     streams: Vec<Stream>,
     archive: &str,
+    meter: Option<&Arc<Meter>>,
 ) -> Result<(String, Option<u64>), BackupError> {
     let borg = Borg::new(access, &env.state)?;
     let mut rel_paths: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
@@ -600,6 +623,9 @@ fn borg_side(
         "--lock-wait",
     ]);
     cmd.arg(env.opts.lock_wait.as_secs().to_string());
+    if meter.is_some() {
+        cmd.arg("--progress");
+    }
     for e in selection.excludes() {
         cmd.arg("--exclude")
             .arg(format!("sh:{}", rel(Path::new(e)).display()));
@@ -612,7 +638,7 @@ fn borg_side(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn();
-    let child = match child {
+    let mut child = match child {
         Ok(c) => c,
         Err(source) => {
             return fail(
@@ -634,16 +660,24 @@ fn borg_side(
             std::thread::spawn(move || feed_fifo(&fifo, reader, &done))
         })
         .collect();
+    // stderr is read as it comes: borg's progress lines move the meter, the rest is kept
+    // for the error message.
+    let log = child.stderr.take().map(|e| {
+        let meter = meter.cloned();
+        std::thread::spawn(move || crate::borg::read_log(e, meter.as_deref()))
+    });
     let out = child.wait_with_output();
+    let log = log.and_then(|t| t.join().ok()).unwrap_or_default();
     borg_done.store(true, Ordering::SeqCst);
     for w in writers {
         let _ = w.join();
     }
     cleanup_fifos(&fifos);
-    let out = out.map_err(|source| BackupError::Spawn {
+    let mut out = out.map_err(|source| BackupError::Spawn {
         tool: shown.clone(),
         source,
     })?;
+    out.stderr = log.into_bytes();
     // borg exits 1 for warnings (e.g. a file changed while read): the archive exists.
     if !(out.status.success() || out.status.code() == Some(1)) {
         return match process::check(&shown, out) {
