@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -774,4 +775,148 @@ fn wait_for_no_borg(repo: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A `systemctl` stand-in that appends each call to `log` and fails `start` when
+/// `fail_start` exists.
+fn fake_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
+    let log = dir.join("systemctl.log");
+    let script = dir.join("systemctl");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{log}'\n\
+             if [ \"$1\" = start ] && [ -e '{dir}/fail_start' ]; then echo 'unit failed' >&2; exit 1; fi\n",
+            log = log.display(),
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    (script, log)
+}
+
+#[test]
+fn stop_units_are_stopped_for_the_snapshot_and_started_on_every_path() {
+    let test = "stop_units_are_stopped_for_the_snapshot_and_started_on_every_path";
+    if !have_tool("restic", test) || !have_tool("borg", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    let (systemctl, log) = fake_systemctl(tmp.path());
+    // The before hook proves the units are down while the snapshot is taken.
+    let policy = format!(
+        "stop_units = [\"app.service\", \"app-worker.service\"]\n\
+         before = [\"tail -1 '{}' | grep -qx 'stop app.service app-worker.service'\"]\n\
+         {SQLITE_POLICY}",
+        log.display()
+    );
+    s.policy("testapp", &policy);
+    app_data(&s, 0);
+    s.init_repos();
+    let sc = systemctl.to_str().unwrap();
+
+    // Without a systemctl command the policy cannot stop its units: refuse to back up
+    // a live service rather than take a torn copy.
+    let err = assert_fails(&s.agex(&["backup", "--service", "testapp"]), 1);
+    assert!(err.contains("no systemctl command"), "{err}");
+    assert!(!log.exists(), "nothing was stopped");
+
+    assert_ok(&s.agex(&["backup", "--service", "testapp", "--systemctl", sc]));
+    let calls = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        calls,
+        "stop app.service app-worker.service\nstart app.service app-worker.service\n"
+    );
+
+    // A failed dump still starts the units again.
+    fs::remove_file(&log).unwrap();
+    fs::remove_file(s.host("/srv/app/app.db")).unwrap();
+    let err = assert_fails(
+        &s.agex(&["backup", "--service", "testapp", "--systemctl", sc]),
+        1,
+    );
+    assert!(err.contains("app.db"), "{err}");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "stop app.service app-worker.service\nstart app.service app-worker.service\n"
+    );
+
+    // A unit that does not come back is a failure the operator sees.
+    app_data(&s, 0);
+    fs::write(tmp.path().join("fail_start"), "").unwrap();
+    let err = assert_fails(
+        &s.agex(&["backup", "--service", "testapp", "--systemctl", sc]),
+        1,
+    );
+    assert!(
+        err.contains("starting app.service, app-worker.service again failed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
+    let test = "a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age";
+    if !have_tool("restic", test) || !have_tool("borg", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    let cfg = s.fx.dir().join("agex.toml");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("lock_wait = 5", "lock_wait = 1\nstale_lock_age = 2");
+    fs::write(&cfg, text).unwrap();
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 0);
+    s.init_repos();
+
+    // A borg on the host before its rebuild (another host id) held the lock and died:
+    // borg cannot tell that holder is gone.
+    let mut holder = s
+        .borg(None)
+        .env("BORG_HOST_ID", "old-bunk@123456789")
+        .args(["with-lock", &borg_url, "sleep", "600"])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let lock = Path::new(&borg_url).join("lock.exclusive");
+    let t = Instant::now();
+    while !lock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "borg took no lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The whole group: borg and its `sleep`.
+    let group = format!("-{}", holder.id());
+    run(Command::new("kill").args(["-KILL", "--", &group]), "kill");
+    holder.wait().unwrap();
+    assert!(lock.exists(), "the dead holder's lock stays");
+
+    // First sighting: borg waits lock_wait, gives up; Restic is unaffected.
+    let err = assert_fails(&s.agex(&["backup", "--service", "testapp"]), 3);
+    assert!(err.contains("offsite-borg: FAILED"), "{err}");
+    assert!(err.contains("locked by another process"), "{err}");
+    assert!(err.contains("offsite-restic: ok"), "{err}");
+
+    // Held past stale_lock_age: broken with a warning, and the archive is written.
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broke a stale lock on `offsite-borg`"),
+        "{err}"
+    );
+    run(s.borg(None).arg("check").arg(&borg_url), "borg check");
+    let list = stdout(&run(
+        s.borg(None).args(["list", "--short"]).arg(&borg_url),
+        "borg list",
+    ));
+    assert_eq!(list.lines().count(), 1, "{list}");
 }

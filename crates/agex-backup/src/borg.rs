@@ -292,3 +292,13 @@ pub fn read_log(stderr: impl std::io::Read, meter: Option<&Meter>) -> String {
     }
     kept
 }
+
+/// Whether borg's `--log-json` stderr says it gave up waiting for a lock.
+pub fn lock_timed_out(log: &str) -> bool {
+    log.lines().any(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v.get("msgid").and_then(|m| m.as_str()).map(str::to_string))
+            .is_some_and(|m| m == "LockTimeout" || m == "LockFailed")
+    })
+}

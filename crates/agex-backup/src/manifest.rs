@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::error::BackupError;
 
 /// Where dumps and manifests appear inside snapshots and archives.
-pub const DUMPS_DIR: &str = "/var/lib/agex/dumps";
+pub use agex_core::policy::DUMPS_DIR;
 /// Format version of the manifest.
 pub const FORMAT: u32 = 1;
 
@@ -96,19 +96,6 @@ impl Selection {
                     excludes.push(format!("{p}{suffix}"));
                 }
             }
-        }
-        if let Some(p) = policy
-            .paths
-            .iter()
-            .find(|p| Path::new(DUMPS_DIR).starts_with(p))
-        {
-            return Err(BackupError::Output {
-                tool: format!("policies/{}.toml", policy.service),
-                detail: format!(
-                    "path `{}` holds agex's dump directory {DUMPS_DIR}; name the directories below it instead",
-                    p.display()
-                ),
-            });
         }
         let mut builder = GlobSetBuilder::new();
         for e in &excludes {
