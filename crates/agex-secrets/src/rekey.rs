@@ -141,7 +141,7 @@ pub fn execute(
     // Every new file is written beside its old one; one flush puts them all on disk;
     // only then are they renamed into place. A failure while staging leaves every file
     // as it was.
-    let staged: Vec<(String, Result<(agex_core::LockEntry, Staged), SecretsError>)> = ready
+    let staged: Vec<(String, Result<StagedSecret, SecretsError>)> = ready
         .par_iter()
         .map(|(name, (ciphertext, _))| {
             let rule = &project.rules.secrets[name];
@@ -210,6 +210,9 @@ pub fn execute(
         })
     }
 }
+
+/// A new file written beside the old one, with the lock entry it will have.
+type StagedSecret = (agex_core::LockEntry, Staged);
 
 /// A re-encrypted file not yet in place, and whether it was verified by decrypting it.
 type Prepared = (Vec<u8>, bool);
