@@ -204,6 +204,15 @@ fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     common::snapshot(dir)
 }
 
+/// `sha256:<hex>` of some bytes, by `sha256sum`.
+fn sha256_of(bytes: &[u8]) -> String {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    fs::write(tmp.path(), bytes).unwrap();
+    let out = Command::new("sha256sum").arg(tmp.path()).output().unwrap();
+    assert_ok(&out);
+    format!("sha256:{}", stdout(&out).split_whitespace().next().unwrap())
+}
+
 /// Terminal output without its escape sequences (`ESC [ … letter`).
 fn strip_ansi(s: &str) -> String {
     let mut out = String::new();
@@ -262,6 +271,12 @@ fn verify_restored(s: &Setup, restored: &Path) {
     assert_eq!(manifest["service"], "testapp");
     let files = manifest["files"].as_array().unwrap();
     assert_eq!(files.len(), expected.len(), "{manifest}");
+    for f in files {
+        let path = f["path"].as_str().unwrap();
+        let bytes = fs::read(restored.join(path.trim_start_matches('/'))).unwrap();
+        assert_eq!(f["size"], bytes.len(), "{path}");
+        assert_eq!(f["digest"], sha256_of(&bytes), "manifest digest of {path}");
+    }
     let dumps = manifest["dumps"].as_array().unwrap();
     let sqlite = dumps.iter().find(|d| d["kind"] == "sqlite").unwrap();
     assert_eq!(sqlite["size"], fs::metadata(&dump).unwrap().len());
@@ -351,10 +366,24 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     ));
     assert!(prom.contains("agex_backup_result{service=\"testapp\",repo=\"offsite-restic\"} 1"));
 
+    // A file rewritten with the same size gets its new digest (the digest cache keys on
+    // mtime, ctime and inode too); an untouched one keeps its.
+    let a = s.host("/srv/app/files/a.txt");
+    fs::write(&a, "HELLO AGEX\n").unwrap();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    let r2 = tmp.path().join("restored-restic-2");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r2),
+        "restic restore",
+    );
+    verify_restored(&s, &r2);
+
     let out = s.agex(&["--json", "snapshots", "--service", "testapp"]);
     assert_ok(&out);
     let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed.as_array().unwrap().len(), 4, "{listed}");
     assert_ok(&s.agex(&["repo", "check"]));
 }
 

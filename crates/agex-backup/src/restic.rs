@@ -21,6 +21,9 @@ use crate::error::BackupError;
 use crate::manifest::{host_path, under};
 use crate::progress::{Meter, ResticBars};
 
+/// Target size of data packs in repositories agex creates (restic 0.14's default).
+const DATA_PACK_SIZE: bytesize::ByteSize = bytesize::ByteSize::mib(16);
+
 /// An open Restic-format repository.
 pub struct Restic {
     name: String,
@@ -80,7 +83,9 @@ impl Restic {
             .init(
                 &Credentials::password(access.password.as_str()),
                 &KeyOptions::default(),
-                &ConfigOptions::default(),
+                // restic's own pack size: rustic_core's default (32 MiB) holds twice as
+                // much in memory per pack being filled and written.
+                &ConfigOptions::default().set_datapack_size(DATA_PACK_SIZE),
             )
             .map_err(err)?;
         Ok(Restic {

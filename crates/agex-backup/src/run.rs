@@ -441,7 +441,11 @@ fn backup_service(
             return (results, vec![]);
         }
     };
-    let files = match selection.walk(env.root) {
+    let cache = env
+        .state
+        .join("cache")
+        .join(format!("{service}.digests.json"));
+    let files = match selection.walk(env.root, Some(&cache)) {
         Ok(f) => f,
         Err(e) => {
             fail_live(&mut results, format!("reading the paths failed: {e}"));
