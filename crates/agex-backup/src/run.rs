@@ -509,7 +509,13 @@ fn backup_service(
                     bytes_added: added,
                     warnings: vec![],
                 };
-                if let Some(ret) = policy.retention.as_ref().filter(|r| r.keeps_something()) {
+                // A retention with its own schedule runs as a separate forget job.
+                let inline = policy.forget_schedule.is_none();
+                if let Some(ret) = policy
+                    .retention
+                    .as_ref()
+                    .filter(|r| inline && r.keeps_something())
+                {
                     if let Err(e) = forget(access, &env.state, service, ret, ret.prune, false) {
                         ok.warnings.push(format!("retention failed: {e}"));
                     }

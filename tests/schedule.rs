@@ -1,0 +1,3 @@
+//! Scheduling end to end (filled in below).
+
+mod common;
