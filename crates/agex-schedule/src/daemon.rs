@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agex_core::Project;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Local, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -240,10 +240,12 @@ async fn stop_children(shared: &Shared, grace: Duration) {
     }
 }
 
-/// The fire times of `job` after `last` that are not after `now`.
+/// How many fire times of `job` fall after `last` and not after `now`. Schedules are
+/// in local time, like systemd's OnCalendar.
 fn missed(job: &Job, last: DateTime<Utc>, now: DateTime<Utc>) -> usize {
+    let now = now.with_timezone(&Local);
     let mut n = 0;
-    let mut t = last;
+    let mut t = last.with_timezone(&Local);
     while n < 1000 {
         match job.schedule.next_after(&t, 1).first() {
             Some(next) if *next <= now => {
@@ -291,10 +293,10 @@ async fn job_task(
             );
             catch_up = 0;
         } else {
-            let Some(next) = job.schedule.next_after(&Utc::now(), 1).first().copied() else {
+            let Some(next) = job.schedule.next_after(&Local::now(), 1).first().copied() else {
                 return;
             };
-            let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let wait = (next - Local::now()).to_std().unwrap_or(Duration::ZERO);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = cancel.changed() => return,
