@@ -662,7 +662,11 @@ fn sigterm_during_a_job_leaves_repositories_checkable_and_locks_released() {
     assert!(log.contains("job finished: failed (killed)"), "{log}");
     // It was cancelled mid-run: its `after` hook never ran.
     let events = s.hook_events();
-    assert_eq!(events.last().map(|e| e.0.as_str()), Some("start"), "{events:?}");
+    assert_eq!(
+        events.last().map(|e| e.0.as_str()),
+        Some("start"),
+        "{events:?}"
+    );
 
     // The restic repository passes the peer's check.
     let pw = s.secret_file("restic-password");
@@ -928,4 +932,108 @@ fn schedule_lists_jobs_next_runs_and_last_results() {
     assert_eq!(b["last_result"], "ok");
     assert_eq!(jobs[3]["schedule"], "*-*-01 05:00:00");
     assert_eq!(jobs[1]["last_result"], serde_json::Value::Null);
+}
+
+#[test]
+fn sigterm_to_a_backup_starts_its_units_again_and_commits_nothing_half_read() {
+    if !have_tool("restic", "sigterm_to_a_backup") || !have_tool("borg", "sigterm_to_a_backup") {
+        return;
+    }
+    let s = Setup::new("");
+    let (script, calls) = fake_systemctl(s.fx.tmp.path());
+    let log = s.hooks.display();
+    fs::write(
+        s.fx.dir().join("policies/testapp.toml"),
+        format!(
+            "paths = [\"/srv/app\"]\nstop_units = [\"testapp.service\"]\n\
+             before = [\"echo start $(date +%s.%N) >> {log}\"]\n\n\
+             [[databases]]\nkind = \"sqlite\"\npath = \"/srv/app/app.db\"\n"
+        ),
+    )
+    .unwrap();
+    let db = s.root.join("srv/app/app.db");
+    let made = Command::new("sqlite3")
+        .arg(&db)
+        .arg("CREATE TABLE t(x BLOB); WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM c WHERE i < 4000) INSERT INTO t SELECT randomblob(16384) FROM c;")
+        .output()
+        .unwrap();
+    assert_ok(&made);
+    s.init_repos();
+    let mut child = s
+        .cmd(&[
+            "backup",
+            "--service",
+            "testapp",
+            "--systemctl",
+            script.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(20), "the backup to start", || {
+        !s.starts().is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    signal(child.id(), "TERM");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(err.contains("backup interrupted by signal 15"), "{err}");
+    let recorded = fs::read_to_string(&calls).unwrap();
+    assert_eq!(
+        recorded.lines().collect::<Vec<_>>(),
+        vec!["stop testapp.service", "start testapp.service"],
+        "{err}"
+    );
+    // No named pipe is left behind.
+    let dumps = s.root.join("var/lib/agex/dumps");
+    let left: Vec<_> = walk(&dumps);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let pass = s.secret_file("borg-passphrase");
+    let list = Command::new("borg")
+        .args(["list", "--short"])
+        .arg(s.fx.tmp.path().join("repo-borg"))
+        .env("BORG_PASSCOMMAND", format!("cat {}", pass.display()))
+        .env("BORG_BASE_DIR", s.fx.tmp.path().join("peer-borg"))
+        .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ok(&list);
+    assert_eq!(
+        stdout(&list).trim(),
+        "",
+        "borg committed an interrupted archive"
+    );
+    let out = s.agex(&[
+        "backup",
+        "--service",
+        "testapp",
+        "--systemctl",
+        script.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+}
+
+/// Every file (of any type) below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
 }

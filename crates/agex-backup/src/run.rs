@@ -251,6 +251,7 @@ struct StoppedUnits<'a> {
 impl Drop for StoppedUnits<'_> {
     fn drop(&mut self) {
         if let (Some(cmd), false) = (self.systemctl, self.units.is_empty()) {
+            crate::cancel::units_started(self.units);
             let _ = process::run(
                 std::process::Command::new(&cmd[0])
                     .args(&cmd[1..])
@@ -281,7 +282,10 @@ fn stop_units<'a>(env: &'a Env<'_>, policy: &'a Policy) -> Result<StoppedUnits<'
             .arg("stop")
             .args(&policy.stop_units),
     )
-    .map(|_| guard)
+    .map(|_| {
+        crate::cancel::units_stopped(cmd, &policy.stop_units);
+        guard
+    })
     .map_err(|e| format!("stopping units failed: {e}"))
 }
 
@@ -593,6 +597,7 @@ fn borg_side(
             return fail(&fifos, BackupError::io(&fifo)(e.into()));
         }
         rel_paths.push(rel(path));
+        crate::cancel::fifo_made(fifo.clone());
         fifos.push(fifo);
     }
     let mut cmd = borg.command();
@@ -619,7 +624,10 @@ fn borg_side(
         .stderr(std::process::Stdio::piped())
         .spawn();
     let child = match child {
-        Ok(c) => c,
+        Ok(c) => {
+            crate::cancel::child_started(c.id());
+            c
+        }
         Err(source) => {
             return fail(
                 &fifos,
@@ -640,7 +648,9 @@ fn borg_side(
             std::thread::spawn(move || feed_fifo(&fifo, reader, &done))
         })
         .collect();
+    let pid = child.id();
     let out = child.wait_with_output();
+    crate::cancel::child_done(pid);
     borg_done.store(true, Ordering::SeqCst);
     for w in writers {
         let _ = w.join();
@@ -667,6 +677,7 @@ fn borg_side(
 fn cleanup_fifos(fifos: &[PathBuf]) {
     for f in fifos {
         let _ = std::fs::remove_file(f);
+        crate::cancel::fifo_removed(f);
     }
 }
 

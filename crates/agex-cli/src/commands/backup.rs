@@ -125,6 +125,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     repo_names.dedup();
     let access = unlock_all(&project, &ids, &repo_names);
     let db_passwords = database_passwords(&project, &ids, &planned)?;
+    undo_on_termination();
     let job = args
         .service
         .map_or("backup".to_string(), |s| format!("backup-{s}"));
@@ -196,6 +197,28 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     }
     notified.finish(code, &log);
     Ok(code)
+}
+
+/// On SIGTERM or SIGINT, undo what the run holds (borg stopped before it commits, units
+/// started again, pipes removed) and exit 143, the conventional status of a terminated
+/// process; locks go with the process.
+fn undo_on_termination() {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) else {
+        eprintln!("warning: cannot handle SIGTERM; an interrupted run may leave units stopped");
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("backup interrupted by signal {sig}: stopping without committing");
+            for line in agex_backup::cancel::undo() {
+                eprintln!("  {line}");
+            }
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
 /// Passwords of the PostgreSQL roles the planned services dump with, by secret name.
