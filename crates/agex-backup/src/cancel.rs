@@ -61,10 +61,10 @@ pub fn undo() -> Vec<String> {
         )
     });
     let mut done = Vec::new();
-    for pid in &children {
-        if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32) {
+    for raw in &children {
+        if let Some(pid) = rustix::process::Pid::from_raw(*raw as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            done.push(format!("stopped borg (pid {pid:?})"));
+            done.push(format!("stopped borg (pid {raw})"));
         }
     }
     // borg exits on SIGTERM without committing; wait for it so the repository lock is
