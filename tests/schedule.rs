@@ -1038,3 +1038,147 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Unmounts the secrets filesystem an activation under a temp root mounted.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn activate_installs_the_generations_units_and_rollback_moves_them_back() {
+    if !common::is_root("activate_installs_the_generations_units") {
+        return;
+    }
+    let fx = Fixture::bunk();
+    let root = fx.root();
+    let _unmount = Unmount(root.join("run/agex.d"));
+    let ssh = root.join("etc/ssh");
+    fs::create_dir_all(&ssh).unwrap();
+    let key = ssh.join("ssh_host_ed25519_key");
+    fs::copy(fx.key("bunk_ssh_host_ed25519_key"), &key).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+    let users = [
+        "actual",
+        "authelia-main",
+        "caddy",
+        "forgejo",
+        "grafana",
+        "hass",
+        "immich",
+        "jellyfin",
+        "mealie",
+        "miniflux",
+        "n8n",
+        "paperless",
+        "vaultwarden",
+        "vikunja",
+        "systemd-network",
+    ];
+    let mut passwd = "root:x:0:0:root:/root:/bin/sh\n".to_string();
+    let mut group = "root:x:0:\nsmtp-users:x:2000:\n".to_string();
+    for (i, u) in users.iter().enumerate() {
+        passwd.push_str(&format!(
+            "{u}:x:{}:{}::/nonexistent:/usr/sbin/nologin\n",
+            1001 + i,
+            1001 + i
+        ));
+        group.push_str(&format!("{u}:x:{}:\n", 1001 + i));
+    }
+    fs::write(root.join("etc/passwd"), passwd).unwrap();
+    fs::write(root.join("etc/group"), group).unwrap();
+    let (script, calls) = fake_systemctl(fx.tmp.path());
+    let run = |args: &[&str]| {
+        let mut all = vec!["--root", root.to_str().unwrap(), "--host", "bunk"];
+        all.extend_from_slice(args);
+        fx.run(&all)
+    };
+    let take_calls = || {
+        let text = fs::read_to_string(&calls).unwrap_or_default();
+        let _ = fs::remove_file(&calls);
+        text.lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    let units = root.join("etc/systemd/system");
+    let sc = script.to_str().unwrap();
+
+    let out = run(&["activate", "--systemctl", sc]);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("systemd units: "), "{}", stdout(&out));
+    let timer = || fs::read_to_string(units.join("agex-backup-vikunja.timer")).unwrap();
+    assert!(timer().contains("OnCalendar=*-*-* 03:10:00"), "{}", timer());
+    assert!(units.join("agex-backup-jellyfin.timer").is_file());
+    let first = take_calls();
+    assert!(first.contains(&"daemon-reload".to_string()), "{first:?}");
+    assert!(
+        first
+            .iter()
+            .any(|c| c.starts_with("enable --now ") && c.contains("agex-backup-vikunja.timer")),
+        "{first:?}"
+    );
+    // The generation itself carries the policy and the units.
+    let current = fs::canonicalize(root.join("var/lib/agex/current")).unwrap();
+    assert!(current.join("files/policies/vikunja.toml").is_file());
+    assert!(current
+        .join("files/systemd/agex-backup-vikunja.timer")
+        .is_file());
+
+    // New schedule for vikunja, jellyfin no longer backed up.
+    let vik = fx.dir().join("policies/vikunja.toml");
+    let text = fs::read_to_string(&vik).unwrap();
+    fs::write(&vik, text.replace("*-*-* 03:10:00", "*-*-* 05:00:00")).unwrap();
+    fs::remove_file(fx.dir().join("policies/jellyfin.toml")).unwrap();
+    let diff = run(&["diff"]);
+    assert_ok(&diff);
+    let shown = stdout(&diff);
+    assert!(
+        shown.contains("~ unit agex-backup-vikunja.timer: OnCalendar=*-*-* 03:10:00 -> OnCalendar=*-*-* 05:00:00"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("- unit agex-backup-jellyfin.timer"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("~ policy vikunja.toml: schedule *-*-* 03:10:00 -> schedule *-*-* 05:00:00"),
+        "{shown}"
+    );
+    assert!(shown.contains("- policy jellyfin.toml"), "{shown}");
+
+    assert_ok(&run(&["activate", "--systemctl", sc]));
+    assert!(timer().contains("OnCalendar=*-*-* 05:00:00"), "{}", timer());
+    assert!(!units.join("agex-backup-jellyfin.timer").exists());
+    assert!(!units.join("agex-backup@jellyfin.service.d").exists());
+    let second = take_calls();
+    assert!(
+        second.contains(&"disable --now agex-backup-jellyfin.timer".to_string()),
+        "{second:?}"
+    );
+    assert!(
+        second.contains(&"try-restart agex-backup-vikunja.timer".to_string()),
+        "{second:?}"
+    );
+
+    // One rollback moves secrets, policies and schedules back together.
+    let out = run(&["rollback", "--systemctl", sc]);
+    assert_ok(&out);
+    assert!(timer().contains("OnCalendar=*-*-* 03:10:00"), "{}", timer());
+    assert!(units.join("agex-backup-jellyfin.timer").is_file());
+    let third = take_calls();
+    assert!(
+        third.contains(&"enable --now agex-backup-jellyfin.timer".to_string()),
+        "{third:?}"
+    );
+    let diff = run(&["diff", "1", "2"]);
+    assert!(
+        stdout(&diff).contains("- unit agex-backup-jellyfin.timer"),
+        "{}",
+        stdout(&diff)
+    );
+}

@@ -193,11 +193,10 @@ pub fn cmd_schedule(ctx: &Context) -> Result<i32, Failure> {
 }
 
 fn unit_options(
-    ctx: &Context,
+    host: String,
     project: &Project,
     agex: Option<PathBuf>,
 ) -> Result<UnitOptions, Failure> {
-    let host = ctx.host_name();
     if !project.config.hosts.contains_key(&host) {
         return Err(Failure::new(
             CONFIG,
@@ -226,11 +225,11 @@ fn unit_options(
 }
 
 fn generate(
-    ctx: &Context,
+    host: String,
     project: &Project,
     agex: Option<PathBuf>,
 ) -> Result<Vec<units::UnitFile>, Failure> {
-    let opts = unit_options(ctx, project, agex)?;
+    let opts = unit_options(host, project, agex)?;
     Ok(units::generate(project, &job::jobs(project), &opts)?)
 }
 
@@ -240,7 +239,7 @@ pub fn cmd_systemd_generate(
     agex: Option<PathBuf>,
 ) -> Result<i32, Failure> {
     let project = ctx.project()?;
-    let files = generate(ctx, &project, agex)?;
+    let files = generate(ctx.host_name(), &project, agex)?;
     let written = units::write_to(out, &files)?;
     if ctx.global.json {
         output::json(&written)?;
@@ -259,7 +258,7 @@ pub fn cmd_systemd_install(
     systemctl: Option<&str>,
 ) -> Result<i32, Failure> {
     let project = ctx.project()?;
-    let files = generate(ctx, &project, agex)?;
+    let files = generate(ctx.host_name(), &project, agex)?;
     let root = &ctx.global.root;
     let plan = install::plan(root, &files)?;
     if dry_run || ctx.global.json {
@@ -427,4 +426,96 @@ pub fn cmd_overdue(ctx: &Context, max_age: &str) -> Result<i32, Failure> {
         },
     );
     Ok(FAILURE)
+}
+
+/// Adds the host's policies and the systemd units generated from them to a generation,
+/// so that activating it (or rolling back to it) moves schedules with the secrets.
+pub fn carry(
+    project: &Project,
+    inputs: &mut agex_activate::manifest::Inputs,
+) -> Result<(), Failure> {
+    for (service, policy) in &project.policies {
+        inputs.carry(
+            &format!("policies/{service}.toml"),
+            policy.source.text.clone().into_bytes(),
+            format!("schedule {}", policy.schedule.on_calendar()),
+        )?;
+    }
+    let host = inputs.manifest.host.clone();
+    for unit in generate(host, project, None)? {
+        let note = unit
+            .content
+            .lines()
+            .find(|l| l.starts_with("OnCalendar="))
+            .unwrap_or_default()
+            .to_string();
+        inputs.carry(
+            &format!("{UNITS_PREFIX}{}", unit.name),
+            unit.content.into_bytes(),
+            note,
+        )?;
+    }
+    Ok(())
+}
+
+const UNITS_PREFIX: &str = "systemd/";
+
+/// Installs the units generation `number` carries (add, change, remove, daemon-reload,
+/// timers enabled). A generation built before it carried units leaves them alone.
+pub fn install_generation_units(
+    ctx: &Context,
+    number: u64,
+    systemctl: Option<&str>,
+    no_restart: bool,
+) -> Result<(), Failure> {
+    let layout = agex_activate::Layout::new(&ctx.global.root);
+    let generation = agex_activate::StoredGeneration::open(&layout, number)?;
+    let mut files = Vec::new();
+    for f in &generation.manifest.files {
+        let Some(name) = f.path.strip_prefix(UNITS_PREFIX) else {
+            continue;
+        };
+        let content = String::from_utf8(generation.carried(&f.path)?).map_err(|_| {
+            Failure::new(
+                FAILURE,
+                format!("generation {number}: {} is not text", f.path),
+            )
+        })?;
+        files.push(units::UnitFile {
+            name: name.to_string(),
+            content,
+        });
+    }
+    if files.is_empty() {
+        println!("generation {number} carries no systemd units; installed units left as they are");
+        return Ok(());
+    }
+    let root = &ctx.global.root;
+    let plan = install::plan(root, &files)?;
+    let sc = match systemctl {
+        _ if no_restart => None,
+        Some(cmd) => Systemctl::parse(cmd),
+        None if root == Path::new("/") => Systemctl::parse("systemctl"),
+        None => None,
+    };
+    let report = install::apply(root, &plan, sc.as_ref())?;
+    if plan.is_noop() {
+        println!("systemd units unchanged");
+        return Ok(());
+    }
+    println!(
+        "systemd units: {} added, {} changed, {} removed",
+        plan.add.len(),
+        plan.change.len(),
+        plan.remove.len()
+    );
+    for c in &report.commands {
+        eprintln!("ran: {c}");
+    }
+    if no_restart {
+        println!("systemctl not run (--no-restart): run `systemctl daemon-reload` to load them");
+    } else if let Some(why) = &report.skipped {
+        println!("systemctl not run: {why}");
+    }
+    Ok(())
 }
