@@ -1182,3 +1182,41 @@ fn activate_installs_the_generations_units_and_rollback_moves_them_back() {
         stdout(&diff)
     );
 }
+
+#[test]
+fn nixos_module_parses_and_declares_its_options() {
+    if !have_tool(
+        "nix-instantiate",
+        "nixos_module_parses_and_declares_its_options",
+    ) {
+        return;
+    }
+    let module = common::repo_root().join("nix/module.nix");
+    let out = Command::new("nix-instantiate")
+        .arg("--parse")
+        .arg(&module)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = fs::read_to_string(&module).unwrap();
+    for option in ["enable", "configDir", "host", "package", "identityPaths"] {
+        assert!(
+            text.contains(&format!("    {option} = lib.mk")),
+            "option {option} missing"
+        );
+    }
+    assert!(text.contains("activate --no-restart"));
+    // The parser does reject a broken module (the check can fail).
+    let broken = std::env::temp_dir().join(format!("agex-broken-{}.nix", std::process::id()));
+    fs::write(&broken, text.replacen("in\n{", "in\n{ {", 1)).unwrap();
+    let out = Command::new("nix-instantiate")
+        .arg("--parse")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let _ = fs::remove_file(&broken);
+    assert!(
+        !out.status.success(),
+        "nix-instantiate accepted a broken module"
+    );
+}

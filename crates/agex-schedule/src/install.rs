@@ -1,8 +1,9 @@
-//! Installing generated units under `<root>/etc/systemd/system`: plan (pure: what to
-//! add, change, remove), then apply (atomic writes, removals, `daemon-reload`, timers
-//! enabled). agex records what it installed in `/var/lib/agex/systemd-units.json`, so
-//! the units of a service whose policy is gone are removed, and files it did not write
-//! are never touched.
+//! Installing generated units under `<root>/etc/systemd/system` (or a runtime unit
+//! directory such as `/run/systemd/system`, where NixOS keeps what is not in its store):
+//! plan (pure: what to add, change, remove), then apply (atomic writes, removals,
+//! `daemon-reload`, timers enabled). agex records what it installed in
+//! `/var/lib/agex/systemd-units.json`, so the units of a service whose policy is gone are
+//! removed, and files it did not write are never touched.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,41 @@ use crate::units::{UnitFile, MARKER};
 
 /// The unit directory, under `--root`.
 pub const UNIT_DIR: &str = "etc/systemd/system";
+
+/// Where units are installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitDir {
+    /// The host path (`/etc/systemd/system`, `/run/systemd/system`).
+    pub path: PathBuf,
+}
+
+impl Default for UnitDir {
+    fn default() -> Self {
+        UnitDir {
+            path: PathBuf::from("/").join(UNIT_DIR),
+        }
+    }
+}
+
+impl UnitDir {
+    /// A runtime directory (under /run) is gone after a reboot: timers are linked into
+    /// `timers.target.wants/` there directly, since `systemctl enable` writes to /etc.
+    pub fn is_runtime(&self) -> bool {
+        self.path.starts_with("/run")
+    }
+
+    fn under(&self, root: &Path) -> PathBuf {
+        root.join(self.path.strip_prefix("/").unwrap_or(&self.path))
+    }
+
+    fn record(&self, root: &Path) -> PathBuf {
+        if self.is_runtime() {
+            root.join("run/agex-systemd-units.json")
+        } else {
+            root.join(INSTALLED_FILE)
+        }
+    }
+}
 /// What agex installed, under `--root`.
 pub const INSTALLED_FILE: &str = "var/lib/agex/systemd-units.json";
 
@@ -45,8 +81,7 @@ struct Installed {
     files: Vec<String>,
 }
 
-fn installed(root: &Path) -> Result<Installed, ScheduleError> {
-    let path = root.join(INSTALLED_FILE);
+fn installed(path: PathBuf) -> Result<Installed, ScheduleError> {
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ScheduleError::State {
             path,
@@ -63,10 +98,10 @@ fn ours(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Compares `units` with what is under `<root>/etc/systemd/system`.
-pub fn plan(root: &Path, units: &[UnitFile]) -> Result<InstallPlan, ScheduleError> {
-    let dir = root.join(UNIT_DIR);
-    let before = installed(root)?;
+/// Compares `units` with what is in the unit directory under `root`.
+pub fn plan(root: &Path, to: &UnitDir, units: &[UnitFile]) -> Result<InstallPlan, ScheduleError> {
+    let dir = to.under(root);
+    let before = installed(to.record(root))?;
     let mut p = InstallPlan::default();
     for u in units {
         let path = dir.join(&u.name);
@@ -102,6 +137,7 @@ pub struct InstallReport {
 /// timers restarted so a new schedule takes effect.
 pub fn apply(
     root: &Path,
+    to: &UnitDir,
     plan: &InstallPlan,
     systemctl: Option<&Systemctl>,
 ) -> Result<InstallReport, ScheduleError> {
@@ -109,7 +145,8 @@ pub fn apply(
     if plan.is_noop() {
         return Ok(report);
     }
-    let dir = root.join(UNIT_DIR);
+    let dir = to.under(root);
+    let wants = dir.join("timers.target.wants");
     let gone_timers: Vec<&str> = plan
         .remove
         .iter()
@@ -128,8 +165,18 @@ pub fn apply(
         }
         agex_core::atomic::write_atomic(&path, u.content.as_bytes(), 0o644)
             .map_err(ScheduleError::io(&path))?;
+        if to.is_runtime() && u.is_timer() {
+            std::fs::create_dir_all(&wants).map_err(ScheduleError::io(&wants))?;
+            let link = wants.join(&u.name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(format!("../{}", u.name), &link)
+                .map_err(ScheduleError::io(&link))?;
+        }
     }
     for name in &plan.remove {
+        if to.is_runtime() {
+            let _ = std::fs::remove_file(wants.join(name));
+        }
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -144,7 +191,7 @@ pub fn apply(
     let record = Installed {
         files: plan.all.clone(),
     };
-    let path: PathBuf = root.join(INSTALLED_FILE);
+    let path: PathBuf = to.record(root);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(ScheduleError::io(parent))?;
     }
@@ -163,11 +210,15 @@ pub fn apply(
         .map(|u| u.name.as_str())
         .collect();
     if !new_timers.is_empty() {
-        let mut args = vec!["enable", "--now"];
+        let mut args = if to.is_runtime() {
+            vec!["start"]
+        } else {
+            vec!["enable", "--now"]
+        };
         args.extend(new_timers);
         report.commands.push(sc.run(&args)?);
     }
-    if plan.add.iter().any(|u| u.name == "agex-activate.service") {
+    if !to.is_runtime() && plan.add.iter().any(|u| u.name == "agex-activate.service") {
         report
             .commands
             .push(sc.run(&["enable", "agex-activate.service"])?);
@@ -201,23 +252,43 @@ mod tests {
     fn plans_adds_changes_and_removes_only_its_own_files() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
+        let to = UnitDir::default();
         let first = vec![unit("a.timer", "1"), unit("b.service.d/agex.conf", "x")];
-        let p = plan(root, &first).unwrap();
+        let p = plan(root, &to, &first).unwrap();
         assert_eq!(p.add.len(), 2);
-        apply(root, &p, None).unwrap();
-        assert!(plan(root, &first).unwrap().is_noop());
+        apply(root, &to, &p, None).unwrap();
+        assert!(plan(root, &to, &first).unwrap().is_noop());
         std::fs::write(root.join(UNIT_DIR).join("mine.service"), "[Unit]\n").unwrap();
         let second = vec![unit("a.timer", "2")];
-        let p = plan(root, &second).unwrap();
+        let p = plan(root, &to, &second).unwrap();
         assert_eq!(p.change.len(), 1);
         assert_eq!(p.remove, vec!["b.service.d/agex.conf".to_string()]);
-        apply(root, &p, None).unwrap();
+        apply(root, &to, &p, None).unwrap();
         assert!(!root.join(UNIT_DIR).join("b.service.d").exists());
         assert!(root.join(UNIT_DIR).join("mine.service").exists());
         let foreign = vec![unit("mine.service", "3")];
         assert!(matches!(
-            plan(root, &foreign),
+            plan(root, &to, &foreign),
             Err(ScheduleError::Foreign { .. })
         ));
+    }
+
+    #[test]
+    fn runtime_directories_link_timers_into_timers_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let to = UnitDir {
+            path: PathBuf::from("/run/systemd/system"),
+        };
+        let units = vec![unit("agex-x.timer", "1")];
+        apply(root, &to, &plan(root, &to, &units).unwrap(), None).unwrap();
+        let link = root.join("run/systemd/system/timers.target.wants/agex-x.timer");
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            PathBuf::from("../agex-x.timer")
+        );
+        assert!(root.join("run/agex-systemd-units.json").is_file());
+        apply(root, &to, &plan(root, &to, &[]).unwrap(), None).unwrap();
+        assert!(std::fs::symlink_metadata(&link).is_err());
     }
 }

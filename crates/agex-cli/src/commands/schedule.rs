@@ -260,7 +260,8 @@ pub fn cmd_systemd_install(
     let project = ctx.project()?;
     let files = generate(ctx.host_name(), &project, agex)?;
     let root = &ctx.global.root;
-    let plan = install::plan(root, &files)?;
+    let to = unit_dir()?;
+    let plan = install::plan(root, &to, &files)?;
     if dry_run || ctx.global.json {
         show_plan(ctx, &plan)?;
         if dry_run {
@@ -272,7 +273,7 @@ pub fn cmd_systemd_install(
         None if root == Path::new("/") => Systemctl::parse("systemctl"),
         None => None,
     };
-    let report = install::apply(root, &plan, sc.as_ref())?;
+    let report = install::apply(root, &to, &plan, sc.as_ref())?;
     if !ctx.global.json {
         show_plan(ctx, &plan)?;
         for c in &report.commands {
@@ -293,7 +294,7 @@ fn show_plan(ctx: &Context, plan: &InstallPlan) -> Result<(), Failure> {
         println!(
             "units up to date ({} files in {})",
             plan.unchanged.len(),
-            ctx.host_path(Path::new("/etc/systemd/system")).display()
+            ctx.host_path(&unit_dir()?.path).display()
         );
         return Ok(());
     }
@@ -491,14 +492,15 @@ pub fn install_generation_units(
         return Ok(());
     }
     let root = &ctx.global.root;
-    let plan = install::plan(root, &files)?;
+    let to = unit_dir()?;
+    let plan = install::plan(root, &to, &files)?;
     let sc = match systemctl {
         _ if no_restart => None,
         Some(cmd) => Systemctl::parse(cmd),
         None if root == Path::new("/") => Systemctl::parse("systemctl"),
         None => None,
     };
-    let report = install::apply(root, &plan, sc.as_ref())?;
+    let report = install::apply(root, &to, &plan, sc.as_ref())?;
     if plan.is_noop() {
         println!("systemd units unchanged");
         return Ok(());
@@ -518,4 +520,22 @@ pub fn install_generation_units(
         println!("systemctl not run: {why}");
     }
     Ok(())
+}
+
+/// Where units are installed: `AGEX_UNIT_DIR` (an absolute host path, e.g.
+/// `/run/systemd/system` on NixOS, whose /etc is in its store), else /etc/systemd/system.
+fn unit_dir() -> Result<install::UnitDir, Failure> {
+    match std::env::var_os("AGEX_UNIT_DIR") {
+        None => Ok(install::UnitDir::default()),
+        Some(p) => {
+            let path = PathBuf::from(p);
+            if !path.is_absolute() {
+                return Err(Failure::new(
+                    CONFIG,
+                    format!("AGEX_UNIT_DIR={}: must be an absolute path", path.display()),
+                ));
+            }
+            Ok(install::UnitDir { path })
+        }
+    }
 }
