@@ -1220,3 +1220,132 @@ fn nixos_module_parses_and_declares_its_options() {
         "nix-instantiate accepted a broken module"
     );
 }
+
+#[test]
+fn daemon_reload_keeps_the_old_schedule_when_the_new_configuration_is_bad() {
+    if !have_tool("restic", "daemon_reload_keeps_the_old_schedule") {
+        return;
+    }
+    let s = Setup::new("");
+    s.policy("*-*-* *:*:0/1", "", &["offsite-restic"]);
+    s.init_repos();
+    let d = s.daemon();
+    wait_for(Duration::from_secs(20), "a first run", || {
+        !s.starts().is_empty()
+    });
+    // A broken policy: the reload is refused and the every-second job goes on.
+    let policy = s.fx.dir().join("policies/testapp.toml");
+    let good = fs::read_to_string(&policy).unwrap();
+    fs::write(&policy, good.replace("*-*-* *:*:0/1", "*-*-* 99:00:00")).unwrap();
+    signal(d.child.id(), "HUP");
+    // The jobs keep firing on the old schedule (each run reads the configuration itself,
+    // so these runs fail on the broken policy, which is what their result says).
+    let daemon_log = || fs::read_to_string(&d.log).unwrap_or_default();
+    wait_for(Duration::from_secs(20), "the refused reload", || {
+        daemon_log().contains("reload failed")
+    });
+    let n = daemon_log().matches("job started").count();
+    wait_for(
+        Duration::from_secs(20),
+        "runs after a refused reload",
+        || daemon_log().matches("job started").count() >= n + 2,
+    );
+    // A good policy that fires on the first of January only: after the reload and the
+    // end of any run under way, nothing starts any more.
+    fs::write(&policy, good.replace("*-*-* *:*:0/1", "*-01-01 00:00:00")).unwrap();
+    signal(d.child.id(), "HUP");
+    std::thread::sleep(Duration::from_millis(2500));
+    let settled = s.starts().len();
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = d.stop();
+    assert_eq!(
+        s.starts().len(),
+        settled,
+        "the old schedule still ran:\n{log}"
+    );
+    assert!(
+        log.contains("reload failed, keeping the old schedule"),
+        "{log}"
+    );
+    assert!(log.contains("policies/testapp.toml:3:12"), "{log}");
+    assert!(log.contains("configuration reloaded"), "{log}");
+}
+
+/// Writes a policy `name` whose hooks log `start NAME t` and `end NAME t`, taking `secs`.
+fn timed_policy(s: &Setup, name: &str, repo: &str, secs: f64) {
+    let log = s.hooks.display();
+    fs::write(
+        s.fx.dir().join(format!("policies/{name}.toml")),
+        format!(
+            "paths = [\"/srv/app\"]\nrepositories = [\"{repo}\"]\nschedule = \"*-*-* *:*:0/1\"\n\
+             before = [\"echo start {name} $(date +%s.%N) >> {log}; sleep {secs}\"]\n\
+             after = [\"echo end {name} $(date +%s.%N) >> {log}\"]\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// `(name, start, end)` of every complete run in the hook log.
+fn intervals(s: &Setup) -> Vec<(String, f64, f64)> {
+    let text = fs::read_to_string(&s.hooks).unwrap_or_default();
+    let mut open: BTreeMap<String, f64> = BTreeMap::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [kind, name, t] = parts[..] else { continue };
+        let t: f64 = t.parse().unwrap();
+        match kind {
+            "start" => {
+                open.insert(name.to_string(), t);
+            }
+            _ => {
+                if let Some(st) = open.remove(name) {
+                    out.push((name.to_string(), st, t));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn daemon_serialises_jobs_sharing_a_repository_and_runs_others_at_once() {
+    if !have_tool("restic", "daemon_serialises_jobs")
+        || !have_tool("borg", "daemon_serialises_jobs")
+    {
+        return;
+    }
+    let s = Setup::new("");
+    fs::remove_file(s.fx.dir().join("policies/testapp.toml")).unwrap();
+    timed_policy(&s, "alpha", "offsite-restic", 1.0);
+    timed_policy(&s, "beta", "offsite-restic", 1.0);
+    timed_policy(&s, "gamma", "offsite-borg", 1.0);
+    s.init_repos();
+    let d = s.daemon();
+    wait_for(Duration::from_secs(40), "three runs of each", || {
+        let iv = intervals(&s);
+        ["alpha", "beta", "gamma"]
+            .iter()
+            .all(|n| iv.iter().filter(|(x, _, _)| x == n).count() >= 3)
+    });
+    let log = d.stop();
+    let iv = intervals(&s);
+    let overlap = |a: &(String, f64, f64), b: &(String, f64, f64)| a.1 < b.2 && b.1 < a.2;
+    let restic: Vec<_> = iv.iter().filter(|(n, _, _)| n != "gamma").collect();
+    for (i, a) in restic.iter().enumerate() {
+        for b in &restic[i + 1..] {
+            assert!(
+                !overlap(a, b),
+                "{a:?} and {b:?} share a repository but overlapped\n{log}"
+            );
+        }
+    }
+    let together = iv
+        .iter()
+        .filter(|(n, _, _)| n == "gamma")
+        .any(|g| restic.iter().any(|r| overlap(g, r)));
+    assert!(
+        together,
+        "jobs on different repositories never ran at once: {iv:?}"
+    );
+}
