@@ -933,6 +933,17 @@ fn schedule_lists_jobs_next_runs_and_last_results() {
     assert_eq!(b["last_result"], "ok");
     assert_eq!(jobs[3]["schedule"], "*-*-01 05:00:00");
     assert_eq!(jobs[1]["last_result"], serde_json::Value::Null);
+
+    // A check records its own result (no run record exists for it); a failing one too.
+    assert_ok(&s.agex(&["repo", "check", "offsite-restic"]));
+    assert_fails(&s.agex(&["repo", "check", "offsite-borg"]), 1);
+    let v = json(&stdout(&s.agex(&["--json", "schedule"])));
+    assert_eq!(v[2]["name"], "check-offsite-restic");
+    assert_eq!(v[2]["last_result"], "ok", "{v}");
+    assert_eq!(v[1]["last_result"], "failed", "{v}");
+    let table = stdout(&s.agex(&["schedule"]));
+    assert!(table.starts_with("JOB"), "{table}");
+    assert!(table.contains("check-offsite-restic"), "{table}");
 }
 
 #[test]

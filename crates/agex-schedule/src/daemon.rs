@@ -53,7 +53,12 @@ pub struct State {
 impl State {
     /// Reads the state under `root` (empty when there is none).
     pub fn load(root: &Path) -> Result<State, ScheduleError> {
-        let path = root.join(STATE_FILE);
+        State::load_from(&root.join(STATE_FILE))
+    }
+
+    /// Reads a state file (empty when there is none).
+    pub fn load_from(path: &Path) -> Result<State, ScheduleError> {
+        let path = path.to_path_buf();
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| ScheduleError::State {
                 path,
@@ -65,12 +70,16 @@ impl State {
     }
 
     fn save(&self, root: &Path) -> Result<(), ScheduleError> {
-        let path = root.join(STATE_FILE);
+        self.save_to(&root.join(STATE_FILE))
+    }
+
+    /// Writes a state file atomically.
+    pub fn save_to(&self, path: &Path) -> Result<(), ScheduleError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(ScheduleError::io(dir))?;
         }
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        agex_core::atomic::write_atomic(&path, &bytes, 0o644).map_err(ScheduleError::io(path))
+        agex_core::atomic::write_atomic(path, &bytes, 0o644).map_err(ScheduleError::io(path))
     }
 }
 

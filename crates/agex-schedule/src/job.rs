@@ -61,10 +61,10 @@ impl Job {
         }
     }
 
-    /// Whether the command sends its own notifications (backup, forget and check do;
-    /// the drill command is notified about by whoever runs it).
+    /// Whether the command sends its own notifications (backup and check do; forget
+    /// and the drill are notified about by whoever runs them).
     pub fn notifies_itself(&self) -> bool {
-        !matches!(self.kind, JobKind::Drill)
+        matches!(self.kind, JobKind::Backup { .. } | JobKind::Check { .. })
     }
 
     /// The systemd service that runs it.

@@ -10,6 +10,7 @@ pub mod install;
 pub mod job;
 pub mod notify;
 pub mod overdue;
+pub mod results;
 pub mod systemctl;
 pub mod units;
 

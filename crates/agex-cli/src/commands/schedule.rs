@@ -59,10 +59,14 @@ pub fn send(n: &Notifier, event: &Event) {
     }
 }
 
-/// A job command's notifications: `/start` now, the result when it ends.
+/// A job command's run: the `/start` ping now; when it ends, the result notified and
+/// recorded (`/var/lib/agex/jobs.json`, shown by `agex schedule`).
 pub struct Notified {
     notifier: Notifier,
     started: Instant,
+    started_at: chrono::DateTime<chrono::Utc>,
+    job: String,
+    root: PathBuf,
 }
 
 impl Notified {
@@ -75,11 +79,28 @@ impl Notified {
         Notified {
             notifier,
             started: Instant::now(),
+            started_at: chrono::Utc::now(),
+            job: job.to_string(),
+            root: ctx.global.root.clone(),
         }
     }
 
-    /// Sends the result: exit `code` and the lines the command printed.
+    /// Records and sends the result: exit `code` and the lines the command printed.
     pub fn finish(self, code: i32, log: &[String]) {
+        let result = match Outcome::from_exit(Some(code)) {
+            Outcome::Success => "ok",
+            Outcome::Partial => "partial",
+            Outcome::Failure => "failed",
+        };
+        let state = daemon::JobState {
+            last_run: self.started_at,
+            result: Some(result.into()),
+            exit_code: Some(code),
+            duration_seconds: Some(self.started.elapsed().as_secs_f64()),
+        };
+        if let Err(e) = agex_schedule::results::record(&self.root, &self.job, state) {
+            eprintln!("warning: the job's result was not recorded: {e}");
+        }
         if self.notifier.is_empty() && self.notifier.warnings.is_empty() {
             return;
         }
@@ -103,17 +124,23 @@ struct JobRow {
     last_result: Option<String>,
 }
 
-/// The last run of a job: backups from the run records, the rest from the daemon state.
+/// The last run of a job, the newest of: the run records (backups), the results jobs
+/// record themselves, and the daemon's state.
 fn last_result(
     job: &Job,
     statuses: &[status::Status],
-    state: &State,
+    states: &[&State],
 ) -> (Option<String>, Option<String>) {
-    let from_daemon = state.jobs.get(&job.name).and_then(|s| {
-        s.result
-            .as_ref()
-            .map(|r| (s.last_run.to_rfc3339(), r.clone()))
-    });
+    let from_daemon = states
+        .iter()
+        .filter_map(|st| {
+            st.jobs.get(&job.name).and_then(|s| {
+                s.result
+                    .as_ref()
+                    .map(|r| (s.last_run.to_rfc3339(), r.clone()))
+            })
+        })
+        .max();
     let from_records = match &job.kind {
         JobKind::Backup { service } => {
             let mine: Vec<_> = statuses.iter().filter(|s| &s.service == service).collect();
@@ -143,11 +170,12 @@ pub fn cmd_schedule(ctx: &Context) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let statuses = status::summarize(&run::records(&ctx.global.root)?);
     let state = State::load(&ctx.global.root)?;
+    let recorded = agex_schedule::results::load(&ctx.global.root)?;
     let now = chrono::Local::now();
     let rows: Vec<JobRow> = job::jobs(&project)
         .into_iter()
         .map(|j| {
-            let (last_run, last_result) = last_result(&j, &statuses, &state);
+            let (last_run, last_result) = last_result(&j, &statuses, &[&state, &recorded]);
             JobRow {
                 on_calendar: j.schedule.on_calendar().to_string(),
                 next: j
