@@ -1360,3 +1360,75 @@ fn daemon_serialises_jobs_sharing_a_repository_and_runs_others_at_once() {
         "jobs on different repositories never ran at once: {iv:?}"
     );
 }
+
+#[test]
+fn failed_unit_notification_names_the_unit() {
+    let server = Server::start(vec![]);
+    let s = Setup::new(&server.notify_section());
+    let out = s.agex(&["notify", "--failed-unit", "agex-backup@testapp.service"]);
+    assert_ok(&out);
+    let fail = server.to("/hc/fail");
+    assert_eq!(fail.len(), 1, "{:?}", server.requests());
+    assert!(
+        fail[0]
+            .body
+            .contains("systemd unit agex-backup@testapp.service failed"),
+        "{}",
+        fail[0].body
+    );
+    let v = json(&server.to("/hook")[0].body);
+    assert_eq!(v["job"], "backup-testapp");
+    assert_eq!(v["result"], "failure");
+}
+
+#[test]
+fn a_separate_forget_job_applies_retention_and_the_daemon_notifies_it() {
+    if !have_tool("restic", "a_separate_forget_job") {
+        return;
+    }
+    let server = Server::start(vec![]);
+    let s = Setup::new(&server.notify_section());
+    let policy = s.fx.dir().join("policies/testapp.toml");
+    s.policy("*-01-01 00:00:00", "", &["offsite-restic"]);
+    let mut text = fs::read_to_string(&policy).unwrap();
+    text.push_str("\n[retention]\nkeep_last = 1\nschedule = \"*-*-* *:*:0/1\"\n");
+    fs::write(&policy, text).unwrap();
+    s.init_repos();
+    // With its own schedule, retention no longer runs after each backup.
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    let count = || {
+        let out = s.agex(&["--json", "snapshots", "--repo", "offsite-restic"]);
+        assert_ok(&out);
+        json(&stdout(&out)).as_array().unwrap().len()
+    };
+    assert_eq!(count(), 2);
+    let names = json(&stdout(&s.agex(&["--json", "schedule"])));
+    assert_eq!(names[1]["name"], "forget-testapp", "{names}");
+    server.requests.lock().unwrap().clear();
+    let d = s.daemon();
+    wait_for(Duration::from_secs(20), "the forget job to finish", || {
+        !server.to("/hook").is_empty()
+    });
+    let log = d.stop();
+    assert!(
+        log.contains("job started: agex forget --service testapp"),
+        "{log}"
+    );
+    assert_eq!(count(), 1, "{log}");
+    assert!(
+        !server.to("/hc/start").is_empty(),
+        "{:?}",
+        server.requests()
+    );
+    let v = json(&server.to("/hook")[0].body);
+    assert_eq!(v["job"], "forget-testapp");
+    assert_eq!(v["result"], "success");
+    assert!(
+        v["log_tail"]
+            .as_str()
+            .unwrap()
+            .contains("forgot 1 snapshot"),
+        "{v}"
+    );
+}
