@@ -522,6 +522,11 @@ fn daemon_runs_an_every_second_job_on_time() {
     });
     let log = d.stop();
     let starts = s.starts();
+    let late: Vec<String> = starts
+        .iter()
+        .map(|t| format!("{:.0} ms", (t - t.floor()) * 1000.0))
+        .collect();
+    eprintln!("runs started after their slot by: {}", late.join(", "));
     // Each run starts right after a whole second (the spawn and the hook take a little).
     for t in &starts {
         let late = t - t.floor();
@@ -707,7 +712,13 @@ fn sigterm_during_a_job_leaves_repositories_checkable_and_locks_released() {
 #[test]
 fn notifications_of_a_successful_backup() {
     let server = Server::start(vec![]);
-    let s = Setup::new(&server.notify_section());
+    let notify = format!(
+        "{}\n[notify.jobs.backup-testapp]\nwebhook = \"{}\"\n[notify.jobs.check]\nwebhook = \"{}\"\n",
+        server.notify_section(),
+        server.url("/job-hook"),
+        server.url("/check-hook")
+    );
+    let s = Setup::new(&notify);
     s.init_repos();
     let out = s.agex(&["backup", "--service", "testapp"]);
     assert_ok(&out);
@@ -757,6 +768,11 @@ fn notifications_of_a_successful_backup() {
         "agex backup-testapp on bunk succeeded"
     );
     assert_eq!(ntfy[0].headers["priority"], "default");
+    // The job's own target gets it too; another job's does not.
+    let own = server.to("/job-hook");
+    assert_eq!(own.len(), 1, "{paths:?}");
+    assert_eq!(json(&own[0].body)["job"], "backup-testapp");
+    assert!(server.to("/check-hook").is_empty());
 }
 
 #[test]
