@@ -179,7 +179,7 @@ impl Notifier {
             }
         };
         vec![Request {
-            url: format!("{base}{suffix}"),
+            url: Zeroizing::new(format!("{base}{suffix}")),
             headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
             body: tail(&body),
         }]
@@ -218,7 +218,7 @@ impl Notifier {
             ),
         };
         vec![Request {
-            url: url.to_string(),
+            url: Zeroizing::new(url.to_string()),
             headers: vec![
                 ("Title", title),
                 ("Priority", priority.into()),
@@ -239,7 +239,7 @@ impl Notifier {
             event,
         };
         vec![Request {
-            url: url.to_string(),
+            url: Zeroizing::new(url.to_string()),
             headers: vec![("Content-Type", "application/json".into())],
             body: serde_json::to_string(&body).unwrap_or_default(),
         }]
@@ -264,7 +264,7 @@ impl Notifier {
                     last = format!("HTTP {code}");
                 }
                 Err(ureq::Error::Status(code, _)) => return Err(format!("HTTP {code}")),
-                Err(e) => last = redact(&e.to_string(), &r.url),
+                Err(e) => last = redact(&e.to_string(), r.url.as_str()),
             }
         }
         Err(format!("{last} (after {ATTEMPTS} attempts)"))
@@ -272,7 +272,8 @@ impl Notifier {
 }
 
 struct Request {
-    url: String,
+    /// May hold a token (a healthchecks UUID, an ntfy topic): wiped when dropped.
+    url: Zeroizing<String>,
     headers: Vec<(&'static str, String)>,
     body: String,
 }
