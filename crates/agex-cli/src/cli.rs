@@ -196,31 +196,6 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum SystemdCommand {
-    /// Write the units and timers into a directory
-    Generate {
-        /// Where to write them
-        #[arg(long, value_name = "DIR")]
-        out: std::path::PathBuf,
-        /// The agex binary the units run (default: this one)
-        #[arg(long, value_name = "PATH")]
-        agex: Option<std::path::PathBuf>,
-    },
-    /// Install them into <root>/etc/systemd/system, remove stale ones, reload, enable timers
-    Install {
-        /// The agex binary the units run (default: this one)
-        #[arg(long, value_name = "PATH")]
-        agex: Option<std::path::PathBuf>,
-        /// Show what would change, change nothing
-        #[arg(long)]
-        dry_run: bool,
-        /// Command that runs systemctl (default: `systemctl` when --root is /, none otherwise)
-        #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
-        systemctl: Option<String>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 pub enum RepoCommand {
     /// Create a repository with the password from its secret
     Init {
@@ -260,4 +235,29 @@ pub struct SwitchArgs {
 pub enum SecretsCommand {
     /// Every secret: recipients, services, status (ok / stale / missing / orphan)
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemdCommand {
+    /// Write the units and timers into a directory
+    Generate {
+        /// Where to write them
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// The agex binary the units run (default: this one)
+        #[arg(long, value_name = "PATH")]
+        agex: Option<std::path::PathBuf>,
+    },
+    /// Install them into <root>/etc/systemd/system, remove stale ones, reload, enable timers
+    Install {
+        /// The agex binary the units run (default: this one)
+        #[arg(long, value_name = "PATH")]
+        agex: Option<std::path::PathBuf>,
+        /// Show what would change, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Command that runs systemctl (default: `systemctl` when --root is /, none otherwise)
+        #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
+        systemctl: Option<String>,
+    },
 }

@@ -397,11 +397,7 @@ async fn run_job(job: &Job, shared: &Shared, project: &Project) {
     };
     let outcome = Outcome::from_exit(code);
     let secs = t.elapsed().as_secs_f64();
-    let result = match outcome {
-        Outcome::Success => "ok",
-        Outcome::Partial => "partial",
-        Outcome::Failure => "failed",
-    };
+    let result = outcome.word();
     let exit = code.map_or("killed".to_string(), |c| format!("exit {c}"));
     if outcome == Outcome::Success {
         tracing::info!(

@@ -8,6 +8,7 @@ pub mod duration;
 pub mod error;
 pub mod install;
 pub mod job;
+pub mod job_run;
 pub mod notify;
 pub mod overdue;
 pub mod results;

@@ -41,6 +41,15 @@ impl Outcome {
     fn ok(self) -> bool {
         self == Outcome::Success
     }
+
+    /// `ok`, `partial` or `failed`, as run records and `agex schedule` say it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Success => "ok",
+            Outcome::Partial => "partial",
+            Outcome::Failure => "failed",
+        }
+    }
 }
 
 /// What is reported.

@@ -129,7 +129,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     let job = args
         .service
         .map_or("backup".to_string(), |s| format!("backup-{s}"));
-    let notified = crate::commands::schedule::Notified::start(ctx, &project, &job);
+    let run = crate::commands::schedule::job_run(ctx, &project, &job);
     let record = run::execute(
         &project,
         &ctx.global.root,
@@ -195,7 +195,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
             eprintln!("{last}");
         }
     }
-    notified.finish(code, &log);
+    crate::commands::schedule::job_done(run, code, &log);
     Ok(code)
 }
 
@@ -501,7 +501,7 @@ pub fn cmd_repo_check(
     let ids = ctx.identities(&project)?;
     let repos = selected_repos(&project, name)?;
     let job = name.map_or("check".to_string(), |r| format!("check-{r}"));
-    let notified = crate::commands::schedule::Notified::start(ctx, &project, &job);
+    let run = crate::commands::schedule::job_run(ctx, &project, &job);
     let mut errors = Vec::new();
     let mut log = Vec::new();
     let mut ok = 0;
@@ -521,7 +521,7 @@ pub fn cmd_repo_check(
     }
     log.extend(errors.iter().map(|e| format!("error: {e}")));
     let code = report_errors(&errors, ok > 0)?;
-    notified.finish(code, &log);
+    crate::commands::schedule::job_done(run, code, &log);
     Ok(code)
 }
 

@@ -4,13 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use agex_backup::{run, status};
 use agex_core::Project;
 use agex_schedule::daemon::{self, DaemonOptions, State};
 use agex_schedule::install::{self, InstallPlan};
 use agex_schedule::job::{self, Job, JobKind};
+use agex_schedule::job_run::JobRun;
 use agex_schedule::notify::{Event, Notifier, Outcome};
 use agex_schedule::systemctl::Systemctl;
 use agex_schedule::units::{self, UnitOptions};
@@ -59,58 +59,19 @@ pub fn send(n: &Notifier, event: &Event) {
     }
 }
 
-/// A job command's run: the `/start` ping now; when it ends, the result notified and
-/// recorded (`/var/lib/agex/jobs.json`, shown by `agex schedule`).
-pub struct Notified {
-    notifier: Notifier,
-    started: Instant,
-    started_at: chrono::DateTime<chrono::Utc>,
-    job: String,
-    root: PathBuf,
+/// Starts a job command's run (`/start` ping), printing every problem as a warning.
+pub fn job_run(ctx: &Context, project: &Project, job: &str) -> JobRun {
+    let (run, warnings) = JobRun::start(notifier(ctx, project, job), job, ctx.global.root.clone());
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    run
 }
 
-impl Notified {
-    /// Sends the start ping of `job`.
-    pub fn start(ctx: &Context, project: &Project, job: &str) -> Notified {
-        let notifier = notifier(ctx, project, job);
-        if !notifier.is_empty() {
-            send(&notifier, &Event::Start);
-        }
-        Notified {
-            notifier,
-            started: Instant::now(),
-            started_at: chrono::Utc::now(),
-            job: job.to_string(),
-            root: ctx.global.root.clone(),
-        }
-    }
-
-    /// Records and sends the result: exit `code` and the lines the command printed.
-    pub fn finish(self, code: i32, log: &[String]) {
-        let result = match Outcome::from_exit(Some(code)) {
-            Outcome::Success => "ok",
-            Outcome::Partial => "partial",
-            Outcome::Failure => "failed",
-        };
-        let state = daemon::JobState {
-            last_run: self.started_at,
-            result: Some(result.into()),
-            exit_code: Some(code),
-            duration_seconds: Some(self.started.elapsed().as_secs_f64()),
-        };
-        if let Err(e) = agex_schedule::results::record(&self.root, &self.job, state) {
-            eprintln!("warning: the job's result was not recorded: {e}");
-        }
-        if self.notifier.is_empty() && self.notifier.warnings.is_empty() {
-            return;
-        }
-        let event = Event::Finish {
-            result: Outcome::from_exit(Some(code)),
-            exit_code: Some(code),
-            duration_seconds: self.started.elapsed().as_secs_f64(),
-            log_tail: agex_schedule::notify::tail(&log.join("\n")),
-        };
-        send(&self.notifier, &event);
+/// Ends a job command's run: its result recorded and notified.
+pub fn job_done(run: JobRun, code: i32, log: &[String]) {
+    for w in run.finish(code, log) {
+        eprintln!("warning: {w}");
     }
 }
 
