@@ -386,14 +386,28 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
     ] {
         assert!(service.contains(line), "{line} missing:\n{service}");
     }
-    // Immich dumps PostgreSQL through its socket; nothing of it lives under /home.
+    // Immich dumps PostgreSQL through its socket; bunk's repositories are reached over
+    // ssh, which reads known_hosts from home: home is read-only, not hidden.
     let drop_in =
         fs::read_to_string(out_dir.join("agex-backup@immich.service.d/agex.conf")).unwrap();
     assert!(
         drop_in.contains("ReadWritePaths=-/run/postgresql"),
         "{drop_in}"
     );
+    assert!(drop_in.contains("ProtectHome=read-only"), "{drop_in}");
+    // With local repositories and nothing under /home, home is hidden and the
+    // repository is writable.
+    let local = Setup::new("");
+    let local_out = local.fx.tmp.path().join("units");
+    assert_ok(&local.agex(&["systemd", "generate", "--out", local_out.to_str().unwrap()]));
+    let drop_in =
+        fs::read_to_string(local_out.join("agex-backup@testapp.service.d/agex.conf")).unwrap();
     assert!(drop_in.contains("ProtectHome=yes"), "{drop_in}");
+    let repo = local.fx.tmp.path().join("repo-restic");
+    assert!(
+        drop_in.contains(&format!("ReadWritePaths=-{}", repo.display())),
+        "{drop_in}"
+    );
     // A cron schedule is converted: actual.toml says "0 3 * * *".
     let actual = fs::read_to_string(out_dir.join("agex-backup-actual.timer")).unwrap();
     assert!(actual.contains("OnCalendar=*-*-* 3:0:00"), "{actual}");
