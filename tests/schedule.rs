@@ -408,6 +408,16 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
         drop_in.contains(&format!("ReadWritePaths=-{}", repo.display())),
         "{drop_in}"
     );
+    // Every unit runs this agex with the configuration and host it was generated for.
+    let activate = fs::read_to_string(out_dir.join("agex-activate.service")).unwrap();
+    let exec = format!(
+        "ExecStart={} -C {} --host bunk activate last --no-restart",
+        common::agex_bin().display(),
+        fx.dir().canonicalize().unwrap().display()
+    );
+    assert!(activate.contains(&exec), "{exec}\n{activate}");
+    let backup = fs::read_to_string(out_dir.join("agex-backup@.service")).unwrap();
+    assert!(backup.contains(&format!("ExecStart={} -C", common::agex_bin().display())));
     // A cron schedule is converted: actual.toml says "0 3 * * *".
     let actual = fs::read_to_string(out_dir.join("agex-backup-actual.timer")).unwrap();
     assert!(actual.contains("OnCalendar=*-*-* 3:0:00"), "{actual}");
