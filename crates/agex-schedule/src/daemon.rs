@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use agex_core::Project;
 use chrono::{DateTime, Local, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::error::ScheduleError;
 use crate::job::{jobs, Job};
@@ -101,12 +101,64 @@ pub struct DaemonOptions {
 struct Shared {
     opts: DaemonOptions,
     state: Mutex<State>,
-    sem: Mutex<Arc<Semaphore>>,
+    slots: Slots,
     repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     job_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     children: Mutex<HashMap<String, u32>>,
     stopping: AtomicBool,
     notifier: Arc<MakeNotifier>,
+}
+
+/// At most `limit` jobs at once; the limit can change on reload and then holds for
+/// every job, those already running included.
+struct Slots {
+    state: Mutex<(usize, usize)>,
+    freed: Notify,
+}
+
+/// A running job's slot, given back when dropped.
+struct Slot<'a>(&'a Slots);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.state.lock() {
+            s.1 = s.1.saturating_sub(1);
+        }
+        self.0.freed.notify_waiters();
+    }
+}
+
+impl Slots {
+    fn new(limit: usize) -> Slots {
+        Slots {
+            state: Mutex::new((limit, 0)),
+            freed: Notify::new(),
+        }
+    }
+
+    fn set_limit(&self, limit: usize) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = limit;
+        }
+        self.freed.notify_waiters();
+    }
+
+    async fn acquire(&self) -> Slot<'_> {
+        loop {
+            // Registered before the check, so a slot freed in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if s.1 < s.0 {
+                    s.1 += 1;
+                    return Slot(self);
+                }
+            }
+            freed.await;
+        }
+    }
 }
 
 fn lock_of(
@@ -147,9 +199,7 @@ pub fn run(
         }
     });
     let shared = Arc::new(Shared {
-        sem: Mutex::new(Arc::new(Semaphore::new(
-            project.config.schedule.max_concurrent,
-        ))),
+        slots: Slots::new(project.config.schedule.max_concurrent),
         opts,
         state: Mutex::new(state),
         repo_locks: Mutex::default(),
@@ -173,8 +223,7 @@ pub fn run(
             match load() {
                 Ok(p) => {
                     let _ = cancel.send(true);
-                    *shared.sem.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Arc::new(Semaphore::new(p.config.schedule.max_concurrent));
+                    shared.slots.set_limit(p.config.schedule.max_concurrent);
                     grace = Duration::from_secs(p.config.schedule.grace);
                     let (c, h) = start(&shared, &p);
                     tracing::info!(jobs = h.len(), "configuration reloaded");
@@ -336,10 +385,7 @@ async fn run_job(job: &Job, shared: &Shared, project: &Project) {
     // repository in name order (no two jobs wait on each other in a cycle).
     let job_lock = lock_of(&shared.job_locks, &job.name);
     let _job_guard = job_lock.lock().await;
-    let sem = Arc::clone(&*shared.sem.lock().unwrap_or_else(|e| e.into_inner()));
-    let Ok(_permit) = sem.acquire_owned().await else {
-        return;
-    };
+    let _slot = shared.slots.acquire().await;
     let mut repos = job.repositories.clone();
     repos.sort();
     let locks: Vec<_> = repos
@@ -438,4 +484,46 @@ async fn run_job(job: &Job, shared: &Shared, project: &Project) {
         );
     });
     drop(guards);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn slots_hold_the_limit_and_follow_a_new_one() {
+        let slots = Slots::new(1);
+        let a = slots.acquire().await;
+        let waiting = tokio::time::timeout(Duration::from_millis(50), slots.acquire()).await;
+        assert!(waiting.is_err(), "a second job got a slot over the limit");
+        drop(a);
+        let b = tokio::time::timeout(Duration::from_millis(50), slots.acquire())
+            .await
+            .expect("a freed slot is taken");
+        slots.set_limit(2);
+        let c = tokio::time::timeout(Duration::from_millis(50), slots.acquire()).await;
+        assert!(c.is_ok(), "a raised limit is used at once");
+        slots.set_limit(1);
+        drop(c);
+        // b still runs: with the limit lowered to 1, nothing else starts.
+        let d = tokio::time::timeout(Duration::from_millis(50), slots.acquire()).await;
+        assert!(d.is_err());
+        drop(b);
+    }
+
+    #[test]
+    fn missed_slots_are_counted_not_replayed() {
+        let job = Job {
+            name: "backup-x".into(),
+            kind: crate::job::JobKind::Backup {
+                service: "x".into(),
+            },
+            schedule: "*-*-* *:*:0/10".parse().unwrap(),
+            repositories: vec![],
+        };
+        let last = Utc::now() - chrono::Duration::seconds(35);
+        let n = missed(&job, last, Utc::now());
+        assert!((3..=4).contains(&n), "{n}");
+        assert_eq!(missed(&job, Utc::now(), Utc::now()), 0);
+    }
 }
