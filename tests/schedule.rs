@@ -44,7 +44,12 @@ impl Setup {
         let at = text.find("[notify]").expect("example has [notify]");
         text.truncate(at);
         text.push_str(notify);
-        text.push_str("\n[backup]\nlock_wait = 5\n\n[schedule]\ngrace = 0\nmax_concurrent = 2\n");
+        // Checks, drill and overdue check far away: daemon tests see only their own jobs.
+        text.push_str(
+            "\n[backup]\nlock_wait = 5\n\n[schedule]\ngrace = 0\nmax_concurrent = 2\n\
+             check = \"2099-01-01 00:00:00\"\ndrill = \"2099-01-01 00:00:00\"\n\
+             overdue = \"2099-01-01 00:00:00\"\n",
+        );
         fs::write(&cfg, text).unwrap();
         for e in fs::read_dir(fx.dir().join("policies")).unwrap().flatten() {
             fs::remove_file(e.path()).unwrap();
@@ -346,8 +351,8 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
     }
     units.sort();
     let timers = units.iter().filter(|u| u.ends_with(".timer")).count();
-    // 12 backups, 2 repository checks, 1 drill.
-    assert_eq!(timers, 15, "{units:#?}");
+    // 12 backups, 2 repository checks, the drill, the overdue check.
+    assert_eq!(timers, 16, "{units:#?}");
     for service in ["immich", "vikunja", "paperless"] {
         assert!(units
             .iter()
@@ -479,7 +484,7 @@ fn install_is_idempotent_and_removes_units_of_removed_services() {
     let lines: Vec<&str> = first.lines().collect();
     assert_eq!(lines[0], "daemon-reload", "{first}");
     assert!(lines[1].starts_with("enable --now ") && lines[1].contains("agex-backup-immich.timer"));
-    assert_eq!(lines[1].split_whitespace().count(), 2 + 15, "{first}");
+    assert_eq!(lines[1].split_whitespace().count(), 2 + 16, "{first}");
     assert!(lines.contains(&"enable agex-activate.service"), "{first}");
     assert!(unit_dir.join("agex-backup-vikunja.timer").is_file());
     assert!(unit_dir
@@ -962,16 +967,18 @@ fn schedule_lists_jobs_next_runs_and_last_results() {
             "backup-testapp",
             "check-offsite-borg",
             "check-offsite-restic",
-            "drill"
+            "drill",
+            "overdue"
         ]
     );
+    assert_eq!(jobs[4]["kind"], "overdue");
     let b = &jobs[0];
     assert_eq!(b["schedule"], "0 3 * * *");
     assert_eq!(b["on_calendar"], "*-*-* 3:0:00");
     assert_eq!(b["next"].as_array().unwrap().len(), 3);
     assert!(b["next"][0].as_str().unwrap().contains("T03:00:00"), "{b}");
     assert_eq!(b["last_result"], "ok");
-    assert_eq!(jobs[3]["schedule"], "*-*-01 05:00:00");
+    assert_eq!(jobs[3]["schedule"], "2099-01-01 00:00:00");
     assert_eq!(jobs[1]["last_result"], serde_json::Value::Null);
 
     // A check records its own result (no run record exists for it); a failing one too.

@@ -223,6 +223,7 @@ struct RawScheduleSettings {
     max_concurrent: Option<Spanned<usize>>,
     check: Option<Spanned<String>>,
     drill: Option<Spanned<String>>,
+    overdue: Option<Spanned<String>>,
     grace: Option<Spanned<u64>>,
     randomized_delay: Option<Spanned<u64>>,
 }
@@ -231,6 +232,8 @@ struct RawScheduleSettings {
 pub const DEFAULT_CHECK_SCHEDULE: &str = "Sun *-*-* 04:00:00";
 /// The default schedule of the restore drill (monthly).
 pub const DEFAULT_DRILL_SCHEDULE: &str = "*-*-01 05:00:00";
+/// The default schedule of the overdue-backup check (hourly).
+pub const DEFAULT_OVERDUE_SCHEDULE: &str = "*-*-* *:15:00";
 
 /// `[schedule]` settings: the jobs besides backups, and how the daemon runs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +244,8 @@ pub struct ScheduleSettings {
     pub check: crate::schedule::Schedule,
     /// When the restore drill runs.
     pub drill: crate::schedule::Schedule,
+    /// When `agex status --max-age` looks for overdue backups.
+    pub overdue: crate::schedule::Schedule,
     /// Seconds running jobs get to finish after SIGTERM before they are cancelled.
     pub grace: u64,
     /// Seconds of random delay a systemd timer adds (spreads load; 0 for none).
@@ -255,6 +260,8 @@ impl Default for ScheduleSettings {
                 .unwrap_or_else(|_| unreachable!("the default check schedule is valid")),
             drill: crate::schedule::Schedule::from_str(DEFAULT_DRILL_SCHEDULE)
                 .unwrap_or_else(|_| unreachable!("the default drill schedule is valid")),
+            overdue: crate::schedule::Schedule::from_str(DEFAULT_OVERDUE_SCHEDULE)
+                .unwrap_or_else(|_| unreachable!("the default overdue schedule is valid")),
             grace: 60,
             randomized_delay: 900,
         }
@@ -280,6 +287,7 @@ fn schedule_settings(
     for (what, value, slot) in [
         ("check", &raw.check, &mut out.check),
         ("drill", &raw.drill, &mut out.drill),
+        ("overdue", &raw.overdue, &mut out.overdue),
     ] {
         if let Some(v) = value {
             match crate::schedule::Schedule::from_str(v.get_ref()) {

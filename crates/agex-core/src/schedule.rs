@@ -301,7 +301,7 @@ fn from_calendar(text: &str) -> Result<(String, String), String> {
         field(day, "day", 1, 31)?,
         field(month, "month", 1, 12)?,
         dow,
-        field(year, "year", 1970, 2199)?,
+        field(year, "year", 1970, 2099)?,
     );
     let on_calendar = if dow == "*" {
         format!("{year}-{month}-{day} {hour}:{minute}:{second}")
@@ -367,6 +367,7 @@ mod tests {
             "0 3 1 * 1",
             "*-*-* *:*/15:00",
             "0 3 * * */2",
+            "2199-01-01 00:00:00",
         ] {
             assert!(bad.parse::<Schedule>().is_err(), "{bad} accepted");
         }

@@ -28,6 +28,8 @@ pub enum JobKind {
     },
     /// `agex drill --all`.
     Drill,
+    /// `agex status --max-age`: alert about overdue backups.
+    Overdue,
 }
 
 /// One scheduled job.
@@ -58,13 +60,17 @@ impl Job {
             JobKind::Forget { service } => v(&["forget", "--service", service]),
             JobKind::Check { repo } => v(&["repo", "check", repo]),
             JobKind::Drill => v(&["drill", "--all"]),
+            JobKind::Overdue => v(&["status", "--max-age"]),
         }
     }
 
-    /// Whether the command sends its own notifications (backup and check do; forget
-    /// and the drill are notified about by whoever runs them).
+    /// Whether the command sends its own notifications (backup, check and the overdue
+    /// check do; forget and the drill are notified about by whoever runs them).
     pub fn notifies_itself(&self) -> bool {
-        matches!(self.kind, JobKind::Backup { .. } | JobKind::Check { .. })
+        matches!(
+            self.kind,
+            JobKind::Backup { .. } | JobKind::Check { .. } | JobKind::Overdue
+        )
     }
 
     /// The systemd service that runs it.
@@ -74,6 +80,7 @@ impl Job {
             JobKind::Forget { service } => format!("agex-forget@{service}.service"),
             JobKind::Check { repo } => format!("agex-check@{repo}.service"),
             JobKind::Drill => "agex-drill.service".into(),
+            JobKind::Overdue => "agex-overdue.service".into(),
         }
     }
 
@@ -94,7 +101,7 @@ pub fn job_of_unit(unit: &str) -> Option<String> {
     }
 }
 
-/// Every job of the project, backups first, each kind sorted by name.
+/// Every job of the project: backups, forgets, checks, the drill, the overdue check.
 pub fn jobs(project: &Project) -> Vec<Job> {
     let mut out = Vec::new();
     for (service, p) in &project.policies {
@@ -134,6 +141,12 @@ pub fn jobs(project: &Project) -> Vec<Job> {
             kind: JobKind::Drill,
             schedule: settings.drill.clone(),
             repositories: project.config.repositories.keys().cloned().collect(),
+        });
+        out.push(Job {
+            name: "overdue".into(),
+            kind: JobKind::Overdue,
+            schedule: settings.overdue.clone(),
+            repositories: vec![],
         });
     }
     out

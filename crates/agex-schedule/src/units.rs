@@ -15,6 +15,7 @@ const BACKUP_SERVICE: &str = include_str!("../../../systemd/agex-backup@.service
 const FORGET_SERVICE: &str = include_str!("../../../systemd/agex-forget@.service");
 const CHECK_SERVICE: &str = include_str!("../../../systemd/agex-check@.service");
 const DRILL_SERVICE: &str = include_str!("../../../systemd/agex-drill.service");
+const OVERDUE_SERVICE: &str = include_str!("../../../systemd/agex-overdue.service");
 const NOTIFY_SERVICE: &str = include_str!("../../../systemd/agex-notify@.service");
 const ACTIVATE_SERVICE: &str = include_str!("../../../systemd/agex-activate.service");
 const TIMER: &str = include_str!("../../../systemd/agex.timer.in");
@@ -95,6 +96,7 @@ pub fn generate(
             JobKind::Forget { .. } => ("agex-forget@.service", FORGET_SERVICE),
             JobKind::Check { .. } => ("agex-check@.service", CHECK_SERVICE),
             JobKind::Drill => ("agex-drill.service", DRILL_SERVICE),
+            JobKind::Overdue => ("agex-overdue.service", OVERDUE_SERVICE),
         };
         if templates.insert(template_name) {
             out.push(UnitFile {
