@@ -56,7 +56,7 @@ step "$AGEX" --root "$root" rollback --no-restart "${flags[@]}"
 
 # Backups: the example's offsite repositories, pointed at local directories for the demo.
 sed -i -e "s#^url *= \"sftp:.*#url = \"$work/restic\"#" -e "s#^url *= \"ssh://.*#url = \"$work/borg\"#" \
-  -e '/^ssh_key_secret/d' agex.toml
+  -e '/^ssh_key_secret/d' -e '/^healthchecks *=/d' agex.toml   # no ping to the demo healthchecks URL
 mkdir -p "$root/var/lib/vikunja/files" "$root/var/lib/mealie"
 echo "an attachment" > "$root/var/lib/vikunja/files/task-1.txt"
 sqlite3 "$root/var/lib/vikunja/vikunja.db" "CREATE TABLE tasks(id INTEGER PRIMARY KEY, title TEXT); INSERT INTO tasks(title) VALUES ('water the plants'), ('renew the domain');"

@@ -37,6 +37,8 @@ impl Setup {
         if !borg_over_ssh {
             text = text.replace("ssh_key_secret  = \"borg-ssh-key\"\n", "");
         }
+        // Tests talk to 127.0.0.1 only: no ping to the example's healthchecks URL.
+        text = text.replace("healthchecks = \"secret:healthchecks-url\"\n", "");
         text.push_str("\n[backup]\nlock_wait = 5\nmetrics_dir = \"/var/lib/node-exporter\"\n");
         fs::write(&cfg, text).unwrap();
         let root = fx.root();

@@ -93,7 +93,42 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Vec<Change> {
             details,
         );
     }
+    carried(a, b, &mut out);
     out
+}
+
+/// Changes of carried files: backup policies and systemd units (schedules).
+fn carried(a: &Manifest, b: &Manifest, out: &mut Vec<Change>) {
+    let fa: BTreeMap<&str, _> = a.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let fb: BTreeMap<&str, _> = b.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let paths: BTreeSet<&str> = fa.keys().chain(fb.keys()).copied().collect();
+    for path in paths {
+        let (x, y) = (fa.get(path), fb.get(path));
+        let kind = match (x, y) {
+            (None, Some(_)) => ChangeKind::Added,
+            (Some(_), None) => ChangeKind::Removed,
+            (Some(x), Some(y)) if x.sha256 != y.sha256 => ChangeKind::Changed,
+            _ => continue,
+        };
+        let details = match (x, y) {
+            (Some(x), Some(y)) if x.note != y.note => vec![format!("{} -> {}", x.note, y.note)],
+            (Some(_), Some(_)) => vec!["content".to_string()],
+            (Some(f), None) | (None, Some(f)) if !f.note.is_empty() => vec![f.note.clone()],
+            _ => vec![],
+        };
+        let (item, name) = match path.split_once('/') {
+            Some(("policies", rest)) => ("policy", rest),
+            Some(("systemd", rest)) => ("unit", rest),
+            _ => ("file", path),
+        };
+        out.push(Change {
+            item,
+            name: name.to_string(),
+            kind,
+            details,
+            services: vec![],
+        });
+    }
 }
 
 fn push(
@@ -190,6 +225,7 @@ mod tests {
                 pieces: vec![Piece::Secret("x".into())],
                 placement: p("root"),
             }],
+            files: vec![],
         }
     }
 

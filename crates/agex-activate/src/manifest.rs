@@ -36,6 +36,23 @@ pub struct Manifest {
     pub secrets: Vec<SecretEntry>,
     /// Templates rendered on the host, by name.
     pub templates: Vec<TemplateEntry>,
+    /// Files carried for the rest of agex (the host's backup policies and the systemd
+    /// units generated from them), so one switch moves them with the secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<CarriedFile>,
+}
+
+/// One carried file of a generation (`files/<path>` in the store entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarriedFile {
+    /// Relative path: `policies/<service>.toml`, `systemd/<unit>`.
+    pub path: String,
+    /// SHA-256 of its content (hex).
+    pub sha256: String,
+    /// What matters about it in one line (a timer's `OnCalendar=`), shown by `agex diff`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
 }
 
 /// One secret of a generation.
@@ -90,6 +107,49 @@ pub struct Inputs {
     pub manifest: Manifest,
     /// The encrypted file of each secret, by name.
     pub ciphertexts: BTreeMap<String, Vec<u8>>,
+    /// The content of each carried file, by path.
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl Inputs {
+    /// Adds a file for the generation to carry (see [`Manifest::files`]).
+    pub fn carry(
+        &mut self,
+        path: &str,
+        content: Vec<u8>,
+        note: String,
+    ) -> Result<(), ActivateError> {
+        check_carried_path(path).map_err(|reason| ActivateError::Invalid {
+            path: PathBuf::from(path),
+            reason,
+        })?;
+        self.manifest.files.retain(|f| f.path != path);
+        self.manifest.files.push(CarriedFile {
+            path: path.to_string(),
+            sha256: sha256_hex(&content),
+            note,
+        });
+        self.manifest.files.sort_by(|a, b| a.path.cmp(&b.path));
+        self.files.insert(path.to_string(), content);
+        Ok(())
+    }
+}
+
+/// A carried file's path: relative, plain components, none hidden.
+fn check_carried_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && p.components().all(|c| match c {
+            Component::Normal(n) => !n.to_string_lossy().starts_with('.'),
+            _ => false,
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "carried file `{path}` is not a plain relative path"
+        ))
+    }
 }
 
 impl Manifest {
@@ -187,8 +247,10 @@ impl Manifest {
                 keep: project.config.activation.keep.max(1),
                 secrets,
                 templates,
+                files: Vec::new(),
             },
             ciphertexts,
+            files: BTreeMap::new(),
         })
     }
 
@@ -252,6 +314,9 @@ impl Manifest {
                     t.name
                 )));
             }
+        }
+        for f in &self.files {
+            check_carried_path(&f.path).map_err(bad)?;
         }
         Ok(())
     }
@@ -388,6 +453,7 @@ mod tests {
                 pieces: vec![Piece::Text("A=".into()), Piece::Secret("a".into())],
                 placement: placement(&[]),
             }],
+            files: vec![],
         }
     }
 
@@ -416,6 +482,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("nope"));
+    }
+
+    #[test]
+    fn carried_files_are_plain_paths() {
+        assert!(check_carried_path("systemd/agex-backup@x.service.d/agex.conf").is_ok());
+        for bad in ["", "/etc/x", "../x", "a/../b", ".hidden", "a/.b"] {
+            assert!(check_carried_path(bad).is_err(), "{bad}");
+        }
+        // No carried files: the manifest bytes (and hash) are what they were before.
+        assert!(!String::from_utf8(manifest().to_bytes())
+            .unwrap()
+            .contains("files"));
     }
 
     #[test]

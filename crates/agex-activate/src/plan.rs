@@ -349,6 +349,7 @@ mod tests {
                 pieces: vec![Piece::Secret("s".into())],
                 placement: placement(owner, &[]),
             }],
+            files: vec![],
         }
     }
 

@@ -15,6 +15,8 @@ use crate::manifest::{hash_bytes, sha256_hex, Inputs, Manifest};
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Directory of encrypted files inside a store entry.
 pub const SECRETS_DIR: &str = "secrets";
+/// Directory of carried files (policies, systemd units) inside a store entry.
+pub const FILES_DIR: &str = "files";
 const ENTRY_SUFFIX: &str = "-generation";
 
 /// Proof that this process holds the state lock: build, activate and rollback need it,
@@ -120,6 +122,16 @@ pub fn build(lock: &StateLock, inputs: &Inputs) -> Result<BuiltGeneration, Activ
                 });
             }
         }
+        for f in &manifest.files {
+            let rel = format!("{FILES_DIR}/{}", f.path);
+            let actual = fs::read(entry.join(&rel)).map(|b| sha256_hex(&b));
+            if actual.as_ref().ok() != Some(&f.sha256) {
+                return Err(ActivateError::CorruptStore {
+                    path: entry,
+                    reason: format!("{rel} does not match the manifest"),
+                });
+            }
+        }
     }
 
     let links = list(layout)?;
@@ -173,6 +185,23 @@ fn write_entry(
                 )))
             })?;
             write_file(&secrets.join(format!("{}.age", s.name)), data)?;
+        }
+        for f in &inputs.manifest.files {
+            let data = inputs.files.get(&f.path).ok_or_else(|| {
+                ActivateError::io(&staging)(std::io::Error::other(format!(
+                    "no content for carried file `{}`",
+                    f.path
+                )))
+            })?;
+            let path = staging.join(FILES_DIR).join(&f.path);
+            if let Some(dir) = path.parent() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(ActivateError::io(dir))?;
+            }
+            write_file(&path, data)?;
         }
         write_file(&staging.join(MANIFEST_FILE), manifest_bytes)?;
         set_mode(&secrets, 0o500)?;
@@ -277,6 +306,31 @@ impl StoredGeneration {
         if actual != entry.sha256 {
             return Err(corrupt(format!(
                 "{SECRETS_DIR}/{name}.age hashes to {actual}, the manifest says {}",
+                entry.sha256
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// A carried file (`policies/x.toml`, `systemd/x.timer`), checked against the
+    /// manifest's digest.
+    pub fn carried(&self, path: &str) -> Result<Vec<u8>, ActivateError> {
+        let corrupt = |reason: String| ActivateError::CorruptStore {
+            path: self.path.clone(),
+            reason,
+        };
+        let entry = self
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.path == path)
+            .ok_or_else(|| corrupt(format!("`{path}` is not in the manifest")))?;
+        let bytes = fs::read(self.path.join(FILES_DIR).join(path))
+            .map_err(|e| corrupt(format!("{FILES_DIR}/{path}: {e}")))?;
+        let actual = sha256_hex(&bytes);
+        if actual != entry.sha256 {
+            return Err(corrupt(format!(
+                "{FILES_DIR}/{path} hashes to {actual}, the manifest says {}",
                 entry.sha256
             )));
         }

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod borg;
+pub mod cancel;
 pub mod dump;
 pub mod error;
 pub mod lock;

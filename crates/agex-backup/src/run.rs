@@ -268,14 +268,17 @@ impl StoppedUnits<'_> {
     fn restart(mut self) -> Result<(), String> {
         let units = std::mem::take(&mut self.units);
         match (self.systemctl, units.is_empty()) {
-            (Some(cmd), false) => process::run(
-                std::process::Command::new(&cmd[0])
-                    .args(&cmd[1..])
-                    .arg("start")
-                    .args(units),
-            )
-            .map(|_| ())
-            .map_err(|e| format!("starting {} again failed: {e}", units.join(", "))),
+            (Some(cmd), false) => {
+                crate::cancel::units_started(units);
+                process::run(
+                    std::process::Command::new(&cmd[0])
+                        .args(&cmd[1..])
+                        .arg("start")
+                        .args(units),
+                )
+                .map(|_| ())
+                .map_err(|e| format!("starting {} again failed: {e}", units.join(", ")))
+            }
             _ => Ok(()),
         }
     }
@@ -285,6 +288,7 @@ impl StoppedUnits<'_> {
 impl Drop for StoppedUnits<'_> {
     fn drop(&mut self) {
         if let (Some(cmd), false) = (self.systemctl, self.units.is_empty()) {
+            crate::cancel::units_started(self.units);
             let _ = process::run(
                 std::process::Command::new(&cmd[0])
                     .args(&cmd[1..])
@@ -315,7 +319,10 @@ fn stop_units<'a>(env: &'a Env<'_>, policy: &'a Policy) -> Result<StoppedUnits<'
             .arg("stop")
             .args(&policy.stop_units),
     )
-    .map(|_| guard)
+    .map(|_| {
+        crate::cancel::units_stopped(cmd, &policy.stop_units);
+        guard
+    })
     .map_err(|e| format!("stopping units failed: {e}"))
 }
 
@@ -579,7 +586,13 @@ fn backup_service(
                     bytes_added: added,
                     warnings,
                 };
-                if let Some(ret) = policy.retention.as_ref().filter(|r| r.keeps_something()) {
+                // A retention with its own schedule runs as a separate forget job.
+                let inline = policy.forget_schedule.is_none();
+                if let Some(ret) = policy
+                    .retention
+                    .as_ref()
+                    .filter(|r| inline && r.keeps_something())
+                {
                     if let Err(e) = forget(access, &env.state, service, ret, ret.prune, false) {
                         ok.warnings.push(format!("retention failed: {e}"));
                     }
@@ -696,6 +709,7 @@ fn borg_side(
             return fail(&fifos, BackupError::io(&fifo)(e.into()));
         }
         rel_paths.push(rel(path));
+        crate::cancel::fifo_made(fifo.clone());
         fifos.push(fifo);
     }
     let mut cmd = borg.command();
@@ -725,7 +739,10 @@ fn borg_side(
         .stderr(std::process::Stdio::piped())
         .spawn();
     let mut child = match child {
-        Ok(c) => c,
+        Ok(c) => {
+            crate::cancel::child_started(c.id());
+            c
+        }
         Err(source) => {
             return fail(
                 &fifos,
@@ -752,7 +769,9 @@ fn borg_side(
         let meter = meter.cloned();
         std::thread::spawn(move || crate::borg::read_log(e, meter.as_deref()))
     });
+    let pid = child.id();
     let out = child.wait_with_output();
+    crate::cancel::child_done(pid);
     let log = log.and_then(|t| t.join().ok()).unwrap_or_default();
     borg_done.store(true, Ordering::SeqCst);
     for w in writers {
@@ -787,6 +806,7 @@ fn borg_side(
 fn cleanup_fifos(fifos: &[PathBuf]) {
     for f in fifos {
         let _ = std::fs::remove_file(f);
+        crate::cancel::fifo_removed(f);
     }
 }
 

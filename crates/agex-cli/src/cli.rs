@@ -167,11 +167,31 @@ pub enum Command {
         dry_run: bool,
     },
     /// Last backup per service and repository: when, result, size, duration
-    Status,
+    Status {
+        /// Exit 1 and notify when a service's last success in a repository is older than
+        /// this (`26h`, `2d`); without a value, 1.5 × the period of its schedule
+        #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "auto")]
+        max_age: Option<String>,
+    },
     /// Repository maintenance
     Repo {
         #[command(subcommand)]
         command: RepoCommand,
+    },
+    /// Every scheduled job: its schedule, next three runs, last result
+    Schedule,
+    /// systemd units and timers for this host's jobs
+    Systemd {
+        #[command(subcommand)]
+        command: SystemdCommand,
+    },
+    /// Run the schedule in-process (where systemd is absent); SIGHUP reloads, SIGTERM stops
+    Daemon,
+    /// Send a notification (used by agex-notify@.service when an agex unit fails)
+    Notify {
+        /// The systemd unit that failed
+        #[arg(long, value_name = "UNIT")]
+        failed_unit: String,
     },
 }
 
@@ -215,4 +235,29 @@ pub struct SwitchArgs {
 pub enum SecretsCommand {
     /// Every secret: recipients, services, status (ok / stale / missing / orphan)
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SystemdCommand {
+    /// Write the units and timers into a directory
+    Generate {
+        /// Where to write them
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// The agex binary the units run (default: this one)
+        #[arg(long, value_name = "PATH")]
+        agex: Option<std::path::PathBuf>,
+    },
+    /// Install them into <root>/etc/systemd/system, remove stale ones, reload, enable timers
+    Install {
+        /// The agex binary the units run (default: this one)
+        #[arg(long, value_name = "PATH")]
+        agex: Option<std::path::PathBuf>,
+        /// Show what would change, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Command that runs systemctl (default: `systemctl` when --root is /, none otherwise)
+        #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
+        systemctl: Option<String>,
+    },
 }

@@ -11,9 +11,10 @@ use std::io::Write;
 
 use clap::Parser;
 
-use cli::{Cli, Command, RepoCommand, SecretsCommand};
+use cli::{Cli, Command, RepoCommand, SecretsCommand, SystemdCommand};
 use commands::activate;
 use commands::backup;
+use commands::schedule;
 use commands::secrets;
 use context::Context;
 use error::Failure;
@@ -87,7 +88,8 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             prune,
             dry_run,
         } => backup::cmd_forget(&ctx, service.as_deref(), repo.as_deref(), prune, dry_run),
-        Command::Status => backup::cmd_status(&ctx),
+        Command::Status { max_age: None } => backup::cmd_status(&ctx),
+        Command::Status { max_age: Some(m) } => schedule::cmd_overdue(&ctx, &m),
         Command::Repo { command } => match command {
             RepoCommand::Init { repo } => backup::cmd_repo_init(&ctx, &repo),
             RepoCommand::Check {
@@ -96,5 +98,18 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             } => backup::cmd_repo_check(&ctx, repo.as_deref(), read_data_subset.as_deref()),
             RepoCommand::Unlock { repo } => backup::cmd_repo_unlock(&ctx, &repo),
         },
+        Command::Schedule => schedule::cmd_schedule(&ctx),
+        Command::Systemd { command } => match command {
+            SystemdCommand::Generate { out, agex } => {
+                schedule::cmd_systemd_generate(&ctx, &out, agex)
+            }
+            SystemdCommand::Install {
+                agex,
+                dry_run,
+                systemctl,
+            } => schedule::cmd_systemd_install(&ctx, agex, dry_run, systemctl.as_deref()),
+        },
+        Command::Daemon => schedule::cmd_daemon(&ctx),
+        Command::Notify { failed_unit } => schedule::cmd_notify_failed_unit(&ctx, &failed_unit),
     }
 }

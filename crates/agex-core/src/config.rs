@@ -30,6 +30,8 @@ struct RawConfig {
     notify: Notify,
     #[serde(default)]
     backup: BackupSettings,
+    #[serde(default)]
+    schedule: RawScheduleSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +148,176 @@ pub struct Notify {
     pub healthchecks: Option<Spanned<String>>,
     /// ntfy topic URL.
     pub ntfy: Option<Spanned<String>>,
+    /// `[notify.jobs.<job>]`: targets for one job (`backup-<service>`, `check-<repo>`,
+    /// `forget-<service>`, `drill`, `overdue`), used in addition to the global ones.
+    #[serde(default)]
+    pub jobs: BTreeMap<Spanned<String>, NotifyTargets>,
+}
+
+/// Where one job's results go. Values may be `secret:NAME`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyTargets {
+    /// Generic JSON webhook.
+    pub webhook: Option<Spanned<String>>,
+    /// healthchecks.io-style ping URL.
+    pub healthchecks: Option<Spanned<String>>,
+    /// ntfy topic URL.
+    pub ntfy: Option<Spanned<String>>,
+}
+
+impl Notify {
+    /// Every configured URL value with what it is, global ones first.
+    pub fn all_urls(&self) -> Vec<(&'static str, &Spanned<String>)> {
+        let mut out: Vec<(&'static str, &Spanned<String>)> = Vec::new();
+        for (what, v) in [
+            ("webhook", &self.webhook),
+            ("healthchecks", &self.healthchecks),
+            ("ntfy", &self.ntfy),
+        ] {
+            out.extend(v.iter().map(|v| (what, v)));
+        }
+        for t in self.jobs.values() {
+            out.extend(t.urls());
+        }
+        out
+    }
+}
+
+impl NotifyTargets {
+    /// The configured URL values with what each is.
+    pub fn urls(&self) -> Vec<(&'static str, &Spanned<String>)> {
+        [
+            ("webhook", &self.webhook),
+            ("healthchecks", &self.healthchecks),
+            ("ntfy", &self.ntfy),
+        ]
+        .into_iter()
+        .filter_map(|(what, v)| v.as_ref().map(|v| (what, v)))
+        .collect()
+    }
+}
+
+/// Checks a notification target: an `http(s)://host...` URL or `secret:NAME`.
+pub fn check_notify_url(value: &str) -> Result<(), String> {
+    if let Some(name) = value.strip_prefix("secret:") {
+        return if name.is_empty() {
+            Err("`secret:` names no secret".into())
+        } else {
+            Ok(())
+        };
+    }
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{value}` is not an http:// or https:// URL (or `secret:NAME`)"))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_only = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let name = match host_only.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') || host_only.starts_with('[') => {
+            if port.parse::<u16>().is_err() {
+                return Err(format!("`{value}`: port `{port}` is not a number"));
+            }
+            h
+        }
+        _ => host_only,
+    };
+    if name.is_empty() || value.chars().any(char::is_whitespace) {
+        return Err(format!("`{value}` has no host or contains spaces"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduleSettings {
+    max_concurrent: Option<Spanned<usize>>,
+    check: Option<Spanned<String>>,
+    drill: Option<Spanned<String>>,
+    overdue: Option<Spanned<String>>,
+    grace: Option<Spanned<u64>>,
+    randomized_delay: Option<Spanned<u64>>,
+}
+
+/// The default schedule of `agex repo check` (weekly).
+pub const DEFAULT_CHECK_SCHEDULE: &str = "Sun *-*-* 04:00:00";
+/// The default schedule of the restore drill (monthly).
+pub const DEFAULT_DRILL_SCHEDULE: &str = "*-*-01 05:00:00";
+/// The default schedule of the overdue-backup check (hourly).
+pub const DEFAULT_OVERDUE_SCHEDULE: &str = "*-*-* *:15:00";
+
+/// `[schedule]` settings: the jobs besides backups, and how the daemon runs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleSettings {
+    /// How many jobs `agex daemon` runs at once (jobs sharing a repository never overlap).
+    pub max_concurrent: usize,
+    /// When each repository is checked.
+    pub check: crate::schedule::Schedule,
+    /// When the restore drill runs.
+    pub drill: crate::schedule::Schedule,
+    /// When `agex status --max-age` looks for overdue backups.
+    pub overdue: crate::schedule::Schedule,
+    /// Seconds running jobs get to finish after SIGTERM before they are cancelled.
+    pub grace: u64,
+    /// Seconds of random delay a systemd timer adds (spreads load; 0 for none).
+    pub randomized_delay: u64,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        ScheduleSettings {
+            max_concurrent: 2,
+            check: crate::schedule::Schedule::from_str(DEFAULT_CHECK_SCHEDULE)
+                .unwrap_or_else(|_| unreachable!("the default check schedule is valid")),
+            drill: crate::schedule::Schedule::from_str(DEFAULT_DRILL_SCHEDULE)
+                .unwrap_or_else(|_| unreachable!("the default drill schedule is valid")),
+            overdue: crate::schedule::Schedule::from_str(DEFAULT_OVERDUE_SCHEDULE)
+                .unwrap_or_else(|_| unreachable!("the default overdue schedule is valid")),
+            grace: 60,
+            randomized_delay: 900,
+        }
+    }
+}
+
+fn schedule_settings(
+    raw: &RawScheduleSettings,
+    source: &SourceFile,
+    diags: &mut Diagnostics,
+) -> ScheduleSettings {
+    let mut out = ScheduleSettings::default();
+    if let Some(m) = &raw.max_concurrent {
+        if *m.get_ref() == 0 {
+            diags.push(source.error(
+                Some(m.span()),
+                "[schedule] max_concurrent must be at least 1",
+            ));
+        } else {
+            out.max_concurrent = *m.get_ref();
+        }
+    }
+    for (what, value, slot) in [
+        ("check", &raw.check, &mut out.check),
+        ("drill", &raw.drill, &mut out.drill),
+        ("overdue", &raw.overdue, &mut out.overdue),
+    ] {
+        if let Some(v) = value {
+            match crate::schedule::Schedule::from_str(v.get_ref()) {
+                Ok(s) => *slot = s,
+                Err(why) => diags.push(
+                    source
+                        .error(Some(v.span()), format!("[schedule] {what}: {why}"))
+                        .with_help("use systemd OnCalendar (\"weekly\", \"Sun 04:00\") or cron (\"0 4 * * 0\")"),
+                ),
+            }
+        }
+    }
+    if let Some(g) = &raw.grace {
+        out.grace = *g.get_ref();
+    }
+    if let Some(d) = &raw.randomized_delay {
+        out.randomized_delay = *d.get_ref();
+    }
+    out
 }
 
 /// A host that receives secrets.
@@ -189,6 +361,8 @@ pub struct Config {
     pub notify: Notify,
     /// Backup settings.
     pub backup: BackupSettings,
+    /// Schedule settings.
+    pub schedule: ScheduleSettings,
 }
 
 impl Config {
@@ -337,6 +511,12 @@ impl Config {
             Some(k) => *k.get_ref(),
             None => default_keep(),
         };
+        let schedule = schedule_settings(&raw.schedule, &source, &mut diags);
+        for (what, v) in raw.notify.all_urls() {
+            if let Err(why) = check_notify_url(v.get_ref()) {
+                diags.push(source.error(Some(v.span()), format!("[notify] {what}: {why}")));
+            }
+        }
         diags.into_result()?;
         Ok(Config {
             source,
@@ -347,6 +527,7 @@ impl Config {
             activation: Activation { keep },
             notify: raw.notify,
             backup: raw.backup,
+            schedule,
         })
     }
 
@@ -446,6 +627,40 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("duplicate name `admins`"), "{e}");
+    }
+
+    #[test]
+    fn schedule_and_notify_settings_are_checked() {
+        let c = parse("[schedule]\nmax_concurrent = 3\ncheck = \"daily\"\n").unwrap();
+        assert_eq!(c.schedule.max_concurrent, 3);
+        assert_eq!(c.schedule.check.on_calendar(), "*-*-* 00:00:00");
+        let e = parse("[schedule]\nmax_concurrent = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("agex.toml:2:18:"), "{e}");
+        let e = parse("[schedule]\ndrill = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("agex.toml:2:9: [schedule] drill"), "{e}");
+        let e = parse("[schedule]\nmax_concurent = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agex.toml:2:1"), "{e}");
+        let e = parse("[notify]\nntfy = \"ftp://x/y\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("agex.toml:2:8: [notify] ntfy"), "{e}");
+        let e = parse("[notify.jobs.backup-x]\nwebhook = \"http://:80/\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("agex.toml:2:11:"), "{e}");
+        for ok in [
+            "https://hc-ping.com/u",
+            "http://127.0.0.1:8080/x",
+            "secret:hc",
+        ] {
+            assert!(check_notify_url(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod schedule;
 pub mod template;
 
 pub use config::{BackupSettings, Config, Host, Repository, RepositoryKind};
+pub use config::{Notify, NotifyTargets, ScheduleSettings};
 pub use diagnostic::{Diagnostic, Diagnostics, SourceFile};
 pub use error::ConfigError;
 pub use lock::{Lock, LockEntry};

@@ -80,6 +80,9 @@ pub struct Retention {
     /// Free the space of forgotten snapshots right away (restic prune, borg compact).
     #[serde(default = "yes")]
     pub prune: bool,
+    /// Run `forget` as its own job on this schedule instead of after every backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -172,6 +175,8 @@ pub struct Policy {
     pub databases: Vec<Database>,
     /// How long to keep snapshots; `None` keeps everything.
     pub retention: Option<Retention>,
+    /// When `[retention] schedule` separates forget/prune from the backup, its schedule.
+    pub forget_schedule: Option<Schedule>,
 }
 
 impl Policy {
@@ -381,6 +386,15 @@ impl Policy {
                 );
             }
         }
+        let mut forget_schedule = None;
+        if let Some(s) = raw.retention.as_ref().and_then(|r| r.schedule.as_ref()) {
+            match s.get_ref().parse::<Schedule>() {
+                Ok(sch) => forget_schedule = Some(sch),
+                Err(why) => {
+                    diags.push(source.error(Some(s.span()), format!("[retention] schedule: {why}")))
+                }
+            }
+        }
         diags.into_result()?;
         Ok(Policy {
             service: service.to_string(),
@@ -394,6 +408,7 @@ impl Policy {
             after: raw.after,
             databases,
             retention: raw.retention,
+            forget_schedule,
         })
     }
 }

@@ -76,6 +76,7 @@ impl Project {
         };
         check_repositories(&config, &rules).map_err(ConfigError::Invalid)?;
         let policies = load_policies(dir, &config, &rules)?;
+        check_notify(&config, &rules, &policies).map_err(ConfigError::Invalid)?;
         Ok(Project {
             dir: dir.to_path_buf(),
             config,
@@ -83,6 +84,13 @@ impl Project {
             lock,
             policies,
         })
+    }
+
+    /// Every job name `[notify.jobs.NAME]` may use: `backup-<service>`,
+    /// `forget-<service>` (when its retention has a schedule), `check-<repo>`, `drill`,
+    /// and the runs over everything (`backup`, `check`, `overdue`).
+    pub fn job_names(&self) -> Vec<String> {
+        job_names(&self.config, &self.policies)
     }
 
     /// A path relative to the config dir, made absolute.
@@ -203,6 +211,61 @@ fn check_repositories(config: &Config, rules: &Rules) -> Result<(), Diagnostics>
                         repo.name,
                         k.get_ref()
                     ),
+                ));
+            }
+        }
+    }
+    diags.into_result()
+}
+
+fn job_names(config: &Config, policies: &BTreeMap<String, Policy>) -> Vec<String> {
+    let mut out = vec!["backup".to_string(), "check".into(), "drill".into()];
+    out.push("overdue".into());
+    for (s, p) in policies {
+        out.push(format!("backup-{s}"));
+        if p.forget_schedule.is_some() {
+            out.push(format!("forget-{s}"));
+        }
+    }
+    for r in config.repositories.keys() {
+        out.push(format!("check-{r}"));
+    }
+    out
+}
+
+/// `[notify.jobs.NAME]` must name a job, and `secret:NAME` targets a secret with a rule.
+fn check_notify(
+    config: &Config,
+    rules: &Rules,
+    policies: &BTreeMap<String, Policy>,
+) -> Result<(), Diagnostics> {
+    let mut diags = Diagnostics::default();
+    let names = job_names(config, policies);
+    for job in config.notify.jobs.keys() {
+        if !names.contains(job.get_ref()) {
+            let mut d = config.source.error(
+                Some(job.span()),
+                format!(
+                    "[notify.jobs] `{}` is not a job of this configuration",
+                    job.get_ref()
+                ),
+            );
+            d = match crate::diagnostic::did_you_mean(
+                job.get_ref(),
+                names.iter().map(String::as_str),
+            ) {
+                Some(best) => d.with_help(format!("did you mean `{best}`?")),
+                None => d.with_help(format!("jobs: {}", names.join(", "))),
+            };
+            diags.push(d);
+        }
+    }
+    for (what, v) in config.notify.all_urls() {
+        if let Some(name) = v.get_ref().strip_prefix("secret:") {
+            if !rules.secrets.contains_key(name) {
+                diags.push(config.source.error(
+                    Some(v.span()),
+                    format!("[notify] {what}: secret `{name}` has no rule in secrets.toml"),
                 ));
             }
         }

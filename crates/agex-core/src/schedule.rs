@@ -1,4 +1,4 @@
-//! Job schedules: systemd `OnCalendar` expressions or 5-field cron expressions, parsed
+//! Job schedules: systemd `OnCalendar` expressions or 5/6-field cron expressions, parsed
 //! into one type that computes next runs (for `agex daemon` and `agex schedule`) and
 //! renders an `OnCalendar=` line (for systemd timers).
 
@@ -32,14 +32,16 @@ impl fmt::Display for Schedule {
 impl FromStr for Schedule {
     type Err = String;
 
-    /// Accepts cron (`0 3 * * *`) or OnCalendar (`*-*-* 03:00:00`, `daily`, `Mon..Fri 02:30`).
+    /// Accepts cron (`0 3 * * *`, or with a leading seconds field `*/1 * * * * *`) or
+    /// OnCalendar (`*-*-* 03:00:00`, `daily`, `Mon..Fri 02:30`, `*:*:0/1`).
     fn from_str(s: &str) -> Result<Schedule, String> {
         let text = s.trim();
         if text.is_empty() {
             return Err("empty schedule".into());
         }
         let fields: Vec<&str> = text.split_whitespace().collect();
-        let looks_cron = fields.len() == 5 && !text.contains(':') && !text.contains("..");
+        let looks_cron =
+            matches!(fields.len(), 5 | 6) && !text.contains(':') && !text.contains("..");
         let (cron_expr, on_calendar) = if looks_cron {
             from_cron(&fields)?
         } else {
@@ -74,6 +76,13 @@ impl Schedule {
         self.cron.after(after).take(n).collect()
     }
 
+    /// Whether the schedule can fire more often than once a minute (then a systemd
+    /// timer's accuracy must be raised to match).
+    pub fn sub_minute(&self) -> bool {
+        self.period()
+            .is_some_and(|p| p < chrono::Duration::minutes(1))
+    }
+
     /// The typical time between runs (from the next two fire times), for overdue checks.
     pub fn period(&self) -> Option<chrono::Duration> {
         let now = chrono::Utc::now();
@@ -84,8 +93,13 @@ impl Schedule {
 
 const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
 
-/// Cron `M H DOM MON DOW` → (cron crate expression with seconds, OnCalendar).
-fn from_cron(f: &[&str]) -> Result<(String, String), String> {
+/// Cron `[S] M H DOM MON DOW` → (cron crate expression with seconds, OnCalendar).
+/// Errors when systemd cannot say the same thing.
+fn from_cron(all: &[&str]) -> Result<(String, String), String> {
+    let (sec, f) = match all {
+        [s, rest @ ..] if all.len() == 6 => (*s, rest),
+        _ => ("0", all),
+    };
     let check = |field: &str, what: &str, lo: u32, hi: u32| -> Result<(), String> {
         for part in field.split(',') {
             let (range, step) = part.split_once('/').unwrap_or((part, ""));
@@ -112,6 +126,7 @@ fn from_cron(f: &[&str]) -> Result<(String, String), String> {
         }
         Ok(())
     };
+    check(sec, "second", 0, 59)?;
     check(f[0], "minute", 0, 59)?;
     check(f[1], "hour", 0, 23)?;
     check(f[2], "day of month", 1, 31)?;
@@ -134,19 +149,52 @@ fn from_cron(f: &[&str]) -> Result<(String, String), String> {
             .collect::<Vec<_>>()
             .join(",")
     };
-    let cron_expr = format!("0 {} {} {} {} {}", f[0], f[1], f[2], f[3], dow);
+    if f[2] != "*" && f[4] != "*" {
+        return Err(format!(
+            "cron `{}` restricts both day of month and day of week, which cron joins with OR \
+             and a systemd timer cannot; split it into two schedules or use OnCalendar",
+            all.join(" ")
+        ));
+    }
+    if f[4].contains('/') {
+        return Err(format!(
+            "cron day of week `{}` with a step has no systemd OnCalendar form; list the days",
+            f[4]
+        ));
+    }
+    if f[3].chars().any(|c| c.is_ascii_alphabetic()) {
+        return Err(format!(
+            "cron month `{}`: use month numbers (1-12) so the timer says the same",
+            f[3]
+        ));
+    }
+    let cron_expr = format!("{sec} {} {} {} {} {}", f[0], f[1], f[2], f[3], dow);
     let cal_dow = if dow == "*" {
         String::new()
     } else {
         format!("{} ", dow.replace('-', ".."))
     };
-    let cal = |s: &str| s.replace('-', "..");
+    // systemd has no `*/N`: a repetition starts at the field's first value.
+    let cal = |s: &str, first: &str| {
+        s.split(',')
+            .map(|p| match p.strip_prefix("*/") {
+                Some(step) => format!("{first}/{step}"),
+                None => p.replace('-', ".."),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let on_calendar = format!(
-        "{cal_dow}*-{}-{} {}:{}:00",
-        cal(f[3]),
-        cal(f[2]),
-        cal(f[1]),
-        cal(f[0])
+        "{cal_dow}*-{}-{} {}:{}:{}",
+        cal(f[3], "1"),
+        cal(f[2], "1"),
+        cal(f[1], "0"),
+        cal(f[0], "0"),
+        if sec == "0" {
+            "00".to_string()
+        } else {
+            cal(sec, "0")
+        }
     );
     Ok((cron_expr, on_calendar))
 }
@@ -218,6 +266,11 @@ fn from_calendar(text: &str) -> Result<(String, String), String> {
                     if s.parse::<u32>().map_or(true, |s| s == 0) {
                         return Err(bad(&format!("bad repetition `/{s}` in the {what}")));
                     }
+                    if r == "*" {
+                        return Err(bad(&format!(
+                            "systemd has no `*/{s}` in the {what}: write `{lo}/{s}`"
+                        )));
+                    }
                     (r, Some(s))
                 }
                 None => (part, None),
@@ -248,7 +301,7 @@ fn from_calendar(text: &str) -> Result<(String, String), String> {
         field(day, "day", 1, 31)?,
         field(month, "month", 1, 12)?,
         dow,
-        field(year, "year", 1970, 2199)?,
+        field(year, "year", 1970, 2099)?,
     );
     let on_calendar = if dow == "*" {
         format!("{year}-{month}-{day} {hour}:{minute}:{second}")
@@ -286,6 +339,18 @@ mod tests {
         assert_eq!(next.format("%a %H:%M").to_string(), "Mon 02:30");
         let every: Schedule = "*-*-* *:*:0/1".parse().unwrap();
         assert_eq!(every.period(), Some(chrono::Duration::seconds(1)));
+        assert!(every.sub_minute());
+    }
+
+    #[test]
+    fn cron_steps_and_seconds_become_systemd_repetitions() {
+        let q: Schedule = "*/15 * * * *".parse().unwrap();
+        assert_eq!(q.on_calendar(), "*-*-* *:0/15:00");
+        let s: Schedule = "*/2 * * * * *".parse().unwrap();
+        assert_eq!(s.on_calendar(), "*-*-* *:*:0/2");
+        assert_eq!(s.period(), Some(chrono::Duration::seconds(2)));
+        let w: Schedule = "30 4 * * 1-5".parse().unwrap();
+        assert_eq!(w.on_calendar(), "Mon..Fri *-*-* 4:30:00");
     }
 
     #[test]
@@ -299,6 +364,10 @@ mod tests {
             "* * *",
             "*-13-01 00:00",
             "*/0 * * * *",
+            "0 3 1 * 1",
+            "*-*-* *:*/15:00",
+            "0 3 * * */2",
+            "2199-01-01 00:00:00",
         ] {
             assert!(bad.parse::<Schedule>().is_err(), "{bad} accepted");
         }

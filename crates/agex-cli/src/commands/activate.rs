@@ -51,7 +51,9 @@ fn build_inputs(
     ctx: &Context,
     project: &Project,
 ) -> Result<agex_activate::manifest::Inputs, Failure> {
-    Ok(Manifest::from_project(project, &ctx.host_name())?)
+    let mut inputs = Manifest::from_project(project, &ctx.host_name())?;
+    crate::commands::schedule::carry(project, &mut inputs)?;
+    Ok(inputs)
 }
 
 pub fn cmd_build(ctx: &Context) -> Result<i32, Failure> {
@@ -122,6 +124,12 @@ pub fn cmd_activate(
             agex_activate::activate(&lock, built.number, &opts)?
         }
     };
+    crate::commands::schedule::install_generation_units(
+        ctx,
+        activation.number,
+        switch.systemctl.as_deref(),
+        switch.no_restart,
+    )?;
     report(activation)
 }
 
@@ -130,6 +138,12 @@ pub fn cmd_rollback(ctx: &Context, to: Option<u64>, switch: &SwitchArgs) -> Resu
     let lock = StateLock::acquire(&layout)?;
     let activation =
         agex_activate::rollback(&lock, to, &options(ctx, switch, ctx.global.host.clone()))?;
+    crate::commands::schedule::install_generation_units(
+        ctx,
+        activation.number,
+        switch.systemctl.as_deref(),
+        switch.no_restart,
+    )?;
     report(activation)
 }
 
@@ -293,7 +307,8 @@ pub fn cmd_diff(ctx: &Context, a: Option<&str>, b: Option<&str>) -> Result<i32, 
                 .host
                 .clone()
                 .unwrap_or_else(|| a_manifest.host.clone());
-            let inputs = Manifest::from_project(&project, &host)?;
+            let mut inputs = Manifest::from_project(&project, &host)?;
+            crate::commands::schedule::carry(&project, &mut inputs)?;
             (format!("the configuration (host {host})"), inputs.manifest)
         }
     };

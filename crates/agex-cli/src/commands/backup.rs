@@ -127,6 +127,11 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     repo_names.dedup();
     let access = unlock_all(&project, &ids, &repo_names);
     let db_passwords = database_passwords(&project, &ids, &planned)?;
+    undo_on_termination();
+    let job = args
+        .service
+        .map_or("backup".to_string(), |s| format!("backup-{s}"));
+    let run = crate::commands::schedule::job_run(ctx, &project, &job);
     let record = run::execute(
         &project,
         &ctx.global.root,
@@ -141,44 +146,81 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
             eprintln!("warning: metrics not written: {e}");
         }
     }
+    let mut log = Vec::new();
+    for r in &record.results {
+        match (&r.snapshot, &r.error) {
+            (Some(s), _) if r.ok() => log.push(format!(
+                "{} → {}: ok, snapshot {s} ({:.1} s{})",
+                r.service,
+                r.repo,
+                r.duration_seconds,
+                r.bytes_added
+                    .map(|b| format!(", {b} bytes added"))
+                    .unwrap_or_default()
+            )),
+            (_, e) => log.push(format!(
+                "{} → {}: FAILED: {}",
+                r.service,
+                r.repo,
+                e.as_deref().unwrap_or("unknown error")
+            )),
+        }
+        for w in &r.warnings {
+            log.push(format!("{} → {}: warning: {w}", r.service, r.repo));
+        }
+    }
     if ctx.global.json {
         output::json(&record)?;
     } else {
-        for r in &record.results {
-            match (&r.snapshot, &r.error) {
-                (Some(s), _) if r.ok() => eprintln!(
-                    "{} → {}: ok, snapshot {s} ({:.1} s{})",
-                    r.service,
-                    r.repo,
-                    r.duration_seconds,
-                    r.bytes_added
-                        .map(|b| format!(", {b} bytes added"))
-                        .unwrap_or_default()
-                ),
-                (_, e) => eprintln!(
-                    "{} → {}: FAILED: {}",
-                    r.service,
-                    r.repo,
-                    e.as_deref().unwrap_or("unknown error")
-                ),
-            }
-            for w in &r.warnings {
-                eprintln!("{} → {}: warning: {w}", r.service, r.repo);
-            }
+        for line in &log {
+            eprintln!("{line}");
         }
     }
     let (failed, total) = record.failures();
-    Ok(match failed {
+    let code = match failed {
         0 => OK,
         n if n == total => {
-            eprintln!("backup failed: {n} of {total} service/repository pairs failed");
+            log.push(format!(
+                "backup failed: {n} of {total} service/repository pairs failed"
+            ));
             FAILURE
         }
         n => {
-            eprintln!("backup partly failed: {n} of {total} service/repository pairs failed");
+            log.push(format!(
+                "backup partly failed: {n} of {total} service/repository pairs failed"
+            ));
             PARTIAL
         }
-    })
+    };
+    if code != OK {
+        if let Some(last) = log.last() {
+            eprintln!("{last}");
+        }
+    }
+    crate::commands::schedule::job_done(run, code, &log);
+    Ok(code)
+}
+
+/// On SIGTERM or SIGINT, undo what the run holds (borg stopped before it commits, units
+/// started again, pipes removed) and exit 143, the conventional status of a terminated
+/// process; locks go with the process.
+fn undo_on_termination() {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) else {
+        eprintln!("warning: cannot handle SIGTERM; an interrupted run may leave units stopped");
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("backup interrupted by signal {sig}: stopping without committing");
+            for line in agex_backup::cancel::undo() {
+                eprintln!("  {line}");
+            }
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
 /// Passwords of the PostgreSQL roles the planned services dump with, by secret name.
@@ -459,9 +501,13 @@ pub fn cmd_repo_check(
 ) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let ids = ctx.identities(&project)?;
+    let repos = selected_repos(&project, name)?;
+    let job = name.map_or("check".to_string(), |r| format!("check-{r}"));
+    let run = crate::commands::schedule::job_run(ctx, &project, &job);
     let mut errors = Vec::new();
+    let mut log = Vec::new();
     let mut ok = 0;
-    for r in selected_repos(&project, name)? {
+    for r in repos {
         let checked = access::unlock(&project, &r, &ids).and_then(|a| match a.repo.kind {
             RepositoryKind::Restic => Restic::open(&a)?.check(read_data),
             RepositoryKind::Borg => Borg::new(&a, &state_dir(ctx))?.check(read_data.is_some()),
@@ -470,11 +516,15 @@ pub fn cmd_repo_check(
             Ok(()) => {
                 ok += 1;
                 println!("{r}: ok");
+                log.push(format!("{r}: ok"));
             }
             Err(e) => errors.push(format!("{r}: {e}")),
         }
     }
-    report_errors(&errors, ok > 0)
+    log.extend(errors.iter().map(|e| format!("error: {e}")));
+    let code = report_errors(&errors, ok > 0)?;
+    crate::commands::schedule::job_done(run, code, &log);
+    Ok(code)
 }
 
 pub fn cmd_repo_unlock(ctx: &Context, name: &str) -> Result<i32, Failure> {

@@ -2,4 +2,5 @@
 
 pub mod activate;
 pub mod backup;
+pub mod schedule;
 pub mod secrets;

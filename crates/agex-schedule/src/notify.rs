@@ -1,0 +1,338 @@
+//! Notifications of job results: healthchecks.io-style pings (`/start`, success,
+//! `/fail` with the tail of the log), ntfy topics and a generic JSON webhook, global or
+//! per job. URLs may come from secrets (`secret:NAME`). Sending never fails the job: every
+//! problem is returned as a warning for the caller to log.
+
+use std::time::Duration;
+
+use agex_core::config::NotifyTargets;
+use agex_core::Project;
+use serde::Serialize;
+use toml::Spanned;
+use zeroize::Zeroizing;
+
+/// How many bytes of log a ping carries at most.
+pub const TAIL_BYTES: usize = 10_000;
+/// Attempts per request (the first and up to two retries).
+const ATTEMPTS: u32 = 3;
+
+/// How a job ended, as notifications tell it. A partial failure is a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Everything succeeded.
+    Success,
+    /// Something (one repository, say) failed and something else succeeded.
+    Partial,
+    /// Nothing succeeded.
+    Failure,
+}
+
+impl Outcome {
+    /// From an agex exit code (0 ok, 3 partial, anything else failed).
+    pub fn from_exit(code: Option<i32>) -> Outcome {
+        match code {
+            Some(0) => Outcome::Success,
+            Some(3) => Outcome::Partial,
+            _ => Outcome::Failure,
+        }
+    }
+
+    fn ok(self) -> bool {
+        self == Outcome::Success
+    }
+
+    /// `ok`, `partial` or `failed`, as run records and `agex schedule` say it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Outcome::Success => "ok",
+            Outcome::Partial => "partial",
+            Outcome::Failure => "failed",
+        }
+    }
+}
+
+/// What is reported.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    /// A job started.
+    Start,
+    /// A job ended.
+    Finish {
+        /// How.
+        result: Outcome,
+        /// The exit code, when there was one.
+        exit_code: Option<i32>,
+        /// Wall time.
+        duration_seconds: f64,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+    /// Backups are older than allowed.
+    Overdue {
+        /// One line per service and repository.
+        items: Vec<String>,
+    },
+}
+
+/// The body of a webhook request.
+#[derive(Debug, Serialize)]
+struct WebhookBody<'a> {
+    job: &'a str,
+    host: &'a str,
+    time: String,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+/// A resolved target URL (its plaintext may be a secret).
+struct Target {
+    kind: &'static str,
+    url: Zeroizing<String>,
+}
+
+/// Targets of one job, ready to send to.
+pub struct Notifier {
+    job: String,
+    host: String,
+    targets: Vec<Target>,
+    agent: ureq::Agent,
+    /// Problems met resolving the targets (an undecryptable secret, say).
+    pub warnings: Vec<String>,
+}
+
+/// Decrypts `secret:NAME` values.
+pub type Decrypt<'a> = dyn Fn(&str) -> Result<Zeroizing<Vec<u8>>, String> + 'a;
+
+impl Notifier {
+    /// The global targets plus those of `[notify.jobs.<job>]`.
+    pub fn new(project: &Project, job: &str, host: &str, decrypt: &Decrypt<'_>) -> Notifier {
+        let n = &project.config.notify;
+        let global = NotifyTargets {
+            webhook: n.webhook.clone(),
+            healthchecks: n.healthchecks.clone(),
+            ntfy: n.ntfy.clone(),
+        };
+        let mut targets = Vec::new();
+        let mut warnings = Vec::new();
+        let per_job = n
+            .jobs
+            .iter()
+            .find(|(k, _)| k.get_ref() == job)
+            .map(|(_, v)| v.clone());
+        for t in std::iter::once(global).chain(per_job) {
+            for (kind, v) in t.urls() {
+                match resolve(v, decrypt) {
+                    Ok(url) => targets.push(Target { kind, url }),
+                    Err(e) => warnings.push(format!("{kind} notification skipped: {e}")),
+                }
+            }
+        }
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .user_agent(concat!("agex/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Notifier {
+            job: job.to_string(),
+            host: host.to_string(),
+            targets,
+            agent,
+            warnings,
+        }
+    }
+
+    /// Whether any target is configured.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// Sends `event` to every target; returns one warning per request that failed after
+    /// its retries.
+    pub fn send(&self, event: &Event) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for t in &self.targets {
+            let requests = match t.kind {
+                "healthchecks" => self.healthchecks(&t.url, event),
+                "ntfy" => self.ntfy(&t.url, event),
+                _ => self.webhook(&t.url, event),
+            };
+            for r in requests {
+                if let Err(e) = self.post(&r) {
+                    warnings.push(format!(
+                        "{} notification for job {} failed: {e}",
+                        t.kind, self.job
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
+    fn healthchecks(&self, url: &str, event: &Event) -> Vec<Request> {
+        let base = url.trim_end_matches('/');
+        let (suffix, body) = match event {
+            Event::Start => ("/start", String::new()),
+            Event::Finish {
+                result, log_tail, ..
+            } if result.ok() => ("", log_tail.clone()),
+            Event::Finish {
+                result, log_tail, ..
+            } => (
+                "/fail",
+                format!("agex {} {}: {result:?}\n{log_tail}", self.job, self.host),
+            ),
+            Event::Overdue { items } => {
+                ("/fail", format!("overdue backups:\n{}\n", items.join("\n")))
+            }
+        };
+        vec![Request {
+            url: Zeroizing::new(format!("{base}{suffix}")),
+            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+            body: tail(&body),
+        }]
+    }
+
+    fn ntfy(&self, url: &str, event: &Event) -> Vec<Request> {
+        let (title, priority, tags, body) = match event {
+            Event::Start => return vec![],
+            Event::Finish {
+                result,
+                duration_seconds,
+                log_tail,
+                ..
+            } => {
+                let word = match result {
+                    Outcome::Success => "succeeded",
+                    Outcome::Partial => "partly failed",
+                    Outcome::Failure => "failed",
+                };
+                (
+                    format!("agex {} on {} {word}", self.job, self.host),
+                    if result.ok() { "default" } else { "high" },
+                    if result.ok() {
+                        "white_check_mark"
+                    } else {
+                        "warning"
+                    },
+                    format!("{word} in {duration_seconds:.1} s\n{log_tail}"),
+                )
+            }
+            Event::Overdue { items } => (
+                format!("agex backups overdue on {}", self.host),
+                "high",
+                "warning",
+                items.join("\n"),
+            ),
+        };
+        vec![Request {
+            url: Zeroizing::new(url.to_string()),
+            headers: vec![
+                ("Title", title),
+                ("Priority", priority.into()),
+                ("Tags", tags.into()),
+            ],
+            body: tail(&body),
+        }]
+    }
+
+    fn webhook(&self, url: &str, event: &Event) -> Vec<Request> {
+        if matches!(event, Event::Start) {
+            return vec![];
+        }
+        let body = WebhookBody {
+            job: &self.job,
+            host: &self.host,
+            time: chrono::Utc::now().to_rfc3339(),
+            event,
+        };
+        vec![Request {
+            url: Zeroizing::new(url.to_string()),
+            headers: vec![("Content-Type", "application/json".into())],
+            body: serde_json::to_string(&body).unwrap_or_default(),
+        }]
+    }
+
+    /// POSTs with a bounded retry: transport errors, 429 and 5xx are retried after 0.5 s
+    /// and 1 s; other answers are final.
+    fn post(&self, r: &Request) -> Result<(), String> {
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
+            }
+            let mut req = self.agent.post(&r.url);
+            for (k, v) in &r.headers {
+                // Header values must be one line.
+                req = req.set(k, &v.replace(['\r', '\n'], " "));
+            }
+            match req.send_string(&r.body) {
+                Ok(_) => return Ok(()),
+                Err(ureq::Error::Status(code, _)) if code == 429 || code >= 500 => {
+                    last = format!("HTTP {code}");
+                }
+                Err(ureq::Error::Status(code, _)) => return Err(format!("HTTP {code}")),
+                Err(e) => last = redact(&e.to_string(), r.url.as_str()),
+            }
+        }
+        Err(format!("{last} (after {ATTEMPTS} attempts)"))
+    }
+}
+
+struct Request {
+    /// May hold a token (a healthchecks UUID, an ntfy topic): wiped when dropped.
+    url: Zeroizing<String>,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+}
+
+fn resolve(v: &Spanned<String>, decrypt: &Decrypt<'_>) -> Result<Zeroizing<String>, String> {
+    let Some(name) = v.get_ref().strip_prefix("secret:") else {
+        return Ok(Zeroizing::new(v.get_ref().clone()));
+    };
+    let plain = decrypt(name).map_err(|e| format!("secret `{name}`: {e}"))?;
+    let text = std::str::from_utf8(&plain)
+        .map_err(|_| format!("secret `{name}` is not UTF-8 text"))?
+        .trim()
+        .to_string();
+    agex_core::config::check_notify_url(&text)
+        .map_err(|_| format!("secret `{name}` does not hold an http(s) URL"))?;
+    Ok(Zeroizing::new(text))
+}
+
+/// Error texts may quote the URL, which can hold a token: never show it.
+fn redact(text: &str, url: &str) -> String {
+    text.replace(url, "<url>")
+}
+
+/// The last [`TAIL_BYTES`] of `log`, cut at a line start.
+pub fn tail(log: &str) -> String {
+    if log.len() <= TAIL_BYTES {
+        return log.to_string();
+    }
+    let mut start = log.len() - TAIL_BYTES;
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = &log[start..];
+    match cut.find('\n') {
+        Some(i) => cut[i + 1..].to_string(),
+        None => cut.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails_and_outcomes() {
+        let long = "line\n".repeat(5000);
+        let t = tail(&long);
+        assert!(t.len() <= TAIL_BYTES && t.starts_with("line\n"));
+        assert_eq!(Outcome::from_exit(Some(3)), Outcome::Partial);
+        assert_eq!(Outcome::from_exit(None), Outcome::Failure);
+        assert_eq!(redact("x http://a/tok y", "http://a/tok"), "x <url> y");
+    }
+}
