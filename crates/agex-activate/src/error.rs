@@ -131,15 +131,8 @@ pub enum ActivateError {
         why: String,
     },
     /// The unit restart command failed after the switch.
-    #[error("`{command}` {status}{}", stderr_tail(.stderr))]
-    Restart {
-        /// The command line.
-        command: String,
-        /// How it ended.
-        status: String,
-        /// Its last stderr lines.
-        stderr: String,
-    },
+    #[error(transparent)]
+    Restart(#[from] agex_core::systemctl::SystemctlError),
     /// A file in the store or on the tmpfs is not what agex wrote.
     #[error("{}: {reason}", .path.display())]
     Invalid {
@@ -156,15 +149,6 @@ fn bullet(items: &[String]) -> String {
         .map(|i| format!("  - {i}"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn stderr_tail(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let tail = &lines[lines.len().saturating_sub(5)..];
-    format!(":\n  {}", tail.join("\n  "))
 }
 
 impl ActivateError {

@@ -17,16 +17,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 /// files in one directory and calls [`sync_dir`] once at the end. The content is on disk
 /// before the rename, so a crash leaves either the old or the new file, never a mix.
 pub fn replace_file(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = parent(path);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".agex-")
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
+    let staged = stage(path, data, mode)?;
+    staged.tmp.as_file().sync_all()?;
+    staged.tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 
@@ -45,20 +38,10 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Like [`write_atomic`], but fails with `AlreadyExists` instead of replacing a file:
 /// for content that must never be overwritten (generated secrets).
 pub fn write_new_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".agex-")
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))?;
-    tmp.write_all(data)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist_noclobber(path).map_err(|e| e.error)?;
-    sync_dir(dir)
+    let staged = stage(path, data, mode)?;
+    staged.tmp.as_file().sync_all()?;
+    staged.tmp.persist_noclobber(path).map_err(|e| e.error)?;
+    sync_dir(parent(path))
 }
 
 /// A file written beside its target and not yet in place (see [`commit`]). Dropping it

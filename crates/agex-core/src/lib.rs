@@ -11,6 +11,7 @@ pub mod project;
 pub mod recipient;
 pub mod rules;
 pub mod schedule;
+pub mod systemctl;
 pub mod template;
 
 pub use config::{BackupSettings, Config, Host, Repository, RepositoryKind};

@@ -32,15 +32,8 @@ pub enum ScheduleError {
         why: String,
     },
     /// systemctl failed.
-    #[error("`{command}` {status}: {stderr}")]
-    Systemctl {
-        /// The command line.
-        command: String,
-        /// How it ended.
-        status: String,
-        /// Its stderr.
-        stderr: String,
-    },
+    #[error(transparent)]
+    Systemctl(#[from] agex_core::systemctl::SystemctlError),
     /// A file under /etc/systemd/system that agex would overwrite was not written by agex.
     #[error("{} exists and was not written by agex; move it away or remove it first", .path.display())]
     Foreign {

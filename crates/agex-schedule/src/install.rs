@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ScheduleError;
-use crate::systemctl::Systemctl;
 use crate::units::{UnitFile, MARKER};
+use agex_core::systemctl::Systemctl;
 
 /// The unit directory, under `--root`.
 pub const UNIT_DIR: &str = "etc/systemd/system";

@@ -12,7 +12,6 @@ pub mod job_run;
 pub mod notify;
 pub mod overdue;
 pub mod results;
-pub mod systemctl;
 pub mod units;
 
 pub use error::ScheduleError;

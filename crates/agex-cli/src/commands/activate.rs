@@ -33,11 +33,7 @@ fn layout(ctx: &Context) -> Layout {
 
 fn options(ctx: &Context, switch: &SwitchArgs, host: Option<String>) -> ActivateOptions {
     let layout = layout(ctx);
-    let systemctl = match &switch.systemctl {
-        Some(cmd) => Systemctl::parse(cmd),
-        None if layout.is_host_root() => Systemctl::parse("systemctl"),
-        None => None,
-    };
+    let systemctl = Systemctl::configured(switch.systemctl.as_deref(), layout.root());
     ActivateOptions {
         allow_unmounted: switch.allow_unmounted,
         identities: ctx.global.identity.clone(),

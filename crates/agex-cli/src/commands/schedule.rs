@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agex_backup::{run, status};
+use agex_core::systemctl::Systemctl;
 use agex_core::Project;
 use agex_schedule::daemon::{self, DaemonOptions, State};
 use agex_schedule::install::{self, InstallPlan};
 use agex_schedule::job::{self, Job, JobKind};
 use agex_schedule::job_run::JobRun;
 use agex_schedule::notify::{Event, Notifier, Outcome};
-use agex_schedule::systemctl::Systemctl;
 use agex_schedule::units::{self, UnitOptions};
 use agex_schedule::{duration, overdue, ScheduleError};
 use serde::Serialize;
@@ -257,11 +257,7 @@ pub fn cmd_systemd_install(
             return Ok(OK);
         }
     }
-    let sc = match systemctl {
-        Some(cmd) => Systemctl::parse(cmd),
-        None if root == Path::new("/") => Systemctl::parse("systemctl"),
-        None => None,
-    };
+    let sc = Systemctl::configured(systemctl, root);
     let report = install::apply(root, &to, &plan, sc.as_ref())?;
     if !ctx.global.json {
         show_plan(ctx, &plan)?;
@@ -483,11 +479,10 @@ pub fn install_generation_units(
     let root = &ctx.global.root;
     let to = unit_dir()?;
     let plan = install::plan(root, &to, &files)?;
-    let sc = match systemctl {
-        _ if no_restart => None,
-        Some(cmd) => Systemctl::parse(cmd),
-        None if root == Path::new("/") => Systemctl::parse("systemctl"),
-        None => None,
+    let sc = if no_restart {
+        None
+    } else {
+        Systemctl::configured(systemctl, root)
     };
     let report = install::apply(root, &to, &plan, sc.as_ref())?;
     if plan.is_noop() {
