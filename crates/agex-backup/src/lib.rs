@@ -3,12 +3,15 @@
 
 pub mod access;
 pub mod borg;
+pub mod drill;
 pub mod dump;
 pub mod error;
 pub mod lock;
 pub mod manifest;
+pub mod pg;
 pub mod process;
 pub mod restic;
+pub mod restore;
 pub mod run;
 pub mod status;
 

@@ -2,4 +2,5 @@
 
 pub mod activate;
 pub mod backup;
+pub mod recovery;
 pub mod secrets;

@@ -1,0 +1,558 @@
+//! Recovery end to end: `agex restore` (into a directory and in place, SQLite and
+//! PostgreSQL) and `agex drill` (passing, and failing on a corrupted repository or a
+//! tampered snapshot), against real restic/borg repositories written by `agex backup`.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::services::{Postgres, Sshd};
+use common::setup::{app_data, run, sqlite_count, Setup, SQLITE_POLICY};
+use common::{assert_fails, assert_ok, have_tool, stdout, tree_changes, tree_state};
+
+fn tools(test: &str) -> bool {
+    have_tool("restic", test) && have_tool("borg", test) && have_tool("sqlite3", test)
+}
+
+/// A setup with local restic and borg repositories, `testapp` backed up once.
+fn local(tmp: &Path, policy: &str) -> (Setup, String, String) {
+    let restic_url = tmp.join("restic").display().to_string();
+    let borg_url = tmp.join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.policy("testapp", policy);
+    app_data(&s, 1 << 20);
+    s.init_repos();
+    // The units the policy stops are not real here: `true` stands in for systemctl.
+    assert_ok(&s.agex(&["backup", "--service", "testapp", "--systemctl", "true"]));
+    (s, restic_url, borg_url)
+}
+
+/// A `systemctl` that records its arguments in `calls`.
+fn recording_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
+    let calls = dir.join("systemctl-calls");
+    let script = dir.join("systemctl");
+    fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    (script, calls)
+}
+
+fn files_of(s: &Setup) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    common::snapshot(&s.host("/srv/app/files"))
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("cache"))
+        .collect()
+}
+
+/// Damages the live data: a changed file, a removed file, extra rows.
+fn damage(s: &Setup) {
+    fs::write(s.host("/srv/app/files/a.txt"), "overwritten by mistake\n").unwrap();
+    let _ = fs::remove_file(s.host("/srv/app/files/sub/deeper/b.bin"));
+    assert_ok(
+        &Command::new("sqlite3")
+            .arg(s.host("/srv/app/app.db"))
+            .arg("DELETE FROM items WHERE id > 10;")
+            .output()
+            .unwrap(),
+    );
+}
+
+#[test]
+fn restore_to_a_directory_and_in_place_from_either_repository() {
+    let test = "restore_to_a_directory_and_in_place_from_either_repository";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = format!("stop_units = [\"testapp.service\"]\n{SQLITE_POLICY}");
+    let (s, _, _) = local(tmp.path(), &policy);
+    let original = files_of(&s);
+    let original_rows = sqlite_count(&s.host("/srv/app/app.db"));
+    assert!(original_rows.ends_with("300\n"), "{original_rows}");
+
+    // --to: files below DIR, dumps at their snapshot paths, verified.
+    let to = tmp.path().join("out");
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("verified"), "{err}");
+    let got: std::collections::BTreeMap<_, _> = common::snapshot(&to.join("srv/app/files"));
+    assert_eq!(got, original);
+    assert_eq!(
+        sqlite_count(&to.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
+        original_rows
+    );
+    // A non-empty --to is refused.
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(assert_fails(&out, 2).contains("not empty"));
+
+    damage(&s);
+    // In place without --yes and without a terminal: exit 2, nothing changed.
+    let before = tree_state(&s.root);
+    let out = s.agex(&["restore", "--service", "testapp", "--in-place"]);
+    let err = assert_fails(&out, 2);
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(
+        tree_changes(&before, &tree_state(&s.root)),
+        Vec::<String>::new()
+    );
+    // Neither --to nor --in-place.
+    assert_fails(&s.agex(&["restore", "--service", "testapp"]), 2);
+
+    let (sysctl, calls) = recording_systemctl(tmp.path());
+    for repo in ["offsite-borg", "offsite-restic"] {
+        damage(&s);
+        let out = s.agex(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--repo",
+            repo,
+            "--in-place",
+            "--yes",
+            "--systemctl",
+            sysctl.to_str().unwrap(),
+        ]);
+        assert_ok(&out);
+        assert_eq!(files_of(&s), original, "{repo}");
+        assert_eq!(sqlite_count(&s.host("/srv/app/app.db")), original_rows);
+        // The excluded cache was left alone, and no staging directory is left.
+        assert!(s.host("/srv/app/files/cache/skip.tmp").exists());
+        let staging = s.host("/var/lib/agex/restore");
+        assert_eq!(fs::read_dir(&staging).unwrap().count(), 0, "{repo}");
+    }
+    let recorded = fs::read_to_string(&calls).unwrap();
+    assert_eq!(
+        recorded,
+        "stop testapp.service\nstart testapp.service\nstop testapp.service\nstart testapp.service\n"
+    );
+
+    // A snapshot asked for by id, from the repository that has it.
+    let out = s.agex(&["--json", "snapshots", "--service", "testapp"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let borg = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["repo"] == "offsite-borg")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to2 = tmp.path().join("out2");
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--snapshot",
+        &borg,
+        "--to",
+        to2.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("offsite-borg"));
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--snapshot",
+        "deadbeef",
+        "--to",
+        tmp.path().join("out3").to_str().unwrap(),
+    ]);
+    assert!(assert_fails(&out, 1).contains("no snapshot"));
+}
+
+#[test]
+fn in_place_restore_starts_units_again_when_it_fails() {
+    let test = "in_place_restore_starts_units_again_when_it_fails";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = format!("stop_units = [\"testapp.service\"]\n{SQLITE_POLICY}");
+    let (s, _, _) = local(tmp.path(), &policy);
+    // The database's directory is a file now: replacing the database must fail.
+    fs::write(s.host("/srv/blocked"), "not a directory").unwrap();
+    s.policy(
+        "testapp",
+        &policy.replace(
+            "path = \"/srv/app/app.db\"",
+            "path = \"/srv/blocked/app.db\"",
+        ),
+    );
+    let (sysctl, calls) = recording_systemctl(tmp.path());
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--systemctl",
+        sysctl.to_str().unwrap(),
+    ]);
+    let err = assert_fails(&out, 1);
+    assert!(err.contains("/srv/blocked"), "{err}");
+    assert_eq!(
+        fs::read_to_string(&calls).unwrap(),
+        "stop testapp.service\nstart testapp.service\n"
+    );
+}
+
+/// sshd with a borg repository, a PostgreSQL cluster with `app`, local restic.
+struct PgSetup {
+    s: Setup,
+    pg: Postgres,
+    _sshd: Sshd,
+    restic_url: String,
+    borg_url: String,
+    rsh: String,
+}
+
+fn pg_setup(test: &str, tmp: &Path) -> Option<PgSetup> {
+    if !tools(test) {
+        return None;
+    }
+    let sshd = Sshd::start(test)?;
+    let pg = Postgres::start(test)?;
+    pg.create_db("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); \
+         INSERT INTO notes SELECT g, md5(g::text) FROM generate_series(1, 1234) g; \
+         CREATE TABLE tags (id serial PRIMARY KEY, name text); \
+         INSERT INTO tags(name) VALUES ('a'), ('b');",
+    );
+    let restic_url = tmp.join("restic").display().to_string();
+    let borg_url = sshd.url("borg");
+    let s = Setup::new(&restic_url, &borg_url, true);
+    let key = s.authorize_borg_key(&sshd);
+    let rsh = sshd.borg_rsh(&key);
+    s.link_postgres(&pg);
+    s.policy(
+        "testapp",
+        &format!(
+            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
+             socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
+            pg.port()
+        ),
+    );
+    app_data(&s, 0);
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    Some(PgSetup {
+        s,
+        pg,
+        _sshd: sshd,
+        restic_url,
+        borg_url,
+        rsh,
+    })
+}
+
+fn count(pg: &Postgres, db: &str, table: &str) -> String {
+    pg.psql(db, &format!("SELECT count(*) FROM {table}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn in_place_restore_of_postgres_into_the_database_and_as_a_new_one() {
+    let test = "in_place_restore_of_postgres_into_the_database_and_as_a_new_one";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(p) = pg_setup(test, tmp.path()) else {
+        return;
+    };
+    p.pg.psql(
+        "app",
+        "DELETE FROM notes WHERE id > 100; DROP TABLE tags; CREATE TABLE junk (x int);",
+    );
+    for repo in ["offsite-borg", "offsite-restic"] {
+        let out = p.s.agex(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--repo",
+            repo,
+            "--in-place",
+            "--yes",
+        ]);
+        assert_ok(&out);
+        assert_eq!(count(&p.pg, "app", "notes"), "1234", "{repo}");
+        assert_eq!(count(&p.pg, "app", "tags"), "2", "{repo}");
+        p.pg.psql("app", "DELETE FROM notes WHERE id > 5");
+    }
+    let out = p.s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--as",
+        "app_copy",
+    ]);
+    assert_ok(&out);
+    assert_eq!(count(&p.pg, "app_copy", "notes"), "1234");
+    assert_eq!(
+        count(&p.pg, "app", "notes"),
+        "5",
+        "--as left the database alone"
+    );
+    // --as a database that exists: pg refuses, exit 1, the database is untouched.
+    let out = p.s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--as",
+        "app",
+    ]);
+    assert_fails(&out, 1);
+    assert_eq!(count(&p.pg, "app", "notes"), "5");
+}
+
+#[test]
+fn drill_passes_with_rpo_and_rto_in_status_and_metrics_and_fails_on_a_corrupt_pack() {
+    let test = "drill_passes_with_rpo_and_rto_in_status_and_metrics_and_fails_on_a_corrupt_pack";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(p) = pg_setup(test, tmp.path()) else {
+        return;
+    };
+    let s = &p.s;
+    let out = s.agex(&["--json", "drill", "--service", "testapp"]);
+    assert_ok(&out);
+    let rec: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let results = rec["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{rec}");
+    for r in results {
+        assert_eq!(r["result"], "ok", "{rec}");
+        assert!(r["rpo_seconds"].as_f64().unwrap() >= 0.0);
+        assert!(r["rto_seconds"].as_f64().unwrap() > 0.0);
+        assert!(r["bytes"].as_u64().unwrap() > 256 * 1024);
+        assert_eq!(r["databases"], 2, "{rec}");
+    }
+    // The scratch database is gone, and so is the scratch directory.
+    let dbs = p.pg.psql("postgres", "SELECT datname FROM pg_database");
+    assert!(!dbs.contains("agex_drill"), "{dbs}");
+    assert_eq!(
+        fs::read_dir(s.host("/var/lib/agex/drill")).unwrap().count(),
+        0
+    );
+    let status = s.status();
+    let rows = status.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{status}");
+    assert!(
+        rows.iter().all(|r| r["drill"]["result"] == "ok"),
+        "{status}"
+    );
+    let prom = fs::read_to_string(s.host("/var/lib/node-exporter/agex_drill.prom")).unwrap();
+    for metric in [
+        "agex_drill_last_success_timestamp_seconds{service=\"testapp\",repo=\"offsite-restic\"}",
+        "agex_drill_rto_seconds{service=\"testapp\",repo=\"offsite-borg\"}",
+        "agex_drill_rpo_seconds{service=\"testapp\",repo=\"offsite-borg\"}",
+    ] {
+        assert!(prom.contains(metric), "{metric} missing:\n{prom}");
+    }
+
+    // Corrupt every data pack of the restic repository: the restic drill fails, the
+    // borg one still passes, exit 3.
+    let data = Path::new(&p.restic_url).join("data");
+    let mut corrupted = 0;
+    for e in walkdir(&data) {
+        let mut bytes = fs::read(&e).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        fs::set_permissions(&e, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&e, bytes).unwrap();
+        corrupted += 1;
+    }
+    assert!(corrupted > 0);
+    let out = s.agex(&["drill", "--service", "testapp"]);
+    let err = assert_fails(&out, 3);
+    let table = stdout(&out);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("offsite-restic") && l.contains("FAILED")),
+        "{table}\n{err}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("offsite-borg") && l.contains(" ok ")),
+        "{table}\n{err}"
+    );
+    let status = s.status();
+    let restic_row = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["repo"] == "offsite-restic")
+        .unwrap()
+        .clone();
+    assert_eq!(restic_row["drill"]["result"], "failed", "{status}");
+    assert!(restic_row["drill"]["last_success"].is_string(), "{status}");
+    let prom = fs::read_to_string(s.host("/var/lib/node-exporter/agex_drill.prom")).unwrap();
+    assert!(prom.contains("agex_drill_result{service=\"testapp\",repo=\"offsite-restic\"} 0"));
+    let _ = (&p.borg_url, &p.rsh);
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Writes a newer borg archive of `testapp` made from an extracted copy of the latest
+/// one after `tamper` changed it: what a silently damaged backup looks like.
+fn tampered_archive(p: &PgSetup, work: &Path, n: u32, tamper: impl FnOnce(&Path)) {
+    let s = &p.s;
+    let list: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.borg(Some(p.rsh.clone()))
+            .args(["list", "--json"])
+            .arg(&p.borg_url),
+        "borg list",
+    )))
+    .unwrap();
+    let archives = list["archives"].as_array().unwrap();
+    let first = archives[0]["name"].as_str().unwrap().to_string();
+    let dir = work.join(format!("tamper{n}"));
+    fs::create_dir_all(&dir).unwrap();
+    run(
+        s.borg(Some(p.rsh.clone()))
+            .current_dir(&dir)
+            .arg("extract")
+            .arg(format!("{}::{first}", p.borg_url)),
+        "borg extract",
+    );
+    tamper(&dir);
+    // A later run id than any real one.
+    let name = format!("testapp-2099010{n}T000000.000Z");
+    run(
+        s.borg(Some(p.rsh.clone()))
+            .current_dir(&dir)
+            .arg("create")
+            .arg(format!("{}::{name}", p.borg_url))
+            .args(["srv", "var"]),
+        "borg create",
+    );
+}
+
+fn drill_borg(p: &PgSetup) -> (serde_json::Value, i32) {
+    let out = p.s.agex(&[
+        "--json",
+        "drill",
+        "--service",
+        "testapp",
+        "--repo",
+        "offsite-borg",
+    ]);
+    let rec: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|_| {
+        panic!(
+            "no json: {}\n{}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (rec, out.status.code().unwrap_or(-1))
+}
+
+fn problems(rec: &serde_json::Value) -> String {
+    rec["results"][0]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn drill_fails_when_a_file_differs_a_file_is_missing_or_a_row_count_differs() {
+    let test = "drill_fails_when_a_file_differs_a_file_is_missing_or_a_row_count_differs";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(p) = pg_setup(test, tmp.path()) else {
+        return;
+    };
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 0, "{rec}");
+
+    // A file's bytes changed (same size).
+    tampered_archive(&p, tmp.path(), 1, |d| {
+        let f = d.join("srv/app/files/sub/deeper/b.bin");
+        let mut b = fs::read(&f).unwrap();
+        b[1000] ^= 0x01;
+        fs::write(&f, b).unwrap();
+    });
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 1, "{rec}");
+    let found = problems(&rec);
+    assert!(
+        found.contains("/srv/app/files/sub/deeper/b.bin differs"),
+        "{found}"
+    );
+
+    // A file is missing.
+    tampered_archive(&p, tmp.path(), 2, |d| {
+        fs::remove_file(d.join("srv/app/files/a.txt")).unwrap();
+    });
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 1, "{rec}");
+    let found = problems(&rec);
+    assert!(found.contains("/srv/app/files/a.txt is missing"), "{found}");
+
+    // The manifest records other row counts than the dumps hold (SQLite and PostgreSQL).
+    tampered_archive(&p, tmp.path(), 3, |d| {
+        let m = d.join("var/lib/agex/dumps/testapp/manifest.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&m).unwrap()).unwrap();
+        for dump in v["dumps"].as_array_mut().unwrap() {
+            if dump["kind"] == "sqlite" {
+                dump["row_counts"]["items"] = serde_json::json!(301);
+            } else {
+                dump["row_counts"] = serde_json::json!({"public.notes": 1235});
+            }
+        }
+        fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    });
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 1, "{rec}");
+    let found = problems(&rec);
+    assert!(
+        found.contains("table items has 300 rows; the manifest says 301"),
+        "{found}"
+    );
+    assert!(
+        found.contains("table public.notes has 1234 rows; the manifest says 1235"),
+        "{found}"
+    );
+    let dbs = p.pg.psql("postgres", "SELECT datname FROM pg_database");
+    assert!(!dbs.contains("agex_drill"), "{dbs}");
+}
