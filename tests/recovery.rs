@@ -9,9 +9,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::services::{Postgres, Sshd};
-use common::setup::{app_data, run, sqlite_count, Setup, SQLITE_POLICY};
-use common::{assert_fails, assert_ok, have_tool, stdout, tree_changes, tree_state};
+use common::services::{ssh_keygen, Postgres, Sshd};
+use common::setup::{
+    app_data, bunk_user_db, recording_systemctl, run, sqlite_count, Setup, Unmount, SQLITE_POLICY,
+};
+use common::{
+    assert_fails, assert_ok, have_tool, is_root, stdout, tree_changes, tree_state, Fixture,
+};
 
 fn tools(test: &str) -> bool {
     have_tool("restic", test) && have_tool("borg", test) && have_tool("sqlite3", test)
@@ -28,19 +32,6 @@ fn local(tmp: &Path, policy: &str) -> (Setup, String, String) {
     // The units the policy stops are not real here: `true` stands in for systemctl.
     assert_ok(&s.agex(&["backup", "--service", "testapp", "--systemctl", "true"]));
     (s, restic_url, borg_url)
-}
-
-/// A `systemctl` that records its arguments in `calls`.
-fn recording_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
-    let calls = dir.join("systemctl-calls");
-    let script = dir.join("systemctl");
-    fs::write(
-        &script,
-        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    (script, calls)
 }
 
 fn files_of(s: &Setup) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
@@ -555,4 +546,132 @@ fn drill_fails_when_a_file_differs_a_file_is_missing_or_a_row_count_differs() {
     );
     let dbs = p.pg.psql("postgres", "SELECT datname FROM pg_database");
     assert!(!dbs.contains("agex_drill"), "{dbs}");
+}
+
+/// `agex --root R --host bunk activate` with a recording systemctl.
+fn activate(fx: &Fixture, root: &Path) -> std::process::Output {
+    let (sysctl, _) = recording_systemctl(fx.tmp.path());
+    fx.agex()
+        .arg("--root")
+        .arg(root)
+        .args(["--host", "bunk", "activate", "--systemctl"])
+        .arg(&sysctl)
+        .output()
+        .unwrap()
+}
+
+fn install_host_key(root: &Path, private: &Path) {
+    let key = root.join("etc/ssh/ssh_host_ed25519_key");
+    fs::create_dir_all(key.parent().unwrap()).unwrap();
+    fs::copy(private, &key).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn host_rekey_then_only_the_new_key_activates_and_check_is_clean() {
+    let test = "host_rekey_then_only_the_new_key_activates_and_check_is_clean";
+    if !is_root(test) || !have_tool("ssh-keygen", test) {
+        return;
+    }
+    let fx = Fixture::bunk();
+    let root = fx.root();
+    let _unmount = Unmount(root.clone());
+    bunk_user_db(&root);
+    let new_private = fx.tmp.path().join("new_host_key");
+    let new_public = ssh_keygen(&new_private);
+    let before = fx.snapshot();
+
+    // Bad input: an unusable key, or no key at all: exit 2, nothing changed.
+    let out = fx.run_admin(&["host", "rekey", "bunk", "--key", "ssh-ed25519 AAAAnotakey"]);
+    assert!(assert_fails(&out, 2).contains("host `bunk`"));
+    assert_fails(&fx.run_admin(&["host", "rekey", "bunk"]), 2);
+    let out = fx.run_admin(&["host", "rekey", "nosuchhost", "--key", &new_public]);
+    assert!(assert_fails(&out, 2).contains("nosuchhost"));
+    assert!(fx.snapshot() == before, "a refused rekey changed files");
+
+    let pub_file = PathBuf::from(format!("{}.pub", new_private.display()));
+    let out = fx.run_admin(&[
+        "host",
+        "rekey",
+        "bunk",
+        "--key-file",
+        pub_file.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let after = fx.snapshot();
+    // agex.toml: only the key line changed, comments and layout kept.
+    let cfg = Path::new("agex.toml");
+    let (old_cfg, new_cfg) = (
+        String::from_utf8_lossy(&before[cfg]).into_owned(),
+        String::from_utf8_lossy(&after[cfg]).into_owned(),
+    );
+    let changed: Vec<(&str, &str)> = old_cfg
+        .lines()
+        .zip(new_cfg.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(old_cfg.lines().count(), new_cfg.lines().count());
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    let key_body = new_public.split_whitespace().nth(1).unwrap();
+    assert!(
+        changed[0].1.starts_with("key      = \"ssh-ed25519 "),
+        "{changed:?}"
+    );
+    assert!(changed[0].1.contains(key_body));
+    // Exactly the secrets that reach bunk were rewritten.
+    let untouched = Path::new("secrets/storagebox-account.age");
+    assert_eq!(before[untouched], after[untouched]);
+    let rewritten = Path::new("secrets/restic-password.age");
+    assert_ne!(before[rewritten], after[rewritten]);
+    assert_ne!(
+        before[Path::new("secrets/secrets.lock")],
+        after[Path::new("secrets/secrets.lock")]
+    );
+    assert_ok(&fx.run(&["check"]));
+    // The old host key opens nothing any more; the new one activates.
+    install_host_key(&root, &fx.key("bunk_ssh_host_ed25519_key"));
+    let out = activate(&fx, &root);
+    assert!(!out.status.success(), "the old key still activates");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    install_host_key(&root, &new_private);
+    assert_ok(&activate(&fx, &root));
+    let active = fs::read_link(root.join("run/agex")).unwrap();
+    let active = root.join("run").join(active);
+    let delivered = fs::read(active.join("immich-server.service/immich-db-password")).unwrap();
+    assert_eq!(delivered, fx.decrypt("immich-db-password"));
+}
+
+#[test]
+fn host_rekey_keyscan_prints_the_fingerprint_of_the_key_it_installs() {
+    let test = "host_rekey_keyscan_prints_the_fingerprint_of_the_key_it_installs";
+    if !have_tool("ssh-keyscan", test) {
+        return;
+    }
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let fx = Fixture::bunk();
+    let target = format!("127.0.0.1:{}", sshd.port());
+    let out = fx.run_admin(&["host", "rekey", "bunk", "--keyscan", &target]);
+    assert_ok(&out);
+    let hostkey_pub = sshd.dir().join("hostkey.pub");
+    let fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&hostkey_pub)
+        .output()
+        .unwrap();
+    let fp = stdout(&fp).split_whitespace().nth(1).unwrap().to_string();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&fp), "{fp} not in:\n{err}");
+    let body = fs::read_to_string(&hostkey_pub).unwrap();
+    let body = body.split_whitespace().nth(1).unwrap();
+    let cfg = fs::read_to_string(fx.dir().join("agex.toml")).unwrap();
+    assert!(cfg.contains(body));
+    assert_ok(&fx.run(&["check"]));
+    // Nothing listens on a closed port: a clear error, nothing changed.
+    let before = fx.snapshot();
+    let closed = format!("127.0.0.1:{}", common::services::free_port());
+    let out = fx.run_admin(&["host", "rekey", "bunk", "--keyscan", &closed]);
+    assert!(assert_fails(&out, 1).contains("ssh-keyscan"));
+    assert!(fx.snapshot() == before);
 }

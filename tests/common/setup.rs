@@ -197,3 +197,66 @@ impl Setup {
         }
     }
 }
+
+/// Owners and groups the bunk example's rules name.
+pub const BUNK_USERS: &[&str] = &[
+    "actual",
+    "authelia-main",
+    "caddy",
+    "forgejo",
+    "grafana",
+    "hass",
+    "immich",
+    "jellyfin",
+    "mealie",
+    "miniflux",
+    "n8n",
+    "paperless",
+    "vaultwarden",
+    "vikunja",
+    "systemd-network",
+];
+
+/// `<root>/etc/passwd` and `group` naming the bunk example's users (for activation).
+pub fn bunk_user_db(root: &Path) {
+    let etc = root.join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    let mut passwd = "root:x:0:0:root:/root:/bin/sh\n".to_string();
+    let mut group = "root:x:0:\n".to_string();
+    for (i, u) in BUNK_USERS.iter().enumerate() {
+        let id = 1001 + i as u32;
+        passwd.push_str(&format!(
+            "{u}:x:{id}:{id}::/nonexistent:/usr/sbin/nologin\n"
+        ));
+        group.push_str(&format!("{u}:x:{id}:\n"));
+    }
+    group.push_str("smtp-users:x:2000:\n");
+    fs::write(etc.join("passwd"), passwd).unwrap();
+    fs::write(etc.join("group"), group).unwrap();
+}
+
+/// Unmounts `<root>/run/agex.d` when dropped (activation as root mounts a ramfs there).
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.0.join("run/agex.d"))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A `systemctl` stand-in that records its arguments in `dir/systemctl-calls`.
+pub fn recording_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
+    let calls = dir.join("systemctl-calls");
+    let script = dir.join("systemctl");
+    fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    (script, calls)
+}

@@ -393,16 +393,62 @@ pub fn cmd_drill_rebuild(_ctx: &Context, _host: &str) -> Result<i32, Failure> {
 }
 
 pub fn cmd_host_rekey(
-    _ctx: &Context,
-    _host: &str,
-    _key: Option<&str>,
-    _key_file: Option<&Path>,
-    _keyscan: Option<&str>,
+    ctx: &Context,
+    host: &str,
+    key: Option<&str>,
+    key_file: Option<&Path>,
+    keyscan: Option<&str>,
 ) -> Result<i32, Failure> {
-    Err(Failure::new(
-        FAILURE,
-        "agex host rekey is not implemented yet",
-    ))
+    use agex_secrets::host_rekey;
+    let project = ctx.project()?;
+    let new_key = match (key, key_file, keyscan) {
+        (Some(k), None, None) => k.to_string(),
+        (None, Some(f), None) => host_rekey::read_key_file(f)?,
+        (None, None, Some(target)) => {
+            let k = host_rekey::keyscan(target)?;
+            eprintln!(
+                "{target} offers {} ({})",
+                host_rekey::fingerprint(&k).unwrap_or_else(|| "unknown fingerprint".into()),
+                k
+            );
+            k
+        }
+        _ => {
+            return Err(Failure::new(
+                CONFIG,
+                "give the new key with exactly one of --key, --key-file or --keyscan",
+            ))
+        }
+    };
+    let plan = host_rekey::plan(&project, host, &new_key)?;
+    if plan.old_key == plan.new_key && plan.rekey.items.is_empty() {
+        println!("{host} already has this key; nothing to do");
+        return Ok(OK);
+    }
+    if !plan.rekey.missing.is_empty() {
+        eprintln!(
+            "warning: these secrets of {host} have no file yet and are skipped: {}",
+            plan.rekey.missing.join(", ")
+        );
+    }
+    let ids = ctx.identities(&project)?;
+    let outcome = host_rekey::execute(&plan, &ids)?;
+    println!(
+        "{host}: key {} → {}; re-encrypted {} secret(s){}",
+        plan.old_key.fingerprint(),
+        plan.new_key.fingerprint(),
+        outcome.rekeyed.len(),
+        if outcome.unverified.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} checked structurally only: {})",
+                outcome.unverified.len(),
+                outcome.unverified.join(", ")
+            )
+        }
+    );
+    Ok(OK)
 }
 
 pub fn cmd_recovery_kit(_ctx: &Context, _out: Option<&Path>) -> Result<i32, Failure> {
