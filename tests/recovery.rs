@@ -675,3 +675,102 @@ fn host_rekey_keyscan_prints_the_fingerprint_of_the_key_it_installs() {
     assert!(assert_fails(&out, 1).contains("ssh-keyscan"));
     assert!(fx.snapshot() == before);
 }
+
+/// The fenced block of the kit whose first line is `# kit: <title>`.
+fn kit_block(kit: &str, title: &str) -> String {
+    let marker = format!("# kit: {title}\n");
+    let start = kit
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no block `{title}` in the kit:\n{kit}"));
+    let body = &kit[start..];
+    let end = body.find("```").expect("block end");
+    body[..end].to_string()
+}
+
+/// Runs a kit block with bash, only the documented placeholders substituted, in a
+/// clean environment (no agex, a private HOME).
+fn follow(block: &str, subst: &[(&str, &Path)], home: &Path) -> std::process::Output {
+    let mut script = block.to_string();
+    for (name, value) in subst {
+        script = script.replace(name, value.to_str().unwrap());
+    }
+    assert!(
+        !script.contains("agex "),
+        "the kit must not need agex:\n{script}"
+    );
+    Command::new("bash")
+        .args(["-e", "-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", home)
+        .current_dir(home)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_recovery_kit_followed_literally_gets_the_data_back() {
+    let test = "the_recovery_kit_followed_literally_gets_the_data_back";
+    if !tools(test) || !have_tool("age", test) || !have_tool("bash", test) {
+        return;
+    }
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let s = Setup::new(&restic_url, &sshd.url("borg"), true);
+    s.authorize_borg_key(&sshd);
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 1 << 20);
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    let kit_path = tmp.path().join("kit.txt");
+    assert_ok(&s.agex(&["recovery", "kit", "--out", kit_path.to_str().unwrap()]));
+    let kit = fs::read_to_string(&kit_path).unwrap();
+    assert_eq!(
+        fs::metadata(&kit_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // It names the secrets and the recovery key, and holds no password.
+    assert!(kit.contains("secret `restic-password`"));
+    assert!(kit.contains("paper (age1"));
+    for secret in ["restic-password", "borg-passphrase"] {
+        let plain = String::from_utf8(s.fx.decrypt(secret)).unwrap();
+        assert!(!kit.contains(plain.trim()), "the kit leaks {secret}");
+    }
+    let live = files_of(&s);
+    let home = tmp.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    let key = s.fx.key("recovery.txt");
+    let config = s.fx.dir();
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let listed = follow(
+            &kit_block(&kit, &format!("{repo} list")),
+            &[("RECOVERY_KEY", &key), ("CONFIG", &config)],
+            &home,
+        );
+        assert_ok(&listed);
+        let shown = stdout(&listed);
+        assert!(shown.contains("testapp"), "{repo}: {shown}");
+        let target = tmp.path().join(format!("kit-{repo}"));
+        fs::create_dir_all(&target).unwrap();
+        let out = follow(
+            &kit_block(&kit, &format!("{repo} restore testapp")),
+            &[
+                ("RECOVERY_KEY", &key),
+                ("CONFIG", &config),
+                ("TARGET", &target),
+            ],
+            &home,
+        );
+        assert_ok(&out);
+        let got = common::snapshot(&target.join("srv/app/files"));
+        assert!(got == live, "{repo}: restored files differ");
+        assert_eq!(
+            sqlite_count(&target.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
+            sqlite_count(&s.host("/srv/app/app.db"))
+        );
+    }
+    assert!(!Path::new("/dev/shm/agex-kit-offsite-borg-ssh-key").exists());
+}

@@ -6,6 +6,7 @@ pub mod borg;
 pub mod drill;
 pub mod dump;
 pub mod error;
+pub mod kit;
 pub mod lock;
 pub mod manifest;
 pub mod pg;

@@ -451,9 +451,21 @@ pub fn cmd_host_rekey(
     Ok(OK)
 }
 
-pub fn cmd_recovery_kit(_ctx: &Context, _out: Option<&Path>) -> Result<i32, Failure> {
-    Err(Failure::new(
-        FAILURE,
-        "agex recovery kit is not implemented yet",
-    ))
+pub fn cmd_recovery_kit(ctx: &Context, out: Option<&Path>) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let generated = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let text = agex_backup::kit::render(&project, &generated);
+    match out {
+        Some(path) => {
+            agex_core::atomic::write_atomic(path, text.as_bytes(), 0o600)
+                .map_err(|e| Failure::new(FAILURE, format!("{}: {e}", path.display())))?;
+            eprintln!(
+                "recovery kit written to {} ({} repositories); print it and keep it with the recovery key",
+                path.display(),
+                project.config.repositories.len()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(OK)
 }
