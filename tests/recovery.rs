@@ -774,3 +774,150 @@ fn the_recovery_kit_followed_literally_gets_the_data_back() {
     }
     assert!(!Path::new("/dev/shm/agex-kit-offsite-borg-ssh-key").exists());
 }
+
+/// Whether the real restic/borg binary opens the repository with `password`.
+fn opens_with(s: &Setup, kind: &str, url: &str, password: &[u8], dir: &Path) -> bool {
+    let file = dir.join(format!("try-{kind}"));
+    fs::write(&file, password).unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = if kind == "restic" {
+        Command::new("restic")
+            .args(["-r", url, "--no-cache", "--password-file"])
+            .arg(&file)
+            .args(["cat", "config"])
+            .output()
+            .unwrap()
+    } else {
+        Command::new("borg")
+            .env("BORG_PASSCOMMAND", format!("cat {}", file.display()))
+            .env_remove("BORG_PASSPHRASE")
+            .env("BORG_BASE_DIR", s.fx.tmp.path().join("peer-borg"))
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
+            .args(["list", url])
+            .output()
+            .unwrap()
+    };
+    out.status.success()
+}
+
+/// `agex repo rotate-password REPO` paused at `step` and killed with SIGKILL there.
+fn rotate_killed_at(s: &Setup, repo: &str, step: &str) {
+    use std::io::BufRead;
+    let key = s.fx.key("admin.txt");
+    let mut child =
+        s.fx.agex()
+            .args([
+                "-i",
+                key.to_str().unwrap(),
+                "--root",
+                s.root.to_str().unwrap(),
+            ])
+            .args(["repo", "rotate-password", repo])
+            .env("AGEX_TEST_PAUSE_AT", step)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let paused = line.contains(&format!("paused at {step}"));
+        seen.push(line);
+        if paused {
+            break;
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        seen.iter().any(|l| l.contains("paused at")),
+        "{repo} never reached {step} ({status}):\n{}",
+        seen.join("\n")
+    );
+}
+
+#[test]
+fn rotate_password_killed_at_every_step_leaves_a_stored_secret_that_opens() {
+    let test = "rotate_password_killed_at_every_step_leaves_a_stored_secret_that_opens";
+    if !tools(test) || !have_tool("age", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, restic_url, borg_url) = local(tmp.path(), SQLITE_POLICY);
+    let admin = s.fx.key("admin.txt");
+    let cases = [
+        (
+            "offsite-restic",
+            "restic",
+            restic_url.clone(),
+            "restic-password",
+            &["pending", "added", "verified", "stored", "removed"][..],
+        ),
+        (
+            "offsite-borg",
+            "borg",
+            borg_url.clone(),
+            "borg-passphrase",
+            &["pending", "changed", "verified", "stored"][..],
+        ),
+    ];
+    for (repo, kind, url, secret, steps) in cases {
+        let mut passwords = vec![s.fx.decrypt(secret)];
+        for step in steps {
+            rotate_killed_at(&s, repo, step);
+            let stored = s.fx.decrypt(secret);
+            let pending_file = s.fx.dir().join(format!("secrets/{secret}.age.pending"));
+            let pending = pending_file.exists().then(|| {
+                let out = Command::new("age")
+                    .args(["-d", "-i"])
+                    .arg(&admin)
+                    .arg(&pending_file)
+                    .output()
+                    .unwrap();
+                assert_ok(&out);
+                out.stdout
+            });
+            let secret_opens = opens_with(&s, kind, &url, &stored, tmp.path());
+            let pending_opens = pending
+                .as_ref()
+                .is_some_and(|p| opens_with(&s, kind, &url, p, tmp.path()));
+            assert!(
+                secret_opens || pending_opens,
+                "{repo} killed at {step}: neither the secret nor its pending successor opens it"
+            );
+            if kind == "restic" || ["pending", "stored"].contains(step) {
+                // Restic keeps both keys until the secret holds the new one; borg's
+                // only window is between change-passphrase and storing the secret.
+                assert!(
+                    secret_opens,
+                    "{repo} killed at {step}: the secret does not open it"
+                );
+            }
+            // The next rotation finishes or discards the interrupted one and rotates.
+            let out = s.agex(&["repo", "rotate-password", repo]);
+            assert_ok(&out);
+            assert!(
+                !pending_file.exists(),
+                "{repo}: pending file left after {step}"
+            );
+            let now = s.fx.decrypt(secret);
+            assert!(
+                !passwords.contains(&now),
+                "{repo}: the password did not change"
+            );
+            assert!(opens_with(&s, kind, &url, &now, tmp.path()));
+            passwords.push(now);
+        }
+        // The first password no longer opens the repository; agex still backs up.
+        assert!(
+            !opens_with(&s, kind, &url, &passwords[0], tmp.path()),
+            "{repo}"
+        );
+        assert_ok(&s.agex(&["backup", "--service", "testapp", "--repo", repo]));
+        assert_ok(&s.fx.run(&["check"]));
+    }
+}

@@ -13,6 +13,7 @@ pub mod pg;
 pub mod process;
 pub mod restic;
 pub mod restore;
+pub mod rotate;
 pub mod run;
 pub mod status;
 

@@ -196,6 +196,11 @@ impl Restic {
         })
     }
 
+    /// The rustic_core repository, for key rotation.
+    pub(crate) fn inner(&self) -> &Repository<OpenStatus> {
+        &self.repo
+    }
+
     /// The rustic_core repository, consumed (restore needs it indexed).
     pub(crate) fn into_inner(self) -> Repository<OpenStatus> {
         self.repo

@@ -378,11 +378,34 @@ pub fn with_drills(
     Ok(out)
 }
 
-pub fn cmd_rotate_password(_ctx: &Context, _repo: &str) -> Result<i32, Failure> {
-    Err(Failure::new(
-        FAILURE,
-        "agex repo rotate-password is not implemented yet",
-    ))
+pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
+    use agex_backup::rotate;
+    let project = ctx.project()?;
+    access::repository(&project, name)?;
+    let ids = ctx.identities(&project)?;
+    // For the tests that kill a rotation at each step: stop there until killed.
+    let pause_at = std::env::var("AGEX_TEST_PAUSE_AT").ok();
+    let mut on_step = |step: rotate::Step| {
+        eprintln!("{name}: {} done", step.as_str());
+        if pause_at.as_deref() == Some(step.as_str()) {
+            eprintln!("{name}: paused at {} (AGEX_TEST_PAUSE_AT)", step.as_str());
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    };
+    let out = rotate::rotate(&project, &ids, name, &state_dir(ctx), &mut on_step)?;
+    if out.finished_interrupted {
+        eprintln!("{name}: an interrupted rotation was finished first");
+    }
+    if let Some(e) = &out.old_key_left {
+        eprintln!("warning: {name}: the old key could not be removed: {e}");
+    }
+    println!(
+        "{name}: new password in place and stored in secret `{}`; commit the secrets directory",
+        project.config.repositories[name].password_secret.get_ref()
+    );
+    Ok(OK)
 }
 
 pub fn cmd_drill_rebuild(_ctx: &Context, _host: &str) -> Result<i32, Failure> {
