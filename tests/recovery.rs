@@ -921,3 +921,149 @@ fn rotate_password_killed_at_every_step_leaves_a_stored_secret_that_opens() {
         assert_ok(&s.fx.run(&["check"]));
     }
 }
+
+/// Data for every policy of the bunk example under the root: a file in each path, an
+/// SQLite database for each `sqlite` entry, a PostgreSQL database (on the test
+/// cluster, whose port is written into the policy) for each `postgres` entry.
+fn bunk_data(s: &Setup, pg: &Postgres) {
+    let dry = s.agex(&["--json", "backup", "--dry-run"]);
+    assert_ok(&dry);
+    let planned: serde_json::Value = serde_json::from_str(&stdout(&dry)).unwrap();
+    for p in planned.as_array().unwrap() {
+        let service = p["service"].as_str().unwrap();
+        for path in p["paths"].as_array().unwrap() {
+            let dir = s.host(path.as_str().unwrap());
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("data.txt"), format!("{service} at {path}\n")).unwrap();
+        }
+        let policy_file = s.fx.dir().join(format!("policies/{service}.toml"));
+        let text = fs::read_to_string(&policy_file).unwrap();
+        let mut out = String::new();
+        for line in text.lines() {
+            out.push_str(line);
+            out.push('\n');
+            let value = || line.split('"').nth(1).unwrap().to_string();
+            if line.starts_with("path ") || line.starts_with("path=") {
+                let db = s.host(&value());
+                fs::create_dir_all(db.parent().unwrap()).unwrap();
+                assert_ok(
+                    &Command::new("sqlite3")
+                        .arg(&db)
+                        .arg(format!(
+                            "CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, v TEXT);
+                             INSERT INTO items(v) VALUES ('{service}'), ('more');"
+                        ))
+                        .output()
+                        .unwrap(),
+                );
+            } else if line.starts_with("database ") {
+                let name = value();
+                pg.create_db(&name);
+                pg.psql(
+                    &name,
+                    "CREATE TABLE assets (id int PRIMARY KEY); \
+                     INSERT INTO assets SELECT generate_series(1, 77);",
+                );
+                out.push_str(&format!("port = {}\n", pg.port()));
+            }
+        }
+        fs::write(&policy_file, out).unwrap();
+    }
+}
+
+#[test]
+fn rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key() {
+    let test = "rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key";
+    if !tools(test) {
+        return;
+    }
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let s = Setup::new(&restic_url, &sshd.url("borg"), true);
+    s.authorize_borg_key(&sshd);
+    s.link_postgres(&pg);
+    bunk_user_db(&s.root);
+    bunk_data(&s, &pg);
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--systemctl", "true"]));
+    let config_before = s.fx.snapshot();
+    let root_before: Vec<String> = fs::read_dir(s.host("/var/lib/agex"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+
+    let out = s.agex(&["--json", "drill", "rebuild", "--host", "bunk"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|_| panic!("{}\n{}", stdout(&out), String::from_utf8_lossy(&out.stderr)));
+    assert_ok(&out);
+    assert_eq!(report["passed"], true, "{report:#}");
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3, "{report:#}");
+    assert!(steps.iter().all(|s| s["ok"] == true), "{report:#}");
+    let restores = report["restores"].as_array().unwrap();
+    assert_eq!(restores.len(), 12 * 2, "{report:#}");
+    assert!(restores.iter().all(|r| r["result"] == "ok"), "{report:#}");
+    let immich = restores
+        .iter()
+        .find(|r| r["service"] == "immich" && r["repo"] == "offsite-borg")
+        .unwrap();
+    assert_eq!(immich["databases"], 1);
+    assert!(report["oldest_data"].is_string());
+    assert!(report["total_seconds"].as_f64().unwrap() > 0.0);
+    let old_fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(s.fx.key("bunk_ssh_host_ed25519_key.pub"))
+        .output()
+        .unwrap();
+    let old_fp = stdout(&old_fp)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(report["new_key"].as_str().unwrap().starts_with("SHA256:"));
+    assert_ne!(report["new_key"].as_str().unwrap(), old_fp);
+    // The real configuration is untouched; the scratch root and its mount are gone.
+    assert!(
+        s.fx.snapshot() == config_before,
+        "the rebuild drill changed the config"
+    );
+    assert_eq!(
+        fs::read_dir(s.host("/var/lib/agex/rebuild"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&s.root.display().to_string()), "{mounts}");
+    let dbs = pg.psql("postgres", "SELECT datname FROM pg_database");
+    assert!(!dbs.contains("agex_drill"), "{dbs}");
+    let _ = root_before;
+
+    // A host whose key cannot open the repository passwords cannot be rebuilt: the
+    // drill says so and fails.
+    let rules = s.fx.dir().join("secrets/secrets.toml");
+    let text = fs::read_to_string(&rules).unwrap();
+    let cut = text.replace(
+        "[secrets.restic-password]\nrecipients      = [\"admins\", \"recovery\", \"bunk\"]",
+        "[secrets.restic-password]\nrecipients      = [\"admins\", \"recovery\"]",
+    );
+    assert_ne!(cut, text, "the rule of restic-password changed its layout");
+    fs::write(&rules, cut).unwrap();
+    assert_ok(&s.agex(&["rekey"]));
+    let out = s.agex(&["drill", "rebuild", "--host", "bunk"]);
+    let err = assert_fails(&out, 1);
+    let text = stdout(&out);
+    assert!(text.contains("FAILED"), "{text}\n{err}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("offsite-restic") && l.contains("FAILED")),
+        "{text}"
+    );
+}

@@ -106,8 +106,11 @@ pub struct DrillRecord {
 pub struct DrillEnv<'a> {
     /// The configuration.
     pub project: &'a Project,
-    /// `--root`.
+    /// `--root`: scratch space and state (locks, borg cache) go under it.
     pub root: &'a Path,
+    /// The root under which database sockets are found (the same as `root` except in
+    /// the rebuild drill, whose scratch root has no database server).
+    pub db_root: &'a Path,
     /// Decrypted repository credentials (or why they are not).
     pub access: &'a BTreeMap<String, Result<RepoAccess, String>>,
     /// Identities for the PostgreSQL role passwords.
@@ -218,7 +221,7 @@ fn drill_one(
             &m,
             Some(&PgScratch {
                 policy,
-                root: env.root,
+                root: env.db_root,
                 passwords: &passwords,
                 name: &name,
             }),

@@ -11,6 +11,7 @@ pub mod lock;
 pub mod manifest;
 pub mod pg;
 pub mod process;
+pub mod rebuild;
 pub mod restic;
 pub mod restore;
 pub mod rotate;

@@ -285,11 +285,8 @@ pub struct DrillArgs {
 #[derive(Debug, Subcommand)]
 pub enum DrillCommand {
     /// Prove a host rebuild in a scratch root: new host key, rekey, activate, restore all
-    Rebuild {
-        /// The host to rebuild
-        #[arg(long = "host", value_name = "HOST")]
-        rebuild_host: String,
-    },
+    /// (the host is the global --host, else this machine's hostname)
+    Rebuild,
 }
 
 #[derive(Debug, Subcommand)]

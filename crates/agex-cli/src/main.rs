@@ -99,9 +99,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         },
         Command::Restore(args) => recovery::cmd_restore(&ctx, &args),
         Command::Drill(args) => match &args.command {
-            Some(DrillCommand::Rebuild { rebuild_host }) => {
-                recovery::cmd_drill_rebuild(&ctx, rebuild_host)
-            }
+            Some(DrillCommand::Rebuild) => recovery::cmd_drill_rebuild(&ctx),
             None => recovery::cmd_drill(&ctx, &args),
         },
         Command::Host {
