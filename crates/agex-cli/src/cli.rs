@@ -258,7 +258,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub yes: bool,
     /// Restore the PostgreSQL database into this new database instead
-    #[arg(long = "as", value_name = "NAME", requires = "in_place")]
+    #[arg(long = "as", value_name = "NAME")]
     pub as_database: Option<String>,
     /// Command that runs systemctl for `stop_units` (default: `systemctl` when --root is /)
     #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]

@@ -71,6 +71,12 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
             "say where to restore: --to DIR (a new directory) or --in-place (under --root)",
         ));
     }
+    if args.as_database.is_some() && !args.in_place {
+        return Err(Failure::new(
+            CONFIG,
+            "--as NAME restores a PostgreSQL database in place: it needs --in-place",
+        ));
+    }
     if let Some(dir) = &args.to {
         if !restore::is_empty_dir(dir)? {
             return Err(Failure::new(
@@ -109,6 +115,16 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
             },
             Err(e) => errors.push(format!("{name}: {e}")),
         }
+    }
+    if lists.is_empty() {
+        return Err(Failure::new(
+            FAILURE,
+            format!(
+                "no repository of {} could be read:\n  {}",
+                args.service,
+                errors.join("\n  ")
+            ),
+        ));
     }
     for e in &errors {
         eprintln!("warning: {e}");
