@@ -7,6 +7,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,35 @@ use common::{assert_fails, assert_ok, have_tool, stdout};
 /// Every regular file under `dir`, relative path → bytes.
 fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     common::snapshot(dir)
+}
+
+/// `sha256:<hex>` of some bytes, by `sha256sum`.
+fn sha256_of(bytes: &[u8]) -> String {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    fs::write(tmp.path(), bytes).unwrap();
+    let out = Command::new("sha256sum").arg(tmp.path()).output().unwrap();
+    assert_ok(&out);
+    format!("sha256:{}", stdout(&out).split_whitespace().next().unwrap())
+}
+
+/// Terminal output without its escape sequences (`ESC [ … letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Checks a restored tree against the live data and the manifest stored with it.
@@ -48,6 +78,12 @@ fn verify_restored(s: &Setup, restored: &Path) {
     assert_eq!(manifest["service"], "testapp");
     let files = manifest["files"].as_array().unwrap();
     assert_eq!(files.len(), expected.len(), "{manifest}");
+    for f in files {
+        let path = f["path"].as_str().unwrap();
+        let bytes = fs::read(restored.join(path.trim_start_matches('/'))).unwrap();
+        assert_eq!(f["size"], bytes.len(), "{path}");
+        assert_eq!(f["digest"], sha256_of(&bytes), "manifest digest of {path}");
+    }
     let dumps = manifest["dumps"].as_array().unwrap();
     let sqlite = dumps.iter().find(|d| d["kind"] == "sqlite").unwrap();
     assert_eq!(sqlite["size"], fs::metadata(&dump).unwrap().len());
@@ -67,8 +103,15 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     s.init_repos();
-    let out = s.agex(&["backup", "--service", "testapp"]);
+    // On a terminal, each repository draws a progress bar that ends done.
+    let out = s.agex_on_tty(&["backup", "--service", "testapp"]);
     assert_ok(&out);
+    let shown = strip_ansi(&stdout(&out));
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let full = format!("testapp → {repo} [{}]", "=".repeat(30));
+        assert!(shown.contains(&full), "no finished bar for {repo}: {shown}");
+    }
+    assert!(shown.matches("files, done").count() >= 2, "{shown}");
 
     run(
         s.restic(&restic_url).args(["check", "--read-data"]),
@@ -130,10 +173,24 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     ));
     assert!(prom.contains("agex_backup_result{service=\"testapp\",repo=\"offsite-restic\"} 1"));
 
+    // A file rewritten with the same size gets its new digest (the digest cache keys on
+    // mtime, ctime and inode too); an untouched one keeps its.
+    let a = s.host("/srv/app/files/a.txt");
+    fs::write(&a, "HELLO AGEX\n").unwrap();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    let r2 = tmp.path().join("restored-restic-2");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r2),
+        "restic restore",
+    );
+    verify_restored(&s, &r2);
+
     let out = s.agex(&["--json", "snapshots", "--service", "testapp"]);
     assert_ok(&out);
     let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed.as_array().unwrap().len(), 4, "{listed}");
     assert_ok(&s.agex(&["repo", "check"]));
 }
 
@@ -299,12 +356,23 @@ fn borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial() {
             .arg(&dump),
         "pg_restore",
     );
-    for (table, rows) in [("notes", "1234"), ("tags", "2")] {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(r.join("var/lib/agex/dumps/testapp/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let pg_entry = manifest["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "postgres")
+        .unwrap();
+    for (table, rows) in [("notes", 1234), ("tags", 2)] {
         assert_eq!(
             pg.psql("restored", &format!("SELECT count(*) FROM {table}"))
                 .trim(),
-            rows
+            rows.to_string()
         );
+        assert_eq!(pg_entry["row_counts"][format!("public.{table}")], rows);
     }
 
     // sshd goes away: the Restic side still completes; exit 3 names the failure.
@@ -354,7 +422,10 @@ fn a_failed_dump_keeps_no_snapshot_and_a_wrong_password_fails_only_its_repositor
     s.init_repos();
     let out = s.agex(&["backup", "--service", "testapp"]);
     let err = assert_fails(&out, 1);
-    assert!(err.contains("pg_dump"), "{err}");
+    assert!(
+        err.contains("dump of nope.pgdump failed") && err.contains("nothing/.s.PGSQL"),
+        "{err}"
+    );
     let snaps = stdout(&run(
         s.restic(&restic_url).args(["snapshots", "--json"]),
         "restic snapshots",
@@ -540,4 +611,148 @@ fn wait_for_no_borg(repo: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A `systemctl` stand-in that appends each call to `log` and fails `start` when
+/// `fail_start` exists.
+fn fake_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
+    let log = dir.join("systemctl.log");
+    let script = dir.join("systemctl");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{log}'\n\
+             if [ \"$1\" = start ] && [ -e '{dir}/fail_start' ]; then echo 'unit failed' >&2; exit 1; fi\n",
+            log = log.display(),
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    (script, log)
+}
+
+#[test]
+fn stop_units_are_stopped_for_the_snapshot_and_started_on_every_path() {
+    let test = "stop_units_are_stopped_for_the_snapshot_and_started_on_every_path";
+    if !have_tool("restic", test) || !have_tool("borg", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    let (systemctl, log) = fake_systemctl(tmp.path());
+    // The before hook proves the units are down while the snapshot is taken.
+    let policy = format!(
+        "stop_units = [\"app.service\", \"app-worker.service\"]\n\
+         before = [\"tail -1 '{}' | grep -qx 'stop app.service app-worker.service'\"]\n\
+         {SQLITE_POLICY}",
+        log.display()
+    );
+    s.policy("testapp", &policy);
+    app_data(&s, 0);
+    s.init_repos();
+    let sc = systemctl.to_str().unwrap();
+
+    // Without a systemctl command the policy cannot stop its units: refuse to back up
+    // a live service rather than take a torn copy.
+    let err = assert_fails(&s.agex(&["backup", "--service", "testapp"]), 1);
+    assert!(err.contains("no systemctl command"), "{err}");
+    assert!(!log.exists(), "nothing was stopped");
+
+    assert_ok(&s.agex(&["backup", "--service", "testapp", "--systemctl", sc]));
+    let calls = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        calls,
+        "stop app.service app-worker.service\nstart app.service app-worker.service\n"
+    );
+
+    // A failed dump still starts the units again.
+    fs::remove_file(&log).unwrap();
+    fs::remove_file(s.host("/srv/app/app.db")).unwrap();
+    let err = assert_fails(
+        &s.agex(&["backup", "--service", "testapp", "--systemctl", sc]),
+        1,
+    );
+    assert!(err.contains("app.db"), "{err}");
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "stop app.service app-worker.service\nstart app.service app-worker.service\n"
+    );
+
+    // A unit that does not come back is a failure the operator sees.
+    app_data(&s, 0);
+    fs::write(tmp.path().join("fail_start"), "").unwrap();
+    let err = assert_fails(
+        &s.agex(&["backup", "--service", "testapp", "--systemctl", sc]),
+        1,
+    );
+    assert!(
+        err.contains("starting app.service, app-worker.service again failed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
+    let test = "a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age";
+    if !have_tool("restic", test) || !have_tool("borg", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    let cfg = s.fx.dir().join("agex.toml");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("lock_wait = 5", "lock_wait = 1\nstale_lock_age = 2");
+    fs::write(&cfg, text).unwrap();
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 0);
+    s.init_repos();
+
+    // A borg on the host before its rebuild (another host id) held the lock and died:
+    // borg cannot tell that holder is gone.
+    let mut holder = s
+        .borg(None)
+        .env("BORG_HOST_ID", "old-bunk@123456789")
+        .args(["with-lock", &borg_url, "sleep", "600"])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let lock = Path::new(&borg_url).join("lock.exclusive");
+    let t = Instant::now();
+    while !lock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "borg took no lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The whole group: borg and its `sleep`.
+    let group = format!("-{}", holder.id());
+    run(Command::new("kill").args(["-KILL", "--", &group]), "kill");
+    holder.wait().unwrap();
+    assert!(lock.exists(), "the dead holder's lock stays");
+
+    // First sighting: borg waits lock_wait, gives up; Restic is unaffected.
+    let err = assert_fails(&s.agex(&["backup", "--service", "testapp"]), 3);
+    assert!(err.contains("offsite-borg: FAILED"), "{err}");
+    assert!(err.contains("locked by another process"), "{err}");
+    assert!(err.contains("offsite-restic: ok"), "{err}");
+
+    // Held past stale_lock_age: broken with a warning, and the archive is written.
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broke a stale lock on `offsite-borg`"),
+        "{err}"
+    );
+    run(s.borg(None).arg("check").arg(&borg_url), "borg check");
+    let list = stdout(&run(
+        s.borg(None).args(["list", "--short"]).arg(&borg_url),
+        "borg list",
+    ));
+    assert_eq!(list.lines().count(), 1, "{list}");
 }

@@ -54,6 +54,40 @@ impl Setup {
         self.fx.run_admin(&all)
     }
 
+    /// [`Setup::agex`] with stdout and stderr on a pseudo-terminal (`script`), as a user
+    /// at a shell sees it; the output is what the terminal showed.
+    pub fn agex_on_tty(&self, args: &[&str]) -> Output {
+        let key = self.fx.key("admin.txt");
+        let base = self.fx.agex();
+        let quote =
+            |a: &std::ffi::OsStr| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''"));
+        let mut line = quote(base.get_program());
+        for a in [
+            "-i".as_ref(),
+            key.as_os_str(),
+            "--root".as_ref(),
+            self.root.as_os_str(),
+        ]
+        .into_iter()
+        .chain(args.iter().map(|a| a.as_ref()))
+        {
+            line.push(' ');
+            line.push_str(&quote(a));
+        }
+        let mut cmd = Command::new("script");
+        cmd.args(["-qefc", &line, "/dev/null"]);
+        if let Some(d) = base.get_current_dir() {
+            cmd.current_dir(d);
+        }
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.stdin(Stdio::null()).output().expect("script")
+    }
+
     /// `agex repo init` of both repositories.
     pub fn init_repos(&self) {
         assert_ok(&self.agex(&["repo", "init", "offsite-restic"]));

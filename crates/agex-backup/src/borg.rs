@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::access::RepoAccess;
 use crate::error::BackupError;
 use crate::process;
+use crate::progress::Meter;
 
 /// A Borg repository, ready for commands.
 pub struct Borg {
@@ -264,4 +265,40 @@ pub fn parse_create_stats(stdout: &[u8]) -> Result<CreateStats, BackupError> {
 /// Quotes a path for the shell commands borg runs (`BORG_PASSCOMMAND`, `BORG_RSH`).
 fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
+}
+
+/// Reads borg's `--log-json` stderr to its end: `archive_progress` lines (from
+/// `--progress`) move `meter`; every other line is returned, for error messages.
+pub fn read_log(stderr: impl std::io::Read, meter: Option<&Meter>) -> String {
+    use std::io::BufRead;
+    let mut kept = String::new();
+    for line in std::io::BufReader::new(stderr).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line);
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v.get("type").and_then(|t| t.as_str()) == Some("archive_progress") {
+                if let (Some(m), Some(bytes), Some(files)) = (
+                    meter,
+                    v.get("original_size").and_then(|x| x.as_u64()),
+                    v.get("nfiles").and_then(|x| x.as_u64()),
+                ) {
+                    m.set(bytes, files);
+                }
+                continue;
+            }
+        }
+        kept.push_str(&line);
+        kept.push('\n');
+    }
+    kept
+}
+
+/// Whether borg's `--log-json` stderr says it gave up waiting for a lock.
+pub fn lock_timed_out(log: &str) -> bool {
+    log.lines().any(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .and_then(|v| v.get("msgid").and_then(|m| m.as_str()).map(str::to_string))
+            .is_some_and(|m| m == "LockTimeout" || m == "LockFailed")
+    })
 }

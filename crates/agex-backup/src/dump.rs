@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use agex_core::Database;
 use agex_secrets::ramdir::RamDir;
@@ -19,6 +18,7 @@ use zeroize::Zeroizing;
 
 use crate::error::BackupError;
 use crate::manifest::under;
+use crate::postgres::Connection;
 use crate::process;
 
 /// A finished dump on a RAM-backed filesystem: its size and digest are known before
@@ -32,7 +32,7 @@ pub struct Dump {
     pub size: u64,
     /// `sha256:<hex>` of the bytes.
     pub digest: String,
-    /// Row count per table (SQLite), for the manifest.
+    /// Row count per table (SQLite: `table`; PostgreSQL: `schema.table`), for the manifest.
     pub row_counts: BTreeMap<String, u64>,
     _dir: RamDir,
 }
@@ -53,55 +53,8 @@ pub fn take(
 ) -> Result<Dump, BackupError> {
     match db {
         Database::Sqlite { path, .. } => sqlite(db.dump_file(), &under(root, path)),
-        Database::Postgres {
-            database,
-            socket,
-            host,
-            port,
-            user,
-            ..
-        } => {
-            let mut cmd = if let (true, Some(_)) = (is_root() && user_exists(user), socket) {
-                // Peer authentication over the socket: run as the role's OS user.
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--", "pg_dump"]);
-                c
-            } else {
-                Command::new("pg_dump")
-            };
-            cmd.args([
-                "--format=custom",
-                "--no-password",
-                "--dbname",
-                database,
-                "--username",
-                user,
-            ]);
-            if let Some(s) = socket {
-                cmd.arg("--host").arg(under(root, s));
-            } else if let Some(h) = host {
-                cmd.arg("--host").arg(h);
-            }
-            if let Some(p) = port {
-                cmd.arg("--port").arg(p.to_string());
-            }
-            let pass_dir = match password {
-                Some(pw) => {
-                    let dir = RamDir::create(false)?;
-                    let mut line = Zeroizing::new(b"*:*:*:*:".to_vec());
-                    for &b in pw.iter().take_while(|&&b| b != b'\n') {
-                        if b == b':' || b == b'\\' {
-                            line.push(b'\\');
-                        }
-                        line.push(b);
-                    }
-                    let file = dir.write("pgpass", &line)?;
-                    cmd.env("PGPASSFILE", file);
-                    Some(dir)
-                }
-                None => None,
-            };
-            postgres(db.dump_file(), cmd, pass_dir)
+        Database::Postgres { .. } => {
+            postgres(db.dump_file(), &Connection::new(db, root, password)?)
         }
     }
 }
@@ -162,7 +115,12 @@ pub fn sqlite_row_counts(path: &Path) -> Result<BTreeMap<String, u64>, rusqlite:
     Ok(out)
 }
 
-fn postgres(file: String, mut cmd: Command, pass_dir: Option<RamDir>) -> Result<Dump, BackupError> {
+/// `pg_dump -Fc` of the snapshot a `psql` session exports, with row counts read in that
+/// same snapshot: the manifest's counts are exactly the dump's, however busy the database.
+fn postgres(file: String, conn: &Connection) -> Result<Dump, BackupError> {
+    let mut session = conn.session(conn.database())?;
+    let snapshot = session.export_snapshot()?;
+    let row_counts = session.row_counts()?;
     let dir = RamDir::create(false)?;
     let path = dir.path().join("dump.pgdump");
     let out = File::options()
@@ -170,26 +128,17 @@ fn postgres(file: String, mut cmd: Command, pass_dir: Option<RamDir>) -> Result<
         .create_new(true)
         .open(&path)
         .map_err(BackupError::io(&path))?;
-    let result = process::run_to(&mut cmd, out.into());
-    drop(pass_dir);
-    result?;
+    let mut cmd = conn.command("pg_dump", conn.database());
+    cmd.args(["--format=custom", "--snapshot", &snapshot]);
+    process::run_to(&mut cmd, out.into())?;
+    session.finish()?;
     let (size, digest) = crate::manifest::digest_file(&path)?;
     Ok(Dump {
         file,
         path,
         size,
         digest,
-        row_counts: BTreeMap::new(),
+        row_counts,
         _dir: dir,
     })
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-fn user_exists(name: &str) -> bool {
-    std::fs::read_to_string("/etc/passwd")
-        .map(|t| t.lines().any(|l| l.split(':').next() == Some(name)))
-        .unwrap_or(false)
 }

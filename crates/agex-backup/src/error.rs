@@ -70,6 +70,14 @@ pub enum BackupError {
         /// Seconds waited.
         waited: u64,
     },
+    /// Borg found the repository locked by someone else and gave up waiting.
+    #[error("repository `{repo}` is locked by another process: {message}")]
+    Locked {
+        /// The repository.
+        repo: String,
+        /// What borg said.
+        message: String,
+    },
     /// A file operation failed.
     #[error("{}: {source}", .path.display())]
     Io {

@@ -48,3 +48,36 @@ pub fn acquire(state: &Path, repo: &str, wait: Duration) -> Result<RepoLock, Bac
         }
     }
 }
+
+/// Where the first sighting of a foreign lock on `repo` is remembered.
+fn sighting(state: &Path, repo: &str) -> PathBuf {
+    state.join("locks").join(format!("{repo}.held-since"))
+}
+
+/// Called when a repository was found locked by another process (not an agex run on
+/// this host, which the flock above excludes): remembers when that was first seen, and
+/// answers how long ago, so a lock seen held for longer than `[backup] stale_lock_age`
+/// across runs can be broken.
+pub fn foreign_lock_seen(state: &Path, repo: &str) -> Result<Duration, BackupError> {
+    let path = sighting(state, repo);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let first = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    match first {
+        Some(t) => Ok(Duration::from_secs(now.saturating_sub(t))),
+        None => {
+            agex_core::atomic::write_atomic(&path, format!("{now}\n").as_bytes(), 0o644)
+                .map_err(BackupError::io(&path))?;
+            Ok(Duration::ZERO)
+        }
+    }
+}
+
+/// The repository was written: forget any earlier sighting of a foreign lock.
+pub fn foreign_lock_cleared(state: &Path, repo: &str) {
+    let _ = std::fs::remove_file(sighting(state, repo));
+}

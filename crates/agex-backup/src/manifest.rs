@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 
 use agex_core::{Database, Policy};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::BackupError;
 
 /// Where dumps and manifests appear inside snapshots and archives.
-pub const DUMPS_DIR: &str = "/var/lib/agex/dumps";
+pub use agex_core::policy::DUMPS_DIR;
 /// Format version of the manifest.
 pub const FORMAT: u32 = 1;
 
@@ -55,7 +56,8 @@ pub struct DumpEntry {
     pub size: u64,
     /// `sha256:<hex>` of the dump.
     pub digest: String,
-    /// Rows per table at dump time (SQLite; empty where not known).
+    /// Rows per table at dump time (SQLite `table`, PostgreSQL `schema.table`, counted in
+    /// the dump's own snapshot; empty where not known).
     pub row_counts: BTreeMap<String, u64>,
 }
 
@@ -96,19 +98,6 @@ impl Selection {
                 }
             }
         }
-        if let Some(p) = policy
-            .paths
-            .iter()
-            .find(|p| Path::new(DUMPS_DIR).starts_with(p))
-        {
-            return Err(BackupError::Output {
-                tool: format!("policies/{}.toml", policy.service),
-                detail: format!(
-                    "path `{}` holds agex's dump directory {DUMPS_DIR}; name the directories below it instead",
-                    p.display()
-                ),
-            });
-        }
         let mut builder = GlobSetBuilder::new();
         for e in &excludes {
             let glob = GlobBuilder::new(e)
@@ -148,9 +137,15 @@ impl Selection {
 
     /// Walks the selection under `root` and digests every regular file, sorted by path.
     /// A path that does not exist is an error naming it: a policy that silently backs up
-    /// nothing is worse than a failed run.
-    pub fn walk(&self, root: &Path) -> Result<Vec<FileEntry>, BackupError> {
-        let mut out = Vec::new();
+    /// nothing is worse than a failed run. With a `cache` file, a file whose size, mtime,
+    /// ctime and inode are those of the last run keeps its digest (as borg's files cache
+    /// does); the others are read, on every core.
+    pub fn walk(&self, root: &Path, cache: Option<&Path>) -> Result<Vec<FileEntry>, BackupError> {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        let mut found = Vec::new();
         for host in &self.paths {
             let local = under(root, host);
             if std::fs::symlink_metadata(&local).is_err() {
@@ -175,17 +170,111 @@ impl Selection {
                 if !entry.file_type().is_file() {
                     continue;
                 }
-                let (size, digest) = digest_file(entry.path())?;
-                out.push(FileEntry {
-                    path: host_path(root, entry.path()).to_string_lossy().into_owned(),
-                    size,
-                    digest,
-                });
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| BackupError::io(entry.path())(io::Error::other(e.to_string())))?;
+                let host = host_path(root, entry.path()).to_string_lossy().into_owned();
+                found.push((host, entry.into_path(), Stamp::of(&meta)));
             }
         }
-        out.sort_by(|a, b| a.path.cmp(&b.path));
-        out.dedup_by(|a, b| a.path == b.path);
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.dedup_by(|a, b| a.0 == b.0);
+        let old = cache.map(DigestCache::load).unwrap_or_default();
+        let out: Vec<FileEntry> = found
+            .par_iter()
+            .map(|(host, local, stamp)| {
+                let (size, digest) = match old.0.get(host) {
+                    Some(c) if c.stamp == *stamp => (stamp.size, c.digest.clone()),
+                    _ => digest_file(local)?,
+                };
+                Ok(FileEntry {
+                    path: host.clone(),
+                    size,
+                    digest,
+                })
+            })
+            .collect::<Result<_, BackupError>>()?;
+        if let Some(path) = cache {
+            let new = DigestCache(
+                found
+                    .iter()
+                    .zip(&out)
+                    // Racy entries stay out: a file changed within the file system's
+                    // timestamp granularity of this walk could change again unseen.
+                    .filter(|((_, _, stamp), _)| !stamp.recent(started))
+                    .map(|((host, _, stamp), f)| {
+                        let c = Cached {
+                            stamp: stamp.clone(),
+                            digest: f.digest.clone(),
+                        };
+                        (host.clone(), c)
+                    })
+                    .collect(),
+            );
+            // A cache that cannot be written only costs the next run a full read.
+            let _ = new.save(path);
+        }
         Ok(out)
+    }
+}
+
+/// What says a file is unchanged since its digest was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+}
+
+impl Stamp {
+    /// Changed less than two seconds before `now_ns` (or after it).
+    fn recent(&self, now_ns: i128) -> bool {
+        let limit = now_ns - 2_000_000_000;
+        self.mtime_ns >= limit || self.ctime_ns >= limit
+    }
+
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Stamp {
+            size: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            ino: meta.ino(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Cached {
+    #[serde(flatten)]
+    stamp: Stamp,
+    digest: String,
+}
+
+/// The digests of the last run of a service, by host path.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DigestCache(std::collections::HashMap<String, Cached>);
+
+impl DigestCache {
+    /// The cache at `path`; missing or unreadable is empty (every file is read).
+    fn load(path: &Path) -> DigestCache {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, path: &Path) -> Result<(), BackupError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+        }
+        let bytes = serde_json::to_vec(self).map_err(|e| BackupError::Output {
+            tool: "digest cache".into(),
+            detail: e.to_string(),
+        })?;
+        agex_core::atomic::write_atomic(path, &bytes, 0o600).map_err(BackupError::io(path))
     }
 }
 

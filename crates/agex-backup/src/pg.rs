@@ -1,31 +1,22 @@
-//! PostgreSQL clients for restores and drills: `psql` and `pg_restore` connected the way
-//! the policy says (socket under `--root` or TCP host, port, role), as the role's OS user
-//! when agex runs as root over a socket (peer authentication), with the role's password
-//! (if any) in a `PGPASSFILE` on tmpfs.
+//! PostgreSQL for restores and drills, on top of [`crate::postgres::Connection`] (the
+//! one way agex reaches a policy's server): scratch databases created and dropped,
+//! dumps fed to `pg_restore` on stdin, row counts read back.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use agex_core::Database;
-use agex_secrets::ramdir::RamDir;
 use zeroize::Zeroizing;
 
 use crate::error::BackupError;
-use crate::manifest::under;
+use crate::postgres::Connection;
 use crate::process;
 
-/// Where and as whom to reach one PostgreSQL server.
+/// A policy database's server, for restores.
 pub struct PgConn {
-    socket: Option<std::path::PathBuf>,
-    host: Option<String>,
-    port: Option<u16>,
-    user: String,
-    /// The database the policy names.
-    pub database: String,
-    as_os_user: bool,
-    pass_dir: Option<RamDir>,
+    conn: Connection,
 }
 
 impl PgConn {
@@ -35,83 +26,27 @@ impl PgConn {
         root: &Path,
         password: Option<Zeroizing<Vec<u8>>>,
     ) -> Result<Option<PgConn>, BackupError> {
-        let Database::Postgres {
-            database,
-            socket,
-            host,
-            port,
-            user,
-            ..
-        } = db
-        else {
+        if !matches!(db, Database::Postgres { .. }) {
             return Ok(None);
-        };
-        let pass_dir = match password {
-            Some(pw) => {
-                let dir = RamDir::create(false)?;
-                let mut line = Zeroizing::new(b"*:*:*:*:".to_vec());
-                for &b in pw.iter().take_while(|&&b| b != b'\n') {
-                    if b == b':' || b == b'\\' {
-                        line.push(b'\\');
-                    }
-                    line.push(b);
-                }
-                dir.write("pgpass", &line)?;
-                Some(dir)
-            }
-            None => None,
-        };
+        }
         Ok(Some(PgConn {
-            socket: socket.as_ref().map(|s| under(root, s)),
-            host: host.clone(),
-            port: *port,
-            user: user.clone(),
-            database: database.clone(),
-            as_os_user: socket.is_some() && is_root() && user_exists(user),
-            pass_dir,
+            conn: Connection::new(db, root, password)?,
         }))
     }
 
-    /// `program` (psql, pg_restore) with the connection options, connected to `dbname`.
-    pub fn command(&self, program: &str, dbname: &str) -> Command {
-        let mut cmd = if self.as_os_user {
-            let mut c = Command::new("runuser");
-            c.args(["-u", &self.user, "--", program]);
-            c
-        } else {
-            Command::new(program)
-        };
-        cmd.args([
-            "--no-password",
-            "--dbname",
-            dbname,
-            "--username",
-            &self.user,
-        ]);
-        if let Some(s) = &self.socket {
-            cmd.arg("--host").arg(s);
-        } else if let Some(h) = &self.host {
-            cmd.arg("--host").arg(h);
-        }
-        if let Some(p) = self.port {
-            cmd.arg("--port").arg(p.to_string());
-        }
-        if let Some(dir) = &self.pass_dir {
-            cmd.env("PGPASSFILE", dir.path().join("pgpass"));
-        }
-        // The OS user may not be able to enter the caller's working directory.
-        cmd.current_dir("/");
-        cmd.env_remove("PGPASSWORD").env_remove("PGDATABASE");
-        cmd
+    /// The database the policy names.
+    pub fn database(&self) -> &str {
+        self.conn.database()
     }
 
-    /// Runs one SQL statement in `dbname`; returns psql's unaligned output.
+    /// Runs one SQL statement in `dbname` with `psql`.
     pub fn sql(&self, dbname: &str, statement: &str) -> Result<String, BackupError> {
-        let out = process::run(
-            self.command("psql", dbname)
-                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c"])
-                .arg(statement),
-        )?;
+        let mut cmd = self.conn.command("psql", dbname);
+        // The role's OS user may not be able to enter the caller's working directory.
+        cmd.current_dir("/")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(statement);
+        let out = process::run(&mut cmd)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -134,8 +69,8 @@ impl PgConn {
     /// able to read it) into `dbname`, with extra options.
     pub fn restore(&self, dump: &Path, dbname: &str, options: &[&str]) -> Result<(), BackupError> {
         let input = File::open(dump).map_err(BackupError::io(dump))?;
-        let mut cmd = self.command("pg_restore", dbname);
-        cmd.args(options);
+        let mut cmd = self.conn.command("pg_restore", dbname);
+        cmd.current_dir("/").args(options);
         let shown = process::describe(&cmd);
         let out = cmd
             .stdin(Stdio::from(input))
@@ -149,40 +84,17 @@ impl PgConn {
         process::check(&shown, out).map(|_| ())
     }
 
-    /// Rows per table (`schema.table`) of every user table in `dbname`.
+    /// Rows per table (`schema.table`) of every user table in `dbname`, counted the
+    /// same way a backup counts them for the manifest.
     pub fn row_counts(&self, dbname: &str) -> Result<BTreeMap<String, u64>, BackupError> {
-        let tables = self.sql(
-            dbname,
-            "SELECT schemaname || '.' || tablename || '|' || quote_ident(schemaname) || '.' || quote_ident(tablename) \
-             FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
-        )?;
-        let mut out = BTreeMap::new();
-        for line in tables.lines().filter(|l| !l.is_empty()) {
-            let Some((key, quoted)) = line.split_once('|') else {
-                continue;
-            };
-            let n = self.sql(dbname, &format!("SELECT count(*) FROM {quoted}"))?;
-            let n = n.trim().parse::<u64>().map_err(|e| BackupError::Output {
-                tool: "psql".into(),
-                detail: format!("count of {key}: {e}"),
-            })?;
-            out.insert(key.to_string(), n);
-        }
-        Ok(out)
+        let mut session = self.conn.session(dbname)?;
+        let counts = session.row_counts()?;
+        session.finish()?;
+        Ok(counts)
     }
 }
 
 /// A quoted SQL identifier.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-fn user_exists(name: &str) -> bool {
-    std::fs::read_to_string("/etc/passwd")
-        .map(|t| t.lines().any(|l| l.split(':').next() == Some(name)))
-        .unwrap_or(false)
 }

@@ -4,6 +4,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use agex_core::Retention;
 use rustic_backend::BackendOptions;
@@ -18,11 +19,16 @@ use rustic_core::{
 use crate::access::RepoAccess;
 use crate::error::BackupError;
 use crate::manifest::{host_path, under};
+use crate::progress::{Meter, ResticBars};
+
+/// Target size of data packs in repositories agex creates (restic 0.14's default).
+const DATA_PACK_SIZE: bytesize::ByteSize = bytesize::ByteSize::mib(16);
 
 /// An open Restic-format repository.
 pub struct Restic {
     name: String,
     repo: Repository<OpenStatus>,
+    meter: Option<Arc<Meter>>,
 }
 
 /// A snapshot as agex shows it.
@@ -52,42 +58,61 @@ fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupErr
     }
 }
 
-fn unopened(access: &RepoAccess) -> Result<Repository<()>, BackupError> {
+fn unopened(
+    access: &RepoAccess,
+    meter: Option<&Arc<Meter>>,
+) -> Result<Repository<()>, BackupError> {
     let err = restic_err(&access.repo.name);
     let backends = BackendOptions::default()
         .repository(access.repo.url.clone())
         .to_backends()
         .map_err(&err)?;
     let opts = RepositoryOptions::default();
-    Repository::new(&opts, &backends).map_err(err)
+    match meter {
+        Some(m) => Repository::new_with_progress(&opts, &backends, ResticBars(Arc::clone(m))),
+        None => Repository::new(&opts, &backends),
+    }
+    .map_err(err)
 }
 
 impl Restic {
     /// Creates a new repository at the URL with the password.
     pub fn init(access: &RepoAccess) -> Result<Restic, BackupError> {
         let err = restic_err(&access.repo.name);
-        let repo = unopened(access)?
+        let repo = unopened(access, None)?
             .init(
                 &Credentials::password(access.password.as_str()),
                 &KeyOptions::default(),
-                &ConfigOptions::default(),
+                // restic's own pack size: rustic_core's default (32 MiB) holds twice as
+                // much in memory per pack being filled and written.
+                &ConfigOptions::default().set_datapack_size(DATA_PACK_SIZE),
             )
             .map_err(err)?;
         Ok(Restic {
             name: access.repo.name.clone(),
             repo,
+            meter: None,
         })
     }
 
     /// Opens an existing repository.
     pub fn open(access: &RepoAccess) -> Result<Restic, BackupError> {
+        Restic::open_metered(access, None)
+    }
+
+    /// Opens an existing repository whose backups count their progress into `meter`.
+    pub fn open_metered(
+        access: &RepoAccess,
+        meter: Option<&Arc<Meter>>,
+    ) -> Result<Restic, BackupError> {
         let err = restic_err(&access.repo.name);
-        let repo = unopened(access)?
+        let repo = unopened(access, meter)?
             .open(&Credentials::password(access.password.as_str()))
             .map_err(err)?;
         Ok(Restic {
             name: access.repo.name.clone(),
             repo,
+            meter: meter.cloned(),
         })
     }
 
@@ -121,7 +146,8 @@ impl Restic {
         let mut snap_opts = SnapshotOptions::default();
         snap_opts = snap_opts.add_tags(&tags.join(",")).map_err(&err)?;
         let snap = SnapshotFile::from_options(&snap_opts).map_err(&err)?;
-        let source = Combined::new(root, paths, excludes, streams).map_err(&err)?;
+        let source =
+            Combined::new(root, paths, excludes, streams, self.meter.clone()).map_err(&err)?;
         let mut backup_paths: Vec<PathBuf> = paths.to_vec();
         backup_paths.extend(source.stream_paths());
         if backup_paths.is_empty() {
@@ -257,6 +283,7 @@ struct Combined {
     root: PathBuf,
     streams: std::sync::Mutex<Vec<Stream>>,
     stream_paths: Vec<PathBuf>,
+    meter: Option<Arc<Meter>>,
 }
 
 impl Combined {
@@ -265,6 +292,7 @@ impl Combined {
         paths: &[PathBuf],
         excludes: &[String],
         streams: Vec<Stream>,
+        meter: Option<Arc<Meter>>,
     ) -> RusticResult<Combined> {
         let under_root: Vec<PathBuf> = paths.iter().map(|p| under(root, p)).collect();
         let local = if under_root.is_empty() {
@@ -288,6 +316,7 @@ impl Combined {
             root: root.to_path_buf(),
             streams: std::sync::Mutex::new(streams),
             stream_paths,
+            meter,
         })
     }
 
@@ -371,6 +400,7 @@ impl ReadSource for Combined {
         Merged {
             local: local.peekable(),
             streams,
+            meter: self.meter.clone(),
         }
     }
 }
@@ -381,6 +411,7 @@ pub struct Merged {
     local:
         std::iter::Peekable<Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<Open>>> + Send>>,
     streams: Vec<ReadSourceEntry<Open>>,
+    meter: Option<Arc<Meter>>,
 }
 
 impl Iterator for Merged {
@@ -393,10 +424,16 @@ impl Iterator for Merged {
             (Some(Err(_)), Some(_)) => false,
             (Some(Ok(l)), Some(s)) => s.path < l.path,
         };
-        if stream_first {
+        let next = if stream_first {
             self.streams.pop().map(Ok)
         } else {
             self.local.next()
+        };
+        if let (Some(meter), Some(Ok(e))) = (&self.meter, &next) {
+            if e.node.node_type == rustic_core::repofile::NodeType::File {
+                meter.add_file();
+            }
         }
+        next
     }
 }

@@ -591,7 +591,7 @@ pub fn apply_in_place(
                     None => {
                         conn.restore(
                             &dump,
-                            &conn.database,
+                            conn.database(),
                             &[
                                 "--clean",
                                 "--if-exists",
@@ -599,7 +599,7 @@ pub fn apply_in_place(
                                 "--single-transaction",
                             ],
                         )?;
-                        conn.database.clone()
+                        conn.database().to_string()
                     }
                 };
                 applied

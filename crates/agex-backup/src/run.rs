@@ -22,6 +22,7 @@ use crate::error::BackupError;
 use crate::lock;
 use crate::manifest::{self, under, DumpEntry, Manifest, Selection};
 use crate::process;
+use crate::progress::{Meter, Progress};
 use crate::restic::{Restic, Stream};
 
 /// Where run records are written, under `--root`.
@@ -41,6 +42,10 @@ pub struct RunOptions {
     pub systemctl: Option<Vec<String>>,
     /// How long to wait for another run holding a repository.
     pub lock_wait: Duration,
+    /// A Borg lock held by someone else for longer than this is broken (None: never).
+    pub stale_lock_age: Option<Duration>,
+    /// Where each repository reports how far it has got (None: nowhere).
+    pub progress: Option<Arc<dyn Progress>>,
 }
 
 /// One service to back up to some repositories. Pure: building it touches nothing.
@@ -150,8 +155,14 @@ impl RunRecord {
 }
 
 /// How one repository's side of a service backup ended: its index among the live
-/// repositories, the snapshot id (or archive) and bytes added or the error, wall seconds.
-type SideOutcome = (usize, Result<(String, Option<u64>), String>, f64);
+/// repositories, the snapshot id (or archive) and bytes added or the error, wall seconds,
+/// warnings.
+type SideOutcome = (
+    usize,
+    Result<(String, Option<u64>), String>,
+    f64,
+    Vec<String>,
+);
 
 /// What a service backup needs besides its policy.
 struct Env<'a> {
@@ -248,6 +259,25 @@ struct StoppedUnits<'a> {
     units: &'a [String],
 }
 
+impl StoppedUnits<'_> {
+    /// Starts the stopped units again; a failure is the caller's to report.
+    fn restart(mut self) -> Result<(), String> {
+        let units = std::mem::take(&mut self.units);
+        match (self.systemctl, units.is_empty()) {
+            (Some(cmd), false) => process::run(
+                std::process::Command::new(&cmd[0])
+                    .args(&cmd[1..])
+                    .arg("start")
+                    .args(units),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("starting {} again failed: {e}", units.join(", "))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The exit paths that return early still start the units.
 impl Drop for StoppedUnits<'_> {
     fn drop(&mut self) {
         if let (Some(cmd), false) = (self.systemctl, self.units.is_empty()) {
@@ -411,7 +441,11 @@ fn backup_service(
             return (results, vec![]);
         }
     };
-    let files = match selection.walk(env.root) {
+    let cache = env
+        .state
+        .join("cache")
+        .join(format!("{service}.digests.json"));
+    let files = match selection.walk(env.root, Some(&cache)) {
         Ok(f) => f,
         Err(e) => {
             fail_live(&mut results, format!("reading the paths failed: {e}"));
@@ -450,6 +484,10 @@ fn backup_service(
         "agex".to_string(),
     ];
     let archive = format!("{service}-{}", env.run_id);
+    let total_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>()
+        + dumps.iter().map(|d| d.size).sum::<u64>()
+        + manifest_bytes.len() as u64;
+    let total_files = (manifest.files.len() + dumps.len() + 1) as u64;
     let outcomes: Vec<SideOutcome> = std::thread::scope(|scope| {
         let joins: Vec<_> = live
             .iter()
@@ -459,17 +497,47 @@ fn backup_service(
                 let (dumps, manifest_bytes) = (&dumps, &manifest_bytes);
                 scope.spawn(move || {
                     let t = Instant::now();
-                    let streams = match streams_for(service, dumps, manifest_bytes) {
-                        Ok(s) => s,
-                        Err(e) => return (i, Err(e.to_string()), 0.0),
-                    };
-                    let r = match access.repo.kind {
-                        RepositoryKind::Restic => {
-                            restic_side(access, env.root, selection, streams, tags)
+                    let meter = env.opts.progress.as_ref().map(|sink| {
+                        Meter::start(
+                            Arc::clone(sink),
+                            service,
+                            &access.repo.name,
+                            total_bytes,
+                            total_files,
+                        )
+                    });
+                    let attempt = || {
+                        let streams = streams_for(service, dumps, manifest_bytes)?;
+                        match access.repo.kind {
+                            RepositoryKind::Restic => restic_side(
+                                access,
+                                env.root,
+                                selection,
+                                streams,
+                                tags,
+                                meter.as_ref(),
+                            ),
+                            RepositoryKind::Borg => {
+                                borg_side(access, env, selection, streams, archive, meter.as_ref())
+                            }
                         }
-                        RepositoryKind::Borg => borg_side(access, env, selection, streams, archive),
                     };
-                    (i, r.map_err(|e| e.to_string()), t.elapsed().as_secs_f64())
+                    let mut warnings = Vec::new();
+                    let mut r = attempt();
+                    if let Err(BackupError::Locked { .. }) = &r {
+                        if let Some(w) = break_stale_lock(env, access) {
+                            warnings.push(w);
+                            r = attempt();
+                        }
+                    }
+                    if r.is_ok() {
+                        lock::foreign_lock_cleared(&env.state, &access.repo.name);
+                    }
+                    if let Some(m) = &meter {
+                        m.finish(r.is_ok());
+                    }
+                    let secs = t.elapsed().as_secs_f64();
+                    (i, r.map_err(|e| e.to_string()), secs, warnings)
                 })
             })
             .collect();
@@ -478,24 +546,21 @@ fn backup_service(
             .enumerate()
             .map(|(i, j)| {
                 j.join()
-                    .unwrap_or_else(|_| (i, Err("the backup thread died".into()), 0.0))
+                    .unwrap_or_else(|_| (i, Err("the backup thread died".into()), 0.0, Vec::new()))
             })
             .collect()
     });
     drop(dumps);
+    let mut after = Vec::new();
     if let Err(e) = run_hooks(&policy.after) {
-        for (_, access, _) in &live {
-            results.push(RepoResult::failed(
-                service,
-                &access.repo.name,
-                format!("after command failed: {e}"),
-                0.0,
-            ));
-        }
+        after.push(format!("after command failed: {e}"));
     }
-    drop(units);
+    if let Err(e) = units.restart() {
+        after.push(e);
+    }
+    let after = (!after.is_empty()).then(|| after.join("; "));
 
-    for (i, outcome, secs) in outcomes {
+    for (i, outcome, secs, warnings) in outcomes {
         let (name, access, _) = &live[i];
         let result = match outcome {
             Ok((snapshot, added)) => {
@@ -507,20 +572,51 @@ fn backup_service(
                     snapshot: Some(snapshot),
                     duration_seconds: secs,
                     bytes_added: added,
-                    warnings: vec![],
+                    warnings,
                 };
                 if let Some(ret) = policy.retention.as_ref().filter(|r| r.keeps_something()) {
                     if let Err(e) = forget(access, &env.state, service, ret, ret.prune, false) {
                         ok.warnings.push(format!("retention failed: {e}"));
                     }
                 }
+                // The snapshot stands, but the service was left worse than found.
+                if let Some(e) = &after {
+                    ok.result = "failed".into();
+                    ok.error = Some(format!("the snapshot was written, but {e}"));
+                }
                 ok
             }
-            Err(e) => RepoResult::failed(service, name, e, secs),
+            Err(e) => match &after {
+                Some(a) => RepoResult::failed(service, name, format!("{e}; {a}"), secs),
+                None => RepoResult::failed(service, name, e, secs),
+            },
         };
         results.push(result);
     }
     (results, manifest.dumps)
+}
+
+/// After borg gave up on a lock someone else holds: when that lock has been seen held
+/// for longer than `[backup] stale_lock_age`, breaks it and says so (the caller then
+/// tries once more). A lock seen for the first time is only remembered.
+fn break_stale_lock(env: &Env<'_>, access: &RepoAccess) -> Option<String> {
+    let age = env.opts.stale_lock_age.filter(|a| !a.is_zero())?;
+    let repo = &access.repo.name;
+    let held = lock::foreign_lock_seen(&env.state, repo).ok()?;
+    if held < age {
+        return None;
+    }
+    let broken = Borg::new(access, &env.state).and_then(|b| b.break_lock());
+    lock::foreign_lock_cleared(&env.state, repo);
+    match broken {
+        Ok(()) => Some(format!(
+            "broke a stale lock on `{repo}`: held by another process for at least {} s \
+             (`[backup] stale_lock_age` is {} s)",
+            held.as_secs(),
+            age.as_secs()
+        )),
+        Err(e) => Some(format!("a stale lock on `{repo}` could not be broken: {e}")),
+    }
 }
 
 /// Applies a retention policy to one service's snapshots in one repository; returns the
@@ -545,8 +641,9 @@ fn restic_side(
     selection: &Selection,
     streams: Vec<Stream>,
     tags: &[String],
+    meter: Option<&Arc<Meter>>,
 ) -> Result<(String, Option<u64>), BackupError> {
-    let restic = Restic::open(access)?;
+    let restic = Restic::open_metered(access, meter)?;
     let snap = restic.backup(root, selection.paths(), selection.excludes(), streams, tags)?;
     Ok((snap.id, snap.bytes_added))
 }
@@ -560,6 +657,7 @@ fn borg_side(
     selection: &Selection,
     streams: Vec<Stream>,
     archive: &str,
+    meter: Option<&Arc<Meter>>,
 ) -> Result<(String, Option<u64>), BackupError> {
     let borg = Borg::new(access, &env.state)?;
     let mut rel_paths: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
@@ -600,6 +698,9 @@ fn borg_side(
         "--lock-wait",
     ]);
     cmd.arg(env.opts.lock_wait.as_secs().to_string());
+    if meter.is_some() {
+        cmd.arg("--progress");
+    }
     for e in selection.excludes() {
         cmd.arg("--exclude")
             .arg(format!("sh:{}", rel(Path::new(e)).display()));
@@ -612,7 +713,7 @@ fn borg_side(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn();
-    let child = match child {
+    let mut child = match child {
         Ok(c) => c,
         Err(source) => {
             return fail(
@@ -634,18 +735,32 @@ fn borg_side(
             std::thread::spawn(move || feed_fifo(&fifo, reader, &done))
         })
         .collect();
+    // stderr is read as it comes: borg's progress lines move the meter, the rest is kept
+    // for the error message.
+    let log = child.stderr.take().map(|e| {
+        let meter = meter.cloned();
+        std::thread::spawn(move || crate::borg::read_log(e, meter.as_deref()))
+    });
     let out = child.wait_with_output();
+    let log = log.and_then(|t| t.join().ok()).unwrap_or_default();
     borg_done.store(true, Ordering::SeqCst);
     for w in writers {
         let _ = w.join();
     }
     cleanup_fifos(&fifos);
-    let out = out.map_err(|source| BackupError::Spawn {
+    let mut out = out.map_err(|source| BackupError::Spawn {
         tool: shown.clone(),
         source,
     })?;
+    out.stderr = log.into_bytes();
     // borg exits 1 for warnings (e.g. a file changed while read): the archive exists.
     if !(out.status.success() || out.status.code() == Some(1)) {
+        if crate::borg::lock_timed_out(&String::from_utf8_lossy(&out.stderr)) {
+            return Err(BackupError::Locked {
+                repo: access.repo.name.clone(),
+                message: process::tail(&String::from_utf8_lossy(&out.stderr)),
+            });
+        }
         return match process::check(&shown, out) {
             Err(e) => Err(e),
             Ok(_) => Err(BackupError::Output {

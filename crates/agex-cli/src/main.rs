@@ -5,6 +5,7 @@ mod commands;
 mod context;
 mod error;
 mod output;
+mod progress;
 
 use std::io::Write;
 

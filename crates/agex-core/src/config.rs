@@ -110,10 +110,20 @@ pub struct BackupSettings {
     /// Seconds a run waits for another run holding a repository before failing.
     #[serde(default = "default_lock_wait")]
     pub lock_wait: u64,
+    /// Seconds after which a Borg lock that two runs found held is taken for stale (its
+    /// holder died on another machine, or under another host id) and broken, with a
+    /// warning; 0 never breaks a lock by age. Dead holders on this host are cleared by
+    /// borg itself at once.
+    #[serde(default = "default_stale_lock_age")]
+    pub stale_lock_age: u64,
 }
 
 fn default_lock_wait() -> u64 {
     300
+}
+
+fn default_stale_lock_age() -> u64 {
+    24 * 3600
 }
 
 impl Default for BackupSettings {
@@ -121,6 +131,7 @@ impl Default for BackupSettings {
         BackupSettings {
             metrics_dir: None,
             lock_wait: default_lock_wait(),
+            stale_lock_age: default_stale_lock_age(),
         }
     }
 }

@@ -13,6 +13,9 @@ use crate::schedule::Schedule;
 
 /// When a policy names no schedule.
 pub const DEFAULT_SCHEDULE: &str = "*-*-* 03:00:00";
+/// Where every snapshot holds a service's dumps and manifest (and where borg reads them
+/// from named pipes during a run, so no policy path may contain it).
+pub const DUMPS_DIR: &str = "/var/lib/agex/dumps";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,6 +197,14 @@ impl Policy {
         let mut paths = Vec::new();
         for p in &raw.paths {
             match host_path(p.get_ref()) {
+                Ok(path) if Path::new(DUMPS_DIR).starts_with(&path) => diags.push(
+                    source
+                        .error(
+                            Some(p.span()),
+                            format!("path `{}` holds agex's dump directory {DUMPS_DIR}", p.get_ref()),
+                        )
+                        .with_help("name the directories below it instead: every snapshot already holds the dumps"),
+                ),
                 Ok(path) => paths.push(path),
                 Err(why) => diags
                     .push(source.error(Some(p.span()), format!("path `{}`: {why}", p.get_ref()))),
@@ -202,6 +213,15 @@ impl Policy {
         for e in &raw.exclude {
             if e.get_ref().trim().is_empty() {
                 diags.push(source.error(Some(e.span()), "empty exclude pattern"));
+            } else if !e.get_ref().starts_with('/') {
+                diags.push(
+                    source
+                        .error(
+                            Some(e.span()),
+                            format!("exclude `{}` is not an absolute host path", e.get_ref()),
+                        )
+                        .with_help("patterns match host paths: `/var/lib/app/cache`, or `/**/*.tmp` anywhere"),
+                );
             }
         }
         let repositories = match &raw.repositories {
@@ -268,8 +288,10 @@ impl Policy {
             },
         };
         let mut databases = Vec::new();
+        let mut db_spans = Vec::new();
         for db in &raw.databases {
             let span = Some(db.span());
+            db_spans.push(db.span());
             match db.get_ref() {
                 RawDatabase::Sqlite { path, name } => match host_path(path) {
                     Ok(p) => {
@@ -280,6 +302,7 @@ impl Policy {
                         databases.push(Database::Sqlite { name, path: p });
                     }
                     Err(why) => {
+                        db_spans.pop();
                         diags.push(source.error(span, format!("sqlite path `{path}`: {why}")))
                     }
                 },
@@ -335,10 +358,10 @@ impl Policy {
             }
         }
         let mut dump_names = BTreeMap::new();
-        for db in &databases {
+        for (db, span) in databases.iter().zip(db_spans) {
             if dump_names.insert(db.dump_file(), ()).is_some() {
                 diags.push(source.error(
-                    None,
+                    Some(span),
                     format!(
                         "two databases dump to `{}`: give one a distinct `name`",
                         db.dump_file()

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use agex_core::atomic::Staged;
 use agex_core::{Lock, Project, SecretRule};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -137,31 +138,47 @@ pub fn execute(
         });
     }
 
-    // Past this point only the file system can fail; files already replaced stay
-    // replaced and are recorded in the lock, so the lock never lies about them.
-    let results: Vec<(String, Result<Rekeyed, SecretsError>)> = ready
-        .into_par_iter()
-        .map(|(name, (ciphertext, verified))| {
-            let rule = &project.rules.secrets[&name];
-            let result = secret_file::replace_unsynced(project, rule, &ciphertext)
-                .map(|entry| (entry, verified));
+    // Every new file is written beside its old one; one flush puts them all on disk;
+    // only then are they renamed into place. A failure while staging leaves every file
+    // as it was.
+    let staged: Vec<(String, Result<StagedSecret, SecretsError>)> = ready
+        .par_iter()
+        .map(|(name, (ciphertext, _))| {
+            let rule = &project.rules.secrets[name];
+            (name.clone(), secret_file::stage(project, rule, ciphertext))
+        })
+        .collect();
+    let mut entries = Vec::new();
+    let mut files = Vec::new();
+    for ((name, result), (_, (_, verified))) in staged.into_iter().zip(&ready) {
+        match result {
+            Ok((entry, file)) => {
+                entries.push((name, entry, *verified));
+                files.push(file);
+            }
+            Err(e) => failures.push((name, e)),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(SecretsError::RekeyAborted {
+            total: plan.items.len(),
+            failures,
+        });
+    }
+    let secrets_dir = project.path(agex_core::project::SECRETS_DIR);
+    let renamed =
+        agex_core::atomic::commit(files).map_err(SecretsError::io(secrets_dir.clone()))?;
+    let results: Vec<(String, Result<Rekeyed, SecretsError>)> = entries
+        .into_iter()
+        .zip(renamed)
+        .map(|((name, entry, verified), (path, result))| {
+            let result = result
+                .map(|()| (entry, verified))
+                .map_err(SecretsError::io(path));
             (name, result)
         })
         .collect();
 
-    // One directory sync for every rename above, before the lock records them.
-    let mut dirs: BTreeSet<std::path::PathBuf> = BTreeSet::new();
-    for item in &plan.items {
-        if let Some(dir) = project
-            .path(&project.rules.secrets[&item.name].file)
-            .parent()
-        {
-            dirs.insert(dir.to_path_buf());
-        }
-    }
-    for dir in dirs {
-        agex_core::atomic::sync_dir(&dir).map_err(SecretsError::io(&dir))?;
-    }
     let mut lock: Lock = project.lock.clone();
     lock.secrets
         .retain(|name, _| project.rules.secrets.contains_key(name));
@@ -193,6 +210,9 @@ pub fn execute(
         })
     }
 }
+
+/// A new file written beside the old one, with the lock entry it will have.
+type StagedSecret = (agex_core::LockEntry, Staged);
 
 /// A re-encrypted file not yet in place, and whether it was verified by decrypting it.
 type Prepared = (Vec<u8>, bool);

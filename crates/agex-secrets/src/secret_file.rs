@@ -87,6 +87,23 @@ pub fn replace_unsynced(
     Ok(entry)
 }
 
+/// Writes the new file of `rule` beside it, not yet in place and not yet flushed (see
+/// [`agex_core::atomic::commit`]); returns the lock entry it will have.
+pub fn stage(
+    project: &Project,
+    rule: &SecretRule,
+    ciphertext: &[u8],
+) -> Result<(LockEntry, agex_core::atomic::Staged), SecretsError> {
+    let entry = lock_entry(project, rule, ciphertext)?;
+    let path = project.path(&rule.file);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(SecretsError::io(dir))?;
+    }
+    let staged = agex_core::atomic::stage(&path, ciphertext, 0o644)
+        .map_err(SecretsError::io(project.display(&rule.file)))?;
+    Ok((entry, staged))
+}
+
 /// The lock entry describing `ciphertext` as the file of `rule`.
 pub fn lock_entry(
     project: &Project,

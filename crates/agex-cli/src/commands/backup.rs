@@ -85,6 +85,8 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
         repo: args.repo.map(str::to_string),
         systemctl: systemctl(ctx, args.systemctl),
         lock_wait: Duration::from_secs(project.config.backup.lock_wait),
+        stale_lock_age: Some(Duration::from_secs(project.config.backup.stale_lock_age)),
+        progress: crate::progress::bars(ctx.global.json),
     };
     let planned = run::plan(&project, &opts)?;
     if planned.is_empty() {

@@ -1,0 +1,71 @@
+//! Progress bars on a terminal: one per repository and service, with bytes, files and
+//! rate. Nothing is drawn when stderr is not a TTY (logs and CI stay clean).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+
+use agex_backup::progress::Progress;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Bars for a backup run, or `None` when stderr is not a terminal or output is JSON.
+pub fn bars(json: bool) -> Option<Arc<dyn Progress>> {
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    Some(Arc::new(Bars {
+        multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+        bars: Mutex::new(HashMap::new()),
+    }))
+}
+
+#[derive(Debug)]
+struct Bars {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<(String, String), (ProgressBar, u64)>>,
+}
+
+impl Bars {
+    fn with(&self, service: &str, repo: &str, f: impl FnOnce(&ProgressBar, u64)) {
+        let bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((bar, files)) = bars.get(&(service.to_string(), repo.to_string())) {
+            f(bar, *files);
+        }
+    }
+}
+
+impl Progress for Bars {
+    fn start(&self, service: &str, repo: &str, bytes: u64, files: u64) {
+        let style = ProgressStyle::with_template(
+            "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        let bar = self.multi.add(ProgressBar::new(bytes));
+        bar.set_style(style);
+        bar.set_prefix(format!("{service} → {repo}"));
+        bar.set_message(format!("0/{files} files"));
+        self.bars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((service.to_string(), repo.to_string()), (bar, files));
+    }
+
+    fn update(&self, service: &str, repo: &str, bytes: u64, files: u64) {
+        self.with(service, repo, |bar, total| {
+            bar.set_position(bytes);
+            bar.set_message(format!("{}/{total} files", files.min(total)));
+        });
+    }
+
+    fn finish(&self, service: &str, repo: &str, ok: bool) {
+        self.with(service, repo, |bar, total| {
+            if ok {
+                bar.set_position(bar.length().unwrap_or(0));
+                bar.finish_with_message(format!("{total}/{total} files, done"));
+            } else {
+                bar.abandon_with_message("FAILED");
+            }
+        });
+    }
+}
