@@ -85,6 +85,27 @@ fn restore_to_a_directory_and_in_place_from_either_repository() {
         sqlite_count(&to.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
         original_rows
     );
+    // On a terminal, each restore draws a progress bar that ends full.
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let dir = tmp.path().join(format!("tty-{repo}"));
+        let out = s.agex_on_tty(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--repo",
+            repo,
+            "--to",
+            dir.to_str().unwrap(),
+        ]);
+        assert_ok(&out);
+        let shown = stdout(&out);
+        assert!(
+            shown.contains(&format!("testapp → {repo}")) && shown.contains(&"=".repeat(30)),
+            "no finished bar for {repo}: {shown}"
+        );
+        assert!(shown.contains("done"), "{shown}");
+        assert_eq!(common::snapshot(&dir.join("srv/app/files")), original);
+    }
     // A non-empty --to is refused.
     let out = s.agex(&[
         "restore",

@@ -214,7 +214,7 @@ fn drill_one(
         .map_err(BackupError::io(&scratch_base))?;
     let passwords = restore::database_passwords(env.project, policy, env.ids)?;
     let name = |dump: &str| scratch_database(service, run_id, dump);
-    let extracted = restore::extract(access, state, &snap, scratch.path())?;
+    let extracted = restore::extract(access, state, &snap, scratch.path(), None)?;
     let verified = match restore::read_manifest(scratch.path(), service) {
         Ok(m) => restore::verify(
             scratch.path(),

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use agex_core::{Database, Policy, Project, RepositoryKind};
@@ -20,6 +21,7 @@ use crate::error::BackupError;
 use crate::manifest::{self, under, Manifest};
 use crate::pg::PgConn;
 use crate::process;
+use crate::progress::{Meter, Progress};
 use crate::restic::Restic;
 
 /// One snapshot (Restic) or archive (Borg) of a service.
@@ -175,56 +177,144 @@ pub struct Extracted {
 
 /// Extracts a whole snapshot into `dest` (created if needed): host paths appear below
 /// it without their leading `/`, as `restic restore --target` and `borg extract` lay
-/// them out.
+/// them out. With `progress`, the bytes restored are reported as `service → repo`.
 pub fn extract(
     access: &RepoAccess,
     state: &Path,
     snap: &Snapshot,
     dest: &Path,
+    progress: Option<(&Arc<dyn Progress>, &str)>,
 ) -> Result<Extracted, BackupError> {
     std::fs::create_dir_all(dest).map_err(BackupError::io(dest))?;
-    match access.repo.kind {
-        RepositoryKind::Restic => restic_extract(access, &snap.id, dest)?,
-        RepositoryKind::Borg => {
-            let borg = Borg::new(access, state)?;
-            process::run(
-                borg.command()
-                    .current_dir(dest)
-                    .args(["extract", "--log-json"])
-                    .arg(borg.archive_url(&snap.id)),
-            )?;
+    let repo = access.repo.name.as_str();
+    let mut meter: Option<Arc<Meter>> = None;
+    let result = match access.repo.kind {
+        RepositoryKind::Restic => {
+            if let Some((sink, service)) = progress {
+                // The totals come from the snapshot's summary, read before the metered
+                // open (a meter announces its totals when it starts).
+                let snapshot = Restic::open(access)?
+                    .into_inner()
+                    .get_snapshot_from_str(&snap.id, |_| true)
+                    .map_err(restic_error(repo))?;
+                let (bytes, files) = snapshot
+                    .summary
+                    .map(|s| (s.total_bytes_processed, s.total_files_processed))
+                    .unwrap_or_default();
+                meter = Some(Meter::start(Arc::clone(sink), service, repo, bytes, files));
+            }
+            restic_extract(access, &snap.id, dest, meter.as_ref())
         }
+        RepositoryKind::Borg => borg_extract(access, state, snap, dest, progress, &mut meter),
+    };
+    if let Some(m) = &meter {
+        m.finish(result.is_ok());
     }
+    result?;
     count(dest)
 }
 
-fn restic_extract(access: &RepoAccess, id: &str, dest: &Path) -> Result<(), BackupError> {
-    let name = access.repo.name.clone();
-    let err = |e: Box<rustic_core::RusticError>| BackupError::Restic {
-        repo: name.clone(),
+fn restic_error(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
+    move |e| BackupError::Restic {
+        repo: repo.to_string(),
         message: e
             .display_log()
             .lines()
             .next()
             .unwrap_or("error")
             .to_string(),
-    };
-    let repo = Restic::open(access)?
+    }
+}
+
+/// `borg extract` in `dest`; with progress, its `--progress` JSON feeds a meter.
+fn borg_extract(
+    access: &RepoAccess,
+    state: &Path,
+    snap: &Snapshot,
+    dest: &Path,
+    progress: Option<(&Arc<dyn Progress>, &str)>,
+    meter: &mut Option<Arc<Meter>>,
+) -> Result<(), BackupError> {
+    use std::io::BufRead;
+    let borg = Borg::new(access, state)?;
+    let mut cmd = borg.command();
+    cmd.current_dir(dest).args(["extract", "--log-json"]);
+    if progress.is_some() {
+        cmd.arg("--progress");
+    }
+    cmd.arg(borg.archive_url(&snap.id));
+    let shown = process::describe(&cmd);
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| BackupError::Spawn {
+            tool: shown.clone(),
+            source,
+        })?;
+    let mut stderr = Vec::new();
+    if let Some(pipe) = child.stderr.take() {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let progressed = progress.and_then(|(sink, service)| {
+                let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+                if v.get("type")?.as_str()? != "progress_percent" {
+                    return None;
+                }
+                let total = v.get("total").and_then(|t| t.as_u64()).unwrap_or(0);
+                let current = v.get("current").and_then(|c| c.as_u64()).unwrap_or(0);
+                let m = meter.get_or_insert_with(|| {
+                    Meter::start(Arc::clone(sink), service, &access.repo.name, total, 0)
+                });
+                m.set(current, 0);
+                Some(())
+            });
+            if progressed.is_none() {
+                stderr.extend_from_slice(line.as_bytes());
+                stderr.push(b'\n');
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| BackupError::Spawn {
+        tool: shown.clone(),
+        source,
+    })?;
+    process::check(
+        &shown,
+        std::process::Output {
+            status,
+            stdout: vec![],
+            stderr,
+        },
+    )
+    .map(|_| ())
+}
+
+fn restic_extract(
+    access: &RepoAccess,
+    id: &str,
+    dest: &Path,
+    meter: Option<&Arc<Meter>>,
+) -> Result<(), BackupError> {
+    let name = access.repo.name.clone();
+    let err = restic_error(&access.repo.name);
+    let repo = Restic::open_metered(access, meter)?
         .into_inner()
         .to_indexed()
-        .map_err(err)?;
-    let snap = repo.get_snapshot_from_str(id, |_| true).map_err(err)?;
-    let node = repo.node_from_snapshot_and_path(&snap, "").map_err(err)?;
-    let ls = repo.ls(&node, &LsOptions::default()).map_err(err)?;
+        .map_err(&err)?;
+    let snap = repo.get_snapshot_from_str(id, |_| true).map_err(&err)?;
+    let node = repo.node_from_snapshot_and_path(&snap, "").map_err(&err)?;
+    let ls = repo.ls(&node, &LsOptions::default()).map_err(&err)?;
     let mut target = dest.to_string_lossy().into_owned();
     if !target.ends_with('/') {
         target.push('/');
     }
-    let dest = LocalDestination::new(&target, true, false).map_err(err)?;
+    let dest = LocalDestination::new(&target, true, false).map_err(&err)?;
     let opts = RestoreOptions::default();
     let plan = repo
         .prepare_restore(&opts, ls.clone(), &dest, false)
-        .map_err(err)?;
+        .map_err(&err)?;
     // rustic_core 0.13 unwraps a pack that fails to decrypt inside its restore threads
     // (the panic reaches this thread through rayon's scope): a damaged repository must
     // fail this restore, not abort agex.
@@ -238,7 +328,7 @@ fn restic_extract(access: &RepoAccess, id: &str, dest: &Path) -> Result<(), Back
     }));
     std::panic::set_hook(hook);
     match restored {
-        Ok(r) => r.map_err(err),
+        Ok(r) => r.map_err(&err),
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
@@ -722,6 +812,8 @@ pub struct RestoreJob<'a> {
     pub passwords: &'a BTreeMap<String, Zeroizing<Vec<u8>>>,
     /// How long to wait for a backup holding the repository.
     pub lock_wait: std::time::Duration,
+    /// Where progress goes (bars on a terminal), if anywhere.
+    pub progress: Option<Arc<dyn Progress>>,
 }
 
 /// Restores `snap`: extracts it (into `dir`, or a staging directory under the state dir
@@ -739,6 +831,7 @@ pub fn restore(
         policy,
         passwords,
         lock_wait,
+        ref progress,
     } = *job;
     let started = Instant::now();
     let _lock = crate::lock::acquire(state, &snap.repo, lock_wait)?;
@@ -755,7 +848,13 @@ pub fn restore(
             staging.path().to_path_buf()
         }
     };
-    let extracted = extract(access, state, &snap, &dir)?;
+    let extracted = extract(
+        access,
+        state,
+        &snap,
+        &dir,
+        progress.as_ref().map(|p| (p, policy.service.as_str())),
+    )?;
     let manifest = read_manifest(&dir, &policy.service).map_err(|p| BackupError::Verification {
         repo: snap.repo.clone(),
         snapshot: snap.id.clone(),

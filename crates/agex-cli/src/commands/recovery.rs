@@ -164,6 +164,7 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         policy,
         passwords: &passwords,
         lock_wait: Duration::from_secs(project.config.backup.lock_wait),
+        progress: crate::progress::bars(ctx.global.json),
     };
     let report = restore::restore(&job, snap, target)?;
     if ctx.global.json {
