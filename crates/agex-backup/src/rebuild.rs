@@ -234,6 +234,14 @@ fn steps(
             )
         })
         .collect();
+    // The scratch root has its own state directory; the host's backups take the real
+    // repository locks, so the restores hold those too.
+    let real_state = under(root, Path::new(STATE_DIR));
+    let lock_wait = std::time::Duration::from_secs(project.config.backup.lock_wait);
+    let _locks = names
+        .iter()
+        .map(|n| crate::lock::acquire(&real_state, n, lock_wait))
+        .collect::<Result<Vec<_>, _>>()?;
     let env = DrillEnv {
         project: &scratch_project,
         root: s_root,
@@ -242,7 +250,7 @@ fn steps(
         ids: &new_ids,
     };
     let opts = DrillOptions {
-        lock_wait: std::time::Duration::from_secs(project.config.backup.lock_wait),
+        lock_wait,
         ..Default::default()
     };
     report.restores = drill::execute(&env, &pairs, &opts, false)?.results;
