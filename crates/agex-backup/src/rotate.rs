@@ -6,8 +6,9 @@
 //!   in the secret, and only then is the old key removed.
 //! - Borg has one passphrase per repository, so between `borg key change-passphrase`
 //!   and storing the secret only the pending file opens it; that file exists from
-//!   before the change until after the secret is stored, and the next rotation (or
-//!   `agex repo rotate-password` run again) finishes an interrupted one.
+//!   before the change until after the secret is stored, every agex command opening
+//!   the repository meanwhile uses whichever of the two works ([`during_rotation`]),
+//!   and the next rotation finishes an interrupted one.
 
 use std::path::{Path, PathBuf};
 
@@ -124,6 +125,56 @@ fn remove_pending(path: &Path) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// The plaintext of a rotation's pending file.
+fn pending_password(
+    project: &Project,
+    ids: &Identities,
+    rule: &SecretRule,
+    pending: &Path,
+) -> Result<Zeroizing<String>, BackupError> {
+    let bytes = std::fs::read(pending).map_err(BackupError::io(pending))?;
+    let shown = project.display(&rule.file);
+    let plain = agex_secrets::crypt::decrypt(&shown, &bytes, ids, &rule.recipients)?;
+    Ok(Zeroizing::new(
+        String::from_utf8_lossy(&plain).trim_end().to_string(),
+    ))
+}
+
+/// While a rotation is unfinished (its pending file exists), the repository may already
+/// take only the new password: use whichever of the two opens it. Nothing is written;
+/// without a pending file this costs nothing.
+pub fn during_rotation(
+    project: &Project,
+    ids: &Identities,
+    access: RepoAccess,
+) -> Result<RepoAccess, BackupError> {
+    let Some(rule) = project
+        .rules
+        .secrets
+        .get(access.repo.password_secret.get_ref())
+    else {
+        return Ok(access);
+    };
+    let pending = pending_path(project, rule);
+    if !pending.exists() {
+        return Ok(access);
+    }
+    // Probes get their own borg state: the caller's root is not known here.
+    let probe = tempfile::tempdir().map_err(BackupError::io(std::env::temp_dir()))?;
+    if opens(&access, probe.path()).is_ok() {
+        return Ok(access);
+    }
+    let Ok(text) = pending_password(project, ids, rule, &pending) else {
+        return Ok(access);
+    };
+    let candidate = with_password(&access, &text);
+    if opens(&candidate, probe.path()).is_ok() {
+        Ok(candidate)
+    } else {
+        Ok(access)
+    }
+}
+
 /// Finishes an interrupted rotation: when the pending password opens the repository it
 /// becomes the secret; when only the stored one does, the pending file is dropped.
 /// Returns whether there was one.
@@ -138,10 +189,8 @@ pub fn settle(
     if !pending.exists() {
         return Ok(false);
     }
-    let bytes = std::fs::read(&pending).map_err(BackupError::io(&pending))?;
     let shown = project.display(&rule.file);
-    let plain = agex_secrets::crypt::decrypt(&shown, &bytes, ids, &rule.recipients)?;
-    let text = Zeroizing::new(String::from_utf8_lossy(&plain).trim_end().to_string());
+    let text = pending_password(project, ids, rule, &pending)?;
     let candidate = with_password(access, &text);
     if opens(&candidate, state).is_ok() {
         store(project, rule, &text)?;
