@@ -28,6 +28,14 @@ fn local(tmp: &Path, policy: &str) -> (Setup, String, String) {
     let s = Setup::new(&restic_url, &borg_url, false);
     s.policy("testapp", policy);
     app_data(&s, 1 << 20);
+    // A symlink and an empty directory: the manifest lists neither, restores keep both.
+    std::os::unix::fs::symlink("a.txt", s.host("/srv/app/files/link")).unwrap();
+    fs::create_dir_all(s.host("/srv/app/files/empty")).unwrap();
+    fs::set_permissions(
+        s.host("/srv/app/files/empty"),
+        fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
     s.init_repos();
     // The units the policy stops are not real here: `true` stands in for systemctl.
     assert_ok(&s.agex(&["backup", "--service", "testapp", "--systemctl", "true"]));
@@ -45,6 +53,8 @@ fn files_of(s: &Setup) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
 fn damage(s: &Setup) {
     fs::write(s.host("/srv/app/files/a.txt"), "overwritten by mistake\n").unwrap();
     let _ = fs::remove_file(s.host("/srv/app/files/sub/deeper/b.bin"));
+    let _ = fs::remove_file(s.host("/srv/app/files/link"));
+    let _ = fs::remove_dir(s.host("/srv/app/files/empty"));
     assert_ok(
         &Command::new("sqlite3")
             .arg(s.host("/srv/app/app.db"))
@@ -146,6 +156,14 @@ fn restore_to_a_directory_and_in_place_from_either_repository() {
         assert_ok(&out);
         assert_eq!(files_of(&s), original, "{repo}");
         assert_eq!(sqlite_count(&s.host("/srv/app/app.db")), original_rows);
+        assert_eq!(
+            fs::read_link(s.host("/srv/app/files/link")).unwrap(),
+            Path::new("a.txt"),
+            "{repo}"
+        );
+        let empty = fs::metadata(s.host("/srv/app/files/empty")).unwrap();
+        assert!(empty.is_dir(), "{repo}");
+        assert_eq!(empty.permissions().mode() & 0o777, 0o750, "{repo}");
         // The excluded cache was left alone, and no staging directory is left.
         assert!(s.host("/srv/app/files/cache/skip.tmp").exists());
         let staging = s.host("/var/lib/agex/restore");

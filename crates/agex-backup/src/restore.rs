@@ -603,6 +603,8 @@ pub struct Applied {
     pub files: u64,
     /// Their bytes.
     pub bytes: u64,
+    /// Symbolic links put back.
+    pub links: u64,
     /// Databases restored (`name → target`).
     pub databases: Vec<String>,
 }
@@ -638,6 +640,9 @@ pub fn apply_in_place(
         let to = under(root, Path::new(&f.path));
         applied.bytes += replace_with(&from, &to)?;
         applied.files += 1;
+    }
+    for host in &policy.paths {
+        applied.links += restore_tree_shape(staged, root, host)?;
     }
     for d in &manifest.dumps {
         let Some(db) = policy_database(policy, d) else {
@@ -699,6 +704,60 @@ pub fn apply_in_place(
         }
     }
     Ok(applied)
+}
+
+/// Puts back what the manifest does not list below one policy path: directories (also
+/// empty ones, with their mode and owner) and symbolic links (replaced atomically).
+/// Regular files are only ever taken from the manifest, whose digests were verified.
+/// Returns the number of links restored.
+fn restore_tree_shape(staged: &Path, root: &Path, host: &Path) -> Result<u64, BackupError> {
+    let top = under(staged, host);
+    if std::fs::symlink_metadata(&top).is_err() {
+        return Ok(0);
+    }
+    let mut links = 0;
+    let mut dirs = Vec::new();
+    for e in walkdir::WalkDir::new(&top).follow_links(false) {
+        let e = e.map_err(|e| BackupError::io(&top)(std::io::Error::other(e.to_string())))?;
+        let rel = e.path().strip_prefix(staged).unwrap_or(e.path());
+        let to = root.join(rel);
+        let ft = e.file_type();
+        if ft.is_dir() {
+            std::fs::create_dir_all(&to).map_err(BackupError::io(&to))?;
+            dirs.push((e.path().to_path_buf(), to));
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(e.path()).map_err(BackupError::io(e.path()))?;
+            let dir = to.parent().unwrap_or(Path::new("/"));
+            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+            let tmp = dir.join(format!(
+                ".agex-restore-link-{}",
+                rand_suffix(e.path().as_os_str().len())
+            ));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&target, &tmp).map_err(BackupError::io(&tmp))?;
+            std::fs::rename(&tmp, &to).map_err(BackupError::io(&to))?;
+            links += 1;
+        }
+    }
+    // Modes and owners last, deepest first: a read-only directory is filled before it
+    // becomes read-only.
+    for (from, to) in dirs.into_iter().rev() {
+        let meta = std::fs::metadata(&from).map_err(BackupError::io(&from))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(BackupError::io(&to))?;
+        if rustix::process::geteuid().is_root() {
+            let _ = std::os::unix::fs::chown(&to, Some(meta.uid()), Some(meta.gid()));
+        }
+    }
+    Ok(links)
+}
+
+fn rand_suffix(salt: usize) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos:x}-{salt}", std::process::id())
 }
 
 /// Replaces `to` with the content, mode and owner of `from`: a temp file in `to`'s
