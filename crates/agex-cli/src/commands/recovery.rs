@@ -514,11 +514,9 @@ pub fn cmd_host_rekey(
             ))
         }
     };
+    // The same key again re-encrypts everything once more: that is how a run that was
+    // interrupted after replacing the secrets (agex.toml still old) is finished.
     let plan = host_rekey::plan(&project, host, &new_key)?;
-    if plan.old_key == plan.new_key && plan.rekey.items.is_empty() {
-        println!("{host} already has this key; nothing to do");
-        return Ok(OK);
-    }
     if !plan.rekey.missing.is_empty() {
         eprintln!(
             "warning: these secrets of {host} have no file yet and are skipped: {}",
