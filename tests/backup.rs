@@ -191,6 +191,23 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     assert_ok(&out);
     let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 4, "{listed}");
+
+    // Two services in one run share each repository (the second opens it with the
+    // master key the first derived).
+    for e in fs::read_dir(s.fx.dir().join("policies")).unwrap().flatten() {
+        if e.file_name() != "testapp.toml" {
+            fs::remove_file(e.path()).unwrap();
+        }
+    }
+    s.policy("second", "paths = [\"/srv/app/files/sub\"]\n");
+    assert_ok(&s.agex(&["backup"]));
+    let snaps: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.restic(&restic_url)
+            .args(["snapshots", "--json", "--tag", "service=second"]),
+        "restic snapshots",
+    )))
+    .unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 1, "{snaps}");
     assert_ok(&s.agex(&["repo", "check"]));
 }
 

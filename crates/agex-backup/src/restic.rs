@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use agex_core::Retention;
 use rustic_backend::BackendOptions;
-use rustic_core::repofile::SnapshotFile;
+use rustic_core::repofile::{MasterKey, SnapshotFile};
 use rustic_core::{
     BackupOptions, CheckOptions, ConfigOptions, Credentials, KeepOptions, KeyOptions, LocalSource,
     LocalSourceFilterOptions, LocalSourceSaveOptions, OpenStatus, PruneOptions, ReadSource,
@@ -97,18 +97,28 @@ impl Restic {
 
     /// Opens an existing repository.
     pub fn open(access: &RepoAccess) -> Result<Restic, BackupError> {
-        Restic::open_metered(access, None)
+        Restic::open_metered(access, None, None)
+    }
+
+    /// The repository's master key, for opening it again in this run without the KDF.
+    pub fn master_key(&self) -> MasterKey {
+        self.repo.key()
     }
 
     /// Opens an existing repository whose backups count their progress into `meter`.
+    /// With the master `key` of an earlier open in the same run, the password's scrypt
+    /// derivation (128 MiB and most of a second for keys rustic_core made) is skipped.
     pub fn open_metered(
         access: &RepoAccess,
         meter: Option<&Arc<Meter>>,
+        key: Option<MasterKey>,
     ) -> Result<Restic, BackupError> {
         let err = restic_err(&access.repo.name);
-        let repo = unopened(access, meter)?
-            .open(&Credentials::password(access.password.as_str()))
-            .map_err(err)?;
+        let credentials = match key {
+            Some(k) => Credentials::Masterkey(k),
+            None => Credentials::password(access.password.as_str()),
+        };
+        let repo = unopened(access, meter)?.open(&credentials).map_err(err)?;
         Ok(Restic {
             name: access.repo.name.clone(),
             repo,

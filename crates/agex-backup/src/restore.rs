@@ -190,10 +190,14 @@ pub fn extract(
     let mut meter: Option<Arc<Meter>> = None;
     let result = match access.repo.kind {
         RepositoryKind::Restic => {
+            let mut key = None;
             if let Some((sink, service)) = progress {
                 // The totals come from the snapshot's summary, read before the metered
-                // open (a meter announces its totals when it starts).
-                let snapshot = Restic::open(access)?
+                // open (a meter announces its totals when it starts); the second open
+                // reuses the first one's master key instead of the password's KDF.
+                let first = Restic::open(access)?;
+                key = Some(first.master_key());
+                let snapshot = first
                     .into_inner()
                     .get_snapshot_from_str(&snap.id, |_| true)
                     .map_err(restic_error(repo))?;
@@ -203,7 +207,7 @@ pub fn extract(
                     .unwrap_or_default();
                 meter = Some(Meter::start(Arc::clone(sink), service, repo, bytes, files));
             }
-            restic_extract(access, &snap.id, dest, meter.as_ref())
+            restic_extract(access, &snap.id, dest, meter.as_ref(), key)
         }
         RepositoryKind::Borg => borg_extract(access, state, snap, dest, progress, &mut meter),
     };
@@ -296,10 +300,11 @@ fn restic_extract(
     id: &str,
     dest: &Path,
     meter: Option<&Arc<Meter>>,
+    key: Option<rustic_core::repofile::MasterKey>,
 ) -> Result<(), BackupError> {
     let name = access.repo.name.clone();
     let err = restic_error(&access.repo.name);
-    let repo = Restic::open_metered(access, meter)?
+    let repo = Restic::open_metered(access, meter, key)?
         .into_inner()
         .to_indexed()
         .map_err(&err)?;

@@ -8,10 +8,11 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agex_core::{Database, Policy, Project, RepositoryKind};
+use rustic_core::repofile::MasterKey;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -172,6 +173,8 @@ struct Env<'a> {
     db_passwords: &'a BTreeMap<String, Zeroizing<Vec<u8>>>,
     run_id: String,
     opts: &'a RunOptions,
+    /// Master keys of the Restic repositories opened so far in this run.
+    restic_keys: Mutex<BTreeMap<String, MasterKey>>,
 }
 
 /// Runs a planned backup. Repository credentials were decrypted by the caller; a
@@ -192,6 +195,7 @@ pub fn execute(
         db_passwords,
         run_id: started.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
         opts,
+        restic_keys: Mutex::new(BTreeMap::new()),
     };
     std::fs::create_dir_all(&env.state).map_err(BackupError::io(&env.state))?;
     let mut results = Vec::new();
@@ -516,6 +520,7 @@ fn backup_service(
                                 streams,
                                 tags,
                                 meter.as_ref(),
+                                &env.restic_keys,
                             ),
                             RepositoryKind::Borg => {
                                 borg_side(access, env, selection, streams, archive, meter.as_ref())
@@ -642,8 +647,14 @@ fn restic_side(
     streams: Vec<Stream>,
     tags: &[String],
     meter: Option<&Arc<Meter>>,
+    keys: &Mutex<BTreeMap<String, MasterKey>>,
 ) -> Result<(String, Option<u64>), BackupError> {
-    let restic = Restic::open_metered(access, meter)?;
+    let name = &access.repo.name;
+    let known = keys.lock().ok().and_then(|k| k.get(name).cloned());
+    let restic = Restic::open_metered(access, meter, known)?;
+    if let Ok(mut k) = keys.lock() {
+        k.entry(name.clone()).or_insert_with(|| restic.master_key());
+    }
     let snap = restic.backup(root, selection.paths(), selection.excludes(), streams, tags)?;
     Ok((snap.id, snap.bytes_added))
 }

@@ -1,5 +1,5 @@
 //! Progress bars on a terminal: one per repository and service, with bytes, files and
-//! rate. Nothing is drawn when stderr is not a TTY (logs and CI stay clean).
+//! rate. When stderr is not a TTY, one plain line per start instead (logs stay clean).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -8,15 +8,35 @@ use std::sync::{Arc, Mutex};
 use agex_backup::progress::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Bars for a backup run, or `None` when stderr is not a terminal or output is JSON.
+/// Bars for a backup run on a terminal; one log line per service and repository as it
+/// starts otherwise (the journal of a timer unit); nothing with `--json`.
 pub fn bars(json: bool) -> Option<Arc<dyn Progress>> {
-    if json || !std::io::stderr().is_terminal() {
+    if json {
         return None;
+    }
+    if !std::io::stderr().is_terminal() {
+        return Some(Arc::new(Lines));
     }
     Some(Arc::new(Bars {
         multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
         bars: Mutex::new(HashMap::new()),
     }))
+}
+
+/// Plain progress for logs: a line when a repository starts on a service; the result
+/// line comes with the summary.
+#[derive(Debug)]
+struct Lines;
+
+impl Progress for Lines {
+    fn start(&self, service: &str, repo: &str, bytes: u64, files: u64) {
+        eprintln!(
+            "{service} → {repo}: started ({files} files, {})",
+            indicatif::HumanBytes(bytes)
+        );
+    }
+    fn update(&self, _: &str, _: &str, _: u64, _: u64) {}
+    fn finish(&self, _: &str, _: &str, _: bool) {}
 }
 
 #[derive(Debug)]

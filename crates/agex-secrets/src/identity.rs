@@ -178,26 +178,46 @@ fn load_file(path: &Path) -> Result<Vec<LoadedIdentity>, SecretsError> {
         }]);
     }
 
-    // An age identity file: X25519 keys and plugin identities, one per line.
-    let file = age::IdentityFile::from_buffer(BufReader::new(text.as_bytes()))
-        .map_err(|e| bad(format!("not an age identity file or ssh private key: {e}")))?
-        .with_callbacks(age::cli_common::UiCallbacks);
-    let identities = file
-        .into_identities()
-        .map_err(|e| bad(format!("cannot use identity: {e}")))?;
-    let descriptions: Vec<(String, Option<RecipientKey>)> = text
+    // An age identity file: X25519 keys and plugin identities, one per line. X25519 keys
+    // are loaded with their public key derived once (see `x25519`); the rest go through
+    // age's own identity file reader.
+    let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(describe_age_line)
         .collect();
-    if identities.is_empty() {
-        return Err(bad("holds no identities".into()));
+    let mut loaded = Vec::new();
+    let mut others = String::new();
+    for line in &lines {
+        let fast = age::x25519::Identity::from_str(line)
+            .ok()
+            .and_then(|id| crate::x25519::CachedX25519::new(&id));
+        match fast {
+            Some(id) => {
+                let (description, recipient) = describe_age_line(line);
+                loaded.push(LoadedIdentity {
+                    path: path.to_path_buf(),
+                    description,
+                    recipient,
+                    identity: Box::new(id),
+                });
+            }
+            None => {
+                others.push_str(line);
+                others.push('\n');
+            }
+        }
     }
-    Ok(identities
-        .into_iter()
-        .enumerate()
-        .map(|(i, identity)| {
+    if !others.is_empty() || lines.is_empty() {
+        let file = age::IdentityFile::from_buffer(BufReader::new(others.as_bytes()))
+            .map_err(|e| bad(format!("not an age identity file or ssh private key: {e}")))?
+            .with_callbacks(age::cli_common::UiCallbacks);
+        let identities = file
+            .into_identities()
+            .map_err(|e| bad(format!("cannot use identity: {e}")))?;
+        let descriptions: Vec<(String, Option<RecipientKey>)> =
+            others.lines().map(describe_age_line).collect();
+        loaded.extend(identities.into_iter().enumerate().map(|(i, identity)| {
             let (description, recipient) = descriptions
                 .get(i)
                 .cloned()
@@ -208,8 +228,12 @@ fn load_file(path: &Path) -> Result<Vec<LoadedIdentity>, SecretsError> {
                 recipient,
                 identity,
             }
-        })
-        .collect())
+        }));
+    }
+    if loaded.is_empty() {
+        return Err(bad("holds no identities".into()));
+    }
+    Ok(loaded)
 }
 
 fn describe_age_line(line: &str) -> (String, Option<RecipientKey>) {

@@ -13,6 +13,7 @@ pub mod init;
 pub mod ramdir;
 pub mod rekey;
 pub mod secret_file;
+pub mod x25519;
 
 pub use crypt::Plaintext;
 pub use error::SecretsError;
