@@ -36,6 +36,20 @@ pub struct Snapshot {
     /// When it was taken.
     #[serde(serialize_with = "rfc3339")]
     pub time: DateTime<Utc>,
+    /// Restic: the repository's master key from listing it, so extracting opens it
+    /// without running the password's KDF again.
+    #[serde(skip)]
+    pub key: Option<OpenedKey>,
+}
+
+/// A Restic master key held for one run; never shown.
+#[derive(Clone)]
+pub struct OpenedKey(rustic_core::repofile::MasterKey);
+
+impl std::fmt::Debug for OpenedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenedKey(..)")
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
@@ -53,7 +67,9 @@ pub fn snapshots(
     let mut out: Vec<Snapshot> = match access.repo.kind {
         RepositoryKind::Restic => {
             let tag = format!("service={service}");
-            Restic::open(access)?
+            let restic = Restic::open(access)?;
+            let key = Some(OpenedKey(restic.master_key()));
+            restic
                 .snapshots()?
                 .into_iter()
                 .filter(|s| s.tags.contains(&tag))
@@ -72,6 +88,7 @@ pub fn snapshots(
                         id: s.id,
                         run_id,
                         time,
+                        key: key.clone(),
                     })
                 })
                 .collect()
@@ -99,6 +116,7 @@ pub fn snapshots(
                         id: a.name.clone(),
                         run_id: Some(run.to_string()),
                         time,
+                        key: None,
                     })
                 })
                 .collect()
@@ -190,12 +208,12 @@ pub fn extract(
     let mut meter: Option<Arc<Meter>> = None;
     let result = match access.repo.kind {
         RepositoryKind::Restic => {
-            let mut key = None;
+            let mut key = snap.key.as_ref().map(|k| k.0.clone());
             if let Some((sink, service)) = progress {
                 // The totals come from the snapshot's summary, read before the metered
-                // open (a meter announces its totals when it starts); the second open
-                // reuses the first one's master key instead of the password's KDF.
-                let first = Restic::open(access)?;
+                // open (a meter announces its totals when it starts); every open after
+                // the first reuses its master key instead of the password's KDF.
+                let first = Restic::open_metered(access, None, key.clone())?;
                 key = Some(first.master_key());
                 let snapshot = first
                     .into_inner()
