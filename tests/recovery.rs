@@ -1047,6 +1047,17 @@ fn rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key(
         .unwrap_or_else(|_| panic!("{}\n{}", stdout(&out), String::from_utf8_lossy(&out.stderr)));
     assert_ok(&out);
     assert_eq!(report["passed"], true, "{report:#}");
+    eprintln!(
+        "rebuild drill: {} s total, steps {:?}, oldest data {}",
+        report["total_seconds"],
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{}: {:.2} s", s["step"], s["seconds"].as_f64().unwrap()))
+            .collect::<Vec<_>>(),
+        report["oldest_data"]
+    );
     let steps = report["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 3, "{report:#}");
     assert!(steps.iter().all(|s| s["ok"] == true), "{report:#}");

@@ -505,6 +505,21 @@ pub fn cmd_host_rekey(
                 host_rekey::fingerprint(&k).unwrap_or_else(|| "unknown fingerprint".into()),
                 k
             );
+            // On a terminal the fingerprint is confirmed against the host's console
+            // (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`); scripts pass.
+            if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+                eprint!("Is this {host}'s new host key? Type `yes` to rekey: ");
+                let _ = std::io::stderr().flush();
+                let mut line = String::new();
+                std::io::stdin()
+                    .lock()
+                    .read_line(&mut line)
+                    .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
+                if line.trim() != "yes" {
+                    eprintln!("nothing changed");
+                    return Ok(FAILURE);
+                }
+            }
             k
         }
         _ => {
