@@ -703,7 +703,13 @@ pub fn apply_in_place(
                 let target = match &opts.as_database {
                     Some(new) => {
                         conn.create_database(new)?;
-                        conn.restore(&dump, new, &["--exit-on-error", "--single-transaction"])?;
+                        let restored =
+                            conn.restore(&dump, new, &["--exit-on-error", "--single-transaction"]);
+                        if let Err(e) = restored {
+                            // The database was created for this restore: leave nothing.
+                            let _ = conn.drop_database(new);
+                            return Err(e);
+                        }
                         new.clone()
                     }
                     None => {
