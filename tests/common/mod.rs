@@ -2,6 +2,7 @@
 //! example in a temp dir and runs the real `agex` binary against it.
 #![allow(dead_code)]
 pub mod services;
+pub mod setup;
 
 use std::collections::BTreeMap;
 use std::fs;

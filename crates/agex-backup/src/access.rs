@@ -83,9 +83,15 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
         Some(k) => Some(secret(k.get_ref())?),
         None => None,
     };
-    Ok(RepoAccess {
-        repo,
-        password,
-        ssh_key,
-    })
+    // An interrupted password rotation may have left the repository on the new
+    // password, which only the pending file holds.
+    crate::rotate::during_rotation(
+        project,
+        ids,
+        RepoAccess {
+            repo,
+            password,
+            ssh_key,
+        },
+    )
 }

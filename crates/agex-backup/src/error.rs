@@ -86,6 +86,27 @@ pub enum BackupError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A restored snapshot does not match the manifest stored in it.
+    #[error("{repo} snapshot {snapshot} does not match its manifest: {}", .problems.join("; "))]
+    Verification {
+        /// The repository.
+        repo: String,
+        /// The snapshot id or archive.
+        snapshot: String,
+        /// Every difference found.
+        problems: Vec<String>,
+    },
+    /// No snapshot of a service was found.
+    #[error("no snapshot of `{service}` found in {searched}")]
+    NoSnapshot {
+        /// The service.
+        service: String,
+        /// The repositories searched, or the id asked for.
+        searched: String,
+    },
+    /// The command was asked for something it cannot do as given (exit 2).
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl BackupError {

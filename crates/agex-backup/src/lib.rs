@@ -4,14 +4,20 @@
 pub mod access;
 pub mod borg;
 pub mod cancel;
+pub mod drill;
 pub mod dump;
 pub mod error;
+pub mod kit;
 pub mod lock;
 pub mod manifest;
+pub mod pg;
 pub mod postgres;
 pub mod process;
 pub mod progress;
+pub mod rebuild;
 pub mod restic;
+pub mod restore;
+pub mod rotate;
 pub mod run;
 pub mod status;
 

@@ -232,6 +232,16 @@ impl Restic {
         })
     }
 
+    /// The rustic_core repository, for key rotation.
+    pub(crate) fn inner(&self) -> &Repository<OpenStatus> {
+        &self.repo
+    }
+
+    /// The rustic_core repository, consumed (restore needs it indexed).
+    pub(crate) fn into_inner(self) -> Repository<OpenStatus> {
+        self.repo
+    }
+
     /// Deletes snapshots by id (used to discard one whose dump failed).
     pub fn delete(&self, ids: &[String]) -> Result<(), BackupError> {
         let err = restic_err(&self.name);

@@ -193,6 +193,20 @@ pub enum Command {
         #[arg(long, value_name = "UNIT")]
         failed_unit: String,
     },
+    /// Restore a service from a snapshot, into a directory or in place
+    Restore(RestoreArgs),
+    /// Restore the newest snapshots into scratch space and verify them (RPO, RTO)
+    Drill(DrillArgs),
+    /// Host key management
+    Host {
+        #[command(subcommand)]
+        command: HostCommand,
+    },
+    /// Documents for recovering without agex
+    Recovery {
+        #[command(subcommand)]
+        command: RecoveryCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +226,11 @@ pub enum RepoCommand {
     },
     /// Remove stale locks left by dead processes
     Unlock {
+        /// The repository's name in agex.toml
+        repo: String,
+    },
+    /// Give a repository a new password and store it in its password secret
+    RotatePassword {
         /// The repository's name in agex.toml
         repo: String,
     },
@@ -259,5 +278,86 @@ pub enum SystemdCommand {
         /// Command that runs systemctl (default: `systemctl` when --root is /, none otherwise)
         #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
         systemctl: Option<String>,
+    },
+}
+
+/// Flags of `agex restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The service to restore
+    #[arg(long, value_name = "SERVICE")]
+    pub service: String,
+    /// Only this repository (default: the newest snapshot among all)
+    #[arg(long, value_name = "REPO")]
+    pub repo: Option<String>,
+    /// A Restic snapshot id (or prefix), a Borg archive name, or `latest`
+    #[arg(long, value_name = "ID")]
+    pub snapshot: Option<String>,
+    /// Restore files and dumps below this directory (must be empty or absent)
+    #[arg(long, value_name = "DIR", conflicts_with = "in_place")]
+    pub to: Option<std::path::PathBuf>,
+    /// Put files and databases back where the policy says, under --root
+    #[arg(long)]
+    pub in_place: bool,
+    /// Do not ask for confirmation of an in-place restore
+    #[arg(long)]
+    pub yes: bool,
+    /// Restore the PostgreSQL database into this new database instead
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_database: Option<String>,
+    /// Command that runs systemctl for `stop_units` (default: `systemctl` when --root is /)
+    #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
+    pub systemctl: Option<String>,
+}
+
+/// Flags of `agex drill`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DrillArgs {
+    #[command(subcommand)]
+    pub command: Option<DrillCommand>,
+    /// Only this service
+    #[arg(long, value_name = "SERVICE", conflicts_with = "all")]
+    pub service: Option<String>,
+    /// Only this repository
+    #[arg(long, value_name = "REPO", conflicts_with = "all")]
+    pub repo: Option<String>,
+    /// Every service in every repository (the default)
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrillCommand {
+    /// Prove a host rebuild in a scratch root: new host key, rekey, activate, restore all
+    /// (the host is the global --host, else this machine's hostname)
+    Rebuild,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Replace a host's key in agex.toml and re-encrypt the secrets it receives
+    Rekey {
+        /// The host's name in agex.toml
+        host: String,
+        /// The new public key (e.g. "ssh-ed25519 AAAA...")
+        #[arg(long, value_name = "KEY", group = "source")]
+        key: Option<String>,
+        /// Read the new public key from this file (e.g. ssh_host_ed25519_key.pub)
+        #[arg(long, value_name = "PATH", group = "source")]
+        key_file: Option<std::path::PathBuf>,
+        /// Fetch the host's ed25519 key with ssh-keyscan
+        #[arg(long, value_name = "HOST[:PORT]", group = "source")]
+        keyscan: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoveryCommand {
+    /// Write the recovery kit: how to restore every service with age, restic and borg alone
+    Kit {
+        /// Write it to this file (default: stdout)
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
     },
 }

@@ -11,9 +11,13 @@ use std::io::Write;
 
 use clap::Parser;
 
-use cli::{Cli, Command, RepoCommand, SecretsCommand, SystemdCommand};
+use cli::{
+    Cli, Command, DrillCommand, HostCommand, RecoveryCommand, RepoCommand, SecretsCommand,
+    SystemdCommand,
+};
 use commands::activate;
 use commands::backup;
+use commands::recovery;
 use commands::schedule;
 use commands::secrets;
 use context::Context;
@@ -97,6 +101,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                 read_data_subset,
             } => backup::cmd_repo_check(&ctx, repo.as_deref(), read_data_subset.as_deref()),
             RepoCommand::Unlock { repo } => backup::cmd_repo_unlock(&ctx, &repo),
+            RepoCommand::RotatePassword { repo } => recovery::cmd_rotate_password(&ctx, &repo),
         },
         Command::Schedule => schedule::cmd_schedule(&ctx),
         Command::Systemd { command } => match command {
@@ -111,5 +116,28 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         },
         Command::Daemon => schedule::cmd_daemon(&ctx),
         Command::Notify { failed_unit } => schedule::cmd_notify_failed_unit(&ctx, &failed_unit),
+        Command::Restore(args) => recovery::cmd_restore(&ctx, &args),
+        Command::Drill(args) => match &args.command {
+            Some(DrillCommand::Rebuild) => recovery::cmd_drill_rebuild(&ctx),
+            None => recovery::cmd_drill(&ctx, &args),
+        },
+        Command::Host {
+            command:
+                HostCommand::Rekey {
+                    host,
+                    key,
+                    key_file,
+                    keyscan,
+                },
+        } => recovery::cmd_host_rekey(
+            &ctx,
+            &host,
+            key.as_deref(),
+            key_file.as_deref(),
+            keyscan.as_deref(),
+        ),
+        Command::Recovery {
+            command: RecoveryCommand::Kit { out },
+        } => recovery::cmd_recovery_kit(&ctx, out.as_deref()),
     }
 }

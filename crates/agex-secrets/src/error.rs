@@ -152,6 +152,22 @@ pub enum SecretsError {
         /// Each failure.
         failures: Vec<(String, SecretsError)>,
     },
+    /// A host or its new key cannot be used for `host rekey` (exit 2).
+    #[error("host `{host}`: {reason}")]
+    HostKey {
+        /// The host.
+        host: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `ssh-keyscan` found no usable key.
+    #[error("ssh-keyscan {target}: {reason}")]
+    Keyscan {
+        /// HOST[:PORT].
+        target: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 fn bullet(items: &[String]) -> String {
@@ -180,6 +196,7 @@ impl SecretsError {
                 | SecretsError::NoRule { .. }
                 | SecretsError::UnknownSecret { .. }
                 | SecretsError::OutsideSecrets { .. }
+                | SecretsError::HostKey { .. }
         )
     }
 }

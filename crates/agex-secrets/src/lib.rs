@@ -7,6 +7,7 @@ pub mod edit;
 pub mod error;
 pub mod generate;
 pub mod header;
+pub mod host_rekey;
 pub mod identity;
 pub mod init;
 pub mod ramdir;

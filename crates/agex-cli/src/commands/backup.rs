@@ -21,9 +21,9 @@ impl From<BackupError> for Failure {
     fn from(e: BackupError) -> Self {
         match e {
             BackupError::Secrets(s) => s.into(),
-            e @ (BackupError::UnknownRepository { .. } | BackupError::UnknownService { .. }) => {
-                Failure::new(CONFIG, e.to_string())
-            }
+            e @ (BackupError::UnknownRepository { .. }
+            | BackupError::UnknownService { .. }
+            | BackupError::Usage(_)) => Failure::new(CONFIG, e.to_string()),
             other => Failure::new(FAILURE, other.to_string()),
         }
     }
@@ -435,8 +435,13 @@ pub fn cmd_forget(
 pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
     let records = run::records(&ctx.global.root)?;
     let statuses = status::summarize(&records);
+    let drills = crate::commands::recovery::drill_statuses(ctx)?;
     if ctx.global.json {
-        output::json(&statuses)?;
+        output::json(&crate::commands::recovery::with_drills(&statuses, &drills)?)?;
+        return Ok(OK);
+    }
+    if statuses.is_empty() && !drills.is_empty() {
+        crate::commands::recovery::print_drill_statuses(&drills);
         return Ok(OK);
     }
     if statuses.is_empty() {
@@ -474,6 +479,7 @@ pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
         ],
         &rows,
     );
+    crate::commands::recovery::print_drill_statuses(&drills);
     Ok(OK)
 }
 

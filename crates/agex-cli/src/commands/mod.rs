@@ -2,5 +2,6 @@
 
 pub mod activate;
 pub mod backup;
+pub mod recovery;
 pub mod schedule;
 pub mod secrets;

@@ -1,0 +1,982 @@
+//! Restores: find a service's snapshot in either repository, extract it into a directory
+//! (Restic in-process with rustic_core, Borg with `borg extract`), verify it against the
+//! manifest stored inside it, and — in place — put its files and databases back under
+//! `--root` with the policy's units stopped.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use agex_core::{Database, Policy, Project, RepositoryKind};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use rustic_core::{LocalDestination, LsOptions, RestoreOptions};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::access::RepoAccess;
+use crate::borg::Borg;
+use crate::error::BackupError;
+use crate::manifest::{self, under, Manifest};
+use crate::pg::PgConn;
+use crate::process;
+use crate::progress::{Meter, Progress};
+use crate::restic::Restic;
+
+/// One snapshot (Restic) or archive (Borg) of a service.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// The repository.
+    pub repo: String,
+    /// Restic snapshot id or Borg archive name.
+    pub id: String,
+    /// The agex run that wrote it.
+    pub run_id: Option<String>,
+    /// When it was taken.
+    #[serde(serialize_with = "rfc3339")]
+    pub time: DateTime<Utc>,
+    /// Restic: the repository's master key from listing it, so extracting opens it
+    /// without running the password's KDF again.
+    #[serde(skip)]
+    pub key: Option<OpenedKey>,
+}
+
+/// A Restic master key held for one run; never shown.
+#[derive(Clone)]
+pub struct OpenedKey(rustic_core::repofile::MasterKey);
+
+impl std::fmt::Debug for OpenedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpenedKey(..)")
+    }
+}
+
+fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// The snapshots of `service` in one repository, oldest first. Borg checkpoint archives
+/// (left by an interrupted `borg create`) are not complete backups and are skipped.
+pub fn snapshots(
+    access: &RepoAccess,
+    state: &Path,
+    service: &str,
+) -> Result<Vec<Snapshot>, BackupError> {
+    let repo = access.repo.name.clone();
+    let mut out: Vec<Snapshot> = match access.repo.kind {
+        RepositoryKind::Restic => {
+            let tag = format!("service={service}");
+            let restic = Restic::open(access)?;
+            let key = Some(OpenedKey(restic.master_key()));
+            restic
+                .snapshots()?
+                .into_iter()
+                .filter(|s| s.tags.contains(&tag))
+                .filter_map(|s| {
+                    let run_id = s
+                        .tags
+                        .iter()
+                        .find_map(|t| t.strip_prefix("run="))
+                        .map(str::to_string);
+                    let time = run_id
+                        .as_deref()
+                        .and_then(parse_run_id)
+                        .or_else(|| parse_restic_time(&s.time))?;
+                    Some(Snapshot {
+                        repo: repo.clone(),
+                        id: s.id,
+                        run_id,
+                        time,
+                        key: key.clone(),
+                    })
+                })
+                .collect()
+        }
+        RepositoryKind::Borg => {
+            let prefix = format!("{service}-");
+            Borg::new(access, state)?
+                .list(Some(&prefix))?
+                .into_iter()
+                .filter(|a| !a.name.ends_with(".checkpoint") && !a.name.contains(".checkpoint."))
+                .filter_map(|a| {
+                    let run = a.name.strip_prefix(&prefix)?;
+                    // `<service>-<run id>`: another service whose name extends this one
+                    // (`app` vs `app-x`) has a `-` left in the rest.
+                    if run.contains('-') {
+                        return None;
+                    }
+                    let time = parse_run_id(run).or_else(|| {
+                        NaiveDateTime::parse_from_str(&a.start, "%Y-%m-%dT%H:%M:%S%.f")
+                            .ok()
+                            .map(|t| t.and_utc())
+                    })?;
+                    Some(Snapshot {
+                        repo: repo.clone(),
+                        id: a.name.clone(),
+                        run_id: Some(run.to_string()),
+                        time,
+                        key: None,
+                    })
+                })
+                .collect()
+        }
+    };
+    out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
+    Ok(out)
+}
+
+/// `YYYYMMDDTHHMMSS.mmmZ`, as agex names its runs.
+pub fn parse_run_id(run: &str) -> Option<DateTime<Utc>> {
+    NaiveDateTime::parse_from_str(run, "%Y%m%dT%H%M%S%.3fZ")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
+fn parse_restic_time(t: &str) -> Option<DateTime<Utc>> {
+    let plain = t.split('[').next().unwrap_or(t);
+    DateTime::parse_from_rfc3339(plain)
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+/// Picks the snapshot to restore among the repositories' lists: `wanted` is `latest`
+/// (or none) for the newest of all, else a Restic id (or unique prefix) or a Borg
+/// archive name.
+pub fn choose(
+    service: &str,
+    lists: &[(String, Vec<Snapshot>)],
+    wanted: Option<&str>,
+) -> Result<Snapshot, BackupError> {
+    let all = lists.iter().flat_map(|(_, l)| l.iter());
+    let searched = lists
+        .iter()
+        .map(|(r, _)| r.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match wanted.filter(|w| *w != "latest") {
+        None => all
+            .max_by(|a, b| a.time.cmp(&b.time))
+            .cloned()
+            .ok_or(BackupError::NoSnapshot {
+                service: service.to_string(),
+                searched,
+            }),
+        Some(id) => {
+            let hits: Vec<&Snapshot> = all
+                .filter(|s| s.id == id || (id.len() >= 4 && s.id.starts_with(id)))
+                .collect();
+            match hits.as_slice() {
+                [one] => Ok((*one).clone()),
+                [] => Err(BackupError::NoSnapshot {
+                    service: service.to_string(),
+                    searched: format!("{searched} (no snapshot `{id}`)"),
+                }),
+                many => Err(BackupError::Usage(format!(
+                    "snapshot `{id}` is ambiguous: {}",
+                    many.iter()
+                        .map(|s| format!("{} in {}", s.id, s.repo))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        }
+    }
+}
+
+/// How much an extraction wrote.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Extracted {
+    /// Regular files written.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Extracts a whole snapshot into `dest` (created if needed): host paths appear below
+/// it without their leading `/`, as `restic restore --target` and `borg extract` lay
+/// them out. With `progress`, the bytes restored are reported as `service → repo`.
+pub fn extract(
+    access: &RepoAccess,
+    state: &Path,
+    snap: &Snapshot,
+    dest: &Path,
+    progress: Option<(&Arc<dyn Progress>, &str)>,
+) -> Result<Extracted, BackupError> {
+    std::fs::create_dir_all(dest).map_err(BackupError::io(dest))?;
+    let repo = access.repo.name.as_str();
+    let mut meter: Option<Arc<Meter>> = None;
+    let result = match access.repo.kind {
+        RepositoryKind::Restic => {
+            let mut key = snap.key.as_ref().map(|k| k.0.clone());
+            if let Some((sink, service)) = progress {
+                // The totals come from the snapshot's summary, read before the metered
+                // open (a meter announces its totals when it starts); every open after
+                // the first reuses its master key instead of the password's KDF.
+                let first = Restic::open_metered(access, None, key.clone())?;
+                key = Some(first.master_key());
+                let snapshot = first
+                    .into_inner()
+                    .get_snapshot_from_str(&snap.id, |_| true)
+                    .map_err(restic_error(repo))?;
+                let (bytes, files) = snapshot
+                    .summary
+                    .map(|s| (s.total_bytes_processed, s.total_files_processed))
+                    .unwrap_or_default();
+                meter = Some(Meter::start(Arc::clone(sink), service, repo, bytes, files));
+            }
+            restic_extract(access, &snap.id, dest, meter.as_ref(), key)
+        }
+        RepositoryKind::Borg => borg_extract(access, state, snap, dest, progress, &mut meter),
+    };
+    if let Some(m) = &meter {
+        m.finish(result.is_ok());
+    }
+    result?;
+    count(dest)
+}
+
+fn restic_error(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
+    move |e| BackupError::Restic {
+        repo: repo.to_string(),
+        message: e
+            .display_log()
+            .lines()
+            .next()
+            .unwrap_or("error")
+            .to_string(),
+    }
+}
+
+/// `borg extract` in `dest`; with progress, its `--progress` JSON feeds a meter.
+fn borg_extract(
+    access: &RepoAccess,
+    state: &Path,
+    snap: &Snapshot,
+    dest: &Path,
+    progress: Option<(&Arc<dyn Progress>, &str)>,
+    meter: &mut Option<Arc<Meter>>,
+) -> Result<(), BackupError> {
+    use std::io::BufRead;
+    let borg = Borg::new(access, state)?;
+    let mut cmd = borg.command();
+    cmd.current_dir(dest).args(["extract", "--log-json"]);
+    if progress.is_some() {
+        cmd.arg("--progress");
+    }
+    cmd.arg(borg.archive_url(&snap.id));
+    let shown = process::describe(&cmd);
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| BackupError::Spawn {
+            tool: shown.clone(),
+            source,
+        })?;
+    let mut stderr = Vec::new();
+    if let Some(pipe) = child.stderr.take() {
+        for line in std::io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let progressed = progress.and_then(|(sink, service)| {
+                let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+                if v.get("type")?.as_str()? != "progress_percent" {
+                    return None;
+                }
+                let total = v.get("total").and_then(|t| t.as_u64()).unwrap_or(0);
+                let current = v.get("current").and_then(|c| c.as_u64()).unwrap_or(0);
+                let m = meter.get_or_insert_with(|| {
+                    Meter::start(Arc::clone(sink), service, &access.repo.name, total, 0)
+                });
+                m.set(current, 0);
+                Some(())
+            });
+            if progressed.is_none() {
+                stderr.extend_from_slice(line.as_bytes());
+                stderr.push(b'\n');
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| BackupError::Spawn {
+        tool: shown.clone(),
+        source,
+    })?;
+    process::check(
+        &shown,
+        std::process::Output {
+            status,
+            stdout: vec![],
+            stderr,
+        },
+    )
+    .map(|_| ())
+}
+
+fn restic_extract(
+    access: &RepoAccess,
+    id: &str,
+    dest: &Path,
+    meter: Option<&Arc<Meter>>,
+    key: Option<rustic_core::repofile::MasterKey>,
+) -> Result<(), BackupError> {
+    let name = access.repo.name.clone();
+    let err = restic_error(&access.repo.name);
+    let repo = Restic::open_metered(access, meter, key)?
+        .into_inner()
+        .to_indexed()
+        .map_err(&err)?;
+    let snap = repo.get_snapshot_from_str(id, |_| true).map_err(&err)?;
+    let node = repo.node_from_snapshot_and_path(&snap, "").map_err(&err)?;
+    let ls = repo.ls(&node, &LsOptions::default()).map_err(&err)?;
+    let mut target = dest.to_string_lossy().into_owned();
+    if !target.ends_with('/') {
+        target.push('/');
+    }
+    let dest = LocalDestination::new(&target, true, false).map_err(&err)?;
+    let opts = RestoreOptions::default();
+    let plan = repo
+        .prepare_restore(&opts, ls.clone(), &dest, false)
+        .map_err(&err)?;
+    // rustic_core 0.13 unwraps a pack that fails to decrypt inside its restore threads
+    // (the panic reaches this thread through rayon's scope): a damaged repository must
+    // fail this restore, not abort agex.
+    // The default hook would print the panic as if agex had crashed; the failure is
+    // reported as an error instead. Restores run one at a time, so swapping the
+    // process-wide hook for their duration is safe.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        repo.restore(plan, &opts, ls, &dest)
+    }));
+    std::panic::set_hook(hook);
+    match restored {
+        Ok(r) => r.map_err(&err),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown error");
+            let reason = if what.contains("MAC check failed") {
+                "data decryption failed (MAC check failed): the repository is damaged"
+            } else {
+                what
+            };
+            Err(BackupError::Restic {
+                repo: name,
+                message: format!("restore failed: {reason}"),
+            })
+        }
+    }
+}
+
+fn count(dir: &Path) -> Result<Extracted, BackupError> {
+    let mut out = Extracted::default();
+    for e in walkdir::WalkDir::new(dir).follow_links(false) {
+        let e = e.map_err(|e| BackupError::io(dir)(std::io::Error::other(e.to_string())))?;
+        if e.file_type().is_file() {
+            out.files += 1;
+            out.bytes += e
+                .metadata()
+                .map_err(|x| BackupError::io(e.path())(std::io::Error::other(x.to_string())))?
+                .len();
+        }
+    }
+    Ok(out)
+}
+
+/// The manifest of `service` inside an extracted snapshot.
+pub fn read_manifest(dir: &Path, service: &str) -> Result<Manifest, String> {
+    let path = under(dir, &manifest::manifest_path(service));
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!(
+            "the snapshot holds no manifest at {} ({e})",
+            manifest::manifest_path(service).display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("the manifest does not parse: {e}"))
+}
+
+/// What verifying an extracted snapshot found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Verified {
+    /// Files whose presence and digest were checked.
+    pub files: u64,
+    /// Databases checked (SQLite integrity and rows; PostgreSQL restored and counted).
+    pub databases: u64,
+    /// Every difference from the manifest; empty when the snapshot is good.
+    pub problems: Vec<String>,
+}
+
+/// How PostgreSQL dumps are checked: restored into a scratch database named `name`
+/// (dropped afterwards) on the server of the policy's database with the same name.
+pub struct PgScratch<'a> {
+    /// The policy whose databases say where the servers are.
+    pub policy: &'a Policy,
+    /// `--root`.
+    pub root: &'a Path,
+    /// Passwords of the roles, by secret name.
+    pub passwords: &'a BTreeMap<String, Zeroizing<Vec<u8>>>,
+    /// The scratch database's name for dump `dump` (unique per run).
+    pub name: &'a dyn Fn(&str) -> String,
+}
+
+/// Checks an extracted snapshot against its manifest: every file present with its
+/// digest; every dump present with its digest; SQLite dumps pass `integrity_check` and
+/// hold the recorded row counts; PostgreSQL dumps (when `pg` is given) restore into a
+/// scratch database with the recorded row counts.
+pub fn verify(dir: &Path, manifest: &Manifest, pg: Option<&PgScratch<'_>>) -> Verified {
+    let mut v = Verified::default();
+    for f in &manifest.files {
+        v.files += 1;
+        let path = under(dir, Path::new(&f.path));
+        match manifest::digest_file(&path) {
+            Err(_) if !path.exists() => v.problems.push(format!("{} is missing", f.path)),
+            Err(e) => v.problems.push(format!("{}: {e}", f.path)),
+            Ok((size, digest)) if digest != f.digest => v.problems.push(format!(
+                "{} differs ({} bytes, {}; the manifest says {} bytes, {})",
+                f.path,
+                size,
+                short(&digest),
+                f.size,
+                short(&f.digest)
+            )),
+            Ok(_) => {}
+        }
+    }
+    for d in &manifest.dumps {
+        v.databases += 1;
+        let path = under(dir, Path::new(&d.path));
+        match manifest::digest_file(&path) {
+            Err(_) if !path.exists() => {
+                v.problems.push(format!("dump {} is missing", d.path));
+                continue;
+            }
+            Err(e) => {
+                v.problems.push(format!("dump {}: {e}", d.path));
+                continue;
+            }
+            Ok((_, digest)) if digest != d.digest => v.problems.push(format!(
+                "dump {} differs ({}; the manifest says {})",
+                d.path,
+                short(&digest),
+                short(&d.digest)
+            )),
+            Ok(_) => {}
+        }
+        match d.kind.as_str() {
+            "sqlite" => match sqlite_check(&path) {
+                Ok(counts) => compare_rows(&mut v.problems, &d.name, &d.row_counts, &counts),
+                Err(e) => v.problems.push(format!("SQLite dump {}: {e}", d.name)),
+            },
+            "postgres" => {
+                if let Some(pg) = pg {
+                    if let Err(e) = pg_check(pg, &path, d, &mut v.problems) {
+                        v.problems
+                            .push(format!("PostgreSQL dump {} does not restore: {e}", d.name));
+                    }
+                }
+            }
+            other => v
+                .problems
+                .push(format!("dump {} has unknown kind `{other}`", d.name)),
+        }
+    }
+    v
+}
+
+fn short(digest: &str) -> String {
+    digest.chars().take(19).collect()
+}
+
+fn compare_rows(
+    problems: &mut Vec<String>,
+    name: &str,
+    expected: &BTreeMap<String, u64>,
+    got: &BTreeMap<String, u64>,
+) {
+    // An empty map in the manifest means the counts were not recorded.
+    for (table, want) in expected {
+        match got.get(table) {
+            None => problems.push(format!("database {name}: table {table} is missing")),
+            Some(n) if n != want => problems.push(format!(
+                "database {name}: table {table} has {n} rows; the manifest says {want}"
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+/// `PRAGMA integrity_check` of an SQLite file, then its row counts.
+pub fn sqlite_check(path: &Path) -> Result<BTreeMap<String, u64>, String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| e.to_string())?;
+    let result: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| format!("integrity_check: {e}"))?;
+    if result != "ok" {
+        return Err(format!("integrity_check says: {result}"));
+    }
+    drop(conn);
+    crate::dump::sqlite_row_counts(path).map_err(|e| e.to_string())
+}
+
+fn pg_check(
+    pg: &PgScratch<'_>,
+    dump: &Path,
+    entry: &manifest::DumpEntry,
+    problems: &mut Vec<String>,
+) -> Result<(), BackupError> {
+    let db = policy_database(pg.policy, entry).ok_or_else(|| {
+            BackupError::Usage(format!(
+                "policies/{}.toml names no PostgreSQL database `{}` whose server could take a scratch restore",
+                pg.policy.service, entry.name
+            ))
+        })?;
+    let conn = connect(db, pg.root, pg.passwords)?.ok_or_else(|| {
+        BackupError::Usage(format!("database `{}` is not PostgreSQL", entry.name))
+    })?;
+    let scratch = (pg.name)(&entry.name);
+    conn.drop_database(&scratch)?;
+    conn.create_database(&scratch)?;
+    let result = conn
+        .restore(
+            dump,
+            &scratch,
+            &["--no-owner", "--no-privileges", "--exit-on-error"],
+        )
+        .and_then(|()| conn.row_counts(&scratch));
+    let dropped = conn.drop_database(&scratch);
+    let counts = result?;
+    dropped?;
+    compare_rows(problems, &entry.name, &entry.row_counts, &counts);
+    Ok(())
+}
+
+/// The policy's database a dump was taken of (same name and kind: an SQLite file and a
+/// PostgreSQL database may share a name).
+fn policy_database<'a>(policy: &'a Policy, entry: &manifest::DumpEntry) -> Option<&'a Database> {
+    policy.databases.iter().find(|d| {
+        d.name() == entry.name
+            && matches!(
+                (d, entry.kind.as_str()),
+                (Database::Sqlite { .. }, "sqlite") | (Database::Postgres { .. }, "postgres")
+            )
+    })
+}
+
+/// The connection to a policy database, with its role's password when it names one.
+pub fn connect(
+    db: &Database,
+    root: &Path,
+    passwords: &BTreeMap<String, Zeroizing<Vec<u8>>>,
+) -> Result<Option<PgConn>, BackupError> {
+    let password = match db {
+        Database::Postgres {
+            password_secret: Some(s),
+            ..
+        } => passwords.get(s).cloned(),
+        _ => None,
+    };
+    PgConn::new(db, root, password)
+}
+
+/// Decrypts the passwords of a policy's PostgreSQL roles, by secret name.
+pub fn database_passwords(
+    project: &Project,
+    policy: &Policy,
+    ids: &agex_secrets::Identities,
+) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, BackupError> {
+    let mut out = BTreeMap::new();
+    for db in &policy.databases {
+        if let Database::Postgres {
+            password_secret: Some(name),
+            ..
+        } = db
+        {
+            let rule = project.rules.secrets.get(name).ok_or_else(|| {
+                BackupError::Usage(format!(
+                    "policies/{}.toml: password_secret `{name}` has no rule in secrets.toml",
+                    policy.service
+                ))
+            })?;
+            let plain = agex_secrets::secret_file::open(project, rule, ids)?;
+            out.insert(name.clone(), Zeroizing::new(plain.to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+/// What an in-place restore does besides files: where PostgreSQL dumps go.
+#[derive(Debug, Clone, Default)]
+pub struct InPlaceOptions {
+    /// Restore the (single) PostgreSQL database into this new database instead of the
+    /// configured one.
+    pub as_database: Option<String>,
+    /// The `systemctl` command for the policy's `stop_units`.
+    pub systemctl: Option<Vec<String>>,
+}
+
+/// What a restore put back.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Applied {
+    /// Files written under the root.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Symbolic links put back.
+    pub links: u64,
+    /// Databases restored (`name → target`).
+    pub databases: Vec<String>,
+}
+
+/// Puts a verified, extracted snapshot back under `root`: stops the policy's units,
+/// replaces each file atomically (files the snapshot lacks are left alone), replaces
+/// each SQLite database atomically after an integrity check, restores each PostgreSQL
+/// dump with `pg_restore --clean --if-exists` in one transaction, and starts the units
+/// again on every exit path.
+pub fn apply_in_place(
+    staged: &Path,
+    manifest: &Manifest,
+    policy: &Policy,
+    root: &Path,
+    passwords: &BTreeMap<String, Zeroizing<Vec<u8>>>,
+    opts: &InPlaceOptions,
+) -> Result<Applied, BackupError> {
+    let pg_count = policy
+        .databases
+        .iter()
+        .filter(|d| matches!(d, Database::Postgres { .. }))
+        .count();
+    if opts.as_database.is_some() && pg_count != 1 {
+        return Err(BackupError::Usage(format!(
+            "--as needs exactly one PostgreSQL database in policies/{}.toml (it has {pg_count})",
+            policy.service
+        )));
+    }
+    let _units = Units::stop(opts.systemctl.as_deref(), &policy.stop_units)?;
+    let mut applied = Applied::default();
+    for f in &manifest.files {
+        let from = under(staged, Path::new(&f.path));
+        let to = under(root, Path::new(&f.path));
+        applied.bytes += replace_with(&from, &to)?;
+        applied.files += 1;
+    }
+    for host in &policy.paths {
+        applied.links += restore_tree_shape(staged, root, host)?;
+    }
+    for d in &manifest.dumps {
+        let Some(db) = policy_database(policy, d) else {
+            return Err(BackupError::Usage(format!(
+                "the snapshot holds database `{}` but policies/{}.toml no longer names it",
+                d.name, policy.service
+            )));
+        };
+        let dump = under(staged, Path::new(&d.path));
+        match db {
+            Database::Sqlite { path, .. } => {
+                sqlite_check(&dump).map_err(|e| BackupError::Tool {
+                    tool: format!("sqlite integrity check of {}", d.path),
+                    status: "failed".into(),
+                    stderr: e,
+                })?;
+                let live = under(root, path);
+                for suffix in ["-wal", "-shm", "-journal"] {
+                    let side = PathBuf::from(format!("{}{suffix}", live.display()));
+                    match std::fs::remove_file(&side) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(BackupError::io(&side)(e)),
+                    }
+                }
+                replace_with(&dump, &live)?;
+                applied
+                    .databases
+                    .push(format!("{} → {}", d.name, path.display()));
+            }
+            Database::Postgres { .. } => {
+                let conn = connect(db, root, passwords)?.ok_or_else(|| {
+                    BackupError::Usage(format!("database `{}` is not PostgreSQL", d.name))
+                })?;
+                let target = match &opts.as_database {
+                    Some(new) => {
+                        conn.create_database(new)?;
+                        let restored =
+                            conn.restore(&dump, new, &["--exit-on-error", "--single-transaction"]);
+                        if let Err(e) = restored {
+                            // The database was created for this restore: leave nothing.
+                            let _ = conn.drop_database(new);
+                            return Err(e);
+                        }
+                        new.clone()
+                    }
+                    None => {
+                        conn.restore(
+                            &dump,
+                            conn.database(),
+                            &[
+                                "--clean",
+                                "--if-exists",
+                                "--exit-on-error",
+                                "--single-transaction",
+                            ],
+                        )?;
+                        conn.database().to_string()
+                    }
+                };
+                applied
+                    .databases
+                    .push(format!("{} → postgres database {target}", d.name));
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// Puts back what the manifest does not list below one policy path: directories (also
+/// empty ones, with their mode and owner) and symbolic links (replaced atomically).
+/// Regular files are only ever taken from the manifest, whose digests were verified.
+/// Returns the number of links restored.
+fn restore_tree_shape(staged: &Path, root: &Path, host: &Path) -> Result<u64, BackupError> {
+    let top = under(staged, host);
+    if std::fs::symlink_metadata(&top).is_err() {
+        return Ok(0);
+    }
+    let mut links = 0;
+    let mut dirs = Vec::new();
+    for e in walkdir::WalkDir::new(&top).follow_links(false) {
+        let e = e.map_err(|e| BackupError::io(&top)(std::io::Error::other(e.to_string())))?;
+        let rel = e.path().strip_prefix(staged).unwrap_or(e.path());
+        let to = root.join(rel);
+        let ft = e.file_type();
+        if ft.is_dir() {
+            std::fs::create_dir_all(&to).map_err(BackupError::io(&to))?;
+            dirs.push((e.path().to_path_buf(), to));
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(e.path()).map_err(BackupError::io(e.path()))?;
+            let dir = to.parent().unwrap_or(Path::new("/"));
+            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+            let tmp = dir.join(format!(
+                ".agex-restore-link-{}",
+                rand_suffix(e.path().as_os_str().len())
+            ));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&target, &tmp).map_err(BackupError::io(&tmp))?;
+            std::fs::rename(&tmp, &to).map_err(BackupError::io(&to))?;
+            links += 1;
+        }
+    }
+    // Modes and owners last, deepest first: a read-only directory is filled before it
+    // becomes read-only.
+    for (from, to) in dirs.into_iter().rev() {
+        let meta = std::fs::metadata(&from).map_err(BackupError::io(&from))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(BackupError::io(&to))?;
+        if rustix::process::geteuid().is_root() {
+            let _ = std::os::unix::fs::chown(&to, Some(meta.uid()), Some(meta.gid()));
+        }
+    }
+    Ok(links)
+}
+
+fn rand_suffix(salt: usize) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos:x}-{salt}", std::process::id())
+}
+
+/// Replaces `to` with the content, mode and owner of `from`: a temp file in `to`'s
+/// directory, synced, renamed over it. Returns the bytes written.
+fn replace_with(from: &Path, to: &Path) -> Result<u64, BackupError> {
+    let meta = std::fs::metadata(from).map_err(BackupError::io(from))?;
+    let dir = to.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".agex-restore-")
+        .tempfile_in(dir)
+        .map_err(BackupError::io(dir))?;
+    let mut src = std::fs::File::open(from).map_err(BackupError::io(from))?;
+    let n = std::io::copy(&mut src, tmp.as_file_mut()).map_err(BackupError::io(to))?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(BackupError::io(to))?;
+    if rustix::process::geteuid().is_root() {
+        let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid()));
+    }
+    tmp.as_file().sync_all().map_err(BackupError::io(to))?;
+    tmp.persist(to).map_err(|e| BackupError::io(to)(e.error))?;
+    Ok(n)
+}
+
+/// A policy's units, stopped; started again when dropped, on every exit path.
+struct Units<'a> {
+    systemctl: Option<&'a [String]>,
+    units: &'a [String],
+}
+
+impl<'a> Units<'a> {
+    fn stop(
+        systemctl: Option<&'a [String]>,
+        units: &'a [String],
+    ) -> Result<Units<'a>, BackupError> {
+        if units.is_empty() {
+            return Ok(Units {
+                systemctl: None,
+                units,
+            });
+        }
+        let Some(cmd) = systemctl.filter(|c| !c.is_empty()) else {
+            return Err(BackupError::Usage(format!(
+                "the policy stops units ({}) but no systemctl command is set (--systemctl)",
+                units.join(", ")
+            )));
+        };
+        process::run(
+            std::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .arg("stop")
+                .args(units),
+        )?;
+        Ok(Units {
+            systemctl: Some(cmd),
+            units,
+        })
+    }
+}
+
+impl Drop for Units<'_> {
+    fn drop(&mut self) {
+        if let Some(cmd) = self.systemctl {
+            let _ = process::run(
+                std::process::Command::new(&cmd[0])
+                    .args(&cmd[1..])
+                    .arg("start")
+                    .args(self.units),
+            );
+        }
+    }
+}
+
+/// The summary of one restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    /// The service.
+    pub service: String,
+    /// Where it came from.
+    pub snapshot: Snapshot,
+    /// Files and bytes extracted from the repository.
+    pub extracted: Extracted,
+    /// What was checked against the manifest.
+    pub verified: Verified,
+    /// What an in-place restore put back (none for `--to`).
+    pub applied: Option<Applied>,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// Where a restore goes.
+pub enum Target<'a> {
+    /// Into this directory (files below it, dumps at their snapshot paths).
+    Dir(&'a Path),
+    /// Back under the root.
+    InPlace(InPlaceOptions),
+}
+
+/// What a restore works with besides the snapshot and the target.
+pub struct RestoreJob<'a> {
+    /// The repository's credentials.
+    pub access: &'a RepoAccess,
+    /// agex's state directory under the root (borg cache, locks, staging).
+    pub state: &'a Path,
+    /// `--root`.
+    pub root: &'a Path,
+    /// The service's policy.
+    pub policy: &'a Policy,
+    /// Passwords of its PostgreSQL roles, by secret name.
+    pub passwords: &'a BTreeMap<String, Zeroizing<Vec<u8>>>,
+    /// How long to wait for a backup holding the repository.
+    pub lock_wait: std::time::Duration,
+    /// Where progress goes (bars on a terminal), if anywhere.
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+/// Restores `snap`: extracts it (into `dir`, or a staging directory under the state dir
+/// that is removed afterwards), verifies it, and for an in-place restore puts it back.
+/// Nothing under the root changes unless the snapshot verified.
+pub fn restore(
+    job: &RestoreJob<'_>,
+    snap: Snapshot,
+    target: Target<'_>,
+) -> Result<RestoreReport, BackupError> {
+    let RestoreJob {
+        access,
+        state,
+        root,
+        policy,
+        passwords,
+        lock_wait,
+        ref progress,
+    } = *job;
+    let started = Instant::now();
+    let _lock = crate::lock::acquire(state, &snap.repo, lock_wait)?;
+    let staging;
+    let dir = match &target {
+        Target::Dir(d) => d.to_path_buf(),
+        Target::InPlace(_) => {
+            let base = state.join("restore");
+            std::fs::create_dir_all(&base).map_err(BackupError::io(&base))?;
+            staging = tempfile::Builder::new()
+                .prefix(&format!("{}-", policy.service))
+                .tempdir_in(&base)
+                .map_err(BackupError::io(&base))?;
+            staging.path().to_path_buf()
+        }
+    };
+    let extracted = extract(
+        access,
+        state,
+        &snap,
+        &dir,
+        progress.as_ref().map(|p| (p, policy.service.as_str())),
+    )?;
+    let manifest = read_manifest(&dir, &policy.service).map_err(|p| BackupError::Verification {
+        repo: snap.repo.clone(),
+        snapshot: snap.id.clone(),
+        problems: vec![p],
+    })?;
+    let verified = verify(&dir, &manifest, None);
+    if !verified.problems.is_empty() {
+        return Err(BackupError::Verification {
+            repo: snap.repo.clone(),
+            snapshot: snap.id.clone(),
+            problems: verified.problems,
+        });
+    }
+    let applied = match &target {
+        Target::Dir(_) => None,
+        Target::InPlace(opts) => Some(apply_in_place(
+            &dir, &manifest, policy, root, passwords, opts,
+        )?),
+    };
+    Ok(RestoreReport {
+        service: policy.service.clone(),
+        snapshot: snap,
+        extracted,
+        verified,
+        applied,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Whether a directory is absent or empty (a `--to` target must not mix with old files).
+pub fn is_empty_dir(dir: &Path) -> Result<bool, BackupError> {
+    match std::fs::read_dir(dir) {
+        Ok(mut d) => Ok(d.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(BackupError::io(dir)(e)),
+    }
+}

@@ -1,0 +1,300 @@
+//! Repository password rotation. The order of the steps never leaves the repository
+//! without a stored secret that opens it:
+//!
+//! - Restic: the new password is written to `<secret>.age.pending` (encrypted to the
+//!   secret's recipients), added as a second key, verified by opening with it, stored
+//!   in the secret, and only then is the old key removed.
+//! - Borg has one passphrase per repository, so between `borg key change-passphrase`
+//!   and storing the secret only the pending file opens it; that file exists from
+//!   before the change until after the secret is stored, every agex command opening
+//!   the repository meanwhile uses whichever of the two works ([`during_rotation`]),
+//!   and the next rotation finishes an interrupted one.
+
+use std::path::{Path, PathBuf};
+
+use agex_core::{Generator, Project, RepositoryKind, SecretRule};
+use agex_secrets::{secret_file, Identities};
+use zeroize::Zeroizing;
+
+use crate::access::{self, RepoAccess};
+use crate::borg::Borg;
+use crate::error::BackupError;
+use crate::process;
+use crate::restic::Restic;
+
+/// A point of the rotation, reported to the caller as soon as it is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The new password is in the pending file.
+    Pending,
+    /// Restic: the new key is in the repository next to the old one.
+    KeyAdded,
+    /// Borg: the repository's passphrase is the new one.
+    Changed,
+    /// The repository opens with the new password.
+    Verified,
+    /// The secret holds the new password (the pending file is gone).
+    Stored,
+    /// Restic: the old key is removed.
+    OldKeyRemoved,
+}
+
+impl Step {
+    /// The step's name (`AGEX_TEST_PAUSE_AT` takes these).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Pending => "pending",
+            Step::KeyAdded => "added",
+            Step::Changed => "changed",
+            Step::Verified => "verified",
+            Step::Stored => "stored",
+            Step::OldKeyRemoved => "removed",
+        }
+    }
+}
+
+/// What a rotation did.
+#[derive(Debug, Default)]
+pub struct Rotated {
+    /// An interrupted rotation that was finished first, if any.
+    pub finished_interrupted: bool,
+    /// Restic: the old key could not be removed (the new one works; remove it later).
+    pub old_key_left: Option<String>,
+}
+
+/// The file holding a rotation's new password until the secret holds it.
+pub fn pending_path(project: &Project, rule: &SecretRule) -> PathBuf {
+    let mut p = project.path(&rule.file).into_os_string();
+    p.push(".pending");
+    PathBuf::from(p)
+}
+
+fn password_rule<'a>(
+    project: &'a Project,
+    access: &RepoAccess,
+) -> Result<&'a SecretRule, BackupError> {
+    let name = access.repo.password_secret.get_ref();
+    project.rules.secrets.get(name).ok_or_else(|| {
+        BackupError::Usage(format!(
+            "password_secret `{name}` has no rule in secrets.toml"
+        ))
+    })
+}
+
+fn with_password(access: &RepoAccess, password: &str) -> RepoAccess {
+    RepoAccess {
+        repo: access.repo.clone(),
+        password: Zeroizing::new(password.to_string()),
+        ssh_key: access.ssh_key.clone(),
+    }
+}
+
+/// Whether the repository opens with `access`'s password.
+fn opens(access: &RepoAccess, state: &Path) -> Result<(), BackupError> {
+    match access.repo.kind {
+        RepositoryKind::Restic => Restic::open(access).map(|_| ()),
+        RepositoryKind::Borg => Borg::new(access, state)?.list(None).map(|_| ()),
+    }
+}
+
+fn store(project: &Project, rule: &SecretRule, password: &str) -> Result<(), BackupError> {
+    let entry = secret_file::write(project, rule, password.as_bytes())?;
+    // The lock is re-read: this project's copy may predate a step of this rotation.
+    let lock_path = project.path(agex_core::project::LOCK_FILE);
+    let mut lock = match std::fs::read_to_string(&lock_path) {
+        Ok(text) => agex_core::Lock::parse(&agex_core::SourceFile::new(
+            project.display(agex_core::project::LOCK_FILE),
+            text,
+        ))
+        .map_err(|d| BackupError::Secrets(agex_core::ConfigError::Invalid(d).into()))?,
+        Err(_) => project.lock.clone(),
+    };
+    lock.secrets.insert(rule.name.clone(), entry);
+    lock.save(&lock_path).map_err(BackupError::io(&lock_path))
+}
+
+fn remove_pending(path: &Path) -> Result<(), BackupError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(BackupError::io(path)(e)),
+    }
+    if let Some(dir) = path.parent() {
+        agex_core::atomic::sync_dir(dir).map_err(BackupError::io(dir))?;
+    }
+    Ok(())
+}
+
+/// The plaintext of a rotation's pending file.
+fn pending_password(
+    project: &Project,
+    ids: &Identities,
+    rule: &SecretRule,
+    pending: &Path,
+) -> Result<Zeroizing<String>, BackupError> {
+    let bytes = std::fs::read(pending).map_err(BackupError::io(pending))?;
+    let shown = project.display(&rule.file);
+    let plain = agex_secrets::crypt::decrypt(&shown, &bytes, ids, &rule.recipients)?;
+    Ok(Zeroizing::new(
+        String::from_utf8_lossy(&plain).trim_end().to_string(),
+    ))
+}
+
+/// While a rotation is unfinished (its pending file exists), the repository may already
+/// take only the new password: use whichever of the two opens it. Nothing is written;
+/// without a pending file this costs nothing.
+pub fn during_rotation(
+    project: &Project,
+    ids: &Identities,
+    access: RepoAccess,
+) -> Result<RepoAccess, BackupError> {
+    let Some(rule) = project
+        .rules
+        .secrets
+        .get(access.repo.password_secret.get_ref())
+    else {
+        return Ok(access);
+    };
+    let pending = pending_path(project, rule);
+    if !pending.exists() {
+        return Ok(access);
+    }
+    // Probes get their own borg state: the caller's root is not known here.
+    let probe = tempfile::tempdir().map_err(BackupError::io(std::env::temp_dir()))?;
+    if opens(&access, probe.path()).is_ok() {
+        return Ok(access);
+    }
+    let Ok(text) = pending_password(project, ids, rule, &pending) else {
+        return Ok(access);
+    };
+    let candidate = with_password(&access, &text);
+    if opens(&candidate, probe.path()).is_ok() {
+        Ok(candidate)
+    } else {
+        Ok(access)
+    }
+}
+
+/// Finishes an interrupted rotation: when the pending password opens the repository it
+/// becomes the secret; when only the stored one does, the pending file is dropped.
+/// Returns whether there was one.
+pub fn settle(
+    project: &Project,
+    ids: &Identities,
+    access: &RepoAccess,
+    state: &Path,
+) -> Result<bool, BackupError> {
+    let rule = password_rule(project, access)?;
+    let pending = pending_path(project, rule);
+    if !pending.exists() {
+        return Ok(false);
+    }
+    let shown = project.display(&rule.file);
+    let text = pending_password(project, ids, rule, &pending)?;
+    let candidate = with_password(access, &text);
+    if opens(&candidate, state).is_ok() {
+        store(project, rule, &text)?;
+        remove_pending(&pending)?;
+    } else if opens(access, state).is_ok() {
+        remove_pending(&pending)?;
+    } else {
+        return Err(BackupError::Usage(format!(
+            "repository `{}` opens neither with {} nor with {}; restore one from git history",
+            access.repo.name,
+            shown.display(),
+            pending.display()
+        )));
+    }
+    Ok(true)
+}
+
+/// Gives repository `name` a new password and stores it in its password secret;
+/// `on_step` hears of each step as soon as it is done.
+pub fn rotate(
+    project: &Project,
+    ids: &Identities,
+    name: &str,
+    state: &Path,
+    on_step: &mut dyn FnMut(Step),
+) -> Result<Rotated, BackupError> {
+    let mut access = access::unlock(project, name, ids)?;
+    let _lock = crate::lock::acquire(
+        state,
+        name,
+        std::time::Duration::from_secs(project.config.backup.lock_wait),
+    )?;
+    let mut out = Rotated::default();
+    if settle(project, ids, &access, state)? {
+        out.finished_interrupted = true;
+        access = access::unlock(project, name, ids)?;
+    }
+    let rule = password_rule(project, &access)?;
+    // The repository must open with the stored password before anything changes.
+    opens(&access, state)?;
+    let generator = match &rule.generator {
+        Some(g @ Generator::Password { .. }) => g.clone(),
+        _ => Generator::Password {
+            length: 40,
+            charset: agex_core::rules::Charset::Alphanumeric,
+        },
+    };
+    let fresh = agex_secrets::generate::generate_value(&generator, name)?;
+    let new = Zeroizing::new(String::from_utf8_lossy(&fresh.secret).into_owned());
+    let pending = pending_path(project, rule);
+    let sealed = secret_file::seal(project, rule, new.as_bytes())?;
+    agex_core::atomic::write_new_atomic(&pending, &sealed, 0o644)
+        .map_err(BackupError::io(&pending))?;
+    on_step(Step::Pending);
+    let next = with_password(&access, &new);
+    match access.repo.kind {
+        RepositoryKind::Restic => {
+            let old = Restic::open(&access)?;
+            let old_id = *old.inner().key_id();
+            old.inner()
+                .add_key(&new, &rustic_core::KeyOptions::default())
+                .map_err(restic_err(name))?;
+            on_step(Step::KeyAdded);
+            let reopened = Restic::open(&next)?;
+            on_step(Step::Verified);
+            store(project, rule, &new)?;
+            remove_pending(&pending)?;
+            on_step(Step::Stored);
+            if let Some(id) = old_id {
+                if let Err(e) = reopened.inner().delete_key(&id) {
+                    out.old_key_left = Some(restic_err(name)(e).to_string());
+                }
+            }
+            on_step(Step::OldKeyRemoved);
+        }
+        RepositoryKind::Borg => {
+            let borg = Borg::new(&access, state)?;
+            let mut cmd = borg.command();
+            // borg 1.2 reads a new passphrase only from BORG_NEW_PASSPHRASE, BORG_PASSPHRASE
+            // or a terminal; an environment variable (readable only by this user) is
+            // the one way that keeps it out of argv.
+            cmd.env("BORG_NEW_PASSPHRASE", new.as_str())
+                .args(["key", "change-passphrase", "--log-json"])
+                .arg(&access.repo.url);
+            process::run(&mut cmd)?;
+            on_step(Step::Changed);
+            opens(&next, state)?;
+            on_step(Step::Verified);
+            store(project, rule, &new)?;
+            remove_pending(&pending)?;
+            on_step(Step::Stored);
+        }
+    }
+    Ok(out)
+}
+
+fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
+    move |e| BackupError::Restic {
+        repo: repo.to_string(),
+        message: e
+            .display_log()
+            .lines()
+            .next()
+            .unwrap_or("error")
+            .to_string(),
+    }
+}

@@ -1,0 +1,578 @@
+//! Recovery commands: restore, drill, drill rebuild, host rekey, recovery kit,
+//! repo rotate-password.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use agex_backup::access::{self, RepoAccess};
+use agex_backup::drill::{self, DrillEnv, DrillOptions};
+use agex_backup::restore::{self, InPlaceOptions, Target};
+use agex_backup::run::STATE_DIR;
+use agex_core::Project;
+use agex_secrets::Identities;
+
+use crate::cli::{DrillArgs, RestoreArgs};
+use crate::context::Context;
+use crate::error::{Failure, CONFIG, FAILURE, OK, PARTIAL};
+use crate::output;
+
+fn state_dir(ctx: &Context) -> std::path::PathBuf {
+    ctx.host_path(Path::new(STATE_DIR))
+}
+
+fn systemctl(ctx: &Context, given: Option<&str>) -> Option<Vec<String>> {
+    let argv = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    match given {
+        Some(cmd) => Some(argv(cmd)).filter(|a| !a.is_empty()),
+        None if ctx.global.root == Path::new("/") => Some(argv("systemctl")),
+        None => None,
+    }
+}
+
+fn unlock_all(
+    project: &Project,
+    ids: &Identities,
+    names: &[String],
+) -> BTreeMap<String, Result<RepoAccess, String>> {
+    names
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                access::unlock(project, n, ids).map_err(|e| e.to_string()),
+            )
+        })
+        .collect()
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let policy = access::policy(&project, &args.service)?;
+    if args.to.is_none() && !args.in_place {
+        return Err(Failure::new(
+            CONFIG,
+            "say where to restore: --to DIR (a new directory) or --in-place (under --root)",
+        ));
+    }
+    if args.as_database.is_some() && !args.in_place {
+        return Err(Failure::new(
+            CONFIG,
+            "--as NAME restores a PostgreSQL database in place: it needs --in-place",
+        ));
+    }
+    if let Some(dir) = &args.to {
+        if !restore::is_empty_dir(dir)? {
+            return Err(Failure::new(
+                CONFIG,
+                format!(
+                    "--to {}: the directory is not empty; restore into a new or empty directory",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    if args.in_place && !args.yes && !interactive {
+        return Err(Failure::new(
+            CONFIG,
+            "an in-place restore overwrites live data: pass --yes, or run it on a terminal to confirm",
+        ));
+    }
+    let repos: Vec<String> = match &args.repo {
+        Some(r) => {
+            access::repository(&project, r)?;
+            vec![r.clone()]
+        }
+        None => policy.repositories.clone(),
+    };
+    let ids = ctx.identities(&project)?;
+    let state = state_dir(ctx);
+    let accesses = unlock_all(&project, &ids, &repos);
+    let mut lists = Vec::new();
+    let mut errors = Vec::new();
+    for (name, a) in &accesses {
+        match a {
+            Ok(a) => match restore::snapshots(a, &state, &args.service) {
+                Ok(l) => lists.push((name.clone(), l)),
+                Err(e) => errors.push(format!("{name}: {e}")),
+            },
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    if lists.is_empty() {
+        return Err(Failure::new(
+            FAILURE,
+            format!(
+                "no repository of {} could be read:\n  {}",
+                args.service,
+                errors.join("\n  ")
+            ),
+        ));
+    }
+    for e in &errors {
+        eprintln!("warning: {e}");
+    }
+    let snap = restore::choose(&args.service, &lists, args.snapshot.as_deref())?;
+    let Some(Ok(a)) = accesses.get(&snap.repo) else {
+        return Err(Failure::new(
+            FAILURE,
+            format!("repository {} is not open", snap.repo),
+        ));
+    };
+    let target = match &args.to {
+        Some(dir) => Target::Dir(dir),
+        None => {
+            if !args.yes && !confirm(ctx, &args.service, &snap)? {
+                eprintln!("nothing restored");
+                return Ok(FAILURE);
+            }
+            Target::InPlace(InPlaceOptions {
+                as_database: args.as_database.clone(),
+                systemctl: systemctl(ctx, args.systemctl.as_deref()),
+            })
+        }
+    };
+    let passwords = restore::database_passwords(&project, policy, &ids)?;
+    eprintln!(
+        "restoring {} from {} snapshot {} ({})",
+        args.service,
+        snap.repo,
+        snap.id,
+        snap.time.to_rfc3339()
+    );
+    let job = restore::RestoreJob {
+        access: a,
+        state: &state,
+        root: &ctx.global.root,
+        policy,
+        passwords: &passwords,
+        lock_wait: Duration::from_secs(project.config.backup.lock_wait),
+        progress: crate::progress::bars(ctx.global.json),
+    };
+    let report = restore::restore(&job, snap, target)?;
+    if ctx.global.json {
+        output::json(&report)?;
+    }
+    let (files, bytes) = match &report.applied {
+        Some(a) => (a.files, a.bytes),
+        None => (report.extracted.files, report.extracted.bytes),
+    };
+    let where_to = match &args.to {
+        Some(d) => d.display().to_string(),
+        None => format!("{} (in place)", ctx.global.root.display()),
+    };
+    eprintln!(
+        "restored {}: {files} files, {} into {where_to}; verified {} files and {} database dump(s) against the manifest; {:.1} s",
+        report.service,
+        human_bytes(bytes),
+        report.verified.files,
+        report.verified.databases,
+        report.seconds
+    );
+    if let Some(a) = &report.applied {
+        for d in &a.databases {
+            eprintln!("  database {d}");
+        }
+    }
+    Ok(OK)
+}
+
+fn confirm(ctx: &Context, service: &str, snap: &restore::Snapshot) -> Result<bool, Failure> {
+    eprint!(
+        "Restore {service} in place under {} from {} snapshot {} ({})?\n\
+         This overwrites its files and databases. Type `yes` to go on: ",
+        ctx.global.root.display(),
+        snap.repo,
+        snap.id,
+        snap.time.to_rfc3339()
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
+    Ok(line.trim() == "yes")
+}
+
+pub fn cmd_drill(ctx: &Context, args: &DrillArgs) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let opts = DrillOptions {
+        service: args.service.clone(),
+        repo: args.repo.clone(),
+        lock_wait: Duration::from_secs(project.config.backup.lock_wait),
+    };
+    let pairs = drill::plan(&project, &opts)?;
+    if pairs.is_empty() {
+        return Err(Failure::new(
+            CONFIG,
+            "nothing to drill: no policy selects that service and repository",
+        ));
+    }
+    let ids = ctx.identities(&project)?;
+    let mut names: Vec<String> = pairs.iter().map(|(_, r)| r.clone()).collect();
+    names.sort();
+    names.dedup();
+    let accesses = unlock_all(&project, &ids, &names);
+    let env = DrillEnv {
+        project: &project,
+        root: &ctx.global.root,
+        db_root: &ctx.global.root,
+        access: &accesses,
+        ids: &ids,
+    };
+    let rec = drill::execute(&env, &pairs, &opts, true)?;
+    if let Some(dir) = &project.config.backup.metrics_dir {
+        let statuses = drill::summarize(&drill::records(&ctx.global.root)?);
+        if let Err(e) = drill::write_textfile(&ctx.host_path(dir), &statuses) {
+            eprintln!("warning: drill metrics not written: {e}");
+        }
+    }
+    if ctx.global.json {
+        output::json(&rec)?;
+    } else {
+        print_drill(&rec.results);
+    }
+    let failed = rec.results.iter().filter(|r| !r.ok()).count();
+    Ok(exit_for(failed, rec.results.len(), "drill"))
+}
+
+fn print_drill(results: &[drill::DrillResult]) {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.service.clone(),
+                r.repo.clone(),
+                if r.ok() { "ok" } else { "FAILED" }.to_string(),
+                r.rpo_seconds
+                    .map(|s| format!("{s:.0}s"))
+                    .unwrap_or_else(|| "-".into()),
+                format!("{:.1}s", r.rto_seconds),
+                human_bytes(r.bytes),
+                r.snapshot.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "SERVICE",
+            "REPOSITORY",
+            "RESULT",
+            "RPO",
+            "RTO",
+            "BYTES",
+            "SNAPSHOT",
+        ],
+        &rows,
+    );
+    for r in results.iter().filter(|r| !r.ok()) {
+        if r.problems.is_empty() {
+            eprintln!(
+                "{} → {}: {}",
+                r.service,
+                r.repo,
+                r.error.as_deref().unwrap_or("failed")
+            );
+        }
+        for p in &r.problems {
+            eprintln!("{} → {}: {p}", r.service, r.repo);
+        }
+    }
+}
+
+fn exit_for(failed: usize, total: usize, what: &str) -> i32 {
+    match failed {
+        0 => OK,
+        n if n == total => {
+            eprintln!("{what} failed: {n} of {total} service/repository pairs failed");
+            FAILURE
+        }
+        n => {
+            eprintln!("{what} partly failed: {n} of {total} service/repository pairs failed");
+            PARTIAL
+        }
+    }
+}
+
+/// The drill rows `agex status` shows after the backup rows.
+pub fn drill_statuses(ctx: &Context) -> Result<Vec<drill::DrillStatus>, Failure> {
+    Ok(drill::summarize(&drill::records(&ctx.global.root)?))
+}
+
+/// Prints the drill table of `agex status`.
+pub fn print_drill_statuses(statuses: &[drill::DrillStatus]) {
+    if statuses.is_empty() {
+        return;
+    }
+    println!();
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.service.clone(),
+                s.repo.clone(),
+                s.result.clone(),
+                s.last_drill.clone(),
+                s.last_success.clone().unwrap_or_else(|| "never".into()),
+                s.rpo_seconds
+                    .map(|v| format!("{v:.0}s"))
+                    .unwrap_or_default(),
+                s.rto_seconds
+                    .map(|v| format!("{v:.1}s"))
+                    .unwrap_or_default(),
+                s.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "DRILL",
+            "REPOSITORY",
+            "RESULT",
+            "LAST DRILL",
+            "LAST PASSED",
+            "RPO",
+            "RTO",
+            "ERROR",
+        ],
+        &rows,
+    );
+}
+
+/// The backup statuses of `agex --json status`, each with its latest drill (`drill`:
+/// null when none ran); drills of pairs with no backup record come last.
+pub fn with_drills(
+    statuses: &[agex_backup::status::Status],
+    drills: &[drill::DrillStatus],
+) -> Result<Vec<serde_json::Value>, Failure> {
+    fn value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, Failure> {
+        serde_json::to_value(v).map_err(|e| Failure::new(FAILURE, format!("json: {e}")))
+    }
+    let mut out = Vec::new();
+    let mut used = vec![false; drills.len()];
+    for s in statuses {
+        let mut v = value(s)?;
+        let d = match drills
+            .iter()
+            .position(|d| d.service == s.service && d.repo == s.repo)
+        {
+            Some(i) => {
+                used[i] = true;
+                value(&drills[i])?
+            }
+            None => serde_json::Value::Null,
+        };
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("drill".into(), d);
+        }
+        out.push(v);
+    }
+    for (d, _) in drills.iter().zip(&used).filter(|(_, u)| !**u) {
+        out.push(serde_json::json!({
+            "service": d.service,
+            "repo": d.repo,
+            "result": null,
+            "drill": value(d)?,
+        }));
+    }
+    Ok(out)
+}
+
+pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
+    use agex_backup::rotate;
+    let project = ctx.project()?;
+    access::repository(&project, name)?;
+    let ids = ctx.identities(&project)?;
+    // For the tests that kill a rotation at each step: stop there until killed.
+    let pause_at = std::env::var("AGEX_TEST_PAUSE_AT").ok();
+    let mut on_step = |step: rotate::Step| {
+        eprintln!("{name}: {} done", step.as_str());
+        if pause_at.as_deref() == Some(step.as_str()) {
+            eprintln!("{name}: paused at {} (AGEX_TEST_PAUSE_AT)", step.as_str());
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    };
+    let out = rotate::rotate(&project, &ids, name, &state_dir(ctx), &mut on_step)?;
+    if out.finished_interrupted {
+        eprintln!("{name}: an interrupted rotation was finished first");
+    }
+    if let Some(e) = &out.old_key_left {
+        eprintln!("warning: {name}: the old key could not be removed: {e}");
+    }
+    println!(
+        "{name}: new password in place and stored in secret `{}`; commit the secrets directory",
+        project.config.repositories[name].password_secret.get_ref()
+    );
+    Ok(OK)
+}
+
+pub fn cmd_drill_rebuild(ctx: &Context) -> Result<i32, Failure> {
+    use agex_activate::{store, ActivateOptions, Layout, Manifest, StateLock};
+    let project = ctx.project()?;
+    let host = ctx.host_name();
+    let host = host.as_str();
+    let admin = ctx.identities(&project)?;
+    // Activation lives in agex-activate, which agex-backup does not depend on: the
+    // drill gets it as a step to call.
+    let mut activate = |p: &Project, scratch_root: &Path, host: &str| -> Result<String, String> {
+        let inputs = Manifest::from_project(p, host).map_err(|e| e.to_string())?;
+        let layout = Layout::new(scratch_root);
+        let lock = StateLock::acquire(&layout).map_err(|e| e.to_string())?;
+        let built = store::build(&lock, &inputs).map_err(|e| e.to_string())?;
+        let opts = ActivateOptions {
+            // Without root no RAM filesystem can be mounted for the scratch root; the
+            // scratch root is removed afterwards either way.
+            allow_unmounted: !agex_backup::rebuild::is_root(),
+            identities: vec![],
+            host: Some(host.to_string()),
+            systemctl: None,
+            no_restart: true,
+        };
+        let a = agex_activate::activate(&lock, built.number, &opts).map_err(|e| e.to_string())?;
+        Ok(format!(
+            "generation {} ({}) activated: {} file(s) decrypted with the new key",
+            a.number,
+            &a.hash[..a.hash.len().min(12)],
+            a.files
+        ))
+    };
+    let report =
+        agex_backup::rebuild::run(&project, &ctx.global.root, host, &admin, &mut activate)?;
+    if ctx.global.json {
+        output::json(&report)?;
+    } else {
+        println!("rebuild drill of {host} (new host key {})", report.new_key);
+        for s in &report.steps {
+            println!(
+                "  {} {}: {} ({:.1} s)",
+                if s.ok { "ok    " } else { "FAILED" },
+                s.step,
+                s.detail,
+                s.seconds
+            );
+        }
+        if !report.restores.is_empty() {
+            print_drill(&report.restores);
+        }
+        println!(
+            "{}: {} of {} restores passed; oldest data recovered: {}; total {:.1} s",
+            if report.passed { "PASSED" } else { "FAILED" },
+            report.restores.iter().filter(|r| r.ok()).count(),
+            report.restores.len(),
+            report.oldest_data.as_deref().unwrap_or("none"),
+            report.total_seconds
+        );
+    }
+    Ok(if report.passed { OK } else { FAILURE })
+}
+
+pub fn cmd_host_rekey(
+    ctx: &Context,
+    host: &str,
+    key: Option<&str>,
+    key_file: Option<&Path>,
+    keyscan: Option<&str>,
+) -> Result<i32, Failure> {
+    use agex_secrets::host_rekey;
+    let project = ctx.project()?;
+    let new_key = match (key, key_file, keyscan) {
+        (Some(k), None, None) => k.to_string(),
+        (None, Some(f), None) => host_rekey::read_key_file(f)?,
+        (None, None, Some(target)) => {
+            let k = host_rekey::keyscan(target)?;
+            eprintln!(
+                "{target} offers {} ({})",
+                host_rekey::fingerprint(&k).unwrap_or_else(|| "unknown fingerprint".into()),
+                k
+            );
+            // On a terminal the fingerprint is confirmed against the host's console
+            // (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`); scripts pass.
+            if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+                eprint!("Is this {host}'s new host key? Type `yes` to rekey: ");
+                let _ = std::io::stderr().flush();
+                let mut line = String::new();
+                std::io::stdin()
+                    .lock()
+                    .read_line(&mut line)
+                    .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
+                if line.trim() != "yes" {
+                    eprintln!("nothing changed");
+                    return Ok(FAILURE);
+                }
+            }
+            k
+        }
+        _ => {
+            return Err(Failure::new(
+                CONFIG,
+                "give the new key with exactly one of --key, --key-file or --keyscan",
+            ))
+        }
+    };
+    // The same key again re-encrypts everything once more: that is how a run that was
+    // interrupted after replacing the secrets (agex.toml still old) is finished.
+    let plan = host_rekey::plan(&project, host, &new_key)?;
+    if !plan.rekey.missing.is_empty() {
+        eprintln!(
+            "warning: these secrets of {host} have no file yet and are skipped: {}",
+            plan.rekey.missing.join(", ")
+        );
+    }
+    let ids = ctx.identities(&project)?;
+    let outcome = host_rekey::execute(&plan, &ids)?;
+    println!(
+        "{host}: key {} → {}; re-encrypted {} secret(s){}",
+        plan.old_key.fingerprint(),
+        plan.new_key.fingerprint(),
+        outcome.rekeyed.len(),
+        if outcome.unverified.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} checked structurally only: {})",
+                outcome.unverified.len(),
+                outcome.unverified.join(", ")
+            )
+        }
+    );
+    Ok(OK)
+}
+
+pub fn cmd_recovery_kit(ctx: &Context, out: Option<&Path>) -> Result<i32, Failure> {
+    let project = ctx.project()?;
+    let generated = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let text = agex_backup::kit::render(&project, &generated);
+    match out {
+        Some(path) => {
+            agex_core::atomic::write_atomic(path, text.as_bytes(), 0o600)
+                .map_err(|e| Failure::new(FAILURE, format!("{}: {e}", path.display())))?;
+            eprintln!(
+                "recovery kit written to {} ({} repositories); print it and keep it with the recovery key",
+                path.display(),
+                project.config.repositories.len()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(OK)
+}

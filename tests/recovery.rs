@@ -1,0 +1,1123 @@
+//! Recovery end to end: `agex restore` (into a directory and in place, SQLite and
+//! PostgreSQL) and `agex drill` (passing, and failing on a corrupted repository or a
+//! tampered snapshot), against real restic/borg repositories written by `agex backup`.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::services::{ssh_keygen, Postgres, Sshd};
+use common::setup::{
+    app_data, bunk_user_db, recording_systemctl, run, sqlite_count, Setup, Unmount, SQLITE_POLICY,
+};
+use common::{
+    assert_fails, assert_ok, have_tool, is_root, stdout, tree_changes, tree_state, Fixture,
+};
+
+fn tools(test: &str) -> bool {
+    have_tool("restic", test) && have_tool("borg", test) && have_tool("sqlite3", test)
+}
+
+/// A setup with local restic and borg repositories, `testapp` backed up once.
+fn local(tmp: &Path, policy: &str) -> (Setup, String, String) {
+    let restic_url = tmp.join("restic").display().to_string();
+    let borg_url = tmp.join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.policy("testapp", policy);
+    app_data(&s, 1 << 20);
+    // A symlink and an empty directory: the manifest lists neither, restores keep both.
+    std::os::unix::fs::symlink("a.txt", s.host("/srv/app/files/link")).unwrap();
+    fs::create_dir_all(s.host("/srv/app/files/empty")).unwrap();
+    fs::set_permissions(
+        s.host("/srv/app/files/empty"),
+        fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    s.init_repos();
+    // The units the policy stops are not real here: `true` stands in for systemctl.
+    assert_ok(&s.agex(&["backup", "--service", "testapp", "--systemctl", "true"]));
+    (s, restic_url, borg_url)
+}
+
+fn files_of(s: &Setup) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    common::snapshot(&s.host("/srv/app/files"))
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with("cache"))
+        .collect()
+}
+
+/// Damages the live data: a changed file, a removed file, extra rows.
+fn damage(s: &Setup) {
+    fs::write(s.host("/srv/app/files/a.txt"), "overwritten by mistake\n").unwrap();
+    let _ = fs::remove_file(s.host("/srv/app/files/sub/deeper/b.bin"));
+    let _ = fs::remove_file(s.host("/srv/app/files/link"));
+    let _ = fs::remove_dir(s.host("/srv/app/files/empty"));
+    assert_ok(
+        &Command::new("sqlite3")
+            .arg(s.host("/srv/app/app.db"))
+            .arg("DELETE FROM items WHERE id > 10;")
+            .output()
+            .unwrap(),
+    );
+}
+
+#[test]
+fn restore_to_a_directory_and_in_place_from_either_repository() {
+    let test = "restore_to_a_directory_and_in_place_from_either_repository";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = format!("stop_units = [\"testapp.service\"]\n{SQLITE_POLICY}");
+    let (s, _, _) = local(tmp.path(), &policy);
+    let original = files_of(&s);
+    let original_rows = sqlite_count(&s.host("/srv/app/app.db"));
+    assert!(original_rows.ends_with("300\n"), "{original_rows}");
+
+    // --to: files below DIR, dumps at their snapshot paths, verified.
+    let to = tmp.path().join("out");
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("verified"), "{err}");
+    let got: std::collections::BTreeMap<_, _> = common::snapshot(&to.join("srv/app/files"));
+    assert_eq!(got, original);
+    assert_eq!(
+        sqlite_count(&to.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
+        original_rows
+    );
+    // On a terminal, each restore draws a progress bar that ends full.
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let dir = tmp.path().join(format!("tty-{repo}"));
+        let out = s.agex_on_tty(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--repo",
+            repo,
+            "--to",
+            dir.to_str().unwrap(),
+        ]);
+        assert_ok(&out);
+        let shown = stdout(&out);
+        assert!(
+            shown.contains(&format!("testapp → {repo}")) && shown.contains(&"=".repeat(30)),
+            "no finished bar for {repo}: {shown}"
+        );
+        assert!(shown.contains("done"), "{shown}");
+        assert_eq!(common::snapshot(&dir.join("srv/app/files")), original);
+    }
+    // A non-empty --to is refused.
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert!(assert_fails(&out, 2).contains("not empty"));
+
+    damage(&s);
+    // In place without --yes and without a terminal: exit 2, nothing changed.
+    let before = tree_state(&s.root);
+    let out = s.agex(&["restore", "--service", "testapp", "--in-place"]);
+    let err = assert_fails(&out, 2);
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(
+        tree_changes(&before, &tree_state(&s.root)),
+        Vec::<String>::new()
+    );
+    // Neither --to nor --in-place.
+    assert_fails(&s.agex(&["restore", "--service", "testapp"]), 2);
+
+    let (sysctl, calls) = recording_systemctl(tmp.path());
+    for repo in ["offsite-borg", "offsite-restic"] {
+        damage(&s);
+        let out = s.agex(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--repo",
+            repo,
+            "--in-place",
+            "--yes",
+            "--systemctl",
+            sysctl.to_str().unwrap(),
+        ]);
+        assert_ok(&out);
+        assert_eq!(files_of(&s), original, "{repo}");
+        assert_eq!(sqlite_count(&s.host("/srv/app/app.db")), original_rows);
+        assert_eq!(
+            fs::read_link(s.host("/srv/app/files/link")).unwrap(),
+            Path::new("a.txt"),
+            "{repo}"
+        );
+        let empty = fs::metadata(s.host("/srv/app/files/empty")).unwrap();
+        assert!(empty.is_dir(), "{repo}");
+        assert_eq!(empty.permissions().mode() & 0o777, 0o750, "{repo}");
+        // The excluded cache was left alone, and no staging directory is left.
+        assert!(s.host("/srv/app/files/cache/skip.tmp").exists());
+        let staging = s.host("/var/lib/agex/restore");
+        assert_eq!(fs::read_dir(&staging).unwrap().count(), 0, "{repo}");
+    }
+    let recorded = fs::read_to_string(&calls).unwrap();
+    assert_eq!(
+        recorded,
+        "stop testapp.service\nstart testapp.service\nstop testapp.service\nstart testapp.service\n"
+    );
+
+    // A snapshot asked for by id, from the repository that has it.
+    let out = s.agex(&["--json", "snapshots", "--service", "testapp"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let borg = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["repo"] == "offsite-borg")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to2 = tmp.path().join("out2");
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--snapshot",
+        &borg,
+        "--to",
+        to2.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("offsite-borg"));
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--snapshot",
+        "deadbeef",
+        "--to",
+        tmp.path().join("out3").to_str().unwrap(),
+    ]);
+    assert!(assert_fails(&out, 1).contains("no snapshot"));
+}
+
+#[test]
+fn in_place_restore_starts_units_again_when_it_fails() {
+    let test = "in_place_restore_starts_units_again_when_it_fails";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = format!("stop_units = [\"testapp.service\"]\n{SQLITE_POLICY}");
+    let (s, _, _) = local(tmp.path(), &policy);
+    // The database's directory is a file now: replacing the database must fail.
+    fs::write(s.host("/srv/blocked"), "not a directory").unwrap();
+    s.policy(
+        "testapp",
+        &policy.replace(
+            "path = \"/srv/app/app.db\"",
+            "path = \"/srv/blocked/app.db\"",
+        ),
+    );
+    let (sysctl, calls) = recording_systemctl(tmp.path());
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--systemctl",
+        sysctl.to_str().unwrap(),
+    ]);
+    let err = assert_fails(&out, 1);
+    assert!(err.contains("/srv/blocked"), "{err}");
+    assert_eq!(
+        fs::read_to_string(&calls).unwrap(),
+        "stop testapp.service\nstart testapp.service\n"
+    );
+}
+
+/// sshd with a borg repository, a PostgreSQL cluster with `app`, local restic.
+struct PgSetup {
+    s: Setup,
+    pg: Postgres,
+    _sshd: Sshd,
+    restic_url: String,
+    borg_url: String,
+    rsh: String,
+}
+
+fn pg_setup(test: &str, tmp: &Path) -> Option<PgSetup> {
+    if !tools(test) {
+        return None;
+    }
+    let sshd = Sshd::start(test)?;
+    let pg = Postgres::start(test)?;
+    pg.create_db("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); \
+         INSERT INTO notes SELECT g, md5(g::text) FROM generate_series(1, 1234) g; \
+         CREATE TABLE tags (id serial PRIMARY KEY, name text); \
+         INSERT INTO tags(name) VALUES ('a'), ('b');",
+    );
+    let restic_url = tmp.join("restic").display().to_string();
+    let borg_url = sshd.url("borg");
+    let s = Setup::new(&restic_url, &borg_url, true);
+    let key = s.authorize_borg_key(&sshd);
+    let rsh = sshd.borg_rsh(&key);
+    s.link_postgres(&pg);
+    s.policy(
+        "testapp",
+        &format!(
+            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
+             socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
+            pg.port()
+        ),
+    );
+    app_data(&s, 0);
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    Some(PgSetup {
+        s,
+        pg,
+        _sshd: sshd,
+        restic_url,
+        borg_url,
+        rsh,
+    })
+}
+
+fn count(pg: &Postgres, db: &str, table: &str) -> String {
+    pg.psql(db, &format!("SELECT count(*) FROM {table}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn in_place_restore_of_postgres_into_the_database_and_as_a_new_one() {
+    let test = "in_place_restore_of_postgres_into_the_database_and_as_a_new_one";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(p) = pg_setup(test, tmp.path()) else {
+        return;
+    };
+    p.pg.psql(
+        "app",
+        "DELETE FROM notes WHERE id > 100; DROP TABLE tags; CREATE TABLE junk (x int);",
+    );
+    for repo in ["offsite-borg", "offsite-restic"] {
+        let out = p.s.agex(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--repo",
+            repo,
+            "--in-place",
+            "--yes",
+        ]);
+        assert_ok(&out);
+        assert_eq!(count(&p.pg, "app", "notes"), "1234", "{repo}");
+        assert_eq!(count(&p.pg, "app", "tags"), "2", "{repo}");
+        p.pg.psql("app", "DELETE FROM notes WHERE id > 5");
+    }
+    let out = p.s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--as",
+        "app_copy",
+    ]);
+    assert_ok(&out);
+    assert_eq!(count(&p.pg, "app_copy", "notes"), "1234");
+    assert_eq!(
+        count(&p.pg, "app", "notes"),
+        "5",
+        "--as left the database alone"
+    );
+    // --as a database that exists: pg refuses, exit 1, the database is untouched.
+    let out = p.s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--as",
+        "app",
+    ]);
+    assert_fails(&out, 1);
+    assert_eq!(count(&p.pg, "app", "notes"), "5");
+}
+
+#[test]
+fn drill_passes_with_rpo_and_rto_in_status_and_metrics_and_fails_on_a_corrupt_pack() {
+    let test = "drill_passes_with_rpo_and_rto_in_status_and_metrics_and_fails_on_a_corrupt_pack";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(p) = pg_setup(test, tmp.path()) else {
+        return;
+    };
+    let s = &p.s;
+    let out = s.agex(&["--json", "drill", "--service", "testapp"]);
+    assert_ok(&out);
+    let rec: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let results = rec["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{rec}");
+    for r in results {
+        assert_eq!(r["result"], "ok", "{rec}");
+        assert!(r["rpo_seconds"].as_f64().unwrap() >= 0.0);
+        assert!(r["rto_seconds"].as_f64().unwrap() > 0.0);
+        assert!(r["bytes"].as_u64().unwrap() > 256 * 1024);
+        assert_eq!(r["databases"], 2, "{rec}");
+    }
+    // The scratch database is gone, and so is the scratch directory.
+    let dbs = p.pg.psql("postgres", "SELECT datname FROM pg_database");
+    assert!(!dbs.contains("agex_drill"), "{dbs}");
+    assert_eq!(
+        fs::read_dir(s.host("/var/lib/agex/drill")).unwrap().count(),
+        0
+    );
+    let status = s.status();
+    let rows = status.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{status}");
+    assert!(
+        rows.iter().all(|r| r["drill"]["result"] == "ok"),
+        "{status}"
+    );
+    let prom = fs::read_to_string(s.host("/var/lib/node-exporter/agex_drill.prom")).unwrap();
+    for metric in [
+        "agex_drill_last_success_timestamp_seconds{service=\"testapp\",repo=\"offsite-restic\"}",
+        "agex_drill_rto_seconds{service=\"testapp\",repo=\"offsite-borg\"}",
+        "agex_drill_rpo_seconds{service=\"testapp\",repo=\"offsite-borg\"}",
+    ] {
+        assert!(prom.contains(metric), "{metric} missing:\n{prom}");
+    }
+
+    // Corrupt every data pack of the restic repository: the restic drill fails, the
+    // borg one still passes, exit 3.
+    let data = Path::new(&p.restic_url).join("data");
+    let mut corrupted = 0;
+    for e in walkdir(&data) {
+        let mut bytes = fs::read(&e).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        fs::set_permissions(&e, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&e, bytes).unwrap();
+        corrupted += 1;
+    }
+    assert!(corrupted > 0);
+    let out = s.agex(&["drill", "--service", "testapp"]);
+    let err = assert_fails(&out, 3);
+    let table = stdout(&out);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("offsite-restic") && l.contains("FAILED")),
+        "{table}\n{err}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("offsite-borg") && l.contains(" ok ")),
+        "{table}\n{err}"
+    );
+    let status = s.status();
+    let restic_row = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["repo"] == "offsite-restic")
+        .unwrap()
+        .clone();
+    assert_eq!(restic_row["drill"]["result"], "failed", "{status}");
+    assert!(restic_row["drill"]["last_success"].is_string(), "{status}");
+    let prom = fs::read_to_string(s.host("/var/lib/node-exporter/agex_drill.prom")).unwrap();
+    assert!(prom.contains("agex_drill_result{service=\"testapp\",repo=\"offsite-restic\"} 0"));
+    let _ = (&p.borg_url, &p.rsh);
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Writes a newer borg archive of `testapp` made from an extracted copy of the latest
+/// one after `tamper` changed it: what a silently damaged backup looks like.
+fn tampered_archive(p: &PgSetup, work: &Path, n: u32, tamper: impl FnOnce(&Path)) {
+    let s = &p.s;
+    let list: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.borg(Some(p.rsh.clone()))
+            .args(["list", "--json"])
+            .arg(&p.borg_url),
+        "borg list",
+    )))
+    .unwrap();
+    let archives = list["archives"].as_array().unwrap();
+    let first = archives[0]["name"].as_str().unwrap().to_string();
+    let dir = work.join(format!("tamper{n}"));
+    fs::create_dir_all(&dir).unwrap();
+    run(
+        s.borg(Some(p.rsh.clone()))
+            .current_dir(&dir)
+            .arg("extract")
+            .arg(format!("{}::{first}", p.borg_url)),
+        "borg extract",
+    );
+    tamper(&dir);
+    // A later run id than any real one.
+    let name = format!("testapp-2099010{n}T000000.000Z");
+    run(
+        s.borg(Some(p.rsh.clone()))
+            .current_dir(&dir)
+            .arg("create")
+            .arg(format!("{}::{name}", p.borg_url))
+            .args(["srv", "var"]),
+        "borg create",
+    );
+}
+
+fn drill_borg(p: &PgSetup) -> (serde_json::Value, i32) {
+    let out = p.s.agex(&[
+        "--json",
+        "drill",
+        "--service",
+        "testapp",
+        "--repo",
+        "offsite-borg",
+    ]);
+    let rec: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|_| {
+        panic!(
+            "no json: {}\n{}",
+            stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (rec, out.status.code().unwrap_or(-1))
+}
+
+fn problems(rec: &serde_json::Value) -> String {
+    rec["results"][0]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn drill_fails_when_a_file_differs_a_file_is_missing_or_a_row_count_differs() {
+    let test = "drill_fails_when_a_file_differs_a_file_is_missing_or_a_row_count_differs";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(p) = pg_setup(test, tmp.path()) else {
+        return;
+    };
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 0, "{rec}");
+
+    // A file's bytes changed (same size).
+    tampered_archive(&p, tmp.path(), 1, |d| {
+        let f = d.join("srv/app/files/sub/deeper/b.bin");
+        let mut b = fs::read(&f).unwrap();
+        b[1000] ^= 0x01;
+        fs::write(&f, b).unwrap();
+    });
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 1, "{rec}");
+    let found = problems(&rec);
+    assert!(
+        found.contains("/srv/app/files/sub/deeper/b.bin differs"),
+        "{found}"
+    );
+
+    // A file is missing.
+    tampered_archive(&p, tmp.path(), 2, |d| {
+        fs::remove_file(d.join("srv/app/files/a.txt")).unwrap();
+    });
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 1, "{rec}");
+    let found = problems(&rec);
+    assert!(found.contains("/srv/app/files/a.txt is missing"), "{found}");
+
+    // The manifest records other row counts than the dumps hold (SQLite and PostgreSQL).
+    tampered_archive(&p, tmp.path(), 3, |d| {
+        let m = d.join("var/lib/agex/dumps/testapp/manifest.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&m).unwrap()).unwrap();
+        for dump in v["dumps"].as_array_mut().unwrap() {
+            if dump["kind"] == "sqlite" {
+                dump["row_counts"]["items"] = serde_json::json!(301);
+            } else {
+                dump["row_counts"] = serde_json::json!({"public.notes": 1235});
+            }
+        }
+        fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    });
+    let (rec, code) = drill_borg(&p);
+    assert_eq!(code, 1, "{rec}");
+    let found = problems(&rec);
+    assert!(
+        found.contains("table items has 300 rows; the manifest says 301"),
+        "{found}"
+    );
+    assert!(
+        found.contains("table public.notes has 1234 rows; the manifest says 1235"),
+        "{found}"
+    );
+    let dbs = p.pg.psql("postgres", "SELECT datname FROM pg_database");
+    assert!(!dbs.contains("agex_drill"), "{dbs}");
+}
+
+/// `agex --root R --host bunk activate` with a recording systemctl.
+fn activate(fx: &Fixture, root: &Path) -> std::process::Output {
+    let (sysctl, _) = recording_systemctl(fx.tmp.path());
+    fx.agex()
+        .arg("--root")
+        .arg(root)
+        .args(["--host", "bunk", "activate", "--systemctl"])
+        .arg(&sysctl)
+        .output()
+        .unwrap()
+}
+
+fn install_host_key(root: &Path, private: &Path) {
+    let key = root.join("etc/ssh/ssh_host_ed25519_key");
+    fs::create_dir_all(key.parent().unwrap()).unwrap();
+    fs::copy(private, &key).unwrap();
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[test]
+fn host_rekey_then_only_the_new_key_activates_and_check_is_clean() {
+    let test = "host_rekey_then_only_the_new_key_activates_and_check_is_clean";
+    if !is_root(test) || !have_tool("ssh-keygen", test) {
+        return;
+    }
+    let fx = Fixture::bunk();
+    let root = fx.root();
+    let _unmount = Unmount(root.clone());
+    bunk_user_db(&root);
+    let new_private = fx.tmp.path().join("new_host_key");
+    let new_public = ssh_keygen(&new_private);
+    let before = fx.snapshot();
+
+    // Bad input: an unusable key, or no key at all: exit 2, nothing changed.
+    let out = fx.run_admin(&["host", "rekey", "bunk", "--key", "ssh-ed25519 AAAAnotakey"]);
+    assert!(assert_fails(&out, 2).contains("host `bunk`"));
+    assert_fails(&fx.run_admin(&["host", "rekey", "bunk"]), 2);
+    let out = fx.run_admin(&["host", "rekey", "nosuchhost", "--key", &new_public]);
+    assert!(assert_fails(&out, 2).contains("nosuchhost"));
+    assert!(fx.snapshot() == before, "a refused rekey changed files");
+
+    let pub_file = PathBuf::from(format!("{}.pub", new_private.display()));
+    let out = fx.run_admin(&[
+        "host",
+        "rekey",
+        "bunk",
+        "--key-file",
+        pub_file.to_str().unwrap(),
+    ]);
+    assert_ok(&out);
+    let after = fx.snapshot();
+    // agex.toml: only the key line changed, comments and layout kept.
+    let cfg = Path::new("agex.toml");
+    let (old_cfg, new_cfg) = (
+        String::from_utf8_lossy(&before[cfg]).into_owned(),
+        String::from_utf8_lossy(&after[cfg]).into_owned(),
+    );
+    let changed: Vec<(&str, &str)> = old_cfg
+        .lines()
+        .zip(new_cfg.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(old_cfg.lines().count(), new_cfg.lines().count());
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    let key_body = new_public.split_whitespace().nth(1).unwrap();
+    assert!(
+        changed[0].1.starts_with("key      = \"ssh-ed25519 "),
+        "{changed:?}"
+    );
+    assert!(changed[0].1.contains(key_body));
+    // Exactly the secrets that reach bunk were rewritten.
+    let untouched = Path::new("secrets/storagebox-account.age");
+    assert_eq!(before[untouched], after[untouched]);
+    let rewritten = Path::new("secrets/restic-password.age");
+    assert_ne!(before[rewritten], after[rewritten]);
+    assert_ne!(
+        before[Path::new("secrets/secrets.lock")],
+        after[Path::new("secrets/secrets.lock")]
+    );
+    assert_ok(&fx.run(&["check"]));
+    // The old host key opens nothing any more; the new one activates.
+    install_host_key(&root, &fx.key("bunk_ssh_host_ed25519_key"));
+    let out = activate(&fx, &root);
+    assert!(!out.status.success(), "the old key still activates");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    install_host_key(&root, &new_private);
+    assert_ok(&activate(&fx, &root));
+    let active = fs::read_link(root.join("run/agex")).unwrap();
+    let active = root.join("run").join(active);
+    let delivered = fs::read(active.join("immich-server.service/immich-db-password")).unwrap();
+    assert_eq!(delivered, fx.decrypt("immich-db-password"));
+}
+
+#[test]
+fn host_rekey_keyscan_prints_the_fingerprint_of_the_key_it_installs() {
+    let test = "host_rekey_keyscan_prints_the_fingerprint_of_the_key_it_installs";
+    if !have_tool("ssh-keyscan", test) {
+        return;
+    }
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let fx = Fixture::bunk();
+    let target = format!("127.0.0.1:{}", sshd.port());
+    let out = fx.run_admin(&["host", "rekey", "bunk", "--keyscan", &target]);
+    assert_ok(&out);
+    let hostkey_pub = sshd.dir().join("hostkey.pub");
+    let fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&hostkey_pub)
+        .output()
+        .unwrap();
+    let fp = stdout(&fp).split_whitespace().nth(1).unwrap().to_string();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&fp), "{fp} not in:\n{err}");
+    let body = fs::read_to_string(&hostkey_pub).unwrap();
+    let body = body.split_whitespace().nth(1).unwrap();
+    let cfg = fs::read_to_string(fx.dir().join("agex.toml")).unwrap();
+    assert!(cfg.contains(body));
+    assert_ok(&fx.run(&["check"]));
+    // Nothing listens on a closed port: a clear error, nothing changed.
+    let before = fx.snapshot();
+    let closed = format!("127.0.0.1:{}", common::services::free_port());
+    let out = fx.run_admin(&["host", "rekey", "bunk", "--keyscan", &closed]);
+    assert!(assert_fails(&out, 1).contains("ssh-keyscan"));
+    assert!(fx.snapshot() == before);
+}
+
+/// The fenced block of the kit whose first line is `# kit: <title>`.
+fn kit_block(kit: &str, title: &str) -> String {
+    let marker = format!("# kit: {title}\n");
+    let start = kit
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no block `{title}` in the kit:\n{kit}"));
+    let body = &kit[start..];
+    let end = body.find("```").expect("block end");
+    body[..end].to_string()
+}
+
+/// Runs a kit block with bash, only the documented placeholders substituted, in a
+/// clean environment (no agex, a private HOME).
+fn follow(block: &str, subst: &[(&str, &Path)], home: &Path) -> std::process::Output {
+    let mut script = block.to_string();
+    for (name, value) in subst {
+        script = script.replace(name, value.to_str().unwrap());
+    }
+    assert!(
+        !script.contains("agex "),
+        "the kit must not need agex:\n{script}"
+    );
+    Command::new("bash")
+        .args(["-e", "-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", home)
+        .current_dir(home)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_recovery_kit_followed_literally_gets_the_data_back() {
+    let test = "the_recovery_kit_followed_literally_gets_the_data_back";
+    if !tools(test) || !have_tool("age", test) || !have_tool("bash", test) {
+        return;
+    }
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let s = Setup::new(&restic_url, &sshd.url("borg"), true);
+    s.authorize_borg_key(&sshd);
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 1 << 20);
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    let kit_path = tmp.path().join("kit.txt");
+    assert_ok(&s.agex(&["recovery", "kit", "--out", kit_path.to_str().unwrap()]));
+    let kit = fs::read_to_string(&kit_path).unwrap();
+    assert_eq!(
+        fs::metadata(&kit_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // It names the secrets and the recovery key, and holds no password.
+    assert!(kit.contains("secret `restic-password`"));
+    assert!(kit.contains("paper (age1"));
+    for secret in ["restic-password", "borg-passphrase"] {
+        let plain = String::from_utf8(s.fx.decrypt(secret)).unwrap();
+        assert!(!kit.contains(plain.trim()), "the kit leaks {secret}");
+    }
+    let live = files_of(&s);
+    let home = tmp.path().join("home");
+    fs::create_dir_all(&home).unwrap();
+    let key = s.fx.key("recovery.txt");
+    let config = s.fx.dir();
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let listed = follow(
+            &kit_block(&kit, &format!("{repo} list")),
+            &[("RECOVERY_KEY", &key), ("CONFIG", &config)],
+            &home,
+        );
+        assert_ok(&listed);
+        let shown = stdout(&listed);
+        assert!(shown.contains("testapp"), "{repo}: {shown}");
+        let target = tmp.path().join(format!("kit-{repo}"));
+        fs::create_dir_all(&target).unwrap();
+        let out = follow(
+            &kit_block(&kit, &format!("{repo} restore testapp")),
+            &[
+                ("RECOVERY_KEY", &key),
+                ("CONFIG", &config),
+                ("TARGET", &target),
+            ],
+            &home,
+        );
+        assert_ok(&out);
+        let got = common::snapshot(&target.join("srv/app/files"));
+        assert!(got == live, "{repo}: restored files differ");
+        assert_eq!(
+            sqlite_count(&target.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
+            sqlite_count(&s.host("/srv/app/app.db"))
+        );
+    }
+    assert!(!Path::new("/dev/shm/agex-kit-offsite-borg-ssh-key").exists());
+}
+
+/// Whether the real restic/borg binary opens the repository with `password`.
+fn opens_with(s: &Setup, kind: &str, url: &str, password: &[u8], dir: &Path) -> bool {
+    let file = dir.join(format!("try-{kind}"));
+    fs::write(&file, password).unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
+    let out = if kind == "restic" {
+        Command::new("restic")
+            .args(["-r", url, "--no-cache", "--password-file"])
+            .arg(&file)
+            .args(["cat", "config"])
+            .output()
+            .unwrap()
+    } else {
+        Command::new("borg")
+            .env("BORG_PASSCOMMAND", format!("cat {}", file.display()))
+            .env_remove("BORG_PASSPHRASE")
+            .env("BORG_BASE_DIR", s.fx.tmp.path().join("peer-borg"))
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes")
+            .args(["list", url])
+            .output()
+            .unwrap()
+    };
+    out.status.success()
+}
+
+/// `agex repo rotate-password REPO` paused at `step` and killed with SIGKILL there.
+fn rotate_killed_at(s: &Setup, repo: &str, step: &str) {
+    use std::io::BufRead;
+    let key = s.fx.key("admin.txt");
+    let mut child =
+        s.fx.agex()
+            .args([
+                "-i",
+                key.to_str().unwrap(),
+                "--root",
+                s.root.to_str().unwrap(),
+            ])
+            .args(["repo", "rotate-password", repo])
+            .env("AGEX_TEST_PAUSE_AT", step)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let paused = line.contains(&format!("paused at {step}"));
+        seen.push(line);
+        if paused {
+            break;
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        seen.iter().any(|l| l.contains("paused at")),
+        "{repo} never reached {step} ({status}):\n{}",
+        seen.join("\n")
+    );
+}
+
+#[test]
+fn rotate_password_killed_at_every_step_leaves_a_stored_secret_that_opens() {
+    let test = "rotate_password_killed_at_every_step_leaves_a_stored_secret_that_opens";
+    if !tools(test) || !have_tool("age", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, restic_url, borg_url) = local(tmp.path(), SQLITE_POLICY);
+    let admin = s.fx.key("admin.txt");
+    let cases = [
+        (
+            "offsite-restic",
+            "restic",
+            restic_url.clone(),
+            "restic-password",
+            &["pending", "added", "verified", "stored", "removed"][..],
+        ),
+        (
+            "offsite-borg",
+            "borg",
+            borg_url.clone(),
+            "borg-passphrase",
+            &["pending", "changed", "verified", "stored"][..],
+        ),
+    ];
+    for (repo, kind, url, secret, steps) in cases {
+        let mut passwords = vec![s.fx.decrypt(secret)];
+        for step in steps {
+            rotate_killed_at(&s, repo, step);
+            let stored = s.fx.decrypt(secret);
+            let pending_file = s.fx.dir().join(format!("secrets/{secret}.age.pending"));
+            let pending = pending_file.exists().then(|| {
+                let out = Command::new("age")
+                    .args(["-d", "-i"])
+                    .arg(&admin)
+                    .arg(&pending_file)
+                    .output()
+                    .unwrap();
+                assert_ok(&out);
+                out.stdout
+            });
+            let secret_opens = opens_with(&s, kind, &url, &stored, tmp.path());
+            let pending_opens = pending
+                .as_ref()
+                .is_some_and(|p| opens_with(&s, kind, &url, p, tmp.path()));
+            assert!(
+                secret_opens || pending_opens,
+                "{repo} killed at {step}: neither the secret nor its pending successor opens it"
+            );
+            if kind == "restic" || ["pending", "stored"].contains(step) {
+                // Restic keeps both keys until the secret holds the new one; borg's
+                // only window is between change-passphrase and storing the secret.
+                assert!(
+                    secret_opens,
+                    "{repo} killed at {step}: the secret does not open it"
+                );
+            }
+            // agex itself opens it at every step (the pending password while borg's
+            // window is open).
+            let out = s.agex(&["repo", "check", repo]);
+            assert_ok(&out);
+            // The next rotation finishes or discards the interrupted one and rotates.
+            let out = s.agex(&["repo", "rotate-password", repo]);
+            assert_ok(&out);
+            assert!(
+                !pending_file.exists(),
+                "{repo}: pending file left after {step}"
+            );
+            let now = s.fx.decrypt(secret);
+            assert!(
+                !passwords.contains(&now),
+                "{repo}: the password did not change"
+            );
+            assert!(opens_with(&s, kind, &url, &now, tmp.path()));
+            passwords.push(now);
+        }
+        // The first password no longer opens the repository; agex still backs up.
+        assert!(
+            !opens_with(&s, kind, &url, &passwords[0], tmp.path()),
+            "{repo}"
+        );
+        assert_ok(&s.agex(&["backup", "--service", "testapp", "--repo", repo]));
+        assert_ok(&s.fx.run(&["check"]));
+    }
+}
+
+/// Data for every policy of the bunk example under the root: a file in each path, an
+/// SQLite database for each `sqlite` entry, a PostgreSQL database (on the test
+/// cluster, whose port is written into the policy) for each `postgres` entry.
+fn bunk_data(s: &Setup, pg: &Postgres) {
+    let dry = s.agex(&["--json", "backup", "--dry-run"]);
+    assert_ok(&dry);
+    let planned: serde_json::Value = serde_json::from_str(&stdout(&dry)).unwrap();
+    for p in planned.as_array().unwrap() {
+        let service = p["service"].as_str().unwrap();
+        for path in p["paths"].as_array().unwrap() {
+            let dir = s.host(path.as_str().unwrap());
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("data.txt"), format!("{service} at {path}\n")).unwrap();
+        }
+        let policy_file = s.fx.dir().join(format!("policies/{service}.toml"));
+        let text = fs::read_to_string(&policy_file).unwrap();
+        let mut out = String::new();
+        for line in text.lines() {
+            out.push_str(line);
+            out.push('\n');
+            let value = || line.split('"').nth(1).unwrap().to_string();
+            if line.starts_with("path ") || line.starts_with("path=") {
+                let db = s.host(&value());
+                fs::create_dir_all(db.parent().unwrap()).unwrap();
+                assert_ok(
+                    &Command::new("sqlite3")
+                        .arg(&db)
+                        .arg(format!(
+                            "CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, v TEXT);
+                             INSERT INTO items(v) VALUES ('{service}'), ('more');"
+                        ))
+                        .output()
+                        .unwrap(),
+                );
+            } else if line.starts_with("database ") {
+                let name = value();
+                pg.create_db(&name);
+                pg.psql(
+                    &name,
+                    "CREATE TABLE assets (id int PRIMARY KEY); \
+                     INSERT INTO assets SELECT generate_series(1, 77);",
+                );
+                out.push_str(&format!("port = {}\n", pg.port()));
+            }
+        }
+        fs::write(&policy_file, out).unwrap();
+    }
+}
+
+#[test]
+fn rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key() {
+    let test = "rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key";
+    if !tools(test) {
+        return;
+    }
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let s = Setup::new(&restic_url, &sshd.url("borg"), true);
+    s.authorize_borg_key(&sshd);
+    s.link_postgres(&pg);
+    bunk_user_db(&s.root);
+    bunk_data(&s, &pg);
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--systemctl", "true"]));
+    let config_before = s.fx.snapshot();
+    let root_before: Vec<String> = fs::read_dir(s.host("/var/lib/agex"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+
+    let out = s.agex(&["--json", "drill", "rebuild", "--host", "bunk"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|_| panic!("{}\n{}", stdout(&out), String::from_utf8_lossy(&out.stderr)));
+    assert_ok(&out);
+    assert_eq!(report["passed"], true, "{report:#}");
+    eprintln!(
+        "rebuild drill: {} s total, steps {:?}, oldest data {}",
+        report["total_seconds"],
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{}: {:.2} s", s["step"], s["seconds"].as_f64().unwrap()))
+            .collect::<Vec<_>>(),
+        report["oldest_data"]
+    );
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3, "{report:#}");
+    assert!(steps.iter().all(|s| s["ok"] == true), "{report:#}");
+    let restores = report["restores"].as_array().unwrap();
+    assert_eq!(restores.len(), 12 * 2, "{report:#}");
+    assert!(restores.iter().all(|r| r["result"] == "ok"), "{report:#}");
+    let immich = restores
+        .iter()
+        .find(|r| r["service"] == "immich" && r["repo"] == "offsite-borg")
+        .unwrap();
+    assert_eq!(immich["databases"], 1);
+    assert!(report["oldest_data"].is_string());
+    assert!(report["total_seconds"].as_f64().unwrap() > 0.0);
+    let old_fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(s.fx.key("bunk_ssh_host_ed25519_key.pub"))
+        .output()
+        .unwrap();
+    let old_fp = stdout(&old_fp)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(report["new_key"].as_str().unwrap().starts_with("SHA256:"));
+    assert_ne!(report["new_key"].as_str().unwrap(), old_fp);
+    // The real configuration is untouched; the scratch root and its mount are gone.
+    assert!(
+        s.fx.snapshot() == config_before,
+        "the rebuild drill changed the config"
+    );
+    assert_eq!(
+        fs::read_dir(s.host("/var/lib/agex/rebuild"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&s.root.display().to_string()), "{mounts}");
+    let dbs = pg.psql("postgres", "SELECT datname FROM pg_database");
+    assert!(!dbs.contains("agex_drill"), "{dbs}");
+    let _ = root_before;
+
+    // A host whose key cannot open the repository passwords cannot be rebuilt: the
+    // drill says so and fails.
+    let rules = s.fx.dir().join("secrets/secrets.toml");
+    let text = fs::read_to_string(&rules).unwrap();
+    let cut = text.replace(
+        "[secrets.restic-password]\nrecipients      = [\"admins\", \"recovery\", \"bunk\"]",
+        "[secrets.restic-password]\nrecipients      = [\"admins\", \"recovery\"]",
+    );
+    assert_ne!(cut, text, "the rule of restic-password changed its layout");
+    fs::write(&rules, cut).unwrap();
+    assert_ok(&s.agex(&["rekey"]));
+    let out = s.agex(&["drill", "rebuild", "--host", "bunk"]);
+    let err = assert_fails(&out, 1);
+    let text = stdout(&out);
+    assert!(text.contains("FAILED"), "{text}\n{err}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("offsite-restic") && l.contains("FAILED")),
+        "{text}"
+    );
+}
