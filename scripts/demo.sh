@@ -64,8 +64,12 @@ step "$AGEX" -i examples/keys/admin.txt --root "$root" repo init offsite-restic
 step "$AGEX" -i examples/keys/admin.txt --root "$root" repo init offsite-borg
 step "$AGEX" -i examples/keys/admin.txt --root "$root" backup --service vikunja
 step "$AGEX" -i examples/keys/admin.txt --root "$root" snapshots
+step "$AGEX" -i examples/keys/admin.txt --root "$root" drill --service vikunja
 step "$AGEX" --root "$root" status
+step "$AGEX" --root "$root" systemd generate --out "$work/units"
+ls "$work/units" | head -8; echo "… ($(ls "$work/units" | wc -l) units and timers for bunk)"
 echo
 echo "demo finished: every secret checked without a key, one decrypted with the admin key,"
 echo "bunk's generation built, activated (one directory per service), changed and rolled back,"
-echo "and vikunja's files and SQLite database backed up to a Restic and a Borg repository at once."
+echo "vikunja's files and SQLite database backed up to a Restic and a Borg repository at once,"
+echo "both snapshots restored into scratch space and verified (drill), and bunk's timers generated."

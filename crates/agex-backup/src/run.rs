@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use agex_core::{Database, Policy, Project, RepositoryKind};
@@ -173,8 +173,9 @@ struct Env<'a> {
     db_passwords: &'a BTreeMap<String, Zeroizing<Vec<u8>>>,
     run_id: String,
     opts: &'a RunOptions,
-    /// Master keys of the Restic repositories opened so far in this run.
-    restic_keys: Mutex<BTreeMap<String, MasterKey>>,
+    /// Master keys of the Restic repositories this run writes, derived once each (in the
+    /// background from the start of the run, while paths are walked and databases dumped).
+    restic_keys: BTreeMap<String, OnceLock<Option<MasterKey>>>,
 }
 
 /// Runs a planned backup. Repository credentials were decrypted by the caller; a
@@ -195,19 +196,34 @@ pub fn execute(
         db_passwords,
         run_id: started.format("%Y%m%dT%H%M%S%.3fZ").to_string(),
         opts,
-        restic_keys: Mutex::new(BTreeMap::new()),
+        restic_keys: planned
+            .iter()
+            .flat_map(|p| p.repositories.iter())
+            .filter(
+                |r| matches!(access.get(*r), Some(Ok(a)) if a.repo.kind == RepositoryKind::Restic),
+            )
+            .map(|r| (r.clone(), OnceLock::new()))
+            .collect(),
     };
     std::fs::create_dir_all(&env.state).map_err(BackupError::io(&env.state))?;
     let mut results = Vec::new();
     let mut dumps = Vec::new();
-    for item in planned {
-        let Some(policy) = project.policies.get(&item.service) else {
-            continue;
-        };
-        let (mut r, mut d) = backup_service(&env, policy, &item.repositories);
-        results.append(&mut r);
-        dumps.append(&mut d);
-    }
+    std::thread::scope(|scope| {
+        // The password's key derivation (scrypt: most of a second) overlaps the walk
+        // and the dumps of the first service instead of delaying its snapshot.
+        for name in env.restic_keys.keys() {
+            let env = &env;
+            scope.spawn(move || restic_key(env, name));
+        }
+        for item in planned {
+            let Some(policy) = project.policies.get(&item.service) else {
+                continue;
+            };
+            let (mut r, mut d) = backup_service(&env, policy, &item.repositories);
+            results.append(&mut r);
+            dumps.append(&mut d);
+        }
+    });
     let record = RunRecord {
         run_id: env.run_id.clone(),
         started: started.to_rfc3339(),
@@ -527,7 +543,7 @@ fn backup_service(
                                 streams,
                                 tags,
                                 meter.as_ref(),
-                                &env.restic_keys,
+                                restic_key(env, &access.repo.name),
                             ),
                             RepositoryKind::Borg => {
                                 borg_side(access, env, selection, streams, archive, meter.as_ref())
@@ -614,6 +630,17 @@ fn backup_service(
     (results, manifest.dumps)
 }
 
+/// The master key of a Restic repository of this run, derived from its password the
+/// first time it is asked for (later callers wait for that one derivation).
+fn restic_key(env: &Env<'_>, repo: &str) -> Option<MasterKey> {
+    let cell = env.restic_keys.get(repo)?;
+    cell.get_or_init(|| match env.access.get(repo) {
+        Some(Ok(access)) => Restic::open(access).ok().map(|r| r.master_key()),
+        _ => None,
+    })
+    .clone()
+}
+
 /// After borg gave up on a lock someone else holds: when that lock has been seen held
 /// for longer than `[backup] stale_lock_age`, breaks it and says so (the caller then
 /// tries once more). A lock seen for the first time is only remembered.
@@ -660,14 +687,11 @@ fn restic_side(
     streams: Vec<Stream>,
     tags: &[String],
     meter: Option<&Arc<Meter>>,
-    keys: &Mutex<BTreeMap<String, MasterKey>>,
+    key: Option<MasterKey>,
 ) -> Result<(String, Option<u64>), BackupError> {
-    let name = &access.repo.name;
-    let known = keys.lock().ok().and_then(|k| k.get(name).cloned());
-    let restic = Restic::open_metered(access, meter, known)?;
-    if let Ok(mut k) = keys.lock() {
-        k.entry(name.clone()).or_insert_with(|| restic.master_key());
-    }
+    // Without a key (its derivation failed) the password is tried again, so the error
+    // reported is the repository's own.
+    let restic = Restic::open_metered(access, meter, key)?;
     let snap = restic.backup(root, selection.paths(), selection.excludes(), streams, tags)?;
     Ok((snap.id, snap.bytes_added))
 }
