@@ -66,7 +66,7 @@ step "$AGEX" -i examples/keys/admin.txt --root "$root" backup --service vikunja
 step "$AGEX" -i examples/keys/admin.txt --root "$root" snapshots
 step "$AGEX" -i examples/keys/admin.txt --root "$root" drill --service vikunja
 step "$AGEX" --root "$root" status
-step "$AGEX" --root "$root" systemd generate --out "$work/units"
+step "$AGEX" --root "$root" --host bunk systemd generate --out "$work/units"
 ls "$work/units" | head -8; echo "… ($(ls "$work/units" | wc -l) units and timers for bunk)"
 echo
 echo "demo finished: every secret checked without a key, one decrypted with the admin key,"
