@@ -357,11 +357,11 @@ struct Dumps {
 }
 
 /// Takes every dump of a service once (into RAM) and builds its manifest.
-fn take_dumps(
+/// Each database of the policy dumped once, in order.
+fn dump_all<'p>(
     env: &Env<'_>,
-    policy: &Policy,
-    files: Vec<manifest::FileEntry>,
-) -> Result<Dumps, String> {
+    policy: &'p Policy,
+) -> Result<Vec<(&'p Database, dump::Dump)>, String> {
     let mut dumps = Vec::new();
     for db in &policy.databases {
         let password = match db {
@@ -375,6 +375,25 @@ fn take_dumps(
             .map_err(|e| format!("dump of {} failed: {e}", db.dump_file()))?;
         dumps.push((db, d));
     }
+    Ok(dumps)
+}
+
+/// Dumps every database of the policy while `walk` lists and digests its files on
+/// another thread, then builds the manifest of both.
+fn take_dumps(
+    env: &Env<'_>,
+    policy: &Policy,
+    walk: impl FnOnce() -> Result<Vec<manifest::FileEntry>, String> + Send,
+) -> Result<Dumps, String> {
+    let (files, dumps) = std::thread::scope(|scope| {
+        let walker = scope.spawn(walk);
+        let dumps = dump_all(env, policy);
+        let files = walker
+            .join()
+            .unwrap_or_else(|_| Err("the thread reading the paths died".into()));
+        (files, dumps)
+    });
+    let (files, dumps) = (files?, dumps?);
     let entries = dumps
         .iter()
         .map(|(db, d)| DumpEntry {
@@ -472,13 +491,6 @@ fn backup_service(
         .state
         .join("cache")
         .join(format!("{service}.digests.json"));
-    let files = match selection.walk(env.root, Some(&cache)) {
-        Ok(f) => f,
-        Err(e) => {
-            fail_live(&mut results, format!("reading the paths failed: {e}"));
-            return (results, vec![]);
-        }
-    };
     let units = match stop_units(env, policy) {
         Ok(u) => u,
         Err(e) => {
@@ -491,11 +503,18 @@ fn backup_service(
         fail_live(&mut results, format!("before command failed: {e}"));
         return (results, vec![]);
     }
+    // The walk digests the files while the databases are dumped, both after the units
+    // stopped: the manifest describes exactly what the engines then read.
+    let walk = || {
+        selection
+            .walk(env.root, Some(&cache))
+            .map_err(|e| format!("reading the paths failed: {e}"))
+    };
     let Dumps {
         dumps,
         manifest,
         manifest_bytes,
-    } = match take_dumps(env, policy, files) {
+    } = match take_dumps(env, policy, walk) {
         Ok(d) => d,
         Err(e) => {
             let _ = run_hooks(&policy.after);
