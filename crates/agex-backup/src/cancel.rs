@@ -13,12 +13,15 @@ use std::time::{Duration, Instant};
 struct Pending {
     children: Vec<u32>,
     units: Vec<(Vec<String>, Vec<String>)>,
+    /// Units [`undo`] already started: the run must not start them a second time.
+    undone_units: Vec<Vec<String>>,
     fifos: Vec<PathBuf>,
 }
 
 static PENDING: Mutex<Pending> = Mutex::new(Pending {
     children: Vec::new(),
     units: Vec::new(),
+    undone_units: Vec::new(),
     fifos: Vec::new(),
 });
 
@@ -39,8 +42,18 @@ pub(crate) fn units_stopped(systemctl: &[String], units: &[String]) {
     with(|p| p.units.push((systemctl.to_vec(), units.to_vec())));
 }
 
-pub(crate) fn units_started(units: &[String]) {
-    with(|p| p.units.retain(|(_, u)| u != units));
+/// Starts `units` again with `start`, unless [`undo`] already did (a signal arrived): they
+/// are started exactly once. `start` runs under the same lock [`undo`] takes, so a signal
+/// during it cannot make agex exit before the units are up.
+pub(crate) fn start_units_once<T>(units: &[String], start: impl FnOnce() -> T) -> Option<T> {
+    with(|p| {
+        p.units.retain(|(_, u)| u != units);
+        if p.undone_units.iter().any(|u| u == units) {
+            None
+        } else {
+            Some(start())
+        }
+    })
 }
 
 pub(crate) fn fifo_made(path: PathBuf) {
@@ -51,12 +64,25 @@ pub(crate) fn fifo_removed(path: &std::path::Path) {
     with(|p| p.fifos.retain(|f| f != path));
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`undo`] has started: the run was interrupted, and the thread handling the
+/// signal, not the run, decides how agex exits.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Undoes what the interrupted run holds; returns one line per thing done.
 pub fn undo() -> Vec<String> {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     let (children, units, fifos) = with(|p| {
         (
             std::mem::take(&mut p.children),
-            std::mem::take(&mut p.units),
+            {
+                let units = std::mem::take(&mut p.units);
+                p.undone_units.extend(units.iter().map(|(_, u)| u.clone()));
+                units
+            },
             std::mem::take(&mut p.fifos),
         )
     });

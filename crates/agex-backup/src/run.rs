@@ -283,20 +283,20 @@ impl StoppedUnits<'_> {
     /// Starts the stopped units again; a failure is the caller's to report.
     fn restart(mut self) -> Result<(), String> {
         let units = std::mem::take(&mut self.units);
-        match (self.systemctl, units.is_empty()) {
-            (Some(cmd), false) => {
-                crate::cancel::units_started(units);
-                process::run(
-                    std::process::Command::new(&cmd[0])
-                        .args(&cmd[1..])
-                        .arg("start")
-                        .args(units),
-                )
-                .map(|_| ())
-                .map_err(|e| format!("starting {} again failed: {e}", units.join(", ")))
-            }
-            _ => Ok(()),
-        }
+        let Some(cmd) = self.systemctl.filter(|_| !units.is_empty()) else {
+            return Ok(());
+        };
+        crate::cancel::start_units_once(units, || {
+            process::run(
+                std::process::Command::new(&cmd[0])
+                    .args(&cmd[1..])
+                    .arg("start")
+                    .args(units),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("starting {} again failed: {e}", units.join(", ")))
+        })
+        .unwrap_or(Ok(()))
     }
 }
 
@@ -304,13 +304,14 @@ impl StoppedUnits<'_> {
 impl Drop for StoppedUnits<'_> {
     fn drop(&mut self) {
         if let (Some(cmd), false) = (self.systemctl, self.units.is_empty()) {
-            crate::cancel::units_started(self.units);
-            let _ = process::run(
-                std::process::Command::new(&cmd[0])
-                    .args(&cmd[1..])
-                    .arg("start")
-                    .args(self.units),
-            );
+            crate::cancel::start_units_once(self.units, || {
+                let _ = process::run(
+                    std::process::Command::new(&cmd[0])
+                        .args(&cmd[1..])
+                        .arg("start")
+                        .args(self.units),
+                );
+            });
         }
     }
 }

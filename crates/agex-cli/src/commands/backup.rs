@@ -139,7 +139,15 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
         &access,
         &db_passwords,
         &opts,
-    )?;
+    );
+    if agex_backup::cancel::interrupted() {
+        // The signal thread is undoing the run and exits with 128 + signal; the run's own
+        // summary (a borg killed on purpose reads as a failure) must not win that race.
+        loop {
+            std::thread::park();
+        }
+    }
+    let record = record?;
     if let Some(dir) = &project.config.backup.metrics_dir {
         let statuses = status::summarize(&run::records(&ctx.global.root)?);
         if let Err(e) = status::write_textfile(&ctx.host_path(dir), &statuses) {
