@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agex_core::{Policy, Project};
@@ -254,41 +254,12 @@ fn drill_one(
 }
 
 fn save(root: &Path, rec: &DrillRecord) -> Result<(), BackupError> {
-    let dir = under(root, Path::new(DRILLS_DIR));
-    std::fs::create_dir_all(&dir).map_err(BackupError::io(&dir))?;
-    let path = dir.join(format!("{}.json", rec.run_id));
-    let text = serde_json::to_vec_pretty(rec).map_err(|e| BackupError::Output {
-        tool: "drill record".into(),
-        detail: e.to_string(),
-    })?;
-    agex_core::atomic::write_atomic(&path, &text, 0o644).map_err(BackupError::io(&path))
+    crate::records::save(root, DRILLS_DIR, &rec.run_id, rec, "drill record")
 }
 
 /// Every drill record under the root, oldest first.
 pub fn records(root: &Path) -> Result<Vec<DrillRecord>, BackupError> {
-    let dir = under(root, Path::new(DRILLS_DIR));
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(BackupError::io(&dir)(e)),
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    paths.sort();
-    let mut out = Vec::new();
-    for p in paths {
-        let text = std::fs::read(&p).map_err(BackupError::io(&p))?;
-        out.push(serde_json::from_slice::<DrillRecord>(&text).map_err(|e| {
-            BackupError::Output {
-                tool: p.display().to_string(),
-                detail: format!("not a drill record: {e}"),
-            }
-        })?);
-    }
-    Ok(out)
+    crate::records::load_all(root, DRILLS_DIR, "drill record")
 }
 
 /// The latest drill of one service in one repository.

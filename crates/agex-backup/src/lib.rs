@@ -15,6 +15,7 @@ pub mod postgres;
 pub mod process;
 pub mod progress;
 pub mod rebuild;
+pub mod records;
 pub mod restic;
 pub mod restore;
 pub mod rotate;

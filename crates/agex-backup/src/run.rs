@@ -231,46 +231,14 @@ pub fn execute(
         results,
         dumps,
     };
-    save_record(root, &record)?;
+    crate::records::save(root, RUNS_DIR, &record.run_id, &record, "run record")?;
     Ok(record)
-}
-
-fn save_record(root: &Path, record: &RunRecord) -> Result<(), BackupError> {
-    let dir = under(root, Path::new(RUNS_DIR));
-    std::fs::create_dir_all(&dir).map_err(BackupError::io(&dir))?;
-    let path = dir.join(format!("{}.json", record.run_id));
-    let text = serde_json::to_vec_pretty(record).map_err(|e| BackupError::Output {
-        tool: "run record".into(),
-        detail: e.to_string(),
-    })?;
-    agex_core::atomic::write_atomic(&path, &text, 0o644).map_err(BackupError::io(&path))
 }
 
 /// Every run record under the root, oldest first. A record that does not parse (a
 /// foreign file) is an error naming it.
 pub fn records(root: &Path) -> Result<Vec<RunRecord>, BackupError> {
-    let dir = under(root, Path::new(RUNS_DIR));
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(BackupError::io(&dir)(e)),
-    };
-    let mut paths: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    paths.sort();
-    let mut out = Vec::new();
-    for p in paths {
-        let text = std::fs::read(&p).map_err(BackupError::io(&p))?;
-        let rec = serde_json::from_slice::<RunRecord>(&text).map_err(|e| BackupError::Output {
-            tool: p.display().to_string(),
-            detail: format!("not a run record: {e}"),
-        })?;
-        out.push(rec);
-    }
-    Ok(out)
+    crate::records::load_all(root, RUNS_DIR, "run record")
 }
 
 /// Stops a policy's units and starts them again when dropped, on every exit path.
