@@ -5,7 +5,6 @@
 //! to restore and verify).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use crate::error::BackupError;
 use crate::manifest::under;
 use crate::restore::{self, PgScratch};
 use crate::run::STATE_DIR;
+use crate::status::{exposition, unix_seconds, write_prom, Gauge};
 
 /// Where drill records are written, under `--root`.
 pub const DRILLS_DIR: &str = "/var/lib/agex/drills";
@@ -322,21 +322,13 @@ pub fn summarize(records: &[DrillRecord]) -> Vec<DrillStatus> {
     map.into_values().collect()
 }
 
-/// A gauge: name, help text, and its value for one status (none: not emitted).
-type Metric = (&'static str, &'static str, fn(&DrillStatus) -> Option<f64>);
-
 /// The Prometheus text exposition of drill statuses.
 pub fn prometheus(statuses: &[DrillStatus]) -> String {
-    let metrics: [Metric; 4] = [
+    let metrics: [Gauge<DrillStatus>; 4] = [
         (
             "agex_drill_last_success_timestamp_seconds",
             "Unix time of the last restore drill that passed",
-            |s| {
-                s.last_success
-                    .as_deref()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .map(|t| t.timestamp_millis() as f64 / 1000.0)
-            },
+            |s| s.last_success.as_deref().and_then(unix_seconds),
         ),
         (
             "agex_drill_rto_seconds",
@@ -354,35 +346,12 @@ pub fn prometheus(statuses: &[DrillStatus]) -> String {
             |s| Some(if s.result == "ok" { 1.0 } else { 0.0 }),
         ),
     ];
-    let mut out = String::new();
-    for (name, help, value) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
-        for s in statuses {
-            if let Some(v) = value(s) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{service=\"{}\",repo=\"{}\"}} {v}",
-                    label(&s.service),
-                    label(&s.repo)
-                );
-            }
-        }
-    }
-    out
+    exposition(&metrics, statuses, |s| (&s.service, &s.repo))
 }
 
 /// Writes `agex_drill.prom` into `dir` atomically.
 pub fn write_textfile(dir: &Path, statuses: &[DrillStatus]) -> Result<(), BackupError> {
-    std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
-    let path = dir.join("agex_drill.prom");
-    agex_core::atomic::write_atomic(&path, prometheus(statuses).as_bytes(), 0o644)
-        .map_err(BackupError::io(&path))
-}
-
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    write_prom(dir, "agex_drill.prom", &prometheus(statuses))
 }
 
 #[cfg(test)]

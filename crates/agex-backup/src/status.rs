@@ -71,13 +71,44 @@ pub fn summarize(records: &[RunRecord]) -> Vec<Status> {
     map.into_values().collect()
 }
 
-/// A gauge: name, help text, and its value for one status (none: not emitted).
-type Metric = (&'static str, &'static str, fn(&Status) -> Option<f64>);
+/// A gauge: name, help text, and its value for one row (none: not emitted).
+pub(crate) type Gauge<T> = (&'static str, &'static str, fn(&T) -> Option<f64>);
+
+/// The Prometheus text exposition of `gauges` over `rows`, each row labelled with the
+/// service and repository `labels` gives.
+pub(crate) fn exposition<T>(
+    gauges: &[Gauge<T>],
+    rows: &[T],
+    labels: fn(&T) -> (&str, &str),
+) -> String {
+    let mut out = String::new();
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
+        for row in rows {
+            if let Some(v) = value(row) {
+                let (service, repo) = labels(row);
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",repo=\"{}\"}} {v}",
+                    label(service),
+                    label(repo)
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Writes a textfile for node_exporter into `dir` atomically (it never reads half a file).
+pub(crate) fn write_prom(dir: &Path, file: &str, text: &str) -> Result<(), BackupError> {
+    std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+    let path = dir.join(file);
+    agex_core::atomic::write_atomic(&path, text.as_bytes(), 0o644).map_err(BackupError::io(&path))
+}
 
 /// The Prometheus text exposition of `statuses`.
 pub fn prometheus(statuses: &[Status]) -> String {
-    let mut out = String::new();
-    let metrics: [Metric; 4] = [
+    let metrics: [Gauge<Status>; 4] = [
         (
             "agex_backup_last_success_timestamp_seconds",
             "Unix time of the last successful backup",
@@ -99,31 +130,15 @@ pub fn prometheus(statuses: &[Status]) -> String {
             |s| Some(if s.result == "ok" { 1.0 } else { 0.0 }),
         ),
     ];
-    for (name, help, value) in metrics {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
-        for s in statuses {
-            if let Some(v) = value(s) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{service=\"{}\",repo=\"{}\"}} {v}",
-                    label(&s.service),
-                    label(&s.repo)
-                );
-            }
-        }
-    }
-    out
+    exposition(&metrics, statuses, |s| (&s.service, &s.repo))
 }
 
 /// Writes `agex_backup.prom` into `dir` atomically (node_exporter never reads half a file).
 pub fn write_textfile(dir: &Path, statuses: &[Status]) -> Result<(), BackupError> {
-    std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
-    let path = dir.join("agex_backup.prom");
-    agex_core::atomic::write_atomic(&path, prometheus(statuses).as_bytes(), 0o644)
-        .map_err(BackupError::io(&path))
+    write_prom(dir, "agex_backup.prom", &prometheus(statuses))
 }
 
-fn unix_seconds(rfc3339: &str) -> Option<f64> {
+pub(crate) fn unix_seconds(rfc3339: &str) -> Option<f64> {
     chrono::DateTime::parse_from_rfc3339(rfc3339)
         .ok()
         .map(|t| t.timestamp_millis() as f64 / 1000.0)

@@ -29,13 +29,13 @@ impl From<BackupError> for Failure {
     }
 }
 
-fn state_dir(ctx: &Context) -> std::path::PathBuf {
+pub(crate) fn state_dir(ctx: &Context) -> std::path::PathBuf {
     ctx.host_path(std::path::Path::new(STATE_DIR))
 }
 
 /// Decrypts the credentials of each named repository; a repository whose secrets fail
 /// to open is reported, not fatal, so the other can still run.
-fn unlock_all(
+pub(crate) fn unlock_all(
     project: &Project,
     ids: &Identities,
     names: &[String],
@@ -57,7 +57,7 @@ fn unlock_one(ctx: &Context, project: &Project, name: &str) -> Result<RepoAccess
     Ok(access::unlock(project, name, &ids)?)
 }
 
-fn systemctl(ctx: &Context, given: Option<&str>) -> Option<Vec<String>> {
+pub(crate) fn systemctl(ctx: &Context, given: Option<&str>) -> Option<Vec<String>> {
     let argv = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
     match given {
         Some(cmd) => Some(argv(cmd)).filter(|a| !a.is_empty()),

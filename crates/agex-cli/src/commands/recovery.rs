@@ -1,51 +1,21 @@
 //! Recovery commands: restore, drill, drill rebuild, host rekey, recovery kit,
 //! repo rotate-password.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use agex_backup::access::{self, RepoAccess};
+use agex_backup::access;
 use agex_backup::drill::{self, DrillEnv, DrillOptions};
 use agex_backup::restore::{self, InPlaceOptions, Target};
-use agex_backup::run::STATE_DIR;
 use agex_core::Project;
-use agex_secrets::Identities;
 
 use crate::cli::{DrillArgs, RestoreArgs};
 use crate::context::Context;
 use crate::error::{Failure, CONFIG, FAILURE, OK, PARTIAL};
 use crate::output;
 
-fn state_dir(ctx: &Context) -> std::path::PathBuf {
-    ctx.host_path(Path::new(STATE_DIR))
-}
-
-fn systemctl(ctx: &Context, given: Option<&str>) -> Option<Vec<String>> {
-    let argv = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    match given {
-        Some(cmd) => Some(argv(cmd)).filter(|a| !a.is_empty()),
-        None if ctx.global.root == Path::new("/") => Some(argv("systemctl")),
-        None => None,
-    }
-}
-
-fn unlock_all(
-    project: &Project,
-    ids: &Identities,
-    names: &[String],
-) -> BTreeMap<String, Result<RepoAccess, String>> {
-    names
-        .iter()
-        .map(|n| {
-            (
-                n.clone(),
-                access::unlock(project, n, ids).map_err(|e| e.to_string()),
-            )
-        })
-        .collect()
-}
+use super::backup::{state_dir, systemctl, unlock_all};
 
 fn human_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
