@@ -20,23 +20,7 @@ use rand::Rng;
 
 const HOST: &str = "bunk";
 /// Owners and groups the bunk example's rules name.
-const USERS: &[&str] = &[
-    "actual",
-    "authelia-main",
-    "caddy",
-    "forgejo",
-    "grafana",
-    "hass",
-    "immich",
-    "jellyfin",
-    "mealie",
-    "miniflux",
-    "n8n",
-    "paperless",
-    "vaultwarden",
-    "vikunja",
-    "systemd-network",
-];
+const USERS: &[&str] = common::setup::BUNK_USERS;
 const EARLY: &[&str] = &["root-password-hash"];
 
 fn uid() -> u32 {

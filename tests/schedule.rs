@@ -1123,35 +1123,7 @@ fn activate_installs_the_generations_units_and_rollback_moves_them_back() {
     let key = ssh.join("ssh_host_ed25519_key");
     fs::copy(fx.key("bunk_ssh_host_ed25519_key"), &key).unwrap();
     fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-    let users = [
-        "actual",
-        "authelia-main",
-        "caddy",
-        "forgejo",
-        "grafana",
-        "hass",
-        "immich",
-        "jellyfin",
-        "mealie",
-        "miniflux",
-        "n8n",
-        "paperless",
-        "vaultwarden",
-        "vikunja",
-        "systemd-network",
-    ];
-    let mut passwd = "root:x:0:0:root:/root:/bin/sh\n".to_string();
-    let mut group = "root:x:0:\nsmtp-users:x:2000:\n".to_string();
-    for (i, u) in users.iter().enumerate() {
-        passwd.push_str(&format!(
-            "{u}:x:{}:{}::/nonexistent:/usr/sbin/nologin\n",
-            1001 + i,
-            1001 + i
-        ));
-        group.push_str(&format!("{u}:x:{}:\n", 1001 + i));
-    }
-    fs::write(root.join("etc/passwd"), passwd).unwrap();
-    fs::write(root.join("etc/group"), group).unwrap();
+    common::setup::bunk_user_db(&root);
     let (script, calls) = fake_systemctl(fx.tmp.path());
     let run = |args: &[&str]| {
         let mut all = vec!["--root", root.to_str().unwrap(), "--host", "bunk"];
