@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::services::{Postgres, RcloneRestic, Sshd};
-use common::setup::{app_data, pseudo_random, run, sqlite_count, Setup, SQLITE_POLICY};
+use common::setup::{
+    app_data, fake_systemctl, pseudo_random, run, sqlite_count, Setup, SQLITE_POLICY,
+};
 use common::{assert_fails, assert_ok, have_tool, stdout};
 
 /// Every regular file under `dir`, relative path → bytes.
@@ -628,25 +630,6 @@ fn wait_for_no_borg(repo: &str) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A `systemctl` stand-in that appends each call to `log` and fails `start` when
-/// `fail_start` exists.
-fn fake_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
-    let log = dir.join("systemctl.log");
-    let script = dir.join("systemctl");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> '{log}'\n\
-             if [ \"$1\" = start ] && [ -e '{dir}/fail_start' ]; then echo 'unit failed' >&2; exit 1; fi\n",
-            log = log.display(),
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    (script, log)
 }
 
 #[test]

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::setup::fake_systemctl;
 use common::{assert_fails, assert_ok, have_tool, stdout, Fixture};
 
 /// A bunk fixture with local repositories and one policy, `testapp`.
@@ -439,19 +440,6 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
         !String::from_utf8_lossy(&verify.stderr).trim().is_empty(),
         "systemd-analyze accepted a bad OnCalendar"
     );
-}
-
-/// A fake systemctl that records its arguments, one call per line.
-fn fake_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
-    let calls = dir.join("systemctl.calls");
-    let script = dir.join("systemctl");
-    fs::write(
-        &script,
-        format!("#!/bin/sh\necho \"$@\" >> {}\n", calls.display()),
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    (script, calls)
 }
 
 #[test]

@@ -296,3 +296,22 @@ pub fn recording_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
     (script, calls)
 }
+
+/// A `systemctl` stand-in in `dir` that appends each call's arguments to the returned
+/// log, one line per call, and fails `start` while `<dir>/fail_start` exists.
+pub fn fake_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
+    let log = dir.join("systemctl.log");
+    let script = dir.join("systemctl");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{log}'\n\
+             if [ \"$1\" = start ] && [ -e '{dir}/fail_start' ]; then echo 'unit failed' >&2; exit 1; fi\n",
+            log = log.display(),
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    (script, log)
+}
