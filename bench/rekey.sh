@@ -2,13 +2,46 @@
 # Benchmark: re-encrypting 1000 secrets. agex rekey --force (in-process, all cores)
 # against what agenix does: one `age -d | age -e` pipeline per file, serially.
 # Both run in the same invocation on the same files. Last line: ratio: <age loop / agex>.
+#
+# Where the files live matters for agex (its CPU work is ~0.15 s, so file creation and
+# renames weigh): as root, both run on a fresh ext4 with mkfs's defaults (journal) on a
+# loop device whose image sits on this machine's disk, i.e. a normal install's
+# filesystem. Without root, or with BENCH_DIR=<dir>, they run there instead. The
+# filesystem used is printed. (This sandbox's own root is ext4 without a journal and
+# with online discard: there ext4 scans recently freed inodes on every create and frees
+# blocks synchronously on rename, which costs agex 0.1-0.4 s, varying with what was
+# deleted in the last minute.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${N:-1000}"
 cargo build --release -q -p agex-cli
 AGEX="$PWD/target/release/agex"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+
+mnt=""
+img=""
+cleanup() {
+  cd /
+  if [ -n "$mnt" ]; then umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rmdir "$mnt" 2>/dev/null || true; fi
+  if [ -n "$img" ]; then rm -f "$img"; fi
+  if [ -n "${work:-}" ] && [ -z "${BENCH_DIR:-}" ]; then rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+if [ -n "${BENCH_DIR:-}" ]; then
+  work="$BENCH_DIR/agex-rekey-bench.$$"
+  mkdir -p "$work"
+elif [ "$(id -u)" = 0 ] && command -v mkfs.ext4 > /dev/null; then
+  img="$(mktemp /var/tmp/agex-rekey-bench.XXXXXX.img)"
+  truncate -s 1G "$img"
+  mkfs.ext4 -q -F "$img"
+  mnt="$(mktemp -d /tmp/agex-rekey-bench.XXXXXX)"
+  mount -o loop "$img" "$mnt"
+  work="$mnt/work"
+  mkdir "$work"
+else
+  echo "note: not root, so running in $TMPDIR's filesystem (set BENCH_DIR to choose)" >&2
+  work="$(mktemp -d)"
+fi
 cd "$work"
 
 age-keygen -o admin.txt 2>/dev/null
@@ -30,7 +63,10 @@ TOML
   done
 } > secrets/secrets.toml
 "$AGEX" generate > /dev/null
-echo "secrets: $N (each to 1 X25519 + 1 ssh-ed25519 recipient), cores: $(nproc)"
+fs="$(findmnt -no FSTYPE,SOURCE --target "$work" | tr -s ' ')"
+journal="no journal"
+if [ "${fs%% *}" = ext4 ] && dumpe2fs -h "${fs#* }" 2>/dev/null | grep -q has_journal; then journal="journal"; fi
+echo "secrets: $N (each to 1 X25519 + 1 ssh-ed25519 recipient), cores: $(nproc), filesystem: $fs ($journal)"
 
 now() { date +%s.%N; }
 

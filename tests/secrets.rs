@@ -417,6 +417,30 @@ fn rekey_after_group_change_rewrites_only_affected_files_and_drops_removed_key()
 }
 
 #[test]
+fn rekey_keeps_every_file_and_leaves_no_temp_file_when_one_secret_fails() {
+    let fx = Fixture::bunk();
+    // The last bytes of the payload are the final chunk's tag: the header still parses,
+    // the file cannot be decrypted. Every other secret is rekeyed (and its new file
+    // staged) in parallel before the failure is known.
+    let broken = fx.dir().join("secrets/vikunja-jwt-secret.age");
+    let mut bytes = fs::read(&broken).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&broken, &bytes).unwrap();
+    let before = fx.snapshot();
+
+    let out = fx.run_admin(&["rekey", "--force"]);
+    assert_fails(&out, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vikunja-jwt-secret"), "{err}");
+    assert_eq!(
+        fx.snapshot(),
+        before,
+        "every file as it was, and no temp file left"
+    );
+}
+
+#[test]
 fn check_reports_stale_missing_and_orphan_files_as_json() {
     let fx = Fixture::bunk();
     assert_ok(&fx.run(&["check"]));

@@ -76,16 +76,16 @@ impl Lock {
     }
 
     /// The lock file's text: sorted, one table per secret, diff-friendly.
-    pub fn to_toml(&self) -> String {
-        let body = toml::to_string(self).unwrap_or_default();
-        format!(
+    pub fn to_toml(&self) -> std::io::Result<String> {
+        let body = toml::to_string(self).map_err(std::io::Error::other)?;
+        Ok(format!(
             "# Written by agex: the recipients each secret is encrypted to and a digest of its\n# age header. Holds no plaintext facts. Commit it with the .age files.\n{body}"
-        )
+        ))
     }
 
     /// Writes the lock atomically.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        crate::atomic::write_atomic(path, self.to_toml().as_bytes(), 0o644)
+        crate::atomic::write_atomic(path, self.to_toml()?.as_bytes(), 0o644)
     }
 }
 
@@ -104,7 +104,7 @@ mod tests {
                 recipients: [("alice".to_string(), "age1x".to_string())].into(),
             },
         );
-        let text = lock.to_toml();
+        let text = lock.to_toml().unwrap();
         let back = Lock::parse(&SourceFile::new("secrets.lock", text)).unwrap();
         assert_eq!(back, lock);
     }

@@ -35,6 +35,8 @@ pub struct Project {
     pub lock: Lock,
     /// `policies/<service>.toml` by service name.
     pub policies: BTreeMap<String, Policy>,
+    /// The working directory when loaded: paths below it are shown relative to it.
+    pub cwd: Option<PathBuf>,
 }
 
 impl Project {
@@ -83,6 +85,7 @@ impl Project {
             rules,
             lock,
             policies,
+            cwd: std::env::current_dir().ok(),
         })
     }
 
@@ -101,15 +104,18 @@ impl Project {
     /// A path as it should be shown to the user (relative to the working directory when
     /// the config dir is below it).
     pub fn display(&self, rel: impl AsRef<Path>) -> PathBuf {
-        PathBuf::from(display_path(&self.dir, rel.as_ref()))
+        PathBuf::from(shown(&self.dir, rel.as_ref(), self.cwd.as_deref()))
     }
 }
 
 fn display_path(dir: &Path, rel: impl AsRef<Path>) -> String {
+    shown(dir, rel.as_ref(), std::env::current_dir().ok().as_deref())
+}
+
+fn shown(dir: &Path, rel: &Path, cwd: Option<&Path>) -> String {
     let full = dir.join(rel);
-    let shown = std::env::current_dir()
-        .ok()
-        .and_then(|cwd| full.strip_prefix(&cwd).ok().map(Path::to_path_buf))
+    let shown = cwd
+        .and_then(|cwd| full.strip_prefix(cwd).ok().map(Path::to_path_buf))
         .unwrap_or(full);
     shown.display().to_string()
 }

@@ -160,7 +160,8 @@ impl RecipientKey {
         }
     }
 
-    fn ssh_wire(&self) -> Option<Vec<u8>> {
+    /// The ssh public key blob (wire format) of an ssh recipient.
+    pub fn ssh_wire(&self) -> Option<Vec<u8>> {
         match self.kind {
             RecipientKind::SshEd25519 | RecipientKind::SshRsa => self
                 .canonical

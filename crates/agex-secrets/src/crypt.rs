@@ -1,6 +1,6 @@
 //! Encrypting to a rule's recipients and decrypting with the loaded identities.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use crate::error::SecretsError;
 use crate::header::Header;
 use crate::identity::Identities;
+use crate::x25519::{SshEd25519Recipient, X25519Recipient};
 
 /// Plaintext held in memory that is wiped when dropped.
 pub type Plaintext = Zeroizing<Vec<u8>>;
@@ -22,61 +23,128 @@ pub fn encrypt(
     recipients: &BTreeMap<String, RecipientKey>,
     armor: bool,
 ) -> Result<Vec<u8>, SecretsError> {
-    let fail = |reason: String| SecretsError::Encrypt {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut boxed: Vec<Box<dyn age::Recipient + Send>> = Vec::new();
-    let mut plugins: BTreeMap<String, Vec<age::plugin::Recipient>> = BTreeMap::new();
-    for (name, key) in recipients {
-        let parse_err = |e: String| fail(format!("recipient `{name}`: {e}"));
-        match key.kind() {
-            RecipientKind::X25519 => boxed.push(Box::new(
-                key.as_str()
-                    .parse::<age::x25519::Recipient>()
-                    .map_err(|e| parse_err(e.to_string()))?,
-            )),
-            RecipientKind::SshEd25519 | RecipientKind::SshRsa => boxed.push(Box::new(
-                key.as_str()
-                    .parse::<age::ssh::Recipient>()
-                    .map_err(|e| parse_err(format!("{e:?}")))?,
-            )),
-            RecipientKind::Plugin => {
-                let r = key
-                    .as_str()
-                    .parse::<age::plugin::Recipient>()
-                    .map_err(|e| parse_err(e.to_string()))?;
-                plugins.entry(r.plugin().to_string()).or_default().push(r);
+    Sealer::new(recipients.values()).seal(path, plaintext, recipients, armor)
+}
+
+/// Recipient keys parsed once, to encrypt many files to them: a rekey converts each
+/// host's ssh key to X25519 once, not once per file. A key that does not parse is
+/// reported by the first [`Sealer::seal`] that needs it, naming that file.
+pub struct Sealer {
+    parsed: HashMap<String, Result<Parsed, String>>,
+}
+
+/// One recipient key, ready to wrap file keys.
+enum Parsed {
+    Native(Box<dyn age::Recipient + Send + Sync>),
+    /// Plugins run per encryption (the plugin protocol starts a process), so they are
+    /// only checked here and parsed again when sealing.
+    Plugin,
+}
+
+impl Sealer {
+    /// Parses `keys` (duplicates once).
+    pub fn new<'a>(keys: impl IntoIterator<Item = &'a RecipientKey>) -> Sealer {
+        let mut parsed = HashMap::new();
+        for key in keys {
+            parsed
+                .entry(key.as_str().to_string())
+                .or_insert_with(|| parse(key));
+        }
+        Sealer { parsed }
+    }
+
+    /// Encrypts `plaintext` to every key in `recipients`; `path` is only for messages.
+    pub fn seal(
+        &self,
+        path: &Path,
+        plaintext: &[u8],
+        recipients: &BTreeMap<String, RecipientKey>,
+        armor: bool,
+    ) -> Result<Vec<u8>, SecretsError> {
+        let fail = |reason: String| SecretsError::Encrypt {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if recipients
+            .values()
+            .any(|k| !self.parsed.contains_key(k.as_str()))
+        {
+            return Sealer::new(recipients.values()).seal(path, plaintext, recipients, armor);
+        }
+        let mut native: Vec<&dyn age::Recipient> = Vec::new();
+        let mut plugins: BTreeMap<String, Vec<age::plugin::Recipient>> = BTreeMap::new();
+        for (name, key) in recipients {
+            match &self.parsed[key.as_str()] {
+                Err(e) => return Err(fail(format!("recipient `{name}`: {e}"))),
+                Ok(Parsed::Native(r)) => native.push(r.as_ref()),
+                Ok(Parsed::Plugin) => {
+                    let r = key
+                        .as_str()
+                        .parse::<age::plugin::Recipient>()
+                        .map_err(|e| fail(format!("recipient `{name}`: {e}")))?;
+                    plugins.entry(r.plugin().to_string()).or_default().push(r);
+                }
             }
         }
-    }
-    for (plugin, list) in plugins {
-        let p =
-            age::plugin::RecipientPluginV1::new(&plugin, &list, &[], age::cli_common::UiCallbacks)
-                .map_err(|e| fail(format!("plugin age-plugin-{plugin}: {e}")))?;
-        boxed.push(Box::new(p));
-    }
-    let encryptor =
-        age::Encryptor::with_recipients(boxed.iter().map(|r| r.as_ref() as &dyn age::Recipient))
+        let mut plugin_recipients = Vec::new();
+        for (plugin, list) in plugins {
+            let p = age::plugin::RecipientPluginV1::new(
+                &plugin,
+                &list,
+                &[],
+                age::cli_common::UiCallbacks,
+            )
+            .map_err(|e| fail(format!("plugin age-plugin-{plugin}: {e}")))?;
+            plugin_recipients.push(p);
+        }
+        let all = native
+            .into_iter()
+            .chain(plugin_recipients.iter().map(|p| p as &dyn age::Recipient));
+        let encryptor = age::Encryptor::with_recipients(all).map_err(|e| fail(e.to_string()))?;
+        let mut out = Vec::with_capacity(plaintext.len() + 512);
+        let format = if armor {
+            Format::AsciiArmor
+        } else {
+            Format::Binary
+        };
+        let armored =
+            ArmoredWriter::wrap_output(&mut out, format).map_err(|e| fail(e.to_string()))?;
+        let mut writer = encryptor
+            .wrap_output(armored)
             .map_err(|e| fail(e.to_string()))?;
-    let mut out = Vec::with_capacity(plaintext.len() + 512);
-    let format = if armor {
-        Format::AsciiArmor
-    } else {
-        Format::Binary
+        writer
+            .write_all(plaintext)
+            .map_err(|e| fail(e.to_string()))?;
+        writer
+            .finish()
+            .and_then(|a| a.finish())
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+/// Parses one recipient key; the error says what is wrong with it.
+fn parse(key: &RecipientKey) -> Result<Parsed, String> {
+    let native: Box<dyn age::Recipient + Send + Sync> = match key.kind() {
+        RecipientKind::X25519 => Box::new(
+            X25519Recipient::parse(key.as_str()).ok_or("not a valid age X25519 recipient")?,
+        ),
+        RecipientKind::SshEd25519 => Box::new(SshEd25519Recipient::from_wire(
+            &key.ssh_wire().ok_or("the ssh key is not valid base64")?,
+        )?),
+        RecipientKind::SshRsa => Box::new(
+            key.as_str()
+                .parse::<age::ssh::Recipient>()
+                .map_err(|e| format!("{e:?}"))?,
+        ),
+        RecipientKind::Plugin => {
+            key.as_str()
+                .parse::<age::plugin::Recipient>()
+                .map_err(|e| e.to_string())?;
+            return Ok(Parsed::Plugin);
+        }
     };
-    let armored = ArmoredWriter::wrap_output(&mut out, format).map_err(|e| fail(e.to_string()))?;
-    let mut writer = encryptor
-        .wrap_output(armored)
-        .map_err(|e| fail(e.to_string()))?;
-    writer
-        .write_all(plaintext)
-        .map_err(|e| fail(e.to_string()))?;
-    writer
-        .finish()
-        .and_then(|a| a.finish())
-        .map_err(|e| fail(e.to_string()))?;
-    Ok(out)
+    Ok(Parsed::Native(native))
 }
 
 /// Decrypts an age file's bytes with `identities`. `known` maps ssh key tags and

@@ -9,6 +9,7 @@ use rand::Rng;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
+use crate::crypt::Sealer;
 use crate::error::SecretsError;
 use crate::secret_file;
 
@@ -122,6 +123,7 @@ pub fn generate_missing(
     } else {
         only.to_vec()
     };
+    let sealer = Sealer::new(candidates.iter().flat_map(|r| r.recipients.values()));
     for rule in candidates {
         let Some(generator) = &rule.generator else {
             if !only.is_empty() {
@@ -139,7 +141,7 @@ pub fn generate_missing(
             continue;
         }
         let value = generate_value(generator, &rule.name)?;
-        let ciphertext = secret_file::seal(project, rule, &value.secret)?;
+        let ciphertext = secret_file::seal_with(&sealer, project, rule, &value.secret)?;
         let entry = secret_file::lock_entry(project, rule, &ciphertext)?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(SecretsError::io(dir))?;

@@ -73,6 +73,7 @@ pub fn plan(project: &Project, host: &str, new_key: &str) -> Result<HostRekeyPla
         rules,
         lock: project.lock.clone(),
         policies: project.policies.clone(),
+        cwd: project.cwd.clone(),
     };
     let rekey = rekey::plan(
         &next,

@@ -65,7 +65,10 @@ pub fn init(
         Ok(())
     };
     write(RULES_FILE, rules)?;
-    write(LOCK_FILE, &Lock::new().to_toml())?;
+    let lock = Lock::new()
+        .to_toml()
+        .map_err(SecretsError::io(PathBuf::from(LOCK_FILE)))?;
+    write(LOCK_FILE, &lock)?;
     write(CONFIG_FILE, &agex_toml)?;
     Ok(InitOutcome {
         created,

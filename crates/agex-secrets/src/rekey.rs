@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::check::{judge, Status};
-use crate::crypt;
+use crate::crypt::{self, Sealer};
 use crate::error::SecretsError;
 use crate::header::Header;
 use crate::identity::Identities;
@@ -69,8 +69,13 @@ pub fn plan(project: &Project, opts: &RekeyOptions) -> Result<RekeyPlan, Secrets
         up_to_date: 0,
         missing: vec![],
     };
-    for rule in selected(project, opts) {
-        let (status, detail) = judge(project, rule);
+    // Judging reads and hashes every file's header: in parallel, like the rekey itself.
+    let rules: Vec<&SecretRule> = selected(project, opts).collect();
+    let judged: Vec<(&SecretRule, (Status, Option<String>))> = rules
+        .into_par_iter()
+        .map(|rule| (rule, judge(project, rule)))
+        .collect();
+    for (rule, (status, detail)) in judged {
         match status {
             Status::Missing => plan.missing.push(rule.name.clone()),
             Status::Ok if !opts.force => plan.up_to_date += 1,
@@ -107,101 +112,104 @@ pub struct RekeyOutcome {
     pub unverified: Vec<String>,
 }
 
-/// Executes a plan in two phases: every secret is decrypted, re-encrypted and verified
-/// first; only when all of them succeeded are the new files put in place. One secret
-/// that cannot be rekeyed (corrupt, or no identity opens it) leaves every file as it was.
+/// Executes a plan in two phases: every secret is decrypted, re-encrypted, verified
+/// and written to a temp file beside its old one first (in parallel, so the file
+/// writes overlap the cryptography); only when all of them succeeded are the new files
+/// flushed and renamed into place. One secret that cannot be rekeyed (corrupt, or no
+/// identity opens it) removes every temp file and leaves every file as it was.
 pub fn execute(
     project: &Project,
     plan: &RekeyPlan,
     ids: &Identities,
 ) -> Result<RekeyOutcome, SecretsError> {
-    let prepared: Vec<(String, Result<Prepared, SecretsError>)> = plan
+    let sealer = Sealer::new(
+        plan.items
+            .iter()
+            .flat_map(|item| project.rules.secrets[&item.name].recipients.values()),
+    );
+    let staged: Vec<(String, Result<StagedSecret, SecretsError>)> = plan
         .items
         .par_iter()
         .map(|item| {
             let rule = &project.rules.secrets[&item.name];
-            (item.name.clone(), prepare_one(project, rule, ids))
-        })
-        .collect();
-    let mut ready = Vec::new();
-    let mut failures = Vec::new();
-    for (name, result) in prepared {
-        match result {
-            Ok(p) => ready.push((name, p)),
-            Err(e) => failures.push((name, e)),
-        }
-    }
-    if !failures.is_empty() {
-        return Err(SecretsError::RekeyAborted {
-            total: plan.items.len(),
-            failures,
-        });
-    }
-
-    // Every new file is written beside its old one; one flush puts them all on disk;
-    // only then are they renamed into place. A failure while staging leaves every file
-    // as it was.
-    // One thread: parallel file creation in one directory only contends on ext4's inode
-    // allocator and directory lock (it was a third of rekey's time on two cores).
-    let staged: Vec<(String, Result<StagedSecret, SecretsError>)> = ready
-        .iter()
-        .map(|(name, (ciphertext, _))| {
-            let rule = &project.rules.secrets[name];
-            (name.clone(), secret_file::stage(project, rule, ciphertext))
+            let result =
+                prepare_one(project, rule, ids, &sealer).and_then(|(ciphertext, verified)| {
+                    let (entry, file) = secret_file::stage(project, rule, &ciphertext)?;
+                    Ok((entry, file, verified))
+                });
+            (item.name.clone(), result)
         })
         .collect();
     let mut entries = Vec::new();
     let mut files = Vec::new();
-    for ((name, result), (_, (_, verified))) in staged.into_iter().zip(&ready) {
+    let mut failures = Vec::new();
+    for (name, result) in staged {
         match result {
-            Ok((entry, file)) => {
-                entries.push((name, entry, *verified));
+            Ok((entry, file, verified)) => {
+                entries.push((name, entry, verified));
                 files.push(file);
             }
             Err(e) => failures.push((name, e)),
         }
     }
     if !failures.is_empty() {
+        // Dropping the staged files removes them.
         return Err(SecretsError::RekeyAborted {
             total: plan.items.len(),
             failures,
         });
     }
-    let secrets_dir = project.path(agex_core::project::SECRETS_DIR);
-    let renamed =
-        agex_core::atomic::commit(files).map_err(SecretsError::io(secrets_dir.clone()))?;
-    let results: Vec<(String, Result<Rekeyed, SecretsError>)> = entries
-        .into_iter()
-        .zip(renamed)
-        .map(|((name, entry, verified), (path, result))| {
-            let result = result
-                .map(|()| (entry, verified))
-                .map_err(SecretsError::io(path));
-            (name, result)
-        })
-        .collect();
-
+    // The lock as it will be once every file is in place, staged with them so the one
+    // flush covers it too; it is renamed last. Should a rename fail, it is written
+    // again below from what did land.
+    let lock_path = project.path(agex_core::project::LOCK_FILE);
+    let lock_shown = project.display(agex_core::project::LOCK_FILE);
     let mut lock: Lock = project.lock.clone();
     lock.secrets
         .retain(|name, _| project.rules.secrets.contains_key(name));
+    for (name, entry, _) in &entries {
+        lock.secrets.insert(name.clone(), entry.clone());
+    }
+    let lock_changed = lock != project.lock;
+    if lock_changed {
+        let text = lock
+            .to_toml()
+            .map_err(SecretsError::io(lock_shown.clone()))?;
+        files.push(
+            agex_core::atomic::stage(&lock_path, text.as_bytes(), 0o644)
+                .map_err(SecretsError::io(lock_shown.clone()))?,
+        );
+    }
+    let secrets_dir = project.path(agex_core::project::SECRETS_DIR);
+    let mut renamed =
+        agex_core::atomic::commit(files).map_err(SecretsError::io(secrets_dir.clone()))?;
+    let lock_renamed = if lock_changed { renamed.pop() } else { None };
+
     let mut outcome = RekeyOutcome::default();
-    for (name, result) in results {
+    for ((name, _, verified), (path, result)) in entries.into_iter().zip(renamed) {
         match result {
-            Ok((entry, verified)) => {
-                lock.secrets.insert(name.clone(), entry);
+            Ok(()) => {
                 if !verified {
                     outcome.unverified.push(name.clone());
                 }
                 outcome.rekeyed.push(name);
             }
-            Err(e) => failures.push((name, e)),
+            Err(e) => {
+                // Its old file is still there: the lock keeps describing that one.
+                match project.lock.secrets.get(&name) {
+                    Some(old) => lock.secrets.insert(name.clone(), old.clone()),
+                    None => lock.secrets.remove(&name),
+                };
+                failures.push((name, SecretsError::io(path)(e)));
+            }
         }
     }
-    if lock != project.lock {
-        let path = project.path(agex_core::project::LOCK_FILE);
-        lock.save(&path).map_err(SecretsError::io(
-            project.display(agex_core::project::LOCK_FILE),
-        ))?;
+    match lock_renamed {
+        Some((_, Ok(()))) if failures.is_empty() => {}
+        Some(_) => lock
+            .save(&lock_path)
+            .map_err(SecretsError::io(lock_shown))?,
+        None => {}
     }
     if failures.is_empty() {
         Ok(outcome)
@@ -213,14 +221,12 @@ pub fn execute(
     }
 }
 
-/// A new file written beside the old one, with the lock entry it will have.
-type StagedSecret = (agex_core::LockEntry, Staged);
+/// A new file written beside the old one, with the lock entry it will have and whether
+/// it was verified by decrypting it.
+type StagedSecret = (agex_core::LockEntry, Staged, bool);
 
 /// A re-encrypted file not yet in place, and whether it was verified by decrypting it.
 type Prepared = (Vec<u8>, bool);
-
-/// A rewritten file's lock entry, and whether it was verified by decrypting it.
-type Rekeyed = (agex_core::LockEntry, bool);
 
 /// Decrypts, re-encrypts and verifies one file without touching it. Returns the new
 /// ciphertext and whether it was verified by decrypting it.
@@ -228,9 +234,10 @@ fn prepare_one(
     project: &Project,
     rule: &SecretRule,
     ids: &Identities,
+    sealer: &Sealer,
 ) -> Result<Prepared, SecretsError> {
     let plaintext = secret_file::open(project, rule, ids)?;
-    let ciphertext = secret_file::seal(project, rule, &plaintext)?;
+    let ciphertext = secret_file::seal_with(sealer, project, rule, &plaintext)?;
     let shown = project.display(&rule.file);
     let verified = if ids.matches_any(rule.recipients.values()) {
         let again = crypt::decrypt(&shown, &ciphertext, ids, &rule.recipients)?;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use agex_core::{LockEntry, Project, SecretRule};
 
-use crate::crypt::{self, Plaintext};
+use crate::crypt::{self, Plaintext, Sealer};
 use crate::error::SecretsError;
 use crate::header::Header;
 use crate::identity::Identities;
@@ -40,7 +40,22 @@ pub fn seal(
     rule: &SecretRule,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SecretsError> {
-    crypt::encrypt(
+    seal_with(
+        &Sealer::new(rule.recipients.values()),
+        project,
+        rule,
+        plaintext,
+    )
+}
+
+/// Like [`seal`], with recipient keys parsed once for many secrets.
+pub fn seal_with(
+    sealer: &Sealer,
+    project: &Project,
+    rule: &SecretRule,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SecretsError> {
+    sealer.seal(
         &project.display(&rule.file),
         plaintext,
         &rule.recipients,
@@ -87,8 +102,9 @@ pub fn replace_unsynced(
     Ok(entry)
 }
 
-/// Writes the new file of `rule` beside it, not yet in place and not yet flushed (see
-/// [`agex_core::atomic::commit`]); returns the lock entry it will have.
+/// Writes the new file of `rule` beside its old one (so its directory exists), not yet
+/// in place and not yet flushed (see [`agex_core::atomic::commit`]); returns the lock
+/// entry it will have.
 pub fn stage(
     project: &Project,
     rule: &SecretRule,
@@ -96,9 +112,6 @@ pub fn stage(
 ) -> Result<(LockEntry, agex_core::atomic::Staged), SecretsError> {
     let entry = lock_entry(project, rule, ciphertext)?;
     let path = project.path(&rule.file);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(SecretsError::io(dir))?;
-    }
     let staged = agex_core::atomic::stage(&path, ciphertext, 0o644)
         .map_err(SecretsError::io(project.display(&rule.file)))?;
     Ok((entry, staged))

@@ -156,9 +156,12 @@ pub fn cmd_rekey(
     let started = std::time::Instant::now();
     let outcome = rekey::execute(&project, &plan, &ids)?;
     // Printed only once done: a rekey that fails part-way must not claim files it kept.
-    for item in &plan.items {
-        println!("rekeyed {}: {}", item.name, item.reason);
-    }
+    let report: String = plan
+        .items
+        .iter()
+        .map(|item| format!("rekeyed {}: {}\n", item.name, item.reason))
+        .collect();
+    print!("{report}");
     for name in &outcome.unverified {
         eprintln!("note: {name}: none of your identities is a recipient any more; verified the header only");
     }
