@@ -17,6 +17,7 @@ pub mod progress;
 pub mod rebuild;
 pub mod records;
 pub mod restic;
+pub mod restic_key;
 pub mod restore;
 pub mod rotate;
 pub mod run;

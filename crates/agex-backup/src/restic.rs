@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use agex_core::Retention;
 use rustic_backend::BackendOptions;
-use rustic_core::repofile::{MasterKey, SnapshotFile};
+use rustic_core::repofile::{FileType, KeyId, MasterKey, SnapshotFile};
 use rustic_core::{
     BackupOptions, CheckOptions, ConfigOptions, Credentials, KeepOptions, KeyOptions, LocalSource,
     LocalSourceFilterOptions, LocalSourceSaveOptions, OpenStatus, PruneOptions, ReadSource,
     ReadSourceEntry, ReadSourceOpen, ReadSubsetOption, Repository, RepositoryOptions, RusticResult,
-    SnapshotOptions,
+    SnapshotOptions, WriteBackend,
 };
 
 use crate::access::RepoAccess;
@@ -21,13 +21,18 @@ use crate::error::BackupError;
 use crate::manifest::{host_path, under};
 use crate::progress::{Meter, ResticBars};
 
-/// Target size of data packs in repositories agex creates (restic 0.14's default).
-const DATA_PACK_SIZE: bytesize::ByteSize = bytesize::ByteSize::mib(16);
+/// Target size of data packs in repositories agex creates. rustic_core holds a pack being
+/// filled and packs being written in memory per packer; at 16 MiB (restic 0.14's target)
+/// a first backup peaked at 169 MiB against the restic binary's ~150, at 8 MiB at 140
+/// (bench/backup.sh). 8 MiB packs still keep the file count of a 1 TB repository near
+/// 125,000, which every backend agex supports handles.
+const DATA_PACK_SIZE: bytesize::ByteSize = bytesize::ByteSize::mib(8);
 
 /// An open Restic-format repository.
 pub struct Restic {
     name: String,
     repo: Repository<OpenStatus>,
+    be: Arc<dyn WriteBackend>,
     meter: Option<Arc<Meter>>,
 }
 
@@ -58,34 +63,37 @@ fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupErr
     }
 }
 
-fn unopened(
+/// An unopened repository and its backend, for writing files rustic_core would not
+/// write the way agex wants (key files, see [`crate::restic_key`]).
+fn unopened_with_backend(
     access: &RepoAccess,
     meter: Option<&Arc<Meter>>,
-) -> Result<Repository<()>, BackupError> {
+) -> Result<(Repository<()>, Arc<dyn WriteBackend>), BackupError> {
     let err = restic_err(&access.repo.name);
     let backends = BackendOptions::default()
         .repository(access.repo.url.clone())
         .to_backends()
         .map_err(&err)?;
     let opts = RepositoryOptions::default();
-    match meter {
+    let repo = match meter {
         Some(m) => Repository::new_with_progress(&opts, &backends, ResticBars(Arc::clone(m))),
         None => Repository::new(&opts, &backends),
     }
-    .map_err(err)
+    .map_err(err)?;
+    Ok((repo, backends.repository()))
 }
 
 impl Restic {
     /// Creates a new repository at the URL with the password.
     pub fn init(access: &RepoAccess) -> Result<Restic, BackupError> {
         let err = restic_err(&access.repo.name);
-        let repo = unopened(access, None)?
+        let (unopened, be) = unopened_with_backend(access, None)?;
+        let repo = unopened
             .init(
                 &Credentials::password(access.password.as_str()),
                 &KeyOptions::default(),
-                // restic's own pack size: rustic_core's default (32 MiB) holds twice as
-                // much in memory per pack being filled and written. Packs are not
-                // decrypted again before upload (rustic_core's extra_verify: 7% of a first
+                // Smaller packs than rustic_core's default (32 MiB), see DATA_PACK_SIZE.
+                // Packs are not decrypted again before upload (rustic_core's extra_verify: 7% of a first
                 // backup's CPU here; restic 0.14 does not either): `agex drill` checks every
                 // file of a snapshot end to end against its manifest, and `agex repo check`
                 // runs weekly.
@@ -93,11 +101,32 @@ impl Restic {
                     .set_datapack_size(DATA_PACK_SIZE)
                     .set_extra_verify(false),
             )
-            .map_err(err)?;
-        Ok(Restic {
+            .map_err(&err)?;
+        // rustic_core's key (scrypt at 128 MiB) is replaced by agex's (restic's 32 MiB):
+        // the new key is written and read back first, so the repository always has a
+        // key that opens with the password.
+        let first = *repo.key_id();
+        let restic = Restic {
             name: access.repo.name.clone(),
             repo,
+            be: Arc::clone(&be),
             meter: None,
+        };
+        restic.add_key(access.password.as_str())?;
+        if let Some(first) = first {
+            be.remove(FileType::Key, &first, false).map_err(&err)?;
+        }
+        Restic::open(access)
+    }
+
+    /// Adds a key file that opens this repository with `password` (see
+    /// [`crate::restic_key`]); returns its id.
+    pub fn add_key(&self, password: &str) -> Result<KeyId, BackupError> {
+        crate::restic_key::add(&self.be, &self.repo.key(), password).map_err(|e| {
+            BackupError::Restic {
+                repo: self.name.clone(),
+                message: format!("writing a repository key: {e}"),
+            }
         })
     }
 
@@ -124,10 +153,12 @@ impl Restic {
             Some(k) => Credentials::Masterkey(k),
             None => Credentials::password(access.password.as_str()),
         };
-        let repo = unopened(access, meter)?.open(&credentials).map_err(err)?;
+        let (unopened, be) = unopened_with_backend(access, meter)?;
+        let repo = unopened.open(&credentials).map_err(err)?;
         Ok(Restic {
             name: access.repo.name.clone(),
             repo,
+            be,
             meter: meter.cloned(),
         })
     }

@@ -250,9 +250,7 @@ pub fn rotate(
         RepositoryKind::Restic => {
             let old = Restic::open(&access)?;
             let old_id = *old.inner().key_id();
-            old.inner()
-                .add_key(&new, &rustic_core::KeyOptions::default())
-                .map_err(restic_err(name))?;
+            old.add_key(&new)?;
             on_step(Step::KeyAdded);
             let reopened = Restic::open(&next)?;
             on_step(Step::Verified);
