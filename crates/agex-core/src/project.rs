@@ -63,19 +63,21 @@ impl Project {
 
     /// Loads and validates the configuration in `dir`.
     pub fn load(dir: &Path) -> Result<Project, ConfigError> {
-        let config = Config::parse(read_source(dir, CONFIG_FILE)?).map_err(ConfigError::Invalid)?;
-        let rules_path = dir.join(RULES_FILE);
-        let rules_source = if rules_path.exists() {
-            read_source(dir, RULES_FILE)?
-        } else {
-            SourceFile::new(display_path(dir, RULES_FILE), "")
-        };
-        let rules = Rules::parse(rules_source, &config).map_err(ConfigError::Invalid)?;
-        let lock = if dir.join(LOCK_FILE).exists() {
-            Lock::parse(&read_source(dir, LOCK_FILE)?).map_err(ConfigError::Invalid)?
-        } else {
-            Lock::new()
-        };
+        // The lock does not depend on the rest: it parses on its own thread (with a
+        // thousand secrets, each file takes a few milliseconds).
+        let (parsed, lock) = std::thread::scope(|scope| {
+            let lock = scope.spawn(|| load_lock(dir));
+            let parsed = load_config_and_rules(dir);
+            let lock = lock.join().unwrap_or_else(|_| {
+                Err(ConfigError::Io {
+                    path: dir.join(LOCK_FILE),
+                    source: std::io::Error::other("the lock file parser panicked"),
+                })
+            });
+            (parsed, lock)
+        });
+        let (config, rules) = parsed?;
+        let lock = lock?;
         check_repositories(&config, &rules).map_err(ConfigError::Invalid)?;
         let policies = load_policies(dir, &config, &rules)?;
         check_notify(&config, &rules, &policies).map_err(ConfigError::Invalid)?;
@@ -105,6 +107,25 @@ impl Project {
     /// the config dir is below it).
     pub fn display(&self, rel: impl AsRef<Path>) -> PathBuf {
         PathBuf::from(shown(&self.dir, rel.as_ref(), self.cwd.as_deref()))
+    }
+}
+
+fn load_config_and_rules(dir: &Path) -> Result<(Config, Rules), ConfigError> {
+    let config = Config::parse(read_source(dir, CONFIG_FILE)?).map_err(ConfigError::Invalid)?;
+    let rules_source = if dir.join(RULES_FILE).exists() {
+        read_source(dir, RULES_FILE)?
+    } else {
+        SourceFile::new(display_path(dir, RULES_FILE), "")
+    };
+    let rules = Rules::parse(rules_source, &config).map_err(ConfigError::Invalid)?;
+    Ok((config, rules))
+}
+
+fn load_lock(dir: &Path) -> Result<Lock, ConfigError> {
+    if dir.join(LOCK_FILE).exists() {
+        Lock::parse(&read_source(dir, LOCK_FILE)?).map_err(ConfigError::Invalid)
+    } else {
+        Ok(Lock::new())
     }
 }
 
