@@ -23,7 +23,7 @@ cleanup() {
   cd /
   if [ -n "$mnt" ]; then umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rmdir "$mnt" 2>/dev/null || true; fi
   if [ -n "$img" ]; then rm -f "$img"; fi
-  if [ -n "${work:-}" ] && [ -z "${BENCH_DIR:-}" ]; then rm -rf "$work"; fi
+  if [ -n "${work:-}" ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -63,10 +63,11 @@ TOML
   done
 } > secrets/secrets.toml
 "$AGEX" generate > /dev/null
-fs="$(findmnt -no FSTYPE,SOURCE --target "$work" | tr -s ' ')"
-journal="no journal"
-if [ "${fs%% *}" = ext4 ] && dumpe2fs -h "${fs#* }" 2>/dev/null | grep -q has_journal; then journal="journal"; fi
-echo "secrets: $N (each to 1 X25519 + 1 ssh-ed25519 recipient), cores: $(nproc), filesystem: $fs ($journal)"
+fs="$(findmnt -no FSTYPE,SOURCE --target "$work" | tail -1 | tr -s ' ')"
+if [ "${fs%% *}" = ext4 ]; then
+  if dumpe2fs -h "${fs#* }" 2>/dev/null | grep -q has_journal; then fs="$fs (journal)"; else fs="$fs (no journal)"; fi
+fi
+echo "secrets: $N (each to 1 X25519 + 1 ssh-ed25519 recipient), cores: $(nproc), filesystem: $fs"
 
 now() { date +%s.%N; }
 
