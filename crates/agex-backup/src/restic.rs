@@ -51,7 +51,9 @@ pub struct SnapshotInfo {
     pub bytes_added: Option<u64>,
 }
 
-fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
+/// Turns a rustic_core error into agex's, naming the repository and keeping the
+/// first line of what rustic_core said.
+pub(crate) fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
     move |e| BackupError::Restic {
         repo: repo.to_string(),
         message: e

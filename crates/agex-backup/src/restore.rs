@@ -22,7 +22,7 @@ use crate::manifest::{self, under, Manifest};
 use crate::pg::PgConn;
 use crate::process;
 use crate::progress::{Meter, Progress};
-use crate::restic::Restic;
+use crate::restic::{restic_err, Restic};
 
 /// One snapshot (Restic) or archive (Borg) of a service.
 #[derive(Debug, Clone, Serialize)]
@@ -218,7 +218,7 @@ pub fn extract(
                 let snapshot = first
                     .into_inner()
                     .get_snapshot_from_str(&snap.id, |_| true)
-                    .map_err(restic_error(repo))?;
+                    .map_err(restic_err(repo))?;
                 let (bytes, files) = snapshot
                     .summary
                     .map(|s| (s.total_bytes_processed, s.total_files_processed))
@@ -234,18 +234,6 @@ pub fn extract(
     }
     result?;
     count(dest)
-}
-
-fn restic_error(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
-    move |e| BackupError::Restic {
-        repo: repo.to_string(),
-        message: e
-            .display_log()
-            .lines()
-            .next()
-            .unwrap_or("error")
-            .to_string(),
-    }
 }
 
 /// `borg extract` in `dest`; with progress, its `--progress` JSON feeds a meter.
@@ -321,7 +309,7 @@ fn restic_extract(
     key: Option<rustic_core::repofile::MasterKey>,
 ) -> Result<(), BackupError> {
     let name = access.repo.name.clone();
-    let err = restic_error(&access.repo.name);
+    let err = restic_err(&access.repo.name);
     let repo = Restic::open_metered(access, meter, key)?
         .into_inner()
         .to_indexed()

@@ -20,7 +20,7 @@ use crate::access::{self, RepoAccess};
 use crate::borg::Borg;
 use crate::error::BackupError;
 use crate::process;
-use crate::restic::Restic;
+use crate::restic::{restic_err, Restic};
 
 /// A point of the rotation, reported to the caller as soon as it is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,16 +283,4 @@ pub fn rotate(
         }
     }
     Ok(out)
-}
-
-fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
-    move |e| BackupError::Restic {
-        repo: repo.to_string(),
-        message: e
-            .display_log()
-            .lines()
-            .next()
-            .unwrap_or("error")
-            .to_string(),
-    }
 }
