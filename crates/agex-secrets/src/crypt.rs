@@ -129,9 +129,7 @@ fn parse(key: &RecipientKey) -> Result<Parsed, String> {
         RecipientKind::X25519 => Box::new(
             X25519Recipient::parse(key.as_str()).ok_or("not a valid age X25519 recipient")?,
         ),
-        RecipientKind::SshEd25519 => Box::new(SshEd25519Recipient::from_wire(
-            &key.ssh_wire().ok_or("the ssh key is not valid base64")?,
-        )?),
+        RecipientKind::SshEd25519 => Box::new(SshEd25519Recipient::new(key)?),
         RecipientKind::SshRsa => Box::new(
             key.as_str()
                 .parse::<age::ssh::Recipient>()

@@ -20,11 +20,11 @@ use age::{DecryptError, EncryptError};
 use age_core::format::{FileKey, Stanza, FILE_KEY_BYTES};
 use age_core::primitives::{aead_decrypt, aead_encrypt, hkdf};
 use age_core::secrecy::ExposeSecret;
+use agex_core::RecipientKey;
 use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, X25519};
 use base64::prelude::{Engine, BASE64_STANDARD_NO_PAD};
 use rand::rngs::OsRng;
 use rand::RngCore;
-use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
 const X25519_TAG: &str = "X25519";
@@ -234,15 +234,22 @@ pub struct SshEd25519Recipient {
 }
 
 impl SshEd25519Recipient {
-    /// From an ssh-ed25519 public key blob (wire format); the error says what is wrong.
-    pub fn from_wire(wire: &[u8]) -> Result<SshEd25519Recipient, String> {
-        let key = ed25519_key(wire).ok_or("not an ssh-ed25519 public key blob")?;
-        let point = curve25519_dalek::edwards::CompressedEdwardsY(key)
-            .decompress()
-            .ok_or("the ed25519 public key is not a point on the curve")?;
-        let tweak_bytes: Zeroizing<[u8; 32]> = Zeroizing::new(hkdf(wire, SSH_ED25519_LABEL, &[]));
+    /// From an ssh-ed25519 recipient key; the error says what is wrong with it.
+    pub fn new(key: &RecipientKey) -> Result<SshEd25519Recipient, String> {
+        let wire = key.ssh_wire().ok_or("the ssh key is not valid base64")?;
+        let tag = key
+            .ssh_stanza_tag()
+            .ok_or("the ssh key is not valid base64")?;
+        let point = ed25519_key(&wire)
+            .ok_or("not an ssh-ed25519 public key blob")
+            .and_then(|k| {
+                curve25519_dalek::edwards::CompressedEdwardsY(k)
+                    .decompress()
+                    .ok_or("the ed25519 public key is not a point on the curve")
+            })?;
+        let tweak_bytes: Zeroizing<[u8; 32]> = Zeroizing::new(hkdf(&wire, SSH_ED25519_LABEL, &[]));
         Ok(SshEd25519Recipient {
-            tag: BASE64_STANDARD_NO_PAD.encode(&Sha256::digest(wire)[..4]),
+            tag,
             public: point.to_montgomery().to_bytes(),
             tweak: scalar(&tweak_bytes).ok_or("cannot derive the ssh-ed25519 tweak")?,
         })
@@ -345,10 +352,7 @@ YvXKbj/t1vLpyeCDzG7yAAAAAAECAwQF
 
     #[test]
     fn age_opens_what_the_ssh_recipient_sealed_with_the_same_stanza_tag() {
-        let wire = BASE64_STANDARD_NO_PAD
-            .decode(SSH_PUBLIC.split_whitespace().nth(1).unwrap())
-            .unwrap();
-        let ours = SshEd25519Recipient::from_wire(&wire).unwrap();
+        let ours = SshEd25519Recipient::new(&SSH_PUBLIC.parse().unwrap()).unwrap();
         let file = encrypt(&ours, b"to the host");
         let id = age::ssh::Identity::from_buffer(SSH_PRIVATE.as_bytes(), None).unwrap();
         assert_eq!(decrypt(&id, &file).unwrap(), b"to the host");
@@ -371,12 +375,18 @@ YvXKbj/t1vLpyeCDzG7yAAAAAAECAwQF
 
     #[test]
     fn a_bad_ssh_blob_is_refused_with_a_reason() {
-        assert!(SshEd25519Recipient::from_wire(b"short").is_err());
+        assert!(ed25519_key(b"short").is_none());
         let mut wire = BASE64_STANDARD_NO_PAD
             .decode(SSH_PUBLIC.split_whitespace().nth(1).unwrap())
             .unwrap();
+        assert!(ed25519_key(&wire).is_some());
         wire.push(0);
-        assert!(SshEd25519Recipient::from_wire(&wire).is_err());
+        assert!(ed25519_key(&wire).is_none());
+        let not_ssh: RecipientKey =
+            "age1y2jwy3pm97kq5epced2l03ed6mc084tq0q2v645yx9p8qmrx75esje5me0"
+                .parse()
+                .unwrap();
+        assert!(SshEd25519Recipient::new(&not_ssh).is_err());
     }
 
     #[test]
