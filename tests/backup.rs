@@ -483,6 +483,115 @@ fn a_failed_dump_keeps_no_snapshot_and_a_wrong_password_fails_only_its_repositor
 }
 
 #[test]
+fn a_dump_that_breaks_off_mid_stream_keeps_no_snapshot_in_either_repository() {
+    let test = "a_dump_that_breaks_off_mid_stream_keeps_no_snapshot_in_either_repository";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    pg.create_db("app");
+    // ~85 MB of rows: the repositories are slower than pg_dump, so its COPY is still
+    // running (held back by them) when the test cuts its connection.
+    pg.psql(
+        "app",
+        "CREATE TABLE blobs (id int PRIMARY KEY, body text); \
+         INSERT INTO blobs SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 300000) g;",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    fs::create_dir_all(s.host("/run")).unwrap();
+    std::os::unix::fs::symlink(pg.socket_dir(), s.host("/run/postgresql")).unwrap();
+    s.policy(
+        "testapp",
+        &format!(
+            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
+             socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
+            pg.port()
+        ),
+    );
+    app_data(&s, 1 << 20);
+    s.init_repos();
+
+    let root = s.root.to_str().unwrap().to_string();
+    let key = s.fx.key("admin.txt");
+    let child =
+        s.fx.agex()
+            .args(["-i", key.to_str().unwrap(), "--root", &root])
+            .args(["backup", "--service", "testapp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    // pg_dump is mid-COPY: its server process is terminated, as a crash or an
+    // administrator's pg_terminate_backend would.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let killed = loop {
+        let pids = pg.psql(
+            "postgres",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pg_dump' \
+             AND query LIKE 'COPY %'",
+        );
+        if let Some(pid) = pids.split_whitespace().next() {
+            pg.psql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(killed, "pg_dump's COPY was never seen running");
+    let err = assert_fails(&out, 1);
+    assert!(err.contains("dump of app.pgdump failed"), "{err}");
+    assert!(err.contains("no snapshot was written"), "{err}");
+    let snaps = stdout(&run(
+        s.restic(&restic_url).args(["snapshots", "--json"]),
+        "restic snapshots",
+    ));
+    assert_eq!(snaps.trim(), "[]", "a snapshot with a torn dump was kept");
+    let list: serde_json::Value = serde_json::from_str(&stdout(&run(
+        s.borg(None).args(["list", "--json"]).arg(&borg_url),
+        "borg list",
+    )))
+    .unwrap();
+    assert_eq!(list["archives"].as_array().unwrap().len(), 0, "{list}");
+    run(s.restic(&restic_url).arg("check"), "restic check");
+    run(s.borg(None).arg("check").arg(&borg_url), "borg check");
+
+    // Left alone, the same dump streams whole into both, at its full size.
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    let r = tmp.path().join("restored");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r),
+        "restic restore",
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &fs::read(r.join("var/lib/agex/dumps/testapp/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let entry = manifest["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "postgres")
+        .unwrap()
+        .clone();
+    let dump = fs::read(r.join("var/lib/agex/dumps/testapp/db/app.pgdump")).unwrap();
+    assert!(dump.len() > 60 << 20, "dump of {} bytes", dump.len());
+    assert_eq!(entry["size"], dump.len(), "{entry}");
+    assert_eq!(entry["digest"], sha256_of(&dump));
+    assert_eq!(entry["row_counts"]["public.blobs"], 300000);
+}
+
+#[test]
 fn retention_keeps_what_the_policy_says_in_both_repositories() {
     let test = "retention_keeps_what_the_policy_says_in_both_repositories";
     if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {

@@ -2,7 +2,6 @@
 //! reaches borg through `BORG_PASSCOMMAND` reading a 0600 file on tmpfs, the ssh key
 //! through `BORG_RSH`; both files live in a [`RamDir`] wiped when the driver is dropped.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -110,15 +109,7 @@ impl Borg {
         cmd.env("BORG_RSH", rsh);
         // borg must not outlive agex: a borg left reading a named pipe whose writer died
         // would hold the repository lock forever. SIGTERM makes it exit cleanly.
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                rustix::process::set_parent_process_death_signal(Some(
-                    rustix::process::Signal::TERM,
-                ))
-                .map_err(std::io::Error::from)
-            });
-        }
+        process::die_with_agex(&mut cmd);
         cmd
     }
 

@@ -1,16 +1,16 @@
-//! Database dumps, taken once per run into RAM (tmpfs) and read by every repository:
-//! SQLite through the online backup API (a consistent copy), PostgreSQL through
-//! `pg_dump -Fc`.
+//! Database dumps, taken once per run and streamed, while they are taken, to every
+//! repository through a [`Tee`]: PostgreSQL as `pg_dump -Fc` straight from its stdout
+//! (nothing of it is stored anywhere first, however large the database), SQLite
+//! through the online backup API, whose consistent copy is a database file: it is made
+//! in RAM (tmpfs), never on a persistent disk, and streamed from there.
 //!
-//! Why not a pipe straight into both engines: rustic_core 0.13's archiver never records
-//! the size of an entry whose size it did not know up front (`node.meta.size` stays 0),
-//! and `restic restore` then writes such a file empty. A dump therefore completes first,
-//! in RAM — never on a persistent disk — and both engines read the finished bytes with
-//! exact metadata; a failed dump is known before any snapshot starts.
+//! `pg_dump` leaves compression to the repositories (`--compress=0`): both compress
+//! with zstd, and an uncompressed dump deduplicates against last night's, where a
+//! zlib-compressed one is new bytes from its first changed row on.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
 
 use agex_core::Database;
 use agex_secrets::ramdir::RamDir;
@@ -20,46 +20,40 @@ use crate::error::BackupError;
 use crate::manifest::under;
 use crate::postgres::Connection;
 use crate::process;
+use crate::tee::{Copied, Tee};
 
-/// A finished dump on a RAM-backed filesystem: its size and digest are known before
-/// any repository reads it, so both engines store exact metadata.
-pub struct Dump {
-    /// The dump's file name inside the snapshot.
-    pub file: String,
-    /// Where the bytes are (inside `_dir`, removed with it).
-    pub path: PathBuf,
-    /// Size in bytes.
-    pub size: u64,
-    /// `sha256:<hex>` of the bytes.
-    pub digest: String,
-    /// Row count per table (SQLite: `table`; PostgreSQL: `schema.table`), for the manifest.
+/// What a complete dump measured, for the manifest.
+#[derive(Debug, Clone)]
+pub struct Dumped {
+    /// Size and digest of the bytes the repositories got.
+    pub copied: Copied,
+    /// Row count per table (SQLite: `table`; PostgreSQL: `schema.table`).
     pub row_counts: BTreeMap<String, u64>,
-    _dir: RamDir,
 }
 
-impl Dump {
-    /// A fresh reader of the dump's bytes.
-    pub fn open(&self) -> Result<File, BackupError> {
-        File::open(&self.path).map_err(BackupError::io(&self.path))
-    }
-}
-
-/// Dumps `db` once into RAM. `root` is the `--root` for host paths; `password` is the
-/// PostgreSQL role's password when the policy names a secret for it.
-pub fn take(
+/// Dumps `db` once into `tee`, ending the stream as complete or failed. `root` is the
+/// `--root` for host paths; `password` is the PostgreSQL role's password when the policy
+/// names a secret for it.
+pub fn stream(
     db: &Database,
     root: &Path,
     password: Option<Zeroizing<Vec<u8>>>,
-) -> Result<Dump, BackupError> {
-    match db {
-        Database::Sqlite { path, .. } => sqlite(db.dump_file(), &under(root, path)),
+    mut tee: Tee,
+) -> Result<Dumped, BackupError> {
+    let dumped = match db {
+        Database::Sqlite { path, .. } => sqlite(&under(root, path), &mut tee),
         Database::Postgres { .. } => {
-            postgres(db.dump_file(), &Connection::new(db, root, password)?)
+            Connection::new(db, root, password).and_then(|conn| postgres(&conn, &mut tee))
         }
+    };
+    match &dumped {
+        Ok(_) => tee.finish(),
+        Err(e) => tee.fail(&format!("the dump of {} failed: {e}", db.dump_file())),
     }
+    dumped
 }
 
-fn sqlite(file: String, path: &Path) -> Result<Dump, BackupError> {
+fn sqlite(path: &Path, tee: &mut Tee) -> Result<Dumped, BackupError> {
     if !path.is_file() {
         return Err(BackupError::io(path)(std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -82,15 +76,9 @@ fn sqlite(file: String, path: &Path) -> Result<Dump, BackupError> {
         .map_err(fail)?;
     drop(src);
     let row_counts = sqlite_row_counts(&copy).map_err(fail)?;
-    let (size, digest) = crate::manifest::digest_file(&copy)?;
-    Ok(Dump {
-        file,
-        path: copy,
-        size,
-        digest,
-        row_counts,
-        _dir: dir,
-    })
+    let mut file = std::fs::File::open(&copy).map_err(BackupError::io(&copy))?;
+    let copied = tee.copy_from(&mut file).map_err(BackupError::io(&copy))?;
+    Ok(Dumped { copied, row_counts })
 }
 
 /// Row counts of every table of an SQLite file (used for the manifest and drills).
@@ -117,28 +105,14 @@ pub fn sqlite_row_counts(path: &Path) -> Result<BTreeMap<String, u64>, rusqlite:
 
 /// `pg_dump -Fc` of the snapshot a `psql` session exports, with row counts read in that
 /// same snapshot: the manifest's counts are exactly the dump's, however busy the database.
-fn postgres(file: String, conn: &Connection) -> Result<Dump, BackupError> {
+/// A dump is complete only when pg_dump exited 0 after its last byte was handed on.
+fn postgres(conn: &Connection, tee: &mut Tee) -> Result<Dumped, BackupError> {
     let mut session = conn.session(conn.database())?;
     let snapshot = session.export_snapshot()?;
     let row_counts = session.row_counts()?;
-    let dir = RamDir::create(false)?;
-    let path = dir.path().join("dump.pgdump");
-    let out = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(BackupError::io(&path))?;
     let mut cmd = conn.command("pg_dump", conn.database());
-    cmd.args(["--format=custom", "--snapshot", &snapshot]);
-    process::run_to(&mut cmd, out.into())?;
+    cmd.args(["--format=custom", "--compress=0", "--snapshot", &snapshot]);
+    let copied = process::run_reading(&mut cmd, |out: &mut dyn Read| tee.copy_from(out))?;
     session.finish()?;
-    let (size, digest) = crate::manifest::digest_file(&path)?;
-    Ok(Dump {
-        file,
-        path,
-        size,
-        digest,
-        row_counts,
-        _dir: dir,
-    })
+    Ok(Dumped { copied, row_counts })
 }

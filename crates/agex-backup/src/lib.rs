@@ -22,5 +22,6 @@ pub mod restore;
 pub mod rotate;
 pub mod run;
 pub mod status;
+pub mod tee;
 
 pub use error::BackupError;

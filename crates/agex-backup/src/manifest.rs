@@ -1,9 +1,9 @@
 //! What a snapshot holds, stored inside it: every file's path, size and digest, and each
 //! dump's size, digest and table row counts. Restore drills verify against it.
 //!
-//! The file list comes from a walk made just before the engines start, the dump entries
-//! from the finished dumps, so the manifest is complete before either engine starts and
-//! goes into the same snapshot.
+//! The file list comes from a walk made while the engines read (after the policy's units
+//! stopped), the dump entries from the dumps as they were streamed; the manifest is the
+//! last stream of a snapshot, so it is complete when either engine reads it.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};

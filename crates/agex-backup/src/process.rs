@@ -2,6 +2,7 @@
 //! logged without secrets, stderr is captured, and a failure becomes a typed error that
 //! quotes the tool's last stderr lines.
 
+use std::io::Read;
 use std::process::{Command, Output, Stdio};
 
 use crate::error::BackupError;
@@ -35,6 +36,71 @@ pub fn run_to(cmd: &mut Command, stdout: Stdio) -> Result<Output, BackupError> {
             source,
         })?;
     check(&shown, out)
+}
+
+/// Runs a command whose stdout `consume` reads as it comes (a dump streamed on), capturing
+/// stderr. The result is `consume`'s only if it succeeded and the command then exited 0;
+/// if `consume` fails, the command is killed. The command dies with agex.
+pub fn run_reading<T>(
+    cmd: &mut Command,
+    consume: impl FnOnce(&mut dyn Read) -> std::io::Result<T>,
+) -> Result<T, BackupError> {
+    let shown = describe(cmd);
+    die_with_agex(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| BackupError::Spawn {
+            tool: shown.clone(),
+            source,
+        })?;
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = e.read_to_string(&mut text);
+            text
+        })
+    });
+    let consumed = match child.stdout.take() {
+        Some(mut out) => consume(&mut out),
+        None => Err(std::io::Error::other("no stdout")),
+    };
+    if consumed.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(|source| BackupError::Spawn {
+        tool: shown.clone(),
+        source,
+    })?;
+    let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    match consumed {
+        Err(e) => Err(BackupError::Output {
+            tool: shown,
+            detail: format!("reading its output failed: {e}"),
+        }),
+        Ok(_) if !status.success() => Err(BackupError::Tool {
+            tool: shown,
+            status: status_text(&status),
+            stderr: tail(&stderr),
+        }),
+        Ok(v) => Ok(v),
+    }
+}
+
+/// Makes the command's process get SIGTERM when the agex thread that starts it ends
+/// (agex killed, say): a tool left reading or writing a pipe whose other end died would
+/// hold a repository lock or a database snapshot forever.
+pub fn die_with_agex(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(std::io::Error::from)
+        });
+    }
 }
 
 /// Turns a finished command's output into `Ok(output)` or a [`BackupError::Tool`].

@@ -1,5 +1,5 @@
 //! How far each repository has got in a run: bytes and files read, against the totals
-//! known from the walk. The library only counts; the CLI decides how to show it (bars
+//! known once the walk (which runs while the repositories read) has listed the files. The library only counts; the CLI decides how to show it (bars
 //! on a TTY, nothing otherwise).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 /// Receives progress of one run. Calls come from several threads at once.
 pub trait Progress: Send + Sync + std::fmt::Debug {
-    /// A repository starts on a service that holds `bytes` in `files` files.
-    fn start(&self, service: &str, repo: &str, bytes: u64, files: u64);
+    /// A repository starts on a service.
+    fn start(&self, service: &str, repo: &str);
+    /// The service's files hold `bytes` in `files` files (dumps come on top).
+    fn total(&self, service: &str, repo: &str, bytes: u64, files: u64);
     /// Bytes and files read so far (totals, not increments).
     fn update(&self, service: &str, repo: &str, bytes: u64, files: u64);
     /// The repository is done with the service.
@@ -26,15 +28,9 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// Starts a meter and tells the sink the totals.
-    pub fn start(
-        sink: Arc<dyn Progress>,
-        service: &str,
-        repo: &str,
-        bytes: u64,
-        files: u64,
-    ) -> Arc<Meter> {
-        sink.start(service, repo, bytes, files);
+    /// Starts a meter and tells the sink.
+    pub fn start(sink: Arc<dyn Progress>, service: &str, repo: &str) -> Arc<Meter> {
+        sink.start(service, repo);
         Arc::new(Meter {
             sink,
             service: service.to_string(),
@@ -42,6 +38,11 @@ impl Meter {
             bytes: AtomicU64::new(0),
             files: AtomicU64::new(0),
         })
+    }
+
+    /// The totals are known.
+    pub fn set_total(&self, bytes: u64, files: u64) {
+        self.sink.total(&self.service, &self.repo, bytes, files);
     }
 
     /// `n` more bytes read.

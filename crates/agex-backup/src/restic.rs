@@ -4,22 +4,24 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use agex_core::Retention;
 use rustic_backend::BackendOptions;
 use rustic_core::repofile::{FileType, KeyId, MasterKey, SnapshotFile};
 use rustic_core::{
-    BackupOptions, CheckOptions, ConfigOptions, Credentials, KeepOptions, KeyOptions, LocalSource,
-    LocalSourceFilterOptions, LocalSourceSaveOptions, OpenStatus, PruneOptions, ReadSource,
-    ReadSourceEntry, ReadSourceOpen, ReadSubsetOption, Repository, RepositoryOptions, RusticResult,
-    SnapshotOptions, WriteBackend,
+    BackupOptions, BytesList, CheckOptions, ConfigOptions, Credentials, ErrorKind, Id, KeepOptions,
+    KeyOptions, LocalSource, LocalSourceFilterOptions, LocalSourceSaveOptions, OpenStatus,
+    PruneOptions, ReadBackend, ReadSource, ReadSourceEntry, ReadSourceOpen, ReadSubsetOption,
+    Repository, RepositoryBackends, RepositoryOptions, RusticError, RusticResult, SnapshotOptions,
+    WriteBackend,
 };
 
 use crate::access::RepoAccess;
 use crate::error::BackupError;
 use crate::manifest::{host_path, under};
 use crate::progress::{Meter, ResticBars};
+use crate::tee::Completion;
 
 /// Target size of data packs in repositories agex creates. rustic_core holds a pack being
 /// filled and packs being written in memory per packer; at 16 MiB (restic 0.14's target)
@@ -33,6 +35,7 @@ pub struct Restic {
     name: String,
     repo: Repository<OpenStatus>,
     be: Arc<dyn WriteBackend>,
+    gate: Gate,
     meter: Option<Arc<Meter>>,
 }
 
@@ -65,32 +68,132 @@ pub(crate) fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -
     }
 }
 
-/// An unopened repository and its backend, for writing files rustic_core would not
-/// write the way agex wants (key files, see [`crate::restic_key`]).
-fn unopened_with_backend(
-    access: &RepoAccess,
-    meter: Option<&Arc<Meter>>,
-) -> Result<(Repository<()>, Arc<dyn WriteBackend>), BackupError> {
+/// A repository not opened yet, its backend (also for writing files rustic_core would
+/// not write the way agex wants: key files, see [`crate::restic_key`]) and the gate on
+/// that backend's snapshot writes.
+struct Unopened {
+    repo: Repository<()>,
+    be: Arc<dyn WriteBackend>,
+    gate: Gate,
+}
+
+fn unopened(access: &RepoAccess, meter: Option<&Arc<Meter>>) -> Result<Unopened, BackupError> {
     let err = restic_err(&access.repo.name);
     let backends = BackendOptions::default()
         .repository(access.repo.url.clone())
         .to_backends()
         .map_err(&err)?;
+    let gate = Gate::default();
+    let gated: Arc<dyn WriteBackend> = Arc::new(Gated {
+        inner: backends.repository(),
+        gate: gate.clone(),
+    });
+    let backends = RepositoryBackends::new(Arc::clone(&gated), backends.repo_hot());
     let opts = RepositoryOptions::default();
     let repo = match meter {
         Some(m) => Repository::new_with_progress(&opts, &backends, ResticBars(Arc::clone(m))),
         None => Repository::new(&opts, &backends),
     }
     .map_err(err)?;
-    Ok((repo, backends.repository()))
+    Ok(Unopened {
+        repo,
+        be: gated,
+        gate,
+    })
+}
+
+/// While a backup's streams are being read: how many there are and how many have ended
+/// complete. Unset, snapshots are written freely.
+#[derive(Clone, Default)]
+struct Gate(Arc<Mutex<Option<(Completion, usize)>>>);
+
+impl Gate {
+    fn set(&self, completion: Completion, streams: usize) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((completion, streams));
+    }
+
+    /// Whether a snapshot may be written now: every stream of the backup ended complete.
+    fn open(&self) -> bool {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((completion, streams)) => completion.count() >= *streams,
+            None => true,
+        }
+    }
+}
+
+/// The repository's backend with one rule added: no snapshot file is written while the
+/// [`Gate`] is shut. rustic_core skips a file whose reader fails (a dump that broke off)
+/// and saves the snapshot anyway; this is what keeps such a snapshot out of the
+/// repository. Its data packs stay unreferenced until the next prune, as after a kill.
+struct Gated {
+    inner: Arc<dyn WriteBackend>,
+    gate: Gate,
+}
+
+impl ReadBackend for Gated {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+        self.inner.list_with_size(tpe)
+    }
+    fn list(&self, tpe: FileType) -> RusticResult<Vec<Id>> {
+        self.inner.list(tpe)
+    }
+    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<bytes::Bytes> {
+        self.inner.read_full(tpe, id)
+    }
+    fn read_partial(
+        &self,
+        tpe: FileType,
+        id: &Id,
+        cacheable: bool,
+        offset: u32,
+        length: u32,
+    ) -> RusticResult<bytes::Bytes> {
+        self.inner.read_partial(tpe, id, cacheable, offset, length)
+    }
+    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
+        self.inner.warmup_path(tpe, id)
+    }
+    fn needs_warm_up(&self) -> bool {
+        self.inner.needs_warm_up()
+    }
+    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
+        self.inner.warm_up(tpe, id)
+    }
+}
+
+impl WriteBackend for Gated {
+    fn create(&self) -> RusticResult<()> {
+        self.inner.create()
+    }
+    fn write_bytes(
+        &self,
+        tpe: FileType,
+        id: &Id,
+        cacheable: bool,
+        content: BytesList,
+    ) -> RusticResult<()> {
+        if tpe == FileType::Snapshot && !self.gate.open() {
+            return Err(RusticError::new(
+                ErrorKind::MissingInput,
+                "a database dump or the manifest did not arrive whole; no snapshot was written",
+            ));
+        }
+        self.inner.write_bytes(tpe, id, cacheable, content)
+    }
+    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
+        self.inner.remove(tpe, id, cacheable)
+    }
 }
 
 impl Restic {
     /// Creates a new repository at the URL with the password.
     pub fn init(access: &RepoAccess) -> Result<Restic, BackupError> {
         let err = restic_err(&access.repo.name);
-        let (unopened, be) = unopened_with_backend(access, None)?;
-        let repo = unopened
+        let Unopened { repo, be, gate } = unopened(access, None)?;
+        let repo = repo
             .init(
                 &Credentials::password(access.password.as_str()),
                 &KeyOptions::default(),
@@ -112,6 +215,7 @@ impl Restic {
             name: access.repo.name.clone(),
             repo,
             be: Arc::clone(&be),
+            gate,
             meter: None,
         };
         restic.add_key(access.password.as_str())?;
@@ -155,12 +259,13 @@ impl Restic {
             Some(k) => Credentials::Masterkey(k),
             None => Credentials::password(access.password.as_str()),
         };
-        let (unopened, be) = unopened_with_backend(access, meter)?;
-        let repo = unopened.open(&credentials).map_err(err)?;
+        let Unopened { repo, be, gate } = unopened(access, meter)?;
+        let repo = repo.open(&credentials).map_err(err)?;
         Ok(Restic {
             name: access.repo.name.clone(),
             repo,
             be,
+            gate,
             meter: meter.cloned(),
         })
     }
@@ -181,16 +286,20 @@ impl Restic {
     }
 
     /// Takes one snapshot of `paths` (host paths, read under `root`) plus `streams`
-    /// (virtual files filled from readers), tagged with the service and run id.
+    /// (virtual files filled from readers while they are produced), tagged with the
+    /// service and run id. The snapshot is written only if every stream ended complete
+    /// (counted in `complete`).
     pub fn backup(
         self,
         root: &Path,
         paths: &[PathBuf],
         excludes: &[String],
         streams: Vec<Stream>,
+        complete: Completion,
         tags: &[String],
     ) -> Result<SnapshotInfo, BackupError> {
         let err = restic_err(&self.name);
+        self.gate.set(complete, streams.len());
         let indexed = self.repo.to_indexed_ids().map_err(&err)?;
         let mut snap_opts = SnapshotOptions::default();
         snap_opts = snap_opts.add_tags(&tags.join(",")).map_err(&err)?;
@@ -315,12 +424,12 @@ fn info(s: &SnapshotFile) -> SnapshotInfo {
     }
 }
 
-/// A virtual file of a snapshot whose bytes come from a reader (a database dump).
+/// A virtual file of a snapshot whose bytes come from a reader while they are produced
+/// (a database dump, the manifest); its size is what the reader gave (see
+/// vendor/rustic_core/VENDORED.md).
 pub struct Stream {
     /// Where it appears in the snapshot (absolute).
     pub path: PathBuf,
-    /// Its exact size: restic restores a file to the size its node records.
-    pub size: u64,
     /// Its content.
     pub reader: Box<dyn Read + Send>,
 }
@@ -414,8 +523,9 @@ impl ReadSource for Combined {
                         .unwrap_or_default();
                     // The time of this run: a stream never matches the parent snapshot's
                     // node, so its content is always read, never reused from a stale dump.
+                    // Its size is unknown until it ends; the archiver records the bytes read.
                     let meta = rustic_core::repofile::Metadata {
-                        size: s.size,
+                        size: 0,
                         mode: Some(0o600),
                         mtime: Some(now),
                         ..Default::default()

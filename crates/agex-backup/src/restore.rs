@@ -223,7 +223,9 @@ pub fn extract(
                     .summary
                     .map(|s| (s.total_bytes_processed, s.total_files_processed))
                     .unwrap_or_default();
-                meter = Some(Meter::start(Arc::clone(sink), service, repo, bytes, files));
+                let m = Meter::start(Arc::clone(sink), service, repo);
+                m.set_total(bytes, files);
+                meter = Some(m);
             }
             restic_extract(access, &snap.id, dest, meter.as_ref(), key)
         }
@@ -275,7 +277,9 @@ fn borg_extract(
                 let total = v.get("total").and_then(|t| t.as_u64()).unwrap_or(0);
                 let current = v.get("current").and_then(|c| c.as_u64()).unwrap_or(0);
                 let m = meter.get_or_insert_with(|| {
-                    Meter::start(Arc::clone(sink), service, &access.repo.name, total, 0)
+                    let m = Meter::start(Arc::clone(sink), service, &access.repo.name);
+                    m.set_total(total, 0);
+                    m
                 });
                 m.set(current, 0);
                 Some(())

@@ -25,6 +25,7 @@ use crate::manifest::{self, under, DumpEntry, Manifest, Selection};
 use crate::process;
 use crate::progress::{Meter, Progress};
 use crate::restic::{Restic, Stream};
+use crate::tee::{self, Completion, Tee};
 
 /// Where run records are written, under `--root`.
 pub const RUNS_DIR: &str = "/var/lib/agex/runs";
@@ -318,103 +319,95 @@ fn run_hooks(cmds: &[String]) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// Every dump of a service, taken once (into RAM), and its manifest.
-struct Dumps {
-    dumps: Vec<dump::Dump>,
-    manifest: Manifest,
-    manifest_bytes: Vec<u8>,
-}
-
-/// Takes every dump of a service once (into RAM) and builds its manifest.
-/// Each database of the policy dumped once, in order.
-fn dump_all<'p>(
+/// Produces a service's streams while the repositories read them: dumps each database
+/// once into its tee, in the order the engines read them, while `walk` lists and digests
+/// the files on another thread; then the manifest of both into its tee. After a failed
+/// dump the later ones are not taken and the manifest stream fails too, so no repository
+/// gets a whole set. Returns the manifest, or why this service's backup failed.
+fn produce(
     env: &Env<'_>,
-    policy: &'p Policy,
-) -> Result<Vec<(&'p Database, dump::Dump)>, String> {
-    let mut dumps = Vec::new();
-    for db in &policy.databases {
-        let password = match db {
-            Database::Postgres {
-                password_secret: Some(secret),
-                ..
-            } => env.db_passwords.get(secret).cloned(),
-            _ => None,
-        };
-        let d = dump::take(db, env.root, password)
-            .map_err(|e| format!("dump of {} failed: {e}", db.dump_file()))?;
-        dumps.push((db, d));
-    }
-    Ok(dumps)
-}
-
-/// Dumps every database of the policy while `walk` lists and digests its files on
-/// another thread, then builds the manifest of both.
-fn take_dumps(
-    env: &Env<'_>,
-    policy: &Policy,
+    service: &str,
+    dumps: Vec<(&Database, Tee)>,
+    manifest_tee: Tee,
+    meters: &[Option<Arc<Meter>>],
     walk: impl FnOnce() -> Result<Vec<manifest::FileEntry>, String> + Send,
-) -> Result<Dumps, String> {
-    let (files, dumps) = std::thread::scope(|scope| {
-        let walker = scope.spawn(walk);
-        let dumps = dump_all(env, policy);
+    manifest_of: impl FnOnce(Vec<manifest::FileEntry>, Vec<DumpEntry>) -> Manifest,
+) -> Result<Manifest, String> {
+    std::thread::scope(|scope| {
+        let walker = scope.spawn(|| {
+            let files = walk()?;
+            let bytes = files.iter().map(|f| f.size).sum::<u64>();
+            for m in meters.iter().flatten() {
+                m.set_total(bytes, files.len() as u64);
+            }
+            Ok::<_, String>(files)
+        });
+        let mut entries = Vec::new();
+        let mut failed: Option<String> = None;
+        for (db, tee) in dumps {
+            if let Some(why) = &failed {
+                tee.fail(&format!("{} was not dumped: {why}", db.dump_file()));
+                continue;
+            }
+            let password = match db {
+                Database::Postgres {
+                    password_secret: Some(secret),
+                    ..
+                } => env.db_passwords.get(secret).cloned(),
+                _ => None,
+            };
+            match dump::stream(db, env.root, password, tee) {
+                Ok(d) => entries.push((db, d)),
+                Err(e) => failed = Some(format!("dump of {} failed: {e}", db.dump_file())),
+            }
+        }
         let files = walker
             .join()
             .unwrap_or_else(|_| Err("the thread reading the paths died".into()));
-        (files, dumps)
-    });
-    let (files, dumps) = (files?, dumps?);
-    let entries = dumps
-        .iter()
-        .map(|(db, d)| DumpEntry {
-            name: db.name().to_string(),
-            kind: match db {
-                Database::Sqlite { .. } => "sqlite",
-                Database::Postgres { .. } => "postgres",
+        let manifest = match (failed, files) {
+            (Some(why), _) | (None, Err(why)) => Err(why),
+            (None, Ok(files)) => {
+                let dumps = entries
+                    .into_iter()
+                    .map(|(db, d)| DumpEntry {
+                        name: db.name().to_string(),
+                        kind: match db {
+                            Database::Sqlite { .. } => "sqlite",
+                            Database::Postgres { .. } => "postgres",
+                        }
+                        .into(),
+                        path: manifest::dump_path(service, &db.dump_file())
+                            .to_string_lossy()
+                            .into_owned(),
+                        size: d.copied.size,
+                        digest: d.copied.digest,
+                        row_counts: d.row_counts,
+                    })
+                    .collect();
+                let m = manifest_of(files, dumps);
+                serde_json::to_vec_pretty(&m)
+                    .map(|bytes| (m, bytes))
+                    .map_err(|e| format!("manifest: {e}"))
             }
-            .into(),
-            path: manifest::dump_path(&policy.service, &d.file)
-                .to_string_lossy()
-                .into_owned(),
-            size: d.size,
-            digest: d.digest.clone(),
-            row_counts: d.row_counts.clone(),
-        })
-        .collect();
-    let m = Manifest {
-        format: manifest::FORMAT,
-        service: policy.service.clone(),
-        run_id: env.run_id.clone(),
-        files,
-        dumps: entries,
-    };
-    let manifest_bytes = serde_json::to_vec_pretty(&m).map_err(|e| format!("manifest: {e}"))?;
-    Ok(Dumps {
-        dumps: dumps.into_iter().map(|(_, d)| d).collect(),
-        manifest: m,
-        manifest_bytes,
+        };
+        let mut manifest_tee = manifest_tee;
+        match manifest {
+            Ok((m, bytes)) => match manifest_tee.copy_from(&mut bytes.as_slice()) {
+                Ok(_) => {
+                    manifest_tee.finish();
+                    Ok(m)
+                }
+                Err(e) => {
+                    manifest_tee.fail(&e.to_string());
+                    Err(format!("manifest: {e}"))
+                }
+            },
+            Err(why) => {
+                manifest_tee.fail(&why);
+                Err(why)
+            }
+        }
     })
-}
-
-/// The virtual files of one repository's snapshot: every dump, then the manifest.
-fn streams_for(
-    service: &str,
-    dumps: &[dump::Dump],
-    manifest_bytes: &[u8],
-) -> Result<Vec<Stream>, BackupError> {
-    let mut out = Vec::new();
-    for d in dumps {
-        out.push(Stream {
-            path: manifest::dump_path(service, &d.file),
-            size: d.size,
-            reader: Box::new(d.open()?),
-        });
-    }
-    out.push(Stream {
-        path: manifest::manifest_path(service),
-        size: manifest_bytes.len() as u64,
-        reader: Box::new(std::io::Cursor::new(manifest_bytes.to_vec())),
-    });
-    Ok(out)
 }
 
 fn backup_service(
@@ -472,26 +465,48 @@ fn backup_service(
         fail_live(&mut results, format!("before command failed: {e}"));
         return (results, vec![]);
     }
-    // The walk digests the files while the databases are dumped, both after the units
-    // stopped: the manifest describes exactly what the engines then read.
+    // The walk digests the files while the databases are dumped and both engines read,
+    // all after the units stopped: the manifest describes exactly what the engines read.
     let walk = || {
         selection
             .walk(env.root, Some(&cache))
             .map_err(|e| format!("reading the paths failed: {e}"))
     };
-    let Dumps {
-        dumps,
-        manifest,
-        manifest_bytes,
-    } = match take_dumps(env, policy, walk) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = run_hooks(&policy.after);
-            drop(units);
-            fail_live(&mut results, e);
-            return (results, vec![]);
+    // Each stream (every dump, then the manifest) reaches every live repository through
+    // its own tee; the engines read the dumps in path order, so they are taken in it.
+    let completions: Vec<Completion> = live.iter().map(|_| Completion::default()).collect();
+    let mut streams: Vec<Vec<Stream>> = live.iter().map(|_| Vec::new()).collect();
+    let mut add_stream = |path: PathBuf| {
+        let (tee, readers) = tee::tee(&completions);
+        for (list, reader) in streams.iter_mut().zip(readers) {
+            list.push(Stream {
+                path: path.clone(),
+                reader: Box::new(reader),
+            });
         }
+        tee
     };
+    let mut databases: Vec<&Database> = policy.databases.iter().collect();
+    databases.sort_by_key(|db| db.dump_file());
+    let dump_tees: Vec<(&Database, Tee)> = databases
+        .into_iter()
+        .map(|db| {
+            (
+                db,
+                add_stream(manifest::dump_path(service, &db.dump_file())),
+            )
+        })
+        .collect();
+    let manifest_tee = add_stream(manifest::manifest_path(service));
+    let meters: Vec<Option<Arc<Meter>>> = live
+        .iter()
+        .map(|(_, access, _)| {
+            env.opts
+                .progress
+                .as_ref()
+                .map(|sink| Meter::start(Arc::clone(sink), service, &access.repo.name))
+        })
+        .collect();
 
     let tags = vec![
         format!("service={service}"),
@@ -499,57 +514,69 @@ fn backup_service(
         "agex".to_string(),
     ];
     let archive = format!("{service}-{}", env.run_id);
-    let total_bytes = manifest.files.iter().map(|f| f.size).sum::<u64>()
-        + dumps.iter().map(|d| d.size).sum::<u64>()
-        + manifest_bytes.len() as u64;
-    let total_files = (manifest.files.len() + dumps.len() + 1) as u64;
-    let outcomes: Vec<SideOutcome> = std::thread::scope(|scope| {
+    let (produced, outcomes) = std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            produce(
+                env,
+                service,
+                dump_tees,
+                manifest_tee,
+                &meters,
+                walk,
+                |files, dumps| Manifest {
+                    format: manifest::FORMAT,
+                    service: service.to_string(),
+                    run_id: env.run_id.clone(),
+                    files,
+                    dumps,
+                },
+            )
+        });
         let joins: Vec<_> = live
             .iter()
+            .zip(streams)
+            .zip(completions.iter().zip(&meters))
             .enumerate()
-            .map(|(i, (_, access, _))| {
+            .map(|(i, (((_, access, _), streams), (complete, meter)))| {
                 let (tags, archive, selection) = (&tags, &archive, &selection);
-                let (dumps, manifest_bytes) = (&dumps, &manifest_bytes);
                 scope.spawn(move || {
                     let t = Instant::now();
-                    let meter = env.opts.progress.as_ref().map(|sink| {
-                        Meter::start(
-                            Arc::clone(sink),
-                            service,
-                            &access.repo.name,
-                            total_bytes,
-                            total_files,
-                        )
-                    });
-                    let attempt = || {
-                        let streams = streams_for(service, dumps, manifest_bytes)?;
-                        match access.repo.kind {
-                            RepositoryKind::Restic => restic_side(
-                                access,
-                                env.root,
-                                selection,
-                                streams,
-                                tags,
-                                meter.as_ref(),
-                                restic_key(env, &access.repo.name),
-                            ),
-                            RepositoryKind::Borg => {
+                    let mut warnings = Vec::new();
+                    let r = match access.repo.kind {
+                        RepositoryKind::Restic => restic_side(
+                            access,
+                            env.root,
+                            selection,
+                            streams,
+                            complete.clone(),
+                            tags,
+                            meter.as_ref(),
+                            restic_key(env, &access.repo.name),
+                        ),
+                        RepositoryKind::Borg => {
+                            let attempt = |streams| {
                                 borg_side(access, env, selection, streams, archive, meter.as_ref())
+                            };
+                            match attempt(streams) {
+                                // borg gave up on the lock before reading any stream: a
+                                // stale lock is broken and borg tries once more with them.
+                                Err((e @ BackupError::Locked { .. }, Some(unread))) => {
+                                    match break_stale_lock(env, access) {
+                                        Some(w) => {
+                                            warnings.push(w);
+                                            attempt(unread).map_err(|(e, _)| e)
+                                        }
+                                        None => Err(e),
+                                    }
+                                }
+                                other => other.map_err(|(e, _)| e),
                             }
                         }
                     };
-                    let mut warnings = Vec::new();
-                    let mut r = attempt();
-                    if let Err(BackupError::Locked { .. }) = &r {
-                        if let Some(w) = break_stale_lock(env, access) {
-                            warnings.push(w);
-                            r = attempt();
-                        }
-                    }
                     if r.is_ok() {
                         lock::foreign_lock_cleared(&env.state, &access.repo.name);
                     }
-                    if let Some(m) = &meter {
+                    if let Some(m) = meter {
                         m.finish(r.is_ok());
                     }
                     let secs = t.elapsed().as_secs_f64();
@@ -557,16 +584,19 @@ fn backup_service(
                 })
             })
             .collect();
-        joins
+        let outcomes: Vec<SideOutcome> = joins
             .into_iter()
             .enumerate()
             .map(|(i, j)| {
                 j.join()
                     .unwrap_or_else(|_| (i, Err("the backup thread died".into()), 0.0, Vec::new()))
             })
-            .collect()
+            .collect();
+        let produced = producer
+            .join()
+            .unwrap_or_else(|_| Err("the thread taking the dumps died".into()));
+        (produced, outcomes)
     });
-    drop(dumps);
     let mut after = Vec::new();
     if let Err(e) = run_hooks(&policy.after) {
         after.push(format!("after command failed: {e}"));
@@ -576,8 +606,19 @@ fn backup_service(
     }
     let after = (!after.is_empty()).then(|| after.join("; "));
 
+    let (dump_entries, dump_failure) = match produced {
+        Ok(m) => (m.dumps, None),
+        Err(why) => (Vec::new(), Some(why)),
+    };
     for (i, outcome, secs, warnings) in outcomes {
         let (name, access, _) = &live[i];
+        // A broken dump or manifest shut both engines out (no snapshot was written, no
+        // archive committed): say why in the dump's words, not the engine's.
+        let outcome = match (outcome, &dump_failure) {
+            (Err(_), Some(why)) => Err(format!("{why}; no snapshot was written")),
+            (Ok((snapshot, _)), Some(why)) => Err(discard(access, &env.state, &snapshot, why)),
+            (outcome, None) => outcome,
+        };
         let result = match outcome {
             Ok((snapshot, added)) => {
                 let mut ok = RepoResult {
@@ -615,7 +656,22 @@ fn backup_service(
         };
         results.push(result);
     }
-    (results, manifest.dumps)
+    (results, dump_entries)
+}
+
+/// Removes a snapshot or archive written although a stream of it failed (the gate on the
+/// Restic side and stopping borg keep this from happening); returns the error to report.
+fn discard(access: &RepoAccess, state: &Path, snapshot: &str, why: &str) -> String {
+    let removed = match access.repo.kind {
+        RepositoryKind::Restic => Restic::open(access).and_then(|r| r.delete(&[snapshot.into()])),
+        RepositoryKind::Borg => Borg::new(access, state).and_then(|b| b.delete(snapshot)),
+    };
+    match removed {
+        Ok(()) => format!("{why}; the snapshot {snapshot} was written anyway and is removed"),
+        Err(e) => format!(
+            "{why}; the snapshot {snapshot} was written anyway and could not be removed: {e}"
+        ),
+    }
 }
 
 /// The master key of a Restic repository of this run, derived from its password the
@@ -668,11 +724,13 @@ pub fn forget(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restic_side(
     access: &RepoAccess,
     root: &Path,
     selection: &Selection,
     streams: Vec<Stream>,
+    complete: Completion,
     tags: &[String],
     meter: Option<&Arc<Meter>>,
     key: Option<MasterKey>,
@@ -680,13 +738,25 @@ fn restic_side(
     // Without a key (its derivation failed) the password is tried again, so the error
     // reported is the repository's own.
     let restic = Restic::open_metered(access, meter, key)?;
-    let snap = restic.backup(root, selection.paths(), selection.excludes(), streams, tags)?;
+    let snap = restic.backup(
+        root,
+        selection.paths(),
+        selection.excludes(),
+        streams,
+        complete,
+        tags,
+    )?;
     Ok((snap.id, snap.bytes_added))
 }
 
-/// Borg reads each dump, and then the manifest, from a named pipe at its place under
-/// the dumps directory, so the archive holds them at the same paths as the Restic
-/// snapshot does.
+/// A borg side that failed, with its streams when borg never opened any of them (it gave
+/// up on the repository lock first), so they can go to another attempt.
+type BorgFailure = (BackupError, Option<Vec<Stream>>);
+
+/// Borg reads each stream (dumps, manifest) from a named pipe at its place under the
+/// dumps directory, so the archive holds them at the same paths as the Restic snapshot
+/// does. Borg is given its paths and pipes in path order, the order the Restic side
+/// reads them too, so the two meet each dump at about the same time.
 fn borg_side(
     access: &RepoAccess,
     env: &Env<'_>,
@@ -694,20 +764,23 @@ fn borg_side(
     streams: Vec<Stream>,
     archive: &str,
     meter: Option<&Arc<Meter>>,
-) -> Result<(String, Option<u64>), BackupError> {
-    let borg = Borg::new(access, &env.state)?;
-    let mut rel_paths: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
+) -> Result<(String, Option<u64>), BorgFailure> {
+    let borg = match Borg::new(access, &env.state) {
+        Ok(b) => b,
+        Err(e) => return Err((e, Some(streams))),
+    };
+    let mut args: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
     let mut fifos = Vec::new();
-    let fail = |fifos: &[PathBuf], e: BackupError| {
+    let fail = |fifos: &[PathBuf], e: BackupError, streams: Vec<Stream>| {
         cleanup_fifos(fifos);
-        Err(e)
+        Err((e, Some(streams)))
     };
     for stream in &streams {
         let path = &stream.path;
         let fifo = under(env.root, path);
         if let Some(dir) = fifo.parent() {
             if let Err(e) = std::fs::create_dir_all(dir) {
-                return fail(&fifos, BackupError::io(dir)(e));
+                return fail(&fifos, BackupError::io(dir)(e), streams);
             }
         }
         let _ = std::fs::remove_file(&fifo);
@@ -718,12 +791,13 @@ fn borg_side(
             rustix::fs::Mode::from_raw_mode(0o600),
             0,
         ) {
-            return fail(&fifos, BackupError::io(&fifo)(e.into()));
+            return fail(&fifos, BackupError::io(&fifo)(e.into()), streams);
         }
-        rel_paths.push(rel(path));
+        args.push(rel(path));
         crate::cancel::fifo_made(fifo.clone());
         fifos.push(fifo);
     }
+    args.sort();
     let mut cmd = borg.command();
     cmd.current_dir(env.root).args([
         "create",
@@ -743,7 +817,7 @@ fn borg_side(
             .arg(format!("sh:{}", rel(Path::new(e)).display()));
     }
     cmd.arg(borg.archive_url(archive));
-    cmd.args(&rel_paths);
+    cmd.args(&args);
     let shown = process::describe(&cmd);
     let child = cmd
         .stdin(std::process::Stdio::null())
@@ -762,17 +836,18 @@ fn borg_side(
                     tool: shown,
                     source,
                 },
+                streams,
             )
         }
     };
+    let pid = child.id();
     let borg_done = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = streams
         .into_iter()
         .zip(fifos.iter().cloned())
         .map(|(stream, fifo)| {
-            let reader = stream.reader;
             let done = Arc::clone(&borg_done);
-            std::thread::spawn(move || feed_fifo(&fifo, reader, &done))
+            std::thread::spawn(move || feed_fifo(&fifo, stream, pid, &done))
         })
         .collect();
     // stderr is read as it comes: borg's progress lines move the meter, the rest is kept
@@ -781,37 +856,46 @@ fn borg_side(
         let meter = meter.cloned();
         std::thread::spawn(move || crate::borg::read_log(e, meter.as_deref()))
     });
-    let pid = child.id();
     let out = child.wait_with_output();
     crate::cancel::child_done(pid);
     let log = log.and_then(|t| t.join().ok()).unwrap_or_default();
     borg_done.store(true, Ordering::SeqCst);
-    for w in writers {
-        let _ = w.join();
-    }
+    let unread: Option<Vec<Stream>> = writers
+        .into_iter()
+        .map(|w| w.join().ok().flatten())
+        .collect();
     cleanup_fifos(&fifos);
-    let mut out = out.map_err(|source| BackupError::Spawn {
-        tool: shown.clone(),
-        source,
+    let mut out = out.map_err(|source| {
+        (
+            BackupError::Spawn {
+                tool: shown.clone(),
+                source,
+            },
+            None,
+        )
     })?;
     out.stderr = log.into_bytes();
     // borg exits 1 for warnings (e.g. a file changed while read): the archive exists.
     if !(out.status.success() || out.status.code() == Some(1)) {
         if crate::borg::lock_timed_out(&String::from_utf8_lossy(&out.stderr)) {
-            return Err(BackupError::Locked {
+            let locked = BackupError::Locked {
                 repo: access.repo.name.clone(),
                 message: process::tail(&String::from_utf8_lossy(&out.stderr)),
-            });
+            };
+            return Err((locked, unread));
         }
-        return match process::check(&shown, out) {
-            Err(e) => Err(e),
-            Ok(_) => Err(BackupError::Output {
-                tool: shown,
-                detail: "failed without an error".into(),
-            }),
-        };
+        return Err(match process::check(&shown, out) {
+            Err(e) => (e, None),
+            Ok(_) => (
+                BackupError::Output {
+                    tool: shown,
+                    detail: "failed without an error".into(),
+                },
+                None,
+            ),
+        });
     }
-    let stats = crate::borg::parse_create_stats(&out.stdout)?;
+    let stats = crate::borg::parse_create_stats(&out.stdout).map_err(|e| (e, None))?;
     Ok((archive.to_string(), Some(stats.deduplicated_size)))
 }
 
@@ -822,11 +906,12 @@ fn cleanup_fifos(fifos: &[PathBuf]) {
     }
 }
 
-/// Copies a stream into a named pipe once borg opens it. Opening does not block forever:
-/// if borg exits without opening the pipe, the copy stops and the reader is dropped so
-/// the tee moves on. A write to a pipe borg closed fails with EPIPE (SIGPIPE is ignored
-/// by the backup commands), never kills the process.
-fn feed_fifo(fifo: &Path, mut reader: Box<dyn Read + Send>, borg_done: &AtomicBool) {
+/// Copies a stream into its named pipe once borg opens it; returns the stream untouched
+/// if borg exited without opening the pipe. If the stream fails (its dump broke off),
+/// borg is stopped while the pipe is still open, so it never sees an end and never
+/// commits an archive with a torn dump. A write to a pipe borg closed fails with EPIPE
+/// (SIGPIPE is ignored by the backup commands), never kills the process.
+fn feed_fifo(fifo: &Path, stream: Stream, borg: u32, borg_done: &AtomicBool) -> Option<Stream> {
     let file = loop {
         match std::fs::OpenOptions::new()
             .write(true)
@@ -837,23 +922,44 @@ fn feed_fifo(fifo: &Path, mut reader: Box<dyn Read + Send>, borg_done: &AtomicBo
             Err(_) if !borg_done.load(Ordering::SeqCst) => {
                 std::thread::sleep(Duration::from_millis(5))
             }
-            Err(_) => return,
+            Err(_) => return Some(stream),
         }
     };
     if rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty()).is_err() {
-        return;
+        return None;
     }
     let mut file = file;
+    let mut reader = stream.reader;
     let mut buf = vec![0u8; 1 << 16];
     loop {
         match reader.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return None,
             Ok(n) => {
                 if file.write_all(&buf[..n]).is_err() {
-                    return;
+                    return None;
                 }
             }
+            Err(_) => {
+                stop_borg(borg, borg_done);
+                return None;
+            }
         }
+    }
+}
+
+/// Stops borg with SIGTERM (it exits without committing) and waits until it is gone;
+/// SIGKILL after 30 s.
+fn stop_borg(pid: u32, borg_done: &AtomicBool) {
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !borg_done.load(Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

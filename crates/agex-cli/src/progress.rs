@@ -29,12 +29,10 @@ pub fn bars(json: bool) -> Option<Arc<dyn Progress>> {
 struct Lines;
 
 impl Progress for Lines {
-    fn start(&self, service: &str, repo: &str, bytes: u64, files: u64) {
-        eprintln!(
-            "{service} → {repo}: started ({files} files, {})",
-            indicatif::HumanBytes(bytes)
-        );
+    fn start(&self, service: &str, repo: &str) {
+        eprintln!("{service} → {repo}: started");
     }
+    fn total(&self, _: &str, _: &str, _: u64, _: u64) {}
     fn update(&self, _: &str, _: &str, _: u64, _: u64) {}
     fn finish(&self, _: &str, _: &str, _: bool) {}
 }
@@ -42,44 +40,59 @@ impl Progress for Lines {
 #[derive(Debug)]
 struct Bars {
     multi: MultiProgress,
+    /// Each bar and its service's file count (0 until the walk has counted).
     bars: Mutex<HashMap<(String, String), (ProgressBar, u64)>>,
 }
 
 impl Bars {
-    fn with(&self, service: &str, repo: &str, f: impl FnOnce(&ProgressBar, u64)) {
-        let bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((bar, files)) = bars.get(&(service.to_string(), repo.to_string())) {
-            f(bar, *files);
+    fn with(&self, service: &str, repo: &str, f: impl FnOnce(&ProgressBar, &mut u64)) {
+        let mut bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((bar, files)) = bars.get_mut(&(service.to_string(), repo.to_string())) {
+            f(bar, files);
         }
     }
 }
 
 impl Progress for Bars {
-    fn start(&self, service: &str, repo: &str, bytes: u64, files: u64) {
+    fn start(&self, service: &str, repo: &str) {
         let style = ProgressStyle::with_template(
             "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-        let bar = self.multi.add(ProgressBar::new(bytes));
+        let bar = self.multi.add(ProgressBar::new(0));
         bar.set_style(style);
         bar.set_prefix(format!("{service} → {repo}"));
-        bar.set_message(format!("0/{files} files"));
+        bar.set_message("counting files");
         self.bars
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((service.to_string(), repo.to_string()), (bar, files));
+            .insert((service.to_string(), repo.to_string()), (bar, 0));
+    }
+
+    fn total(&self, service: &str, repo: &str, bytes: u64, files: u64) {
+        self.with(service, repo, |bar, total| {
+            *total = files;
+            bar.set_length(bytes.max(bar.position()));
+        });
     }
 
     fn update(&self, service: &str, repo: &str, bytes: u64, files: u64) {
         self.with(service, repo, |bar, total| {
+            if bytes > bar.length().unwrap_or(0) {
+                bar.set_length(bytes);
+            }
             bar.set_position(bytes);
-            bar.set_message(format!("{}/{total} files", files.min(total)));
+            bar.set_message(if *total > 0 {
+                format!("{}/{total} files", files.min(*total))
+            } else {
+                format!("{files} files")
+            });
         });
     }
 
     fn finish(&self, service: &str, repo: &str, ok: bool) {
-        self.with(service, repo, |bar, total| {
+        self.with(service, repo, |bar, &mut total| {
             if ok {
                 bar.set_position(bar.length().unwrap_or(0));
                 bar.finish_with_message(format!("{total}/{total} files, done"));

@@ -1,0 +1,251 @@
+//! One stream read once and handed to every repository of a run while it is produced (a
+//! database dump, the manifest): each repository reads the same chunks through its own
+//! bounded channel, so memory stays at [`DEPTH`] chunks of [`CHUNK`] bytes per
+//! repository and the slowest repository paces the producer (backpressure). A
+//! repository that stops reading (it failed) is let go; the others go on.
+//!
+//! A reader ends with `Ok(0)` only after the producer said the stream is complete; a
+//! failed or abandoned stream ends in an error, so no engine takes a torn dump for a
+//! whole one. [`Completion`] counts the streams a repository read to their end: a
+//! snapshot is written only when that count is every stream it was given.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use agex_secrets::header::hex;
+use sha2::{Digest, Sha256};
+
+/// Bytes per chunk handed to the repositories.
+pub const CHUNK: usize = 256 * 1024;
+/// Chunks a repository may lag behind the producer before the producer waits.
+pub const DEPTH: usize = 16;
+
+enum Msg {
+    Data(Arc<[u8]>),
+    End(Result<(), String>),
+}
+
+/// The producing end: every chunk written goes to every consumer still reading.
+pub struct Tee {
+    senders: Vec<SyncSender<Msg>>,
+}
+
+/// What a finished copy measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copied {
+    /// Bytes copied.
+    pub size: u64,
+    /// `sha256:<hex>` of them.
+    pub digest: String,
+}
+
+/// How many of a repository's streams ended complete.
+#[derive(Debug, Clone, Default)]
+pub struct Completion(Arc<AtomicUsize>);
+
+impl Completion {
+    /// Streams read to their complete end so far.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A consumer's end of a [`Tee`].
+pub struct TeeReader {
+    rx: Receiver<Msg>,
+    chunk: Option<Arc<[u8]>>,
+    pos: usize,
+    ended: bool,
+    completion: Option<Completion>,
+}
+
+/// A tee with one reader per entry of `completions` (each reader counts its complete
+/// end into its completion).
+pub fn tee(completions: &[Completion]) -> (Tee, Vec<TeeReader>) {
+    let (senders, readers) = completions
+        .iter()
+        .map(|c| {
+            let (tx, rx) = sync_channel(DEPTH);
+            let reader = TeeReader {
+                rx,
+                chunk: None,
+                pos: 0,
+                ended: false,
+                completion: Some(c.clone()),
+            };
+            (tx, reader)
+        })
+        .unzip();
+    (Tee { senders }, readers)
+}
+
+impl Tee {
+    /// Copies `src` to its end into every consumer and measures it. A consumer that has
+    /// gone away is dropped; an error reading `src` is returned (the caller then ends the
+    /// stream with [`Tee::fail`]).
+    pub fn copy_from(&mut self, src: &mut dyn Read) -> io::Result<Copied> {
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < CHUNK {
+                match src.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            hasher.update(&buf);
+            size += filled as u64;
+            self.send(Msg::Data(buf.into()));
+            if filled < CHUNK {
+                break;
+            }
+        }
+        Ok(Copied {
+            size,
+            digest: format!("sha256:{}", hex(&hasher.finalize())),
+        })
+    }
+
+    /// Ends the stream as complete: readers then see its end.
+    pub fn finish(mut self) {
+        self.send(Msg::End(Ok(())));
+    }
+
+    /// Ends the stream as failed: readers get `why` as an error instead of an end.
+    pub fn fail(mut self, why: &str) {
+        self.send(Msg::End(Err(why.to_string())));
+    }
+
+    fn send(&mut self, msg: Msg) {
+        match &msg {
+            Msg::Data(chunk) => self
+                .senders
+                .retain(|tx| tx.send(Msg::Data(Arc::clone(chunk))).is_ok()),
+            Msg::End(end) => self
+                .senders
+                .retain(|tx| tx.send(Msg::End(end.clone())).is_ok()),
+        }
+    }
+}
+
+impl Read for TeeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Some(chunk) = &self.chunk {
+                if self.pos < chunk.len() {
+                    let n = buf.len().min(chunk.len() - self.pos);
+                    buf[..n].copy_from_slice(&chunk[self.pos..self.pos + n]);
+                    self.pos += n;
+                    return Ok(n);
+                }
+            }
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Msg::Data(chunk)) => {
+                    self.chunk = Some(chunk);
+                    self.pos = 0;
+                }
+                Ok(Msg::End(Ok(()))) => {
+                    self.ended = true;
+                    self.chunk = None;
+                    if let Some(c) = self.completion.take() {
+                        c.0.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Ok(Msg::End(Err(why))) => return Err(io::Error::other(why)),
+                Err(_) => return Err(io::Error::other("the stream stopped before its end")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(mut r: TeeReader) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn every_reader_gets_every_byte_and_counts_its_end() {
+        let done = [Completion::default(), Completion::default()];
+        let (mut tee, readers) = tee(&done);
+        let data: Vec<u8> = (0..(3 * CHUNK + 17)).map(|i| (i % 251) as u8).collect();
+        let src = data.clone();
+        let producer = std::thread::spawn(move || {
+            let copied = tee.copy_from(&mut src.as_slice()).unwrap();
+            tee.finish();
+            copied
+        });
+        let got: Vec<_> = readers
+            .into_iter()
+            .map(|r| std::thread::spawn(move || read_all(r)))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        let copied = producer.join().unwrap();
+        assert_eq!(copied.size, data.len() as u64);
+        assert_eq!(
+            copied.digest,
+            format!("sha256:{}", hex(&Sha256::digest(&data)))
+        );
+        assert!(got.iter().all(|g| *g == data));
+        assert_eq!((done[0].count(), done[1].count()), (1, 1));
+    }
+
+    #[test]
+    fn a_failed_stream_is_an_error_not_an_end() {
+        let done = [Completion::default()];
+        let (mut tee, mut readers) = tee(&done);
+        let r = readers.remove(0);
+        let producer = std::thread::spawn(move || {
+            tee.copy_from(&mut &b"partial"[..]).unwrap();
+            tee.fail("pg_dump: exit status 1");
+        });
+        let err = read_all(r).unwrap_err();
+        producer.join().unwrap();
+        assert!(err.to_string().contains("pg_dump: exit status 1"), "{err}");
+        assert_eq!(done[0].count(), 0);
+    }
+
+    #[test]
+    fn an_abandoned_stream_is_an_error() {
+        let done = [Completion::default()];
+        let (tee, mut readers) = tee(&done);
+        drop(tee);
+        assert!(read_all(readers.remove(0)).is_err());
+        assert_eq!(done[0].count(), 0);
+    }
+
+    #[test]
+    fn a_reader_that_goes_away_does_not_stop_the_others() {
+        let done = [Completion::default(), Completion::default()];
+        let (mut tee, mut readers) = tee(&done);
+        drop(readers.remove(0));
+        let data = vec![7u8; (DEPTH + 4) * CHUNK];
+        let src = data.clone();
+        let producer = std::thread::spawn(move || {
+            tee.copy_from(&mut src.as_slice()).unwrap();
+            tee.finish();
+        });
+        assert_eq!(read_all(readers.remove(0)).unwrap(), data);
+        producer.join().unwrap();
+        assert_eq!((done[0].count(), done[1].count()), (0, 1));
+    }
+}
