@@ -18,6 +18,16 @@ use common::setup::{
 };
 use common::{assert_fails, assert_ok, have_tool, stdout};
 
+/// `YYYY-MM-DDTHH:MM:SS…`: digits where RFC 3339 has them.
+fn chrono_like(t: &str) -> bool {
+    t.bytes().enumerate().take(19).all(|(i, b)| match i {
+        4 | 7 => b == b'-',
+        10 => b == b'T',
+        13 | 16 => b == b':',
+        _ => b.is_ascii_digit(),
+    })
+}
+
 /// Every regular file under `dir`, relative path → bytes.
 fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
     common::snapshot(dir)
@@ -193,6 +203,23 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     assert_ok(&out);
     let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 4, "{listed}");
+    // Both engines' snapshots of a run show that run's time, in one format (UTC).
+    let rows = listed.as_array().unwrap();
+    for r in rows {
+        let t = r["time"].as_str().unwrap();
+        assert!(
+            t.len() == 20 && t.ends_with('Z') && chrono_like(t),
+            "time {t:?} is not RFC 3339 UTC"
+        );
+        assert_eq!(r["service"], "testapp");
+    }
+    let times = |repo: &str| {
+        rows.iter()
+            .filter(|r| r["repo"] == repo)
+            .map(|r| r["time"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(times("offsite-restic"), times("offsite-borg"), "{listed}");
 
     // Two services in one run share each repository (the second opens it with the
     // master key the first derived).

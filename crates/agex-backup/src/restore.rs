@@ -29,6 +29,8 @@ use crate::restic::{restic_err, Restic};
 pub struct Snapshot {
     /// The repository.
     pub repo: String,
+    /// The service it backs up.
+    pub service: String,
     /// Restic snapshot id or Borg archive name.
     pub id: String,
     /// The agex run that wrote it.
@@ -63,28 +65,39 @@ pub fn snapshots(
     state: &Path,
     service: &str,
 ) -> Result<Vec<Snapshot>, BackupError> {
+    let mut all = all_snapshots(access, state)?;
+    all.retain(|s| s.service == service);
+    Ok(all)
+}
+
+/// Every agex snapshot in one repository, of every service, oldest first (checkpoint
+/// archives skipped, as in [`snapshots`]). The time is the run's (UTC) wherever the
+/// snapshot names its run, so both engines' snapshots of one run show the same time.
+pub fn all_snapshots(access: &RepoAccess, state: &Path) -> Result<Vec<Snapshot>, BackupError> {
     let repo = access.repo.name.clone();
     let mut out: Vec<Snapshot> = match access.repo.kind {
         RepositoryKind::Restic => {
-            let tag = format!("service={service}");
             let restic = Restic::open(access)?;
             let key = Some(OpenedKey(restic.master_key()));
             restic
                 .snapshots()?
                 .into_iter()
-                .filter(|s| s.tags.contains(&tag))
                 .filter_map(|s| {
-                    let run_id = s
-                        .tags
-                        .iter()
-                        .find_map(|t| t.strip_prefix("run="))
-                        .map(str::to_string);
+                    let tag = |prefix: &str| {
+                        s.tags
+                            .iter()
+                            .find_map(|t| t.strip_prefix(prefix))
+                            .map(str::to_string)
+                    };
+                    let service = tag("service=")?;
+                    let run_id = tag("run=");
                     let time = run_id
                         .as_deref()
                         .and_then(parse_run_id)
                         .or_else(|| parse_restic_time(&s.time))?;
                     Some(Snapshot {
                         repo: repo.clone(),
+                        service,
                         id: s.id,
                         run_id,
                         time,
@@ -93,34 +106,24 @@ pub fn snapshots(
                 })
                 .collect()
         }
-        RepositoryKind::Borg => {
-            let prefix = format!("{service}-");
-            Borg::new(access, state)?
-                .list(Some(&prefix))?
-                .into_iter()
-                .filter(|a| !a.name.ends_with(".checkpoint") && !a.name.contains(".checkpoint."))
-                .filter_map(|a| {
-                    let run = a.name.strip_prefix(&prefix)?;
-                    // `<service>-<run id>`: another service whose name extends this one
-                    // (`app` vs `app-x`) has a `-` left in the rest.
-                    if run.contains('-') {
-                        return None;
-                    }
-                    let time = parse_run_id(run).or_else(|| {
-                        NaiveDateTime::parse_from_str(&a.start, "%Y-%m-%dT%H:%M:%S%.f")
-                            .ok()
-                            .map(|t| t.and_utc())
-                    })?;
-                    Some(Snapshot {
-                        repo: repo.clone(),
-                        id: a.name.clone(),
-                        run_id: Some(run.to_string()),
-                        time,
-                        key: None,
-                    })
+        RepositoryKind::Borg => Borg::new(access, state)?
+            .list(None)?
+            .into_iter()
+            .filter(|a| !a.name.ends_with(".checkpoint") && !a.name.contains(".checkpoint."))
+            .filter_map(|a| {
+                // `<service>-<run id>`; the run id has no `-`, a service name may.
+                let (service, run) = a.name.rsplit_once('-')?;
+                let time = parse_run_id(run)?;
+                Some(Snapshot {
+                    repo: repo.clone(),
+                    service: service.to_string(),
+                    id: a.name.clone(),
+                    run_id: Some(run.to_string()),
+                    time,
+                    key: None,
                 })
-                .collect()
-        }
+            })
+            .collect(),
     };
     out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
     Ok(out)

@@ -6,11 +6,11 @@ use std::time::Duration;
 use agex_backup::access::{self, RepoAccess};
 use agex_backup::borg::Borg;
 use agex_backup::restic::Restic;
+use agex_backup::restore;
 use agex_backup::run::{self, RunOptions, STATE_DIR};
 use agex_backup::{status, BackupError};
 use agex_core::{Database, Project, RepositoryKind};
 use agex_secrets::Identities;
-use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::context::Context;
@@ -280,14 +280,6 @@ fn selected_repos(project: &Project, repo: Option<&str>) -> Result<Vec<String>, 
     }
 }
 
-#[derive(Serialize)]
-struct SnapshotRow {
-    repo: String,
-    service: String,
-    id: String,
-    time: String,
-}
-
 pub fn cmd_snapshots(
     ctx: &Context,
     service: Option<&str>,
@@ -301,17 +293,12 @@ pub fn cmd_snapshots(
     let mut rows = Vec::new();
     let mut errors = Vec::new();
     for name in selected_repos(&project, repo)? {
-        let listed = access::unlock(&project, &name, &ids).and_then(|a| list(&a, &state_dir(ctx)));
+        let listed = access::unlock(&project, &name, &ids)
+            .and_then(|a| restore::all_snapshots(&a, &state_dir(ctx)));
         match listed {
             Ok(list) => rows.extend(
                 list.into_iter()
-                    .map(|(svc, id, time)| SnapshotRow {
-                        repo: name.clone(),
-                        service: svc,
-                        id,
-                        time,
-                    })
-                    .filter(|r| service.is_none_or(|s| s == r.service)),
+                    .filter(|s| service.is_none_or(|want| want == s.service)),
             ),
             Err(e) => errors.push(format!("{name}: {e}")),
         }
@@ -321,53 +308,16 @@ pub fn cmd_snapshots(
     } else {
         let table: Vec<Vec<String>> = rows
             .iter()
-            .map(|r| {
-                vec![
-                    r.repo.clone(),
-                    r.service.clone(),
-                    r.time.clone(),
-                    r.id.clone(),
-                ]
-            })
+            .map(|s| vec![s.repo.clone(), s.service.clone(), time_of(s), s.id.clone()])
             .collect();
         output::table(&["REPOSITORY", "SERVICE", "TIME", "ID"], &table);
     }
     report_errors(&errors, !rows.is_empty())
 }
 
-/// (service, id, time) of every agex snapshot in a repository, oldest first.
-fn list(
-    a: &RepoAccess,
-    state: &std::path::Path,
-) -> Result<Vec<(String, String, String)>, BackupError> {
-    match a.repo.kind {
-        RepositoryKind::Restic => Ok(Restic::open(a)?
-            .snapshots()?
-            .into_iter()
-            .map(|s| {
-                let svc = s
-                    .tags
-                    .iter()
-                    .find_map(|t| t.strip_prefix("service="))
-                    .unwrap_or("")
-                    .to_string();
-                (svc, s.id, s.time)
-            })
-            .collect()),
-        RepositoryKind::Borg => Ok(Borg::new(a, state)?
-            .list(None)?
-            .into_iter()
-            .map(|x| {
-                // Archives are named `<service>-<run id>`; the run id has no `-`.
-                let svc = x
-                    .name
-                    .rsplit_once('-')
-                    .map(|(s, _)| s.to_string())
-                    .unwrap_or_default();
-                (svc, x.name, x.start)
-            })
-            .collect()),
-    }
+/// A snapshot's time as shown: RFC 3339 in UTC, to the second, the same for both engines.
+fn time_of(s: &restore::Snapshot) -> String {
+    s.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Exit 0 when nothing failed, 3 when something else succeeded, 1 otherwise.
