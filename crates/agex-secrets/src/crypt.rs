@@ -153,20 +153,28 @@ pub fn decrypt(
     identities: &Identities,
     known: &BTreeMap<String, RecipientKey>,
 ) -> Result<Plaintext, SecretsError> {
-    let header = Header::parse(ciphertext).map_err(|e| SecretsError::NotAge {
-        path: path.to_path_buf(),
-        reason: e.0,
-    })?;
+    // agex's own header parser says more precisely what is wrong with a file that is not
+    // age; it runs only when age's refuses the file or no identity matches.
+    let header = || {
+        Header::parse(ciphertext).map_err(|e| SecretsError::NotAge {
+            path: path.to_path_buf(),
+            reason: e.0,
+        })
+    };
     let fail = |reason: String| SecretsError::Decrypt {
         path: path.to_path_buf(),
         reason,
     };
-    let decryptor = age::Decryptor::new_buffered(ArmoredReader::new(ciphertext)).map_err(|e| {
-        SecretsError::NotAge {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+    let decryptor = match age::Decryptor::new_buffered(ArmoredReader::new(ciphertext)) {
+        Ok(d) => d,
+        Err(e) => {
+            header()?;
+            return Err(SecretsError::NotAge {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            });
         }
-    })?;
+    };
     if decryptor.is_scrypt() {
         return Err(fail(
             "the file is passphrase-encrypted (scrypt); agex secrets are encrypted to keys".into(),
@@ -178,7 +186,7 @@ pub fn decrypt(
             return Err(SecretsError::NoIdentityMatches {
                 path: path.to_path_buf(),
                 tried: identities.describe(),
-                recipients: describe_header(&header, known),
+                recipients: describe_header(&header()?, known),
             })
         }
         Err(e) => return Err(fail(e.to_string())),
