@@ -70,10 +70,23 @@ pub fn plan(project: &Project, opts: &RekeyOptions) -> Result<RekeyPlan, Secrets
         missing: vec![],
     };
     // Judging reads and hashes every file's header: in parallel, like the rekey itself.
+    // With `force` every file that exists is rewritten whatever its state, so only that
+    // is asked (a broken one then fails the rekey with the decryption's own words).
     let rules: Vec<&SecretRule> = selected(project, opts).collect();
     let judged: Vec<(&SecretRule, (Status, Option<String>))> = rules
         .into_par_iter()
-        .map(|rule| (rule, judge(project, rule)))
+        .map(|rule| {
+            let status = if !opts.force {
+                judge(project, rule)
+            } else {
+                match project.path(&rule.file).try_exists() {
+                    Ok(true) => (Status::Ok, None),
+                    Ok(false) => (Status::Missing, None),
+                    Err(e) => (Status::Broken, Some(format!("cannot read: {e}"))),
+                }
+            };
+            (rule, status)
+        })
         .collect();
     for (rule, (status, detail)) in judged {
         match status {
