@@ -619,6 +619,86 @@ fn a_dump_that_breaks_off_mid_stream_keeps_no_snapshot_in_either_repository() {
 }
 
 #[test]
+fn a_repository_that_hangs_is_left_behind_and_the_other_completes() {
+    let test = "a_repository_that_hangs_is_left_behind_and_the_other_completes";
+    if !have_tool("restic", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let Some(sshd) = Sshd::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = sshd.url("borg");
+    let s = Setup::new(&restic_url, &borg_url, true);
+    let key = s.secret_file("borg-ssh-key");
+    let pubkey = run(
+        Command::new("ssh-keygen").arg("-y").arg("-f").arg(&key),
+        "ssh-keygen -y",
+    );
+    sshd.authorize(&stdout(&pubkey));
+    let cfg = s.fx.dir().join("agex.toml");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("lock_wait = 5", "lock_wait = 5\nstall_timeout = 3");
+    fs::write(&cfg, text).unwrap();
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 0);
+    // A dump much larger than what the tee, the pipes and TCP can hold in between.
+    run(
+        Command::new("sqlite3").arg(s.host("/srv/app/app.db")).arg(
+            "CREATE TABLE blobs(b BLOB); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
+             SELECT x+1 FROM c WHERE x < 12000) INSERT INTO blobs SELECT randomblob(4096) FROM c;",
+        ),
+        "sqlite3",
+    );
+    s.init_repos();
+
+    let root = s.root.to_str().unwrap().to_string();
+    let admin = s.fx.key("admin.txt");
+    let child =
+        s.fx.agex()
+            .args(["-i", admin.to_str().unwrap(), "--root", &root])
+            .args(["backup", "--service", "testapp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    // Once borg is connected, its server freezes (a hung link or host): borg stops
+    // reading the dump, and the Restic side would wait for it for ever.
+    let t = Instant::now();
+    while sshd.signal_sessions(0) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "borg never connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sshd.signal_sessions(libc::SIGSTOP);
+    let out = child.wait_with_output().unwrap();
+    sshd.signal_sessions(libc::SIGCONT);
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("offsite-restic: ok"), "{err}");
+    assert!(err.contains("offsite-borg: FAILED"), "{err}");
+    assert!(err.contains("left behind"), "{err}");
+    run(
+        s.restic(&restic_url).args(["check", "--read-data"]),
+        "restic check",
+    );
+    let r = tmp.path().join("restored");
+    run(
+        s.restic(&restic_url)
+            .args(["restore", "latest", "--target"])
+            .arg(&r),
+        "restic restore",
+    );
+    assert_eq!(
+        sqlite_count(&r.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
+        sqlite_count(&s.host("/srv/app/app.db"))
+    );
+}
+
+#[test]
 fn retention_keeps_what_the_policy_says_in_both_repositories() {
     let test = "retention_keeps_what_the_policy_says_in_both_repositories";
     if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {

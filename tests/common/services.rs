@@ -429,6 +429,47 @@ impl Sshd {
         }
     }
 
+    /// Sends `signal` (`libc::SIGSTOP`, say) to every process this sshd started for its
+    /// sessions (the per-connection sshd and what it runs, `borg serve`), not to the
+    /// listener, nor to other tests' sshds; returns how many there were.
+    pub fn signal_sessions(&self, signal: i32) -> usize {
+        let Some(listener) = fs::read_to_string(self.pidfile())
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            return 0;
+        };
+        let parent_of = |pid: i32| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+        };
+        let pids: Vec<i32> = fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ours = vec![listener];
+        let mut grew = true;
+        while grew {
+            grew = false;
+            for &pid in &pids {
+                if !ours.contains(&pid) && parent_of(pid).is_some_and(|pp| ours.contains(&pp)) {
+                    ours.push(pid);
+                    grew = true;
+                }
+            }
+        }
+        for &pid in &ours[1..] {
+            // SAFETY: kill(2) on processes this test's sshd started.
+            unsafe { libc::kill(pid, signal) };
+        }
+        ours.len() - 1
+    }
+
     /// Stops sshd (by the pid in its PidFile) and waits for it; idempotent.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

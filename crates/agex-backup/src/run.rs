@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub lock_wait: Duration,
     /// A Borg lock held by someone else for longer than this is broken (None: never).
     pub stale_lock_age: Option<Duration>,
+    /// How long a repository may take no data from a dump while another waits before it
+    /// is left out of the service's run (None: never).
+    pub stall_timeout: Option<Duration>,
     /// Where each repository reports how far it has got (None: nowhere).
     pub progress: Option<Arc<dyn Progress>>,
 }
@@ -331,7 +334,6 @@ fn produce(
     manifest_tee: Tee,
     meters: &[Option<Arc<Meter>>],
     walk: impl FnOnce() -> Result<Vec<manifest::FileEntry>, String> + Send,
-    manifest_of: impl FnOnce(Vec<manifest::FileEntry>, Vec<DumpEntry>) -> Manifest,
 ) -> Result<Manifest, String> {
     std::thread::scope(|scope| {
         let walker = scope.spawn(|| {
@@ -384,7 +386,13 @@ fn produce(
                         row_counts: d.row_counts,
                     })
                     .collect();
-                let m = manifest_of(files, dumps);
+                let m = Manifest {
+                    format: manifest::FORMAT,
+                    service: service.to_string(),
+                    run_id: env.run_id.clone(),
+                    files,
+                    dumps,
+                };
                 serde_json::to_vec_pretty(&m)
                     .map(|bytes| (m, bytes))
                     .map_err(|e| format!("manifest: {e}"))
@@ -477,7 +485,7 @@ fn backup_service(
     let completions: Vec<Completion> = live.iter().map(|_| Completion::default()).collect();
     let mut streams: Vec<Vec<Stream>> = live.iter().map(|_| Vec::new()).collect();
     let mut add_stream = |path: PathBuf| {
-        let (tee, readers) = tee::tee(&completions);
+        let (tee, readers) = tee::tee(&completions, env.opts.stall_timeout);
         for (list, reader) in streams.iter_mut().zip(readers) {
             list.push(Stream {
                 path: path.clone(),
@@ -515,23 +523,8 @@ fn backup_service(
     ];
     let archive = format!("{service}-{}", env.run_id);
     let (produced, outcomes) = std::thread::scope(|scope| {
-        let producer = scope.spawn(|| {
-            produce(
-                env,
-                service,
-                dump_tees,
-                manifest_tee,
-                &meters,
-                walk,
-                |files, dumps| Manifest {
-                    format: manifest::FORMAT,
-                    service: service.to_string(),
-                    run_id: env.run_id.clone(),
-                    files,
-                    dumps,
-                },
-            )
-        });
+        let producer =
+            scope.spawn(|| produce(env, service, dump_tees, manifest_tee, &meters, walk));
         let joins: Vec<_> = live
             .iter()
             .zip(streams)
@@ -555,7 +548,15 @@ fn backup_service(
                         ),
                         RepositoryKind::Borg => {
                             let attempt = |streams| {
-                                borg_side(access, env, selection, streams, archive, meter.as_ref())
+                                borg_side(
+                                    access,
+                                    env,
+                                    selection,
+                                    streams,
+                                    complete,
+                                    archive,
+                                    meter.as_ref(),
+                                )
                             };
                             match attempt(streams) {
                                 // borg gave up on the lock before reading any stream: a
@@ -615,6 +616,11 @@ fn backup_service(
         // A broken dump or manifest shut both engines out (no snapshot was written, no
         // archive committed): say why in the dump's words, not the engine's.
         let outcome = match (outcome, &dump_failure) {
+            (Err(_), _) if completions[i].left_behind() => Err(format!(
+                "left behind: it took no data for {} s while the other repository waited \
+                 (`[backup] stall_timeout`); no snapshot was written",
+                env.opts.stall_timeout.unwrap_or_default().as_secs()
+            )),
             (Err(_), Some(why)) => Err(format!("{why}; no snapshot was written")),
             (Ok((snapshot, _)), Some(why)) => Err(discard(access, &env.state, &snapshot, why)),
             (outcome, None) => outcome,
@@ -762,6 +768,7 @@ fn borg_side(
     env: &Env<'_>,
     selection: &Selection,
     streams: Vec<Stream>,
+    complete: &Completion,
     archive: &str,
     meter: Option<&Arc<Meter>>,
 ) -> Result<(String, Option<u64>), BorgFailure> {
@@ -856,10 +863,25 @@ fn borg_side(
         let meter = meter.cloned();
         std::thread::spawn(move || crate::borg::read_log(e, meter.as_deref()))
     });
+    // A borg the dumps left behind (it took nothing for the stall timeout: its server
+    // hangs, say) is stopped: it would hold this run, and its lock, however long.
+    let watch = {
+        let (done, complete) = (Arc::clone(&borg_done), complete.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if complete.left_behind() {
+                    stop_borg(pid, &done);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
     let out = child.wait_with_output();
     crate::cancel::child_done(pid);
     let log = log.and_then(|t| t.join().ok()).unwrap_or_default();
     borg_done.store(true, Ordering::SeqCst);
+    let _ = watch.join();
     let unread: Option<Vec<Stream>> = writers
         .into_iter()
         .map(|w| w.join().ok().flatten())
@@ -948,13 +970,13 @@ fn feed_fifo(fifo: &Path, stream: Stream, borg: u32, borg_done: &AtomicBool) -> 
 }
 
 /// Stops borg with SIGTERM (it exits without committing) and waits until it is gone;
-/// SIGKILL after 30 s.
+/// SIGKILL after 10 s (a borg whose server hangs may hang in its own cleanup).
 fn stop_borg(pid: u32, borg_done: &AtomicBool) {
     let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
         return;
     };
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !borg_done.load(Ordering::SeqCst) {
         if Instant::now() > deadline {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);

@@ -2,7 +2,9 @@
 //! database dump, the manifest): each repository reads the same chunks through its own
 //! bounded channel, so memory stays at [`DEPTH`] chunks of [`CHUNK`] bytes per
 //! repository and the slowest repository paces the producer (backpressure). A
-//! repository that stops reading (it failed) is let go; the others go on.
+//! repository that stops reading (it failed) is let go; one that takes nothing for
+//! longer than the stall timeout (a backend that hangs) is left behind, so it cannot
+//! hold the others back for longer; the others go on.
 //!
 //! A reader ends with `Ok(0)` only after the producer said the stream is complete; a
 //! failed or abandoned stream ends in an error, so no engine takes a torn dump for a
@@ -10,9 +12,10 @@
 //! snapshot is written only when that count is every stream it was given.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agex_secrets::header::hex;
 use sha2::{Digest, Sha256};
@@ -29,7 +32,8 @@ enum Msg {
 
 /// The producing end: every chunk written goes to every consumer still reading.
 pub struct Tee {
-    senders: Vec<SyncSender<Msg>>,
+    consumers: Vec<(SyncSender<Msg>, Completion)>,
+    stall: Option<Duration>,
 }
 
 /// What a finished copy measured.
@@ -41,14 +45,19 @@ pub struct Copied {
     pub digest: String,
 }
 
-/// How many of a repository's streams ended complete.
+/// How many of a repository's streams ended complete, and whether a tee left it behind.
 #[derive(Debug, Clone, Default)]
-pub struct Completion(Arc<AtomicUsize>);
+pub struct Completion(Arc<(AtomicUsize, AtomicBool)>);
 
 impl Completion {
     /// Streams read to their complete end so far.
     pub fn count(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
+        self.0 .0.load(Ordering::SeqCst)
+    }
+
+    /// Whether a stream gave up on this repository for taking nothing for too long.
+    pub fn left_behind(&self) -> bool {
+        self.0 .1.load(Ordering::SeqCst)
     }
 }
 
@@ -62,9 +71,10 @@ pub struct TeeReader {
 }
 
 /// A tee with one reader per entry of `completions` (each reader counts its complete
-/// end into its completion).
-pub fn tee(completions: &[Completion]) -> (Tee, Vec<TeeReader>) {
-    let (senders, readers) = completions
+/// end into its completion). A consumer whose queue stays full for `stall` is left
+/// behind (None: waited for however long it takes).
+pub fn tee(completions: &[Completion], stall: Option<Duration>) -> (Tee, Vec<TeeReader>) {
+    let (consumers, readers) = completions
         .iter()
         .map(|c| {
             let (tx, rx) = sync_channel(DEPTH);
@@ -75,10 +85,10 @@ pub fn tee(completions: &[Completion]) -> (Tee, Vec<TeeReader>) {
                 ended: false,
                 completion: Some(c.clone()),
             };
-            (tx, reader)
+            ((tx, c.clone()), reader)
         })
         .unzip();
-    (Tee { senders }, readers)
+    (Tee { consumers, stall }, readers)
 }
 
 impl Tee {
@@ -127,14 +137,33 @@ impl Tee {
     }
 
     fn send(&mut self, msg: Msg) {
-        match &msg {
-            Msg::Data(chunk) => self
-                .senders
-                .retain(|tx| tx.send(Msg::Data(Arc::clone(chunk))).is_ok()),
-            Msg::End(end) => self
-                .senders
-                .retain(|tx| tx.send(Msg::End(end.clone())).is_ok()),
-        }
+        let stall = self.stall;
+        self.consumers.retain(|(tx, completion)| {
+            let mut msg = match &msg {
+                Msg::Data(chunk) => Msg::Data(Arc::clone(chunk)),
+                Msg::End(end) => Msg::End(end.clone()),
+            };
+            let Some(stall) = stall else {
+                return tx.send(msg).is_ok();
+            };
+            let since = Instant::now();
+            let mut pause = Duration::from_micros(100);
+            loop {
+                match tx.try_send(msg) {
+                    Ok(()) => return true,
+                    Err(TrySendError::Disconnected(_)) => return false,
+                    Err(TrySendError::Full(back)) => {
+                        if since.elapsed() >= stall {
+                            completion.0 .1.store(true, Ordering::SeqCst);
+                            return false;
+                        }
+                        msg = back;
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_millis(20));
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -161,7 +190,7 @@ impl Read for TeeReader {
                     self.ended = true;
                     self.chunk = None;
                     if let Some(c) = self.completion.take() {
-                        c.0.fetch_add(1, Ordering::SeqCst);
+                        c.0 .0.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 Ok(Msg::End(Err(why))) => return Err(io::Error::other(why)),
@@ -184,7 +213,7 @@ mod tests {
     #[test]
     fn every_reader_gets_every_byte_and_counts_its_end() {
         let done = [Completion::default(), Completion::default()];
-        let (mut tee, readers) = tee(&done);
+        let (mut tee, readers) = tee(&done, None);
         let data: Vec<u8> = (0..(3 * CHUNK + 17)).map(|i| (i % 251) as u8).collect();
         let src = data.clone();
         let producer = std::thread::spawn(move || {
@@ -212,7 +241,7 @@ mod tests {
     #[test]
     fn a_failed_stream_is_an_error_not_an_end() {
         let done = [Completion::default()];
-        let (mut tee, mut readers) = tee(&done);
+        let (mut tee, mut readers) = tee(&done, None);
         let r = readers.remove(0);
         let producer = std::thread::spawn(move || {
             tee.copy_from(&mut &b"partial"[..]).unwrap();
@@ -227,16 +256,35 @@ mod tests {
     #[test]
     fn an_abandoned_stream_is_an_error() {
         let done = [Completion::default()];
-        let (tee, mut readers) = tee(&done);
+        let (tee, mut readers) = tee(&done, None);
         drop(tee);
         assert!(read_all(readers.remove(0)).is_err());
         assert_eq!(done[0].count(), 0);
     }
 
     #[test]
+    fn a_reader_that_takes_nothing_is_left_behind_after_the_stall_timeout() {
+        let done = [Completion::default(), Completion::default()];
+        let (mut tee, mut readers) = tee(&done, Some(Duration::from_millis(200)));
+        let stuck = readers.remove(0);
+        let data = vec![9u8; (DEPTH + 4) * CHUNK];
+        let src = data.clone();
+        let producer = std::thread::spawn(move || {
+            tee.copy_from(&mut src.as_slice()).unwrap();
+            tee.finish();
+        });
+        assert_eq!(read_all(readers.remove(0)).unwrap(), data);
+        producer.join().unwrap();
+        assert!(done[0].left_behind() && !done[1].left_behind());
+        assert_eq!((done[0].count(), done[1].count()), (0, 1));
+        // What it had queued is still there, but it never sees an end.
+        assert!(read_all(stuck).is_err());
+    }
+
+    #[test]
     fn a_reader_that_goes_away_does_not_stop_the_others() {
         let done = [Completion::default(), Completion::default()];
-        let (mut tee, mut readers) = tee(&done);
+        let (mut tee, mut readers) = tee(&done, None);
         drop(readers.remove(0));
         let data = vec![7u8; (DEPTH + 4) * CHUNK];
         let src = data.clone();

@@ -118,6 +118,16 @@ pub struct BackupSettings {
     /// borg itself at once.
     #[serde(default = "default_stale_lock_age")]
     pub stale_lock_age: u64,
+    /// Seconds one repository may take no data from a dump while the other waits for it
+    /// (the dump is streamed to both with bounded memory, so the slower paces it); after
+    /// that it is left out of this run of the service, failed, and the other goes on.
+    /// 0 waits for ever.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: u64,
+}
+
+fn default_stall_timeout() -> u64 {
+    600
 }
 
 fn default_lock_wait() -> u64 {
@@ -134,6 +144,7 @@ impl Default for BackupSettings {
             metrics_dir: None,
             lock_wait: default_lock_wait(),
             stale_lock_age: default_stale_lock_age(),
+            stall_timeout: default_stall_timeout(),
         }
     }
 }

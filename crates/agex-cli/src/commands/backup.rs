@@ -86,6 +86,8 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
         systemctl: systemctl(ctx, args.systemctl),
         lock_wait: Duration::from_secs(project.config.backup.lock_wait),
         stale_lock_age: Some(Duration::from_secs(project.config.backup.stale_lock_age)),
+        stall_timeout: Some(Duration::from_secs(project.config.backup.stall_timeout))
+            .filter(|t| !t.is_zero()),
         progress: crate::progress::bars(ctx.global.json),
     };
     let planned = run::plan(&project, &opts)?;
