@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::services::{Postgres, RcloneRestic, Sshd};
 use common::setup::{
-    app_data, fake_systemctl, pseudo_random, run, sqlite_count, Setup, SQLITE_POLICY,
+    app_data, dump_entry, fake_systemctl, pseudo_random, restored_manifest, run, sqlite_count,
+    Setup, SQLITE_POLICY,
 };
 use common::{assert_fails, assert_ok, have_tool, stdout};
 
@@ -83,10 +84,7 @@ fn verify_restored(s: &Setup, restored: &Path) {
     let counted = sqlite_count(&dump);
     assert_eq!(counted, sqlite_count(&s.host("/srv/app/app.db")));
     assert!(counted.starts_with("ok\n"), "{counted}");
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(restored.join("var/lib/agex/dumps/testapp/manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let manifest = restored_manifest(restored, "testapp");
     assert_eq!(manifest["service"], "testapp");
     let files = manifest["files"].as_array().unwrap();
     assert_eq!(files.len(), expected.len(), "{manifest}");
@@ -96,8 +94,7 @@ fn verify_restored(s: &Setup, restored: &Path) {
         assert_eq!(f["size"], bytes.len(), "{path}");
         assert_eq!(f["digest"], sha256_of(&bytes), "manifest digest of {path}");
     }
-    let dumps = manifest["dumps"].as_array().unwrap();
-    let sqlite = dumps.iter().find(|d| d["kind"] == "sqlite").unwrap();
+    let sqlite = dump_entry(&manifest, "sqlite");
     assert_eq!(sqlite["size"], fs::metadata(&dump).unwrap().len());
     assert_eq!(sqlite["row_counts"]["items"], 300);
 }
@@ -129,13 +126,7 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
         s.restic(&restic_url).args(["check", "--read-data"]),
         "restic check",
     );
-    let r = tmp.path().join("restored-restic");
-    run(
-        s.restic(&restic_url)
-            .args(["restore", "latest", "--target"])
-            .arg(&r),
-        "restic restore",
-    );
+    let r = s.restic_restore_latest(&restic_url, tmp.path().join("restored-restic"));
     verify_restored(&s, &r);
     let snaps: serde_json::Value = serde_json::from_str(&stdout(&run(
         s.restic(&restic_url).args(["snapshots", "--json"]),
@@ -190,13 +181,7 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
     let a = s.host("/srv/app/files/a.txt");
     fs::write(&a, "HELLO AGEX\n").unwrap();
     assert_ok(&s.agex(&["backup", "--service", "testapp"]));
-    let r2 = tmp.path().join("restored-restic-2");
-    run(
-        s.restic(&restic_url)
-            .args(["restore", "latest", "--target"])
-            .arg(&r2),
-        "restic restore",
-    );
+    let r2 = s.restic_restore_latest(&restic_url, tmp.path().join("restored-restic-2"));
     verify_restored(&s, &r2);
 
     let out = s.agex(&["--json", "snapshots", "--service", "testapp"]);
@@ -284,13 +269,7 @@ fn rest_server_restic_while_the_database_is_being_written() {
         s.restic(&restic_url).args(["check", "--read-data"]),
         "restic check",
     );
-    let r = tmp.path().join("restored");
-    run(
-        s.restic(&restic_url)
-            .args(["restore", "latest", "--target"])
-            .arg(&r),
-        "restic restore",
-    );
+    let r = s.restic_restore_latest(&restic_url, tmp.path().join("restored"));
     let dump = r.join("var/lib/agex/dumps/testapp/db/app.sqlite3");
     let check = sqlite_count(&dump);
     assert!(check.starts_with("ok\n"), "dump is not consistent: {check}");
@@ -377,13 +356,7 @@ fn borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial() {
         "borg extract",
     );
     verify_restored(&s, &b);
-    let r = tmp.path().join("restored-restic");
-    run(
-        s.restic(&restic_url)
-            .args(["restore", "latest", "--target"])
-            .arg(&r),
-        "restic restore",
-    );
+    let r = s.restic_restore_latest(&restic_url, tmp.path().join("restored-restic"));
     verify_restored(&s, &r);
     let pg_dump_path = "var/lib/agex/dumps/testapp/db/app.pgdump";
     assert_eq!(
@@ -402,16 +375,7 @@ fn borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial() {
             .arg(&dump),
         "pg_restore",
     );
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(r.join("var/lib/agex/dumps/testapp/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let pg_entry = manifest["dumps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["kind"] == "postgres")
-        .unwrap();
+    let pg_entry = dump_entry(&restored_manifest(&r, "testapp"), "postgres");
     for (table, rows) in [("notes", 1234), ("tags", 2)] {
         assert_eq!(
             pg.psql("restored", &format!("SELECT count(*) FROM {table}"))
@@ -593,24 +557,8 @@ fn a_dump_that_breaks_off_mid_stream_keeps_no_snapshot_in_either_repository() {
     // Left alone, the same dump streams whole into both, at its full size.
     let out = s.agex(&["backup", "--service", "testapp"]);
     assert_ok(&out);
-    let r = tmp.path().join("restored");
-    run(
-        s.restic(&restic_url)
-            .args(["restore", "latest", "--target"])
-            .arg(&r),
-        "restic restore",
-    );
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &fs::read(r.join("var/lib/agex/dumps/testapp/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let entry = manifest["dumps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["kind"] == "postgres")
-        .unwrap()
-        .clone();
+    let r = s.restic_restore_latest(&restic_url, tmp.path().join("restored"));
+    let entry = dump_entry(&restored_manifest(&r, "testapp"), "postgres");
     let dump = fs::read(r.join("var/lib/agex/dumps/testapp/db/app.pgdump")).unwrap();
     assert!(dump.len() > 60 << 20, "dump of {} bytes", dump.len());
     assert_eq!(entry["size"], dump.len(), "{entry}");
@@ -685,13 +633,7 @@ fn a_repository_that_hangs_is_left_behind_and_the_other_completes() {
         s.restic(&restic_url).args(["check", "--read-data"]),
         "restic check",
     );
-    let r = tmp.path().join("restored");
-    run(
-        s.restic(&restic_url)
-            .args(["restore", "latest", "--target"])
-            .arg(&r),
-        "restic restore",
-    );
+    let r = s.restic_restore_latest(&restic_url, tmp.path().join("restored"));
     assert_eq!(
         sqlite_count(&r.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
         sqlite_count(&s.host("/srv/app/app.db"))
@@ -742,13 +684,7 @@ fn retention_keeps_what_the_policy_says_in_both_repositories() {
     run(s.restic(&restic_url).arg("check"), "restic check");
     run(s.borg(None).arg("check").arg(&borg_url), "borg check");
     // The latest snapshot holds the latest dump, never one reused from its parent.
-    let r = tmp.path().join("restored");
-    run(
-        s.restic(&restic_url)
-            .args(["restore", "latest", "--target"])
-            .arg(&r),
-        "restic restore",
-    );
+    let r = s.restic_restore_latest(&restic_url, tmp.path().join("restored"));
     assert_eq!(
         sqlite_count(&r.join("var/lib/agex/dumps/testapp/db/app.sqlite3")),
         sqlite_count(&s.host("/srv/app/app.db"))

@@ -119,6 +119,18 @@ impl Setup {
         c
     }
 
+    /// `restic restore latest` of the repository at `url` into `target`, with the real
+    /// restic binary; returns `target`.
+    pub fn restic_restore_latest(&self, url: &str, target: PathBuf) -> PathBuf {
+        run(
+            self.restic(url)
+                .args(["restore", "latest", "--target"])
+                .arg(&target),
+            "restic restore",
+        );
+        target
+    }
+
     pub fn borg(&self, rsh: Option<String>) -> Command {
         let mut c = Command::new("borg");
         let pass = self.secret_file("borg-passphrase");
@@ -173,6 +185,23 @@ pub fn app_data(s: &Setup, big: usize) {
         .output()
         .unwrap();
     assert_ok(&out);
+}
+
+/// The manifest a restored snapshot of `service` holds.
+pub fn restored_manifest(restored: &Path, service: &str) -> serde_json::Value {
+    let path = restored.join(format!("var/lib/agex/dumps/{service}/manifest.json"));
+    serde_json::from_slice(&fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"))).unwrap()
+}
+
+/// The manifest's entry for the dump of `kind` (`sqlite`, `postgres`).
+pub fn dump_entry(manifest: &serde_json::Value, kind: &str) -> serde_json::Value {
+    manifest["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} dump in {manifest}"))
+        .clone()
 }
 
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {

@@ -3,7 +3,7 @@
 //! a `psql` session that holds one snapshot so the dump and its row counts agree.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
@@ -143,18 +143,8 @@ pub struct Session {
 impl Session {
     fn start(mut cmd: Command) -> Result<Session, BackupError> {
         let shown = process::describe(&cmd);
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| BackupError::Spawn {
-                tool: shown.clone(),
-                source,
-            })?;
-        let (Some(stdin), Some(stdout), Some(mut err)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
+        let (mut child, stderr) = process::spawn_piped(&mut cmd, Stdio::piped())?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             let _ = child.wait();
             return Err(BackupError::Output {
@@ -162,11 +152,6 @@ impl Session {
                 detail: "no pipes to psql".into(),
             });
         };
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            text
-        });
         Ok(Session {
             shown,
             child,

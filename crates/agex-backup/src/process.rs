@@ -3,7 +3,8 @@
 //! quotes the tool's last stderr lines.
 
 use std::io::Read;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
 
 use crate::error::BackupError;
 
@@ -47,22 +48,7 @@ pub fn run_reading<T>(
 ) -> Result<T, BackupError> {
     let shown = describe(cmd);
     die_with_agex(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| BackupError::Spawn {
-            tool: shown.clone(),
-            source,
-        })?;
-    let stderr = child.stderr.take().map(|mut e| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = e.read_to_string(&mut text);
-            text
-        })
-    });
+    let (mut child, stderr) = spawn_piped(cmd, Stdio::null())?;
     let consumed = match child.stdout.take() {
         Some(mut out) => consume(&mut out),
         None => Err(std::io::Error::other("no stdout")),
@@ -74,7 +60,7 @@ pub fn run_reading<T>(
         tool: shown.clone(),
         source,
     })?;
-    let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
     match consumed {
         Err(e) => Err(BackupError::Output {
             tool: shown,
@@ -87,6 +73,32 @@ pub fn run_reading<T>(
         }),
         Ok(v) => Ok(v),
     }
+}
+
+/// Spawns a command with stdout piped and stderr read to its end on a thread (so a
+/// talkative tool never blocks on a full pipe); the thread yields what it read.
+pub fn spawn_piped(
+    cmd: &mut Command,
+    stdin: Stdio,
+) -> Result<(Child, JoinHandle<String>), BackupError> {
+    let mut child = cmd
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| BackupError::Spawn {
+            tool: describe(cmd),
+            source,
+        })?;
+    let mut err = child.stderr.take();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_string(&mut text);
+        }
+        text
+    });
+    Ok((child, stderr))
 }
 
 /// Makes the command's process get SIGTERM when the agex thread that starts it ends
