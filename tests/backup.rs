@@ -507,16 +507,12 @@ fn a_dump_that_breaks_off_mid_stream_keeps_no_snapshot_in_either_repository() {
     app_data(&s, 1 << 20);
     s.init_repos();
 
-    let root = s.root.to_str().unwrap().to_string();
-    let key = s.fx.key("admin.txt");
-    let child =
-        s.fx.agex()
-            .args(["-i", key.to_str().unwrap(), "--root", &root])
-            .args(["backup", "--service", "testapp"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+    let child = s
+        .agex_command(&["backup", "--service", "testapp"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // pg_dump is mid-COPY: its server process is terminated, as a crash or an
     // administrator's pg_terminate_backend would.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -602,16 +598,12 @@ fn a_repository_that_hangs_is_left_behind_and_the_other_completes() {
     );
     s.init_repos();
 
-    let root = s.root.to_str().unwrap().to_string();
-    let admin = s.fx.key("admin.txt");
-    let child =
-        s.fx.agex()
-            .args(["-i", admin.to_str().unwrap(), "--root", &root])
-            .args(["backup", "--service", "testapp"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+    let child = s
+        .agex_command(&["backup", "--service", "testapp"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // Once borg is connected, its server freezes (a hung link or host): borg stops
     // reading the dump, and the Restic side would wait for it for ever.
     let t = Instant::now();
@@ -719,16 +711,12 @@ fn kill_9_mid_backup_leaves_both_repositories_healthy() {
             pseudo_random(24 << 20, 100 + i),
         )
         .unwrap();
-        let root = s.root.to_str().unwrap().to_string();
-        let key = s.fx.key("admin.txt");
-        let mut child =
-            s.fx.agex()
-                .args(["-i", key.to_str().unwrap(), "--root", &root])
-                .args(["backup", "--service", "testapp"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
+        let mut child = s
+            .agex_command(&["backup", "--service", "testapp"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let at = full.mul_f64((i as f64 + 0.5) / runs as f64);
         std::thread::sleep(at);
         // SAFETY: kill(2) on our own child's pid.

@@ -842,21 +842,13 @@ fn opens_with(s: &Setup, kind: &str, url: &str, password: &[u8], dir: &Path) -> 
 /// `agex repo rotate-password REPO` paused at `step` and killed with SIGKILL there.
 fn rotate_killed_at(s: &Setup, repo: &str, step: &str) {
     use std::io::BufRead;
-    let key = s.fx.key("admin.txt");
-    let mut child =
-        s.fx.agex()
-            .args([
-                "-i",
-                key.to_str().unwrap(),
-                "--root",
-                s.root.to_str().unwrap(),
-            ])
-            .args(["repo", "rotate-password", repo])
-            .env("AGEX_TEST_PAUSE_AT", step)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+    let mut child = s
+        .agex_command(&["repo", "rotate-password", repo])
+        .env("AGEX_TEST_PAUSE_AT", step)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut seen = Vec::new();
     for line in std::io::BufReader::new(stderr).lines() {

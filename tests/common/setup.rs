@@ -56,6 +56,18 @@ impl Setup {
         self.fx.run_admin(&all)
     }
 
+    /// The command [`Setup::agex`] runs (admin identity, this root), not yet started: for
+    /// tests that start it in the background, signal it or feed it.
+    pub fn agex_command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.fx.agex();
+        cmd.arg("-i")
+            .arg(self.fx.key("admin.txt"))
+            .arg("--root")
+            .arg(&self.root)
+            .args(args);
+        cmd
+    }
+
     /// [`Setup::agex`] with stdout and stderr on a pseudo-terminal (`script`), as a user
     /// at a shell sees it; the output is what the terminal showed.
     pub fn agex_on_tty(&self, args: &[&str]) -> Output {
