@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::services::{Postgres, RcloneRestic, Sshd};
 use common::setup::{
-    app_data, dump_entry, fake_systemctl, pseudo_random, restored_manifest, run, sqlite_count,
-    Setup, SQLITE_POLICY,
+    app_data, dump_entry, fake_systemctl, pseudo_random, restored_manifest, run,
+    sqlite_and_postgres_policy, sqlite_count, Setup, SQLITE_POLICY,
 };
 use common::{assert_fails, assert_ok, have_tool, stdout};
 
@@ -308,26 +308,10 @@ fn borg_over_ssh_and_postgres_round_trip_and_sshd_down_is_partial() {
     let borg_url = sshd.url("borg");
     let s = Setup::new(&restic_url, &borg_url, true);
     // The borg user accepts the key that lives in the age secret.
-    let key = s.secret_file("borg-ssh-key");
-    let pubkey = Command::new("ssh-keygen")
-        .arg("-y")
-        .arg("-f")
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert_ok(&pubkey);
-    sshd.authorize(&stdout(&pubkey));
+    let key = s.authorize_borg_key(&sshd);
     // The policy's socket path, under the root, leads to the test cluster.
-    fs::create_dir_all(s.host("/run")).unwrap();
-    std::os::unix::fs::symlink(pg.socket_dir(), s.host("/run/postgresql")).unwrap();
-    s.policy(
-        "testapp",
-        &format!(
-            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
-             socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
-            pg.port()
-        ),
-    );
+    s.link_postgres(&pg);
+    s.policy("testapp", &sqlite_and_postgres_policy(&pg));
     app_data(&s, 0);
     s.init_repos();
     let out = s.agex(&["backup", "--service", "testapp"]);
@@ -494,16 +478,8 @@ fn a_dump_that_breaks_off_mid_stream_keeps_no_snapshot_in_either_repository() {
     let restic_url = tmp.path().join("restic").display().to_string();
     let borg_url = tmp.path().join("borg").display().to_string();
     let s = Setup::new(&restic_url, &borg_url, false);
-    fs::create_dir_all(s.host("/run")).unwrap();
-    std::os::unix::fs::symlink(pg.socket_dir(), s.host("/run/postgresql")).unwrap();
-    s.policy(
-        "testapp",
-        &format!(
-            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
-             socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
-            pg.port()
-        ),
-    );
+    s.link_postgres(&pg);
+    s.policy("testapp", &sqlite_and_postgres_policy(&pg));
     app_data(&s, 1 << 20);
     s.init_repos();
 
@@ -575,12 +551,7 @@ fn a_repository_that_hangs_is_left_behind_and_the_other_completes() {
     let restic_url = tmp.path().join("restic").display().to_string();
     let borg_url = sshd.url("borg");
     let s = Setup::new(&restic_url, &borg_url, true);
-    let key = s.secret_file("borg-ssh-key");
-    let pubkey = run(
-        Command::new("ssh-keygen").arg("-y").arg("-f").arg(&key),
-        "ssh-keygen -y",
-    );
-    sshd.authorize(&stdout(&pubkey));
+    s.authorize_borg_key(&sshd);
     let cfg = s.fx.dir().join("agex.toml");
     let text = fs::read_to_string(&cfg)
         .unwrap()

@@ -11,7 +11,8 @@ use std::process::Command;
 
 use common::services::{ssh_keygen, Postgres, Sshd};
 use common::setup::{
-    app_data, bunk_user_db, recording_systemctl, run, sqlite_count, Setup, Unmount, SQLITE_POLICY,
+    app_data, bunk_user_db, recording_systemctl, run, sqlite_and_postgres_policy, sqlite_count,
+    Setup, Unmount, SQLITE_POLICY,
 };
 use common::{
     assert_fails, assert_ok, have_tool, is_root, stdout, tree_changes, tree_state, Fixture,
@@ -277,14 +278,7 @@ fn pg_setup(test: &str, tmp: &Path) -> Option<PgSetup> {
     let key = s.authorize_borg_key(&sshd);
     let rsh = sshd.borg_rsh(&key);
     s.link_postgres(&pg);
-    s.policy(
-        "testapp",
-        &format!(
-            "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
-             socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
-            pg.port()
-        ),
-    );
+    s.policy("testapp", &sqlite_and_postgres_policy(&pg));
     app_data(&s, 0);
     s.init_repos();
     assert_ok(&s.agex(&["backup", "--service", "testapp"]));

@@ -275,6 +275,16 @@ impl Setup {
     }
 }
 
+/// [`SQLITE_POLICY`] plus the test cluster's database `app`, reached over the socket
+/// [`Setup::link_postgres`] links.
+pub fn sqlite_and_postgres_policy(pg: &Postgres) -> String {
+    format!(
+        "{SQLITE_POLICY}\n[[databases]]\nkind = \"postgres\"\ndatabase = \"app\"\n\
+         socket = \"/run/postgresql\"\nport = {}\nuser = \"postgres\"\n",
+        pg.port()
+    )
+}
+
 /// Owners and groups the bunk example's rules name.
 pub const BUNK_USERS: &[&str] = &[
     "actual",
