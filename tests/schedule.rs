@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::setup::fake_systemctl;
-use common::{assert_fails, assert_ok, have_tool, stdout, Fixture};
+use common::{assert_fails, assert_ok, have_tool, stderr, stdout, Fixture};
 
 /// A bunk fixture with local repositories and one policy, `testapp`.
 struct Setup {
@@ -1386,6 +1386,53 @@ fn failed_unit_notification_names_the_unit() {
     let v = json(&server.to("/hook")[0].body);
     assert_eq!(v["job"], "backup-testapp");
     assert_eq!(v["result"], "failure");
+}
+
+#[test]
+fn a_failure_the_backup_notified_itself_is_not_notified_again_by_its_on_failure_unit() {
+    let server = Server::start(vec![]);
+    let s = Setup::new(&server.notify_section());
+    // No repository initialised: the backup fails and says so itself, as the unit
+    // `agex-backup@testapp.service` with its systemd invocation id.
+    let out = s
+        .cmd(&["backup", "--service", "testapp"])
+        .env("INVOCATION_ID", "0f1e2d3c4b5a69788796a5b4c3d2e1f0")
+        .output()
+        .unwrap();
+    assert_fails(&out, 1);
+    assert_eq!(server.to("/hc/fail").len(), 1, "{:?}", server.requests());
+    // systemd then starts agex-notify@agex-backup@testapp.service for that invocation.
+    let on_failure = |invocation: &str| {
+        s.cmd(&["notify", "--failed-unit", "agex-backup@testapp.service"])
+            .env("MONITOR_INVOCATION_ID", invocation)
+            .output()
+            .unwrap()
+    };
+    let out = on_failure("0f1e2d3c4b5a69788796a5b4c3d2e1f0");
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("already notified its own failure"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        server.to("/hc/fail").len(),
+        1,
+        "notified twice: {:?}",
+        server.requests()
+    );
+    // A later invocation that died before it could say anything is reported by the unit.
+    let out = on_failure("aaaabbbbccccddddeeeeffff00001111");
+    assert_ok(&out);
+    let fail = server.to("/hc/fail");
+    assert_eq!(fail.len(), 2, "{:?}", server.requests());
+    assert!(
+        fail[1]
+            .body
+            .contains("systemd unit agex-backup@testapp.service failed"),
+        "{}",
+        fail[1].body
+    );
 }
 
 #[test]

@@ -41,6 +41,10 @@ pub struct JobState {
     pub exit_code: Option<i32>,
     /// Wall time of its last run, seconds.
     pub duration_seconds: Option<f64>,
+    /// The systemd invocation (`$INVOCATION_ID`) whose failure the job already notified
+    /// itself, so the `OnFailure=` unit that follows does not send it a second time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified_invocation: Option<String>,
 }
 
 /// What the daemon persists.
@@ -338,6 +342,7 @@ async fn job_task(
                     result: None,
                     exit_code: None,
                     duration_seconds: None,
+                    notified_invocation: None,
                 });
             });
             0
@@ -480,6 +485,7 @@ async fn run_job(job: &Job, shared: &Shared, project: &Project) {
                 result: Some(result.into()),
                 exit_code: code,
                 duration_seconds: Some(secs),
+                notified_invocation: None,
             },
         );
     });

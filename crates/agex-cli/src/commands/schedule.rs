@@ -11,7 +11,7 @@ use agex_core::Project;
 use agex_schedule::daemon::{self, DaemonOptions, State};
 use agex_schedule::install::{self, InstallPlan};
 use agex_schedule::job::{self, Job, JobKind};
-use agex_schedule::job_run::JobRun;
+use agex_schedule::job_run::{self, JobRun};
 use agex_schedule::notify::{Event, Notifier, Outcome};
 use agex_schedule::units::{self, UnitOptions};
 use agex_schedule::{duration, overdue, ScheduleError};
@@ -356,6 +356,14 @@ pub fn cmd_notify_failed_unit(ctx: &Context, unit: &str) -> Result<i32, Failure>
     })?;
     let jobs = job::jobs(&project);
     job::find(&jobs, &job)?;
+    // Backups and checks notify their own failures; this unit then only has to report
+    // what they could not (a crash, a kill, a timeout).
+    if let Ok(invocation) = std::env::var(job_run::MONITOR_INVOCATION_ID) {
+        if job_run::notified_itself(&ctx.global.root, &job, &invocation) {
+            eprintln!("{unit} (invocation {invocation}) already notified its own failure");
+            return Ok(OK);
+        }
+    }
     // The journal's last lines are the log tail, when there is a journal to ask.
     let journal = std::process::Command::new("journalctl")
         .args(["-u", unit, "-n", "40", "--no-pager", "-o", "cat"])
