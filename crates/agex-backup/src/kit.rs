@@ -13,6 +13,10 @@ use agex_core::{Database, Project, RepositoryKind};
 
 use crate::manifest;
 
+/// The name the kit's commands give the private RAM directory that holds a decrypted
+/// ssh key while they run (`/dev/shm/<prefix>.XXXXXX`).
+const KIT_KEY_PREFIX: &str = "agex-kit";
+
 /// The placeholders a reader replaces, and what they stand for.
 pub const PLACEHOLDERS: &[(&str, &str)] = &[
     (
@@ -42,8 +46,8 @@ pub fn render(project: &Project, generated: &str) -> String {
          repository (for the encrypted secrets/*.age files) and a recovery key, you can\n\
          restore every service with the stock tools `age`, `restic` and `borg` alone.\n\
          Repository passwords are decrypted on demand by `age -d`; nothing is written\n\
-         to disk except a repository's ssh key, which goes to /dev/shm (RAM) and should\n\
-         be removed afterwards.\n"
+         to disk except a repository's ssh key, which goes to a private directory in\n\
+         /dev/shm (RAM) that each block removes when it ends.\n"
     );
     let _ = writeln!(w, "Placeholders (replace these, nothing else):");
     for (name, what) in PLACEHOLDERS {
@@ -128,22 +132,28 @@ pub fn render(project: &Project, generated: &str) -> String {
                     quote(&format!("age -d -i RECOVERY_KEY CONFIG/{file}"))
                 )];
                 if let Some(f) = &ssh_key_file {
+                    // A fresh private directory (mktemp -d, 0700) rather than a fixed
+                    // name in the world-writable /dev/shm, which another user could
+                    // have taken first; removed at the block's end or the shell's exit.
                     env.push("umask 077".into());
-                    env.push(format!("rm -f /dev/shm/agex-kit-{}-ssh-key", repo.name));
                     env.push(format!(
-                        "age -d -i RECOVERY_KEY -o /dev/shm/agex-kit-{}-ssh-key CONFIG/{f}",
-                        repo.name
+                        "KEYDIR=$(mktemp -d /dev/shm/{KIT_KEY_PREFIX}.XXXXXX)"
                     ));
+                    env.push("trap 'rm -rf \"$KEYDIR\"' EXIT".into());
                     env.push(format!(
-                        "export BORG_RSH={}",
-                        quote(&format!(
-                            "ssh -i /dev/shm/agex-kit-{}-ssh-key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new",
-                            repo.name
-                        ))
+                        "age -d -i RECOVERY_KEY -o \"$KEYDIR/ssh-key\" CONFIG/{f}"
                     ));
+                    env.push(
+                        "export BORG_RSH=\"ssh -i $KEYDIR/ssh-key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new\""
+                            .into(),
+                    );
                 }
+                let cleanup = ssh_key_file
+                    .is_some()
+                    .then(|| "rm -rf \"$KEYDIR\"".to_string());
                 let mut list = env.clone();
                 list.push(format!("borg list {}", quote(&repo.url)));
+                list.extend(cleanup.clone());
                 block(w, &format!("{} list", repo.name), &list);
                 for p in &services {
                     service_notes(w, p);
@@ -157,9 +167,7 @@ pub fn render(project: &Project, generated: &str) -> String {
                         "cd TARGET && borg extract {}\"$ARCHIVE\"",
                         quote(&format!("{}::", repo.url))
                     ));
-                    if ssh_key_file.is_some() {
-                        cmds.push(format!("rm -f /dev/shm/agex-kit-{}-ssh-key", repo.name));
-                    }
+                    cmds.extend(cleanup.clone());
                     block(w, &format!("{} restore {}", repo.name, p.service), &cmds);
                 }
             }
