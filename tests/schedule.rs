@@ -883,6 +883,65 @@ fn overdue_backups_exit_1_and_notify() {
 }
 
 #[test]
+fn a_service_never_backed_up_is_overdue_only_once_it_was_known_for_the_allowed_age() {
+    let server = Server::start(vec![]);
+    let s = Setup::new(&server.notify_section());
+    let record = s.root.join("var/lib/agex/overdue.json");
+    // A fresh install: nothing has run yet, which is not an alarm.
+    let out = s.agex(&["status", "--max-age", "1s"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "waiting testapp → offsite-restic: never backed up successfully (known since 20"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("no backup is overdue"), "{text}");
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+    let first = fs::read_to_string(&record).unwrap();
+    assert!(first.contains("offsite-borg"), "{first}");
+    // Still never backed up once the allowed age has passed since: overdue.
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = s.agex(&["status", "--max-age", "1s"]);
+    assert_fails(&out, 1);
+    assert!(
+        stdout(&out).contains("OVERDUE testapp → offsite-borg: never backed up successfully"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(server.to("/hc/fail").len(), 1, "{:?}", server.requests());
+    // The first sighting stays what it was.
+    assert_eq!(fs::read_to_string(&record).unwrap(), first);
+    // A success drops the pair from the record.
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    assert_ok(&s.agex(&["status", "--max-age", "1d"]));
+    let now = fs::read_to_string(&record).unwrap();
+    assert!(!now.contains("offsite-borg"), "{now}");
+    // A record that cannot be read does not silence alarms.
+    fs::write(&record, "garbage").unwrap();
+    let policy = s.fx.dir().join("policies/other.toml");
+    fs::write(
+        &policy,
+        "paths = [\"/srv/app\"]\nrepositories = [\"offsite-restic\"]\nschedule = \"daily\"\n",
+    )
+    .unwrap();
+    let out = s.agex(&["status", "--max-age", "1d"]);
+    assert_fails(&out, 1);
+    assert!(
+        stdout(&out).contains("OVERDUE other → offsite-restic: never backed up"),
+        "{}",
+        stdout(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("overdue.json: not agex's overdue record"),
+        "{err}"
+    );
+}
+
+#[test]
 fn notification_failures_never_fail_the_backup_and_are_retried() {
     // First two answers are 500: the third attempt of the first request succeeds.
     let server = Server::start(vec![500, 500]);

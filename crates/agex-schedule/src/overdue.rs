@@ -1,12 +1,57 @@
 //! Overdue backups: each service's last success per repository against a maximum age
 //! (given, or 1.5 × the period of its schedule).
+//!
+//! A service that never succeeded in a repository is measured from when the check first
+//! saw it so (remembered in [`FIRST_SEEN_FILE`]): a fresh install is not alarmed about
+//! every service until the first night's backups, yet a backup that never happens is
+//! overdue one allowed age later.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use agex_backup::status::Status;
 use agex_core::Project;
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ScheduleError;
+
+/// Where the check remembers, under `--root`, since when each service and repository
+/// without a success has been known.
+pub const FIRST_SEEN_FILE: &str = "var/lib/agex/overdue.json";
+
+/// Since when each (service, repository) that never succeeded has been known.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FirstSeen {
+    /// Service → repository → first seen.
+    pub services: BTreeMap<String, BTreeMap<String, DateTime<Utc>>>,
+}
+
+impl FirstSeen {
+    /// Reads the record under `root` (empty when there is none).
+    pub fn load(root: &Path) -> Result<FirstSeen, ScheduleError> {
+        let path = root.join(FIRST_SEEN_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| ScheduleError::State {
+                path,
+                why: format!("not agex's overdue record: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FirstSeen::default()),
+            Err(e) => Err(ScheduleError::io(path)(e)),
+        }
+    }
+
+    /// Writes the record under `root` atomically.
+    pub fn save(&self, root: &Path) -> Result<(), ScheduleError> {
+        let path = root.join(FIRST_SEEN_FILE);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(ScheduleError::io(dir))?;
+        }
+        let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        agex_core::atomic::write_atomic(&path, &bytes, 0o644).map_err(ScheduleError::io(path))
+    }
+}
 
 /// One service in one repository whose last success is too old (or missing).
 #[derive(Debug, Clone, Serialize)]
@@ -21,6 +66,9 @@ pub struct Overdue {
     pub max_age_seconds: u64,
     /// How old the last success is, seconds (none: never succeeded).
     pub age_seconds: Option<u64>,
+    /// For one that never succeeded: since when it has been known (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub known_since: Option<String>,
 }
 
 impl Overdue {
@@ -35,11 +83,22 @@ impl Overdue {
                 crate::duration::show(Duration::from_secs(age))
             ),
             _ => format!(
-                "{} → {}: never backed up successfully",
-                self.service, self.repo
+                "{} → {}: never backed up successfully (known since {}, allowed {allowed})",
+                self.service,
+                self.repo,
+                self.known_since.as_deref().unwrap_or("now")
             ),
         }
     }
+}
+
+/// What one check found.
+#[derive(Debug, Clone, Default)]
+pub struct Findings {
+    /// Too old, or never succeeded for longer than allowed.
+    pub overdue: Vec<Overdue>,
+    /// Never succeeded, but known for less than the allowed age: not yet an alarm.
+    pub waiting: Vec<Overdue>,
 }
 
 /// The allowed age of a service's backups: `max_age`, else 1.5 × its schedule's period.
@@ -56,14 +115,20 @@ pub fn allowed(project: &Project, service: &str, max_age: Option<Duration>) -> D
         .unwrap_or(Duration::from_secs(36 * 3600))
 }
 
-/// Every (service, repository) of the policies whose last success is older than allowed.
+/// Every (service, repository) of the policies whose last success is older than allowed,
+/// or that never succeeded and has been known for longer than allowed. `first_seen` is
+/// brought up to date: pairs without a success are added as seen `now`, pairs that
+/// succeeded or are gone from the policies are dropped. Without a record (`None`: it
+/// could not be read) a pair that never succeeded is overdue at once.
 pub fn find(
     project: &Project,
     statuses: &[Status],
     max_age: Option<Duration>,
     now: DateTime<Utc>,
-) -> Vec<Overdue> {
-    let mut out = Vec::new();
+    first_seen: Option<&mut FirstSeen>,
+) -> Findings {
+    let mut out = Findings::default();
+    let mut seen = FirstSeen::default();
     for (service, policy) in &project.policies {
         let limit = allowed(project, service, max_age);
         for repo in &policy.repositories {
@@ -71,20 +136,48 @@ pub fn find(
                 .iter()
                 .find(|s| &s.service == service && &s.repo == repo)
                 .and_then(|s| s.last_success.clone());
+            let age_of = |t: DateTime<Utc>| (now - t).num_seconds().max(0) as u64;
             let age = last
                 .as_deref()
                 .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| (now - t.with_timezone(&Utc)).num_seconds().max(0) as u64);
-            if age.is_none_or(|a| a > limit.as_secs()) {
-                out.push(Overdue {
-                    service: service.clone(),
-                    repo: repo.clone(),
-                    last_success: last,
-                    max_age_seconds: limit.as_secs(),
-                    age_seconds: age,
-                });
+                .map(|t| age_of(t.with_timezone(&Utc)));
+            let mut item = Overdue {
+                service: service.clone(),
+                repo: repo.clone(),
+                last_success: last,
+                max_age_seconds: limit.as_secs(),
+                age_seconds: age,
+                known_since: None,
+            };
+            match age {
+                Some(a) if a > limit.as_secs() => out.overdue.push(item),
+                Some(_) => {}
+                None if first_seen.is_none() => out.overdue.push(item),
+                None => {
+                    let since = first_seen
+                        .as_deref()
+                        .and_then(|f| f.services.get(service))
+                        .and_then(|r| r.get(repo))
+                        .copied()
+                        .unwrap_or(now)
+                        .min(now);
+                    seen.services
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(repo.clone(), since);
+                    item.known_since =
+                        Some(since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    if age_of(since) > limit.as_secs() {
+                        out.overdue.push(item);
+                    } else {
+                        out.waiting.push(item);
+                    }
+                }
             }
         }
+    }
+    if let Some(f) = first_seen {
+        *f = seen;
     }
     out
 }

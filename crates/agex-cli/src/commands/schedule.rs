@@ -398,13 +398,38 @@ pub fn cmd_overdue(ctx: &Context, max_age: &str) -> Result<i32, Failure> {
         "auto" => None,
         m => Some(duration::parse(m)?),
     };
-    let statuses = status::summarize(&run::records(&ctx.global.root)?);
-    let late = overdue::find(&project, &statuses, max, chrono::Utc::now());
+    let root = &ctx.global.root;
+    let statuses = status::summarize(&run::records(root)?);
+    let mut record = match overdue::FirstSeen::load(root) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("warning: {e}; services never backed up count as overdue");
+            None
+        }
+    };
+    let before = record.clone();
+    let found = overdue::find(
+        &project,
+        &statuses,
+        max,
+        chrono::Utc::now(),
+        record.as_mut(),
+    );
+    if let Some(r) = record.filter(|r| Some(r) != before.as_ref()) {
+        if let Err(e) = r.save(root) {
+            eprintln!("warning: {e}");
+        }
+    }
+    let late = found.overdue;
     if ctx.global.json {
         output::json(&late)?;
-    } else if late.is_empty() {
-        println!("no backup is overdue");
     } else {
+        for o in &found.waiting {
+            println!("waiting {}", o.line());
+        }
+        if late.is_empty() {
+            println!("no backup is overdue");
+        }
         for o in &late {
             println!("OVERDUE {}", o.line());
         }
