@@ -2,7 +2,7 @@
 # Benchmark: re-encrypting 1000 secrets. agex rekey --force (in-process, all cores)
 # against what agenix does: one `age -d | age -e` pipeline per file, serially.
 # Both run in the same invocation on the same files. Last line: ratio: <age loop / agex>,
-# with agex's time the median of RUNS (default 5) runs.
+# with agex's time the median of RUNS (default 11) runs.
 #
 # Where the files live matters for agex (its CPU work is ~0.15 s, so file creation and
 # renames weigh): as root, both run on a fresh ext4 with mkfs's defaults (journal) on a
@@ -75,7 +75,7 @@ now() { date +%s.%N; }
 # agex's run is short (a quarter of a second), so one scheduling hiccup of this VM moves
 # it by a fifth: it runs RUNS times and the median counts. The age loop's 1000 processes
 # average that out within its one run.
-RUNS="${RUNS:-5}"
+RUNS="${RUNS:-11}"
 agex_runs=()
 for _ in $(seq "$RUNS"); do
   t0=$(now)
