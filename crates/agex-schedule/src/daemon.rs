@@ -62,15 +62,7 @@ impl State {
 
     /// Reads a state file (empty when there is none).
     pub fn load_from(path: &Path) -> Result<State, ScheduleError> {
-        let path = path.to_path_buf();
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| ScheduleError::State {
-                path,
-                why: format!("not agex's daemon state: {e}"),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(ScheduleError::io(path)(e)),
-        }
+        crate::record::load(path, "agex's daemon state")
     }
 
     fn save(&self, root: &Path) -> Result<(), ScheduleError> {
@@ -79,11 +71,7 @@ impl State {
 
     /// Writes a state file atomically.
     pub fn save_to(&self, path: &Path) -> Result<(), ScheduleError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(ScheduleError::io(dir))?;
-        }
-        let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        agex_core::atomic::write_atomic(path, &bytes, 0o644).map_err(ScheduleError::io(path))
+        crate::record::save(path, self)
     }
 }
 

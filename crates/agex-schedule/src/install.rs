@@ -82,14 +82,7 @@ struct Installed {
 }
 
 fn installed(path: PathBuf) -> Result<Installed, ScheduleError> {
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ScheduleError::State {
-            path,
-            why: format!("not agex's record of installed units: {e}"),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Installed::default()),
-        Err(e) => Err(ScheduleError::io(path)(e)),
-    }
+    crate::record::load(&path, "agex's record of installed units")
 }
 
 fn ours(path: &Path) -> bool {
@@ -191,12 +184,7 @@ pub fn apply(
     let record = Installed {
         files: plan.all.clone(),
     };
-    let path: PathBuf = to.record(root);
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(ScheduleError::io(parent))?;
-    }
-    let bytes = serde_json::to_vec_pretty(&record).unwrap_or_default();
-    agex_core::atomic::write_atomic(&path, &bytes, 0o644).map_err(ScheduleError::io(&path))?;
+    crate::record::save(&to.record(root), &record)?;
 
     let Some(sc) = systemctl else {
         report.skipped = Some("no systemctl command for this root (pass --systemctl CMD)".into());

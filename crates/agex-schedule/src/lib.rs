@@ -11,6 +11,7 @@ pub mod job;
 pub mod job_run;
 pub mod notify;
 pub mod overdue;
+pub mod record;
 pub mod results;
 pub mod units;
 

@@ -31,25 +31,12 @@ pub struct FirstSeen {
 impl FirstSeen {
     /// Reads the record under `root` (empty when there is none).
     pub fn load(root: &Path) -> Result<FirstSeen, ScheduleError> {
-        let path = root.join(FIRST_SEEN_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| ScheduleError::State {
-                path,
-                why: format!("not agex's overdue record: {e}"),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FirstSeen::default()),
-            Err(e) => Err(ScheduleError::io(path)(e)),
-        }
+        crate::record::load(&root.join(FIRST_SEEN_FILE), "agex's overdue record")
     }
 
     /// Writes the record under `root` atomically.
     pub fn save(&self, root: &Path) -> Result<(), ScheduleError> {
-        let path = root.join(FIRST_SEEN_FILE);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(ScheduleError::io(dir))?;
-        }
-        let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
-        agex_core::atomic::write_atomic(&path, &bytes, 0o644).map_err(ScheduleError::io(path))
+        crate::record::save(&root.join(FIRST_SEEN_FILE), self)
     }
 }
 
