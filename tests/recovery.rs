@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -15,7 +15,7 @@ use common::setup::{
     Setup, Unmount, SQLITE_POLICY,
 };
 use common::{
-    assert_fails, assert_ok, have_tool, is_root, stdout, tree_changes, tree_state, Fixture,
+    assert_fails, assert_ok, have_tool, is_root, stderr, stdout, tree_changes, tree_state, Fixture,
 };
 
 fn tools(test: &str) -> bool {
@@ -813,6 +813,95 @@ fn the_recovery_kit_followed_literally_gets_the_data_back() {
         .filter(|n| n.starts_with("agex-kit"))
         .collect();
     assert!(left.is_empty(), "the kit left {left:?} in /dev/shm");
+}
+
+#[test]
+fn in_place_restore_with_delete_removes_only_what_the_snapshot_lacks() {
+    let test = "in_place_restore_with_delete_removes_only_what_the_snapshot_lacks";
+    if !tools(test) || !have_tool("mkfifo", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The live SQLite database sits inside the backed-up path: the backup leaves it out
+    // (its dump is restored instead), so --delete must leave it too.
+    let policy = SQLITE_POLICY.replace(
+        r#"paths   = ["/srv/app/files"]"#,
+        r#"paths   = ["/srv/app"]"#,
+    );
+    assert!(policy.contains(r#"["/srv/app"]"#));
+    let (s, _, _) = local(tmp.path(), &policy);
+    let original = files_of(&s);
+    let rows = sqlite_count(&s.host("/srv/app/app.db"));
+    let files = s.host("/srv/app/files");
+    let strays = |s: &Setup| {
+        fs::write(files.join("stray.txt"), "created after the backup\n").unwrap();
+        fs::create_dir_all(files.join("newdir/x")).unwrap();
+        fs::write(files.join("newdir/x/y.txt"), "also new\n").unwrap();
+        std::os::unix::fs::symlink("a.txt", files.join("newlink")).unwrap();
+        fs::write(files.join("cache/new.tmp"), "excluded, never backed up\n").unwrap();
+        damage(s);
+    };
+    let restore = |repo: &str, delete: bool| {
+        let mut args = vec!["restore", "--service", "testapp", "--repo", repo];
+        args.extend(["--in-place", "--yes", "--systemctl", "true"]);
+        if delete {
+            args.push("--delete");
+        }
+        s.agex(&args)
+    };
+    assert_ok(
+        &Command::new("mkfifo")
+            .arg(files.join("fifo"))
+            .output()
+            .unwrap(),
+    );
+    // Without --delete, what the snapshot lacks stays.
+    strays(&s);
+    assert_ok(&restore("offsite-restic", false));
+    assert!(files.join("stray.txt").exists() && files.join("newdir/x/y.txt").exists());
+    for repo in ["offsite-borg", "offsite-restic"] {
+        let _ = fs::remove_dir_all(files.join("newdir"));
+        let _ = fs::remove_file(files.join("newlink"));
+        strays(&s);
+        let out = restore(repo, true);
+        assert_ok(&out);
+        // stray.txt, newlink, newdir/x/y.txt, newdir/x, newdir.
+        let err = stderr(&out);
+        assert!(
+            err.contains("deleted 5 entries the snapshot lacks"),
+            "{repo}: {err}"
+        );
+        for gone in ["stray.txt", "newlink", "newdir"] {
+            assert!(
+                fs::symlink_metadata(files.join(gone)).is_err(),
+                "{repo}: {gone} kept"
+            );
+        }
+        // What the snapshot holds is back, byte for byte, with its link and empty dir.
+        assert_eq!(files_of(&s), original, "{repo}");
+        assert_eq!(
+            fs::read_link(files.join("link")).unwrap(),
+            Path::new("a.txt")
+        );
+        assert!(files.join("empty").is_dir(), "{repo}");
+        // Excluded paths, the live database and special files are never touched.
+        assert!(files.join("cache/skip.tmp").exists() && files.join("cache/new.tmp").exists());
+        assert!(fs::symlink_metadata(files.join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        assert_eq!(sqlite_count(&s.host("/srv/app/app.db")), rows, "{repo}");
+    }
+    // --delete means nothing without --in-place.
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--to",
+        "/nonexistent",
+        "--delete",
+    ]);
+    assert_fails(&out, 2);
 }
 
 /// Whether the real restic/borg binary opens the repository with `password`.

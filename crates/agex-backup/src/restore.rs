@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 use crate::access::RepoAccess;
 use crate::borg::Borg;
 use crate::error::BackupError;
-use crate::manifest::{self, under, Manifest};
+use crate::manifest::{self, host_path, under, Manifest};
 use crate::pg::PgConn;
 use crate::process;
 use crate::progress::{Meter, Progress};
@@ -612,6 +612,8 @@ pub struct InPlaceOptions {
     pub as_database: Option<String>,
     /// The `systemctl` command for the policy's `stop_units`.
     pub systemctl: Option<Vec<String>>,
+    /// Also remove what the snapshot lacks below the policy's paths.
+    pub delete: bool,
 }
 
 /// What a restore put back.
@@ -625,10 +627,13 @@ pub struct Applied {
     pub links: u64,
     /// Databases restored (`name → target`).
     pub databases: Vec<String>,
+    /// Files, links and directories removed because the snapshot lacks them (`delete`).
+    pub deleted: u64,
 }
 
 /// Puts a verified, extracted snapshot back under `root`: stops the policy's units,
-/// replaces each file atomically (files the snapshot lacks are left alone), replaces
+/// replaces each file atomically (files the snapshot lacks are left alone, or with
+/// `delete` removed once every file is in place: [`delete_extras`]), replaces
 /// each SQLite database atomically after an integrity check, restores each PostgreSQL
 /// dump with `pg_restore --clean --if-exists` in one transaction, and starts the units
 /// again on every exit path.
@@ -661,6 +666,9 @@ pub fn apply_in_place(
     }
     for host in &policy.paths {
         applied.links += restore_tree_shape(staged, root, host)?;
+    }
+    if opts.delete {
+        applied.deleted = delete_extras(staged, manifest, policy, root)?;
     }
     for d in &manifest.dumps {
         let Some(db) = policy_database(policy, d) else {
@@ -728,6 +736,61 @@ pub fn apply_in_place(
         }
     }
     Ok(applied)
+}
+
+/// Removes, below the policy's paths under `root`, the regular files and symbolic links
+/// that are neither in the manifest nor in the extracted snapshot, then the directories
+/// the snapshot lacks once they are empty. The walk is the backup's own selection: what
+/// the policy excludes (and the live SQLite files, whose dumps are restored instead) is
+/// never entered, as the backup never read it; sockets, fifos and devices are left alone.
+/// Returns how many entries were removed.
+fn delete_extras(
+    staged: &Path,
+    manifest: &Manifest,
+    policy: &Policy,
+    root: &Path,
+) -> Result<u64, BackupError> {
+    let selection = crate::manifest::Selection::new(policy)?;
+    let listed: std::collections::HashSet<&str> =
+        manifest.files.iter().map(|f| f.path.as_str()).collect();
+    let mut removed = 0;
+    let mut dirs = Vec::new();
+    for host in selection.paths() {
+        let top = under(root, host);
+        if std::fs::symlink_metadata(&top).is_err() {
+            continue;
+        }
+        let walker = walkdir::WalkDir::new(&top)
+            .follow_links(false)
+            .min_depth(1)
+            .into_iter()
+            .filter_entry(|e| !selection.excluded(&host_path(root, e.path())));
+        for e in walker {
+            let e = e.map_err(|e| BackupError::io(&top)(std::io::Error::other(e.to_string())))?;
+            let host = host_path(root, e.path());
+            let kept = listed.contains(host.to_string_lossy().as_ref())
+                || std::fs::symlink_metadata(under(staged, &host)).is_ok();
+            if kept {
+                continue;
+            }
+            let ft = e.file_type();
+            if ft.is_dir() {
+                dirs.push(e.into_path());
+            } else if ft.is_file() || ft.is_symlink() {
+                std::fs::remove_file(e.path()).map_err(BackupError::io(e.path()))?;
+                removed += 1;
+            }
+        }
+    }
+    // Deepest first; one that still holds an excluded or special entry stays.
+    for dir in dirs.into_iter().rev() {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {}
+            Err(e) => return Err(BackupError::io(&dir)(e)),
+        }
+    }
+    Ok(removed)
 }
 
 /// Puts back what the manifest does not list below one policy path: directories (also

@@ -302,6 +302,10 @@ pub struct RestoreArgs {
     /// Do not ask for confirmation of an in-place restore
     #[arg(long)]
     pub yes: bool,
+    /// With --in-place: also remove files, links and directories below the policy's
+    /// paths that the snapshot lacks (excluded paths are never touched)
+    #[arg(long)]
+    pub delete: bool,
     /// Restore the PostgreSQL database into this new database instead
     #[arg(long = "as", value_name = "NAME")]
     pub as_database: Option<String>,

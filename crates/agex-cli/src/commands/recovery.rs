@@ -47,6 +47,12 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
             "--as NAME restores a PostgreSQL database in place: it needs --in-place",
         ));
     }
+    if args.delete && !args.in_place {
+        return Err(Failure::new(
+            CONFIG,
+            "--delete removes what the snapshot lacks from the live paths: it needs --in-place",
+        ));
+    }
     if let Some(dir) = &args.to {
         if !restore::is_empty_dir(dir)? {
             return Err(Failure::new(
@@ -109,13 +115,14 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     let target = match &args.to {
         Some(dir) => Target::Dir(dir),
         None => {
-            if !args.yes && !confirm(ctx, &args.service, &snap)? {
+            if !args.yes && !confirm(ctx, &args.service, &snap, args.delete)? {
                 eprintln!("nothing restored");
                 return Ok(FAILURE);
             }
             Target::InPlace(InPlaceOptions {
                 as_database: args.as_database.clone(),
                 systemctl: systemctl(ctx, args.systemctl.as_deref()),
+                delete: args.delete,
             })
         }
     };
@@ -157,6 +164,9 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         report.seconds
     );
     if let Some(a) = &report.applied {
+        if args.delete {
+            eprintln!("  deleted {} entries the snapshot lacks", a.deleted);
+        }
         for d in &a.databases {
             eprintln!("  database {d}");
         }
@@ -164,14 +174,24 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     Ok(OK)
 }
 
-fn confirm(ctx: &Context, service: &str, snap: &restore::Snapshot) -> Result<bool, Failure> {
+fn confirm(
+    ctx: &Context,
+    service: &str,
+    snap: &restore::Snapshot,
+    delete: bool,
+) -> Result<bool, Failure> {
     eprint!(
         "Restore {service} in place under {} from {} snapshot {} ({})?\n\
-         This overwrites its files and databases. Type `yes` to go on: ",
+         This overwrites its files and databases{}. Type `yes` to go on: ",
         ctx.global.root.display(),
         snap.repo,
         snap.id,
-        snap.time.to_rfc3339()
+        snap.time.to_rfc3339(),
+        if delete {
+            ", and removes what the snapshot lacks below its paths"
+        } else {
+            ""
+        }
     );
     let _ = std::io::stderr().flush();
     let mut line = String::new();
