@@ -581,11 +581,7 @@ fn agex_wipe(dir: &Path) {
 #[test]
 fn keeps_only_the_configured_number_of_generations() {
     let host = TestHost::new();
-    let cfg = host.fx.dir().join("agex.toml");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("keep = 5", "keep = 2");
-    fs::write(&cfg, text).unwrap();
+    host.fx.edit_config("keep = 5", "keep = 2");
     for i in 0..4 {
         host.set_secret(
             "grafana-admin-password",

@@ -552,11 +552,7 @@ fn a_repository_that_hangs_is_left_behind_and_the_other_completes() {
     let borg_url = sshd.url("borg");
     let s = Setup::new(&restic_url, &borg_url, true);
     s.authorize_borg_key(&sshd);
-    let cfg = s.fx.dir().join("agex.toml");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("lock_wait = 5", "lock_wait = 5\nstall_timeout = 3");
-    fs::write(&cfg, text).unwrap();
+    s.fx.edit_config("lock_wait = 5", "lock_wait = 5\nstall_timeout = 3");
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     // A dump much larger than what the tee, the pipes and TCP can hold in between.
@@ -815,11 +811,7 @@ fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
     let restic_url = tmp.path().join("restic").display().to_string();
     let borg_url = tmp.path().join("borg").display().to_string();
     let s = Setup::new(&restic_url, &borg_url, false);
-    let cfg = s.fx.dir().join("agex.toml");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("lock_wait = 5", "lock_wait = 1\nstale_lock_age = 2");
-    fs::write(&cfg, text).unwrap();
+    s.fx.edit_config("lock_wait = 5", "lock_wait = 1\nstale_lock_age = 2");
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     s.init_repos();

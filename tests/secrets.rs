@@ -48,13 +48,6 @@ fn add_rule(fx: &Fixture, text: &str) {
     fs::write(path, rules).unwrap();
 }
 
-fn edit_config(fx: &Fixture, from: &str, to: &str) {
-    let path = fx.dir().join("agex.toml");
-    let text = fs::read_to_string(&path).unwrap();
-    assert!(text.contains(from), "agex.toml lacks {from}");
-    fs::write(path, text.replacen(from, to, 1)).unwrap();
-}
-
 #[test]
 fn init_then_encrypt_then_decrypt_round_trips() {
     if !common::have_tool("age", "init_then_encrypt_then_decrypt_round_trips") {
@@ -361,12 +354,8 @@ fn rekey_after_group_change_rewrites_only_affected_files_and_drops_removed_key()
     let (carol_key, carol_pub) = new_age_key(fx.tmp.path(), "carol");
     let before = fx.snapshot();
     // carol joins the recovery group, the paper key leaves it.
-    edit_config(
-        &fx,
-        "paper = ",
-        &format!("carol = \"{carol_pub}\"\npaper = "),
-    );
-    edit_config(&fx, "recovery = [\"paper\"]", "recovery = [\"carol\"]");
+    fx.edit_config("paper = ", &format!("carol = \"{carol_pub}\"\npaper = "));
+    fx.edit_config("recovery = [\"paper\"]", "recovery = [\"carol\"]");
 
     let dry = fx.run(&["rekey", "--dry-run"]);
     assert_ok(&dry);
@@ -446,8 +435,7 @@ fn check_reports_stale_missing_and_orphan_files_as_json() {
     assert_ok(&fx.run(&["check"]));
     fs::remove_file(fx.dir().join("secrets/grafana-admin-password.age")).unwrap();
     fs::write(fx.dir().join("secrets/leftover.age"), b"whatever").unwrap();
-    edit_config(
-        &fx,
+    fx.edit_config(
         "admins   = [\"admin\"]",
         "admins   = [\"admin\", \"paper\"]",
     );
@@ -537,11 +525,7 @@ fn rekey_killed_at_random_moments_never_loses_or_truncates_a_secret() {
     add_rule(&fx, &rules);
     assert_ok(&fx.run(&["generate"]));
     let (_, carol_pub) = new_age_key(fx.tmp.path(), "carol");
-    edit_config(
-        &fx,
-        "paper = ",
-        &format!("carol = \"{carol_pub}\"\npaper = "),
-    );
+    fx.edit_config("paper = ", &format!("carol = \"{carol_pub}\"\npaper = "));
 
     let plaintexts = all_plaintexts(&fx);
     let identity = fx.key("admin.txt");

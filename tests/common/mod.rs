@@ -87,6 +87,14 @@ impl Fixture {
         self.tmp.path().join("config")
     }
 
+    /// Replaces the first `from` in agex.toml with `to`; `from` must be there.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let path = self.dir().join("agex.toml");
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "agex.toml lacks {from}");
+        fs::write(path, text.replacen(from, to, 1)).unwrap();
+    }
+
     /// A scratch root for host paths (`--root`).
     pub fn root(&self) -> PathBuf {
         let r = self.tmp.path().join("root");

@@ -210,6 +210,14 @@ mod tests {
         Ok(out)
     }
 
+    /// Feeds `data` through `tee` and ends it complete, on a thread of its own.
+    fn produce(mut tee: Tee, data: Vec<u8>) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            tee.copy_from(&mut data.as_slice()).unwrap();
+            tee.finish();
+        })
+    }
+
     #[test]
     fn every_reader_gets_every_byte_and_counts_its_end() {
         let done = [Completion::default(), Completion::default()];
@@ -265,14 +273,10 @@ mod tests {
     #[test]
     fn a_reader_that_takes_nothing_is_left_behind_after_the_stall_timeout() {
         let done = [Completion::default(), Completion::default()];
-        let (mut tee, mut readers) = tee(&done, Some(Duration::from_millis(200)));
+        let (tee, mut readers) = tee(&done, Some(Duration::from_millis(200)));
         let stuck = readers.remove(0);
         let data = vec![9u8; (DEPTH + 4) * CHUNK];
-        let src = data.clone();
-        let producer = std::thread::spawn(move || {
-            tee.copy_from(&mut src.as_slice()).unwrap();
-            tee.finish();
-        });
+        let producer = produce(tee, data.clone());
         assert_eq!(read_all(readers.remove(0)).unwrap(), data);
         producer.join().unwrap();
         assert!(done[0].left_behind() && !done[1].left_behind());
@@ -284,14 +288,10 @@ mod tests {
     #[test]
     fn a_reader_that_goes_away_does_not_stop_the_others() {
         let done = [Completion::default(), Completion::default()];
-        let (mut tee, mut readers) = tee(&done, None);
+        let (tee, mut readers) = tee(&done, None);
         drop(readers.remove(0));
         let data = vec![7u8; (DEPTH + 4) * CHUNK];
-        let src = data.clone();
-        let producer = std::thread::spawn(move || {
-            tee.copy_from(&mut src.as_slice()).unwrap();
-            tee.finish();
-        });
+        let producer = produce(tee, data.clone());
         assert_eq!(read_all(readers.remove(0)).unwrap(), data);
         producer.join().unwrap();
         assert_eq!((done[0].count(), done[1].count()), (0, 1));
