@@ -11,8 +11,8 @@ use std::process::Command;
 
 use common::services::{ssh_keygen, Postgres, Sshd};
 use common::setup::{
-    app_data, bunk_user_db, recording_systemctl, run, sqlite_and_postgres_policy, sqlite_count,
-    Setup, Unmount, SQLITE_POLICY,
+    app_data, bunk_user_db, recording_systemctl, run, signalling_systemctl,
+    sqlite_and_postgres_policy, sqlite_count, Setup, Unmount, SQLITE_POLICY,
 };
 use common::{
     assert_fails, assert_ok, have_tool, is_root, stderr, stdout, tree_changes, tree_state, Fixture,
@@ -246,6 +246,74 @@ fn in_place_restore_starts_units_again_when_it_fails() {
         fs::read_to_string(&calls).unwrap(),
         "stop testapp.service\nstart testapp.service\n"
     );
+}
+
+#[test]
+fn a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again() {
+    let test = "a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = format!("stop_units = [\"testapp.service\"]\n{SQLITE_POLICY}");
+    let (s, _, _) = local(tmp.path(), &policy);
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        let dir = tmp.path().join(signal);
+        fs::create_dir_all(&dir).unwrap();
+        let (sysctl, calls) = signalling_systemctl(&dir, signal);
+        let out = s.agex(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--in-place",
+            "--yes",
+            "--systemctl",
+            sysctl.to_str().unwrap(),
+        ]);
+        let err = assert_fails(&out, code);
+        assert!(
+            err.contains("restore interrupted by signal"),
+            "SIG{signal}: {err}"
+        );
+        assert_eq!(
+            fs::read_to_string(&calls).unwrap(),
+            "stop testapp.service\nstart testapp.service\n",
+            "SIG{signal}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_signal_while_a_backup_has_the_units_stopped_starts_them_again() {
+    let test = "a_signal_while_a_backup_has_the_units_stopped_starts_them_again";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = format!("stop_units = [\"testapp.service\"]\n{SQLITE_POLICY}");
+    let (s, _, _) = local(tmp.path(), &policy);
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        let dir = tmp.path().join(signal);
+        fs::create_dir_all(&dir).unwrap();
+        let (sysctl, calls) = signalling_systemctl(&dir, signal);
+        let out = s.agex(&[
+            "backup",
+            "--service",
+            "testapp",
+            "--systemctl",
+            sysctl.to_str().unwrap(),
+        ]);
+        let err = assert_fails(&out, code);
+        assert!(
+            err.contains("backup interrupted by signal"),
+            "SIG{signal}: {err}"
+        );
+        assert_eq!(
+            fs::read_to_string(&calls).unwrap(),
+            "stop testapp.service\nstart testapp.service\n",
+            "SIG{signal}: {err}"
+        );
+    }
 }
 
 /// sshd with a borg repository, a PostgreSQL cluster with `app`, local restic.

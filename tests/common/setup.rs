@@ -348,6 +348,28 @@ pub fn recording_systemctl(dir: &Path) -> (PathBuf, PathBuf) {
     (script, calls)
 }
 
+/// A `systemctl` stand-in that records its arguments in `dir/systemctl-calls` and, when
+/// asked to `stop`, sends `signal` (e.g. `TERM`) to the agex that called it: agex is
+/// interrupted exactly while the units are stopped.
+pub fn signalling_systemctl(dir: &Path, signal: &str) -> (PathBuf, PathBuf) {
+    let calls = dir.join("systemctl-calls");
+    let script = dir.join("systemctl");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh
+echo \"$*\" >> '{}'
+\
+             if [ \"$1\" = stop ]; then kill -{signal} $PPID; sleep 0.5; fi
+",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    (script, calls)
+}
+
 /// A `systemctl` stand-in in `dir` that appends each call's arguments to the returned
 /// log, one line per call, and fails `start` while `<dir>/fail_start` exists.
 pub fn fake_systemctl(dir: &Path) -> (PathBuf, PathBuf) {

@@ -1,4 +1,4 @@
-//! What a backup interrupted by SIGTERM or SIGINT must undo before it exits: stop the
+//! What a backup or restore interrupted by SIGTERM or SIGINT must undo before it exits: stop the
 //! borg processes it started (so no archive of a half-read dump is committed), start
 //! the units it stopped again, and remove its named pipes. The run registers each of
 //! these while it holds them; [`undo`] is called from the signal-handling thread. Locks
@@ -6,13 +6,15 @@
 //! snapshot only after all its data, so an unfinished Restic snapshot never appears.
 
 use std::path::PathBuf;
+
+use agex_core::systemctl::Systemctl;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
 struct Pending {
     children: Vec<u32>,
-    units: Vec<(Vec<String>, Vec<String>)>,
+    units: Vec<(Systemctl, Vec<String>)>,
     /// Units [`undo`] already started: the run must not start them a second time.
     undone_units: Vec<Vec<String>>,
     fifos: Vec<PathBuf>,
@@ -38,8 +40,8 @@ pub(crate) fn child_done(pid: u32) {
     with(|p| p.children.retain(|c| *c != pid));
 }
 
-pub(crate) fn units_stopped(systemctl: &[String], units: &[String]) {
-    with(|p| p.units.push((systemctl.to_vec(), units.to_vec())));
+pub(crate) fn units_stopped(systemctl: &Systemctl, units: &[String]) {
+    with(|p| p.units.push((systemctl.clone(), units.to_vec())));
 }
 
 /// Starts `units` again with `start`, unless [`undo`] already did (a signal arrived): they
@@ -104,21 +106,16 @@ pub fn undo() -> Vec<String> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    for (cmd, list) in units {
-        if let Some((prog, args)) = cmd.split_first() {
-            let ok = std::process::Command::new(prog)
-                .args(args)
-                .arg("start")
-                .args(&list)
-                .stdin(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            done.push(format!(
-                "{} units {}",
-                if ok { "started" } else { "FAILED to start" },
-                list.join(" ")
-            ));
-        }
+    for (systemctl, list) in units {
+        let args: Vec<&str> = std::iter::once("start")
+            .chain(list.iter().map(String::as_str))
+            .collect();
+        let ok = systemctl.run(&args).is_ok();
+        done.push(format!(
+            "{} units {}",
+            if ok { "started" } else { "FAILED to start" },
+            list.join(" ")
+        ));
     }
     for f in fifos {
         let _ = std::fs::remove_file(&f);

@@ -104,6 +104,9 @@ pub enum BackupError {
         /// The repositories searched, or the id asked for.
         searched: String,
     },
+    /// A policy's `stop_units` could not be stopped or started again.
+    #[error(transparent)]
+    Units(#[from] crate::units::UnitsError),
     /// The command was asked for something it cannot do as given (exit 2).
     #[error("{0}")]
     Usage(String),

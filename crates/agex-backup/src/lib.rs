@@ -23,5 +23,6 @@ pub mod rotate;
 pub mod run;
 pub mod status;
 pub mod tee;
+pub mod units;
 
 pub use error::BackupError;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use agex_core::systemctl::Systemctl;
 use agex_core::{Database, Policy, Project, RepositoryKind};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use rustic_core::{LocalDestination, LsOptions, RestoreOptions};
@@ -23,6 +24,7 @@ use crate::pg::PgConn;
 use crate::process;
 use crate::progress::{Meter, Progress};
 use crate::restic::{restic_err, Restic};
+use crate::units::StoppedUnits;
 
 /// One snapshot (Restic) or archive (Borg) of a service.
 #[derive(Debug, Clone, Serialize)]
@@ -611,7 +613,7 @@ pub struct InPlaceOptions {
     /// configured one.
     pub as_database: Option<String>,
     /// The `systemctl` command for the policy's `stop_units`.
-    pub systemctl: Option<Vec<String>>,
+    pub systemctl: Option<Systemctl>,
     /// Also remove what the snapshot lacks below the policy's paths.
     pub delete: bool,
 }
@@ -656,7 +658,7 @@ pub fn apply_in_place(
             policy.service
         )));
     }
-    let _units = Units::stop(opts.systemctl.as_deref(), &policy.stop_units)?;
+    let units = StoppedUnits::stop(opts.systemctl.as_ref(), &policy.stop_units)?;
     let mut applied = Applied::default();
     for f in &manifest.files {
         let from = under(staged, Path::new(&f.path));
@@ -735,6 +737,9 @@ pub fn apply_in_place(
             }
         }
     }
+    // Every file and database is back: a unit that does not start now is the
+    // restore's failure to report, not something to drop silently.
+    units.start()?;
     Ok(applied)
 }
 
@@ -868,55 +873,6 @@ fn replace_with(from: &Path, to: &Path) -> Result<u64, BackupError> {
     tmp.as_file().sync_all().map_err(BackupError::io(to))?;
     tmp.persist(to).map_err(|e| BackupError::io(to)(e.error))?;
     Ok(n)
-}
-
-/// A policy's units, stopped; started again when dropped, on every exit path.
-struct Units<'a> {
-    systemctl: Option<&'a [String]>,
-    units: &'a [String],
-}
-
-impl<'a> Units<'a> {
-    fn stop(
-        systemctl: Option<&'a [String]>,
-        units: &'a [String],
-    ) -> Result<Units<'a>, BackupError> {
-        if units.is_empty() {
-            return Ok(Units {
-                systemctl: None,
-                units,
-            });
-        }
-        let Some(cmd) = systemctl.filter(|c| !c.is_empty()) else {
-            return Err(BackupError::Usage(format!(
-                "the policy stops units ({}) but no systemctl command is set (--systemctl)",
-                units.join(", ")
-            )));
-        };
-        process::run(
-            std::process::Command::new(&cmd[0])
-                .args(&cmd[1..])
-                .arg("stop")
-                .args(units),
-        )?;
-        Ok(Units {
-            systemctl: Some(cmd),
-            units,
-        })
-    }
-}
-
-impl Drop for Units<'_> {
-    fn drop(&mut self) {
-        if let Some(cmd) = self.systemctl {
-            let _ = process::run(
-                std::process::Command::new(&cmd[0])
-                    .args(&cmd[1..])
-                    .arg("start")
-                    .args(self.units),
-            );
-        }
-    }
 }
 
 /// The summary of one restore.

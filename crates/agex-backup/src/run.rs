@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use agex_core::systemctl::Systemctl;
 use agex_core::{Database, Policy, Project, RepositoryKind};
 use rustic_core::repofile::MasterKey;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,7 @@ use crate::process;
 use crate::progress::{Meter, Progress};
 use crate::restic::{Restic, Stream};
 use crate::tee::{self, Completion, Tee};
+use crate::units::StoppedUnits;
 
 /// Where run records are written, under `--root`.
 pub const RUNS_DIR: &str = "/var/lib/agex/runs";
@@ -41,7 +43,7 @@ pub struct RunOptions {
     pub repo: Option<String>,
     /// The `systemctl` command used for a policy's `stop_units` (None: units are not
     /// touched, and a policy that names some fails rather than back up a live service).
-    pub systemctl: Option<Vec<String>>,
+    pub systemctl: Option<Systemctl>,
     /// How long to wait for another run holding a repository.
     pub lock_wait: Duration,
     /// A Borg lock held by someone else for longer than this is broken (None: never).
@@ -245,74 +247,8 @@ pub fn records(root: &Path) -> Result<Vec<RunRecord>, BackupError> {
     crate::records::load_all(root, RUNS_DIR, "run record")
 }
 
-/// Stops a policy's units and starts them again when dropped, on every exit path.
-struct StoppedUnits<'a> {
-    systemctl: Option<&'a [String]>,
-    units: &'a [String],
-}
-
-impl StoppedUnits<'_> {
-    /// Starts the stopped units again; a failure is the caller's to report.
-    fn restart(mut self) -> Result<(), String> {
-        let units = std::mem::take(&mut self.units);
-        let Some(cmd) = self.systemctl.filter(|_| !units.is_empty()) else {
-            return Ok(());
-        };
-        crate::cancel::start_units_once(units, || {
-            process::run(
-                std::process::Command::new(&cmd[0])
-                    .args(&cmd[1..])
-                    .arg("start")
-                    .args(units),
-            )
-            .map(|_| ())
-            .map_err(|e| format!("starting {} again failed: {e}", units.join(", ")))
-        })
-        .unwrap_or(Ok(()))
-    }
-}
-
-/// The exit paths that return early still start the units.
-impl Drop for StoppedUnits<'_> {
-    fn drop(&mut self) {
-        if let (Some(cmd), false) = (self.systemctl, self.units.is_empty()) {
-            crate::cancel::start_units_once(self.units, || {
-                let _ = process::run(
-                    std::process::Command::new(&cmd[0])
-                        .args(&cmd[1..])
-                        .arg("start")
-                        .args(self.units),
-                );
-            });
-        }
-    }
-}
-
-fn stop_units<'a>(env: &'a Env<'_>, policy: &'a Policy) -> Result<StoppedUnits<'a>, String> {
-    let guard = StoppedUnits {
-        systemctl: env.opts.systemctl.as_deref(),
-        units: &policy.stop_units,
-    };
-    if policy.stop_units.is_empty() {
-        return Ok(guard);
-    }
-    let Some(cmd) = guard.systemctl.filter(|c| !c.is_empty()) else {
-        return Err(format!(
-            "policy stops units ({}) but no systemctl command is set (--systemctl)",
-            policy.stop_units.join(", ")
-        ));
-    };
-    process::run(
-        std::process::Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .arg("stop")
-            .args(&policy.stop_units),
-    )
-    .map(|_| {
-        crate::cancel::units_stopped(cmd, &policy.stop_units);
-        guard
-    })
-    .map_err(|e| format!("stopping units failed: {e}"))
+fn stop_units(env: &Env<'_>, policy: &Policy) -> Result<StoppedUnits, String> {
+    StoppedUnits::stop(env.opts.systemctl.as_ref(), &policy.stop_units).map_err(|e| e.to_string())
 }
 
 fn run_hooks(cmds: &[String]) -> Result<(), BackupError> {
@@ -602,8 +538,8 @@ fn backup_service(
     if let Err(e) = run_hooks(&policy.after) {
         after.push(format!("after command failed: {e}"));
     }
-    if let Err(e) = units.restart() {
-        after.push(e);
+    if let Err(e) = units.start() {
+        after.push(e.to_string());
     }
     let after = (!after.is_empty()).then(|| after.join("; "));
 

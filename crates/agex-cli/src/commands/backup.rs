@@ -8,7 +8,9 @@ use agex_backup::borg::Borg;
 use agex_backup::restic::Restic;
 use agex_backup::restore;
 use agex_backup::run::{self, RunOptions, STATE_DIR};
+use agex_backup::units::UnitsError;
 use agex_backup::{status, BackupError};
+use agex_core::systemctl::Systemctl;
 use agex_core::{Database, Project, RepositoryKind};
 use agex_secrets::Identities;
 use zeroize::Zeroizing;
@@ -23,7 +25,10 @@ impl From<BackupError> for Failure {
             BackupError::Secrets(s) => s.into(),
             e @ (BackupError::UnknownRepository { .. }
             | BackupError::UnknownService { .. }
-            | BackupError::Usage(_)) => Failure::new(CONFIG, e.to_string()),
+            | BackupError::Usage(_)
+            | BackupError::Units(UnitsError::NoSystemctl { .. })) => {
+                Failure::new(CONFIG, e.to_string())
+            }
             other => Failure::new(FAILURE, other.to_string()),
         }
     }
@@ -57,15 +62,6 @@ fn unlock_one(ctx: &Context, project: &Project, name: &str) -> Result<RepoAccess
     Ok(access::unlock(project, name, &ids)?)
 }
 
-pub(crate) fn systemctl(ctx: &Context, given: Option<&str>) -> Option<Vec<String>> {
-    let argv = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-    match given {
-        Some(cmd) => Some(argv(cmd)).filter(|a| !a.is_empty()),
-        None if ctx.global.root == std::path::Path::new("/") => Some(argv("systemctl")),
-        None => None,
-    }
-}
-
 pub struct BackupArgs<'a> {
     pub service: Option<&'a str>,
     pub repo: Option<&'a str>,
@@ -83,7 +79,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     let opts = RunOptions {
         service: args.service.map(str::to_string),
         repo: args.repo.map(str::to_string),
-        systemctl: systemctl(ctx, args.systemctl),
+        systemctl: Systemctl::configured(args.systemctl, &ctx.global.root),
         lock_wait: Duration::from_secs(project.config.backup.lock_wait),
         stale_lock_age: Some(Duration::from_secs(project.config.backup.stale_lock_age)),
         stall_timeout: Some(Duration::from_secs(project.config.backup.stall_timeout))
@@ -129,7 +125,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     repo_names.dedup();
     let access = unlock_all(&project, &ids, &repo_names);
     let db_passwords = database_passwords(&project, &ids, &planned)?;
-    undo_on_termination();
+    crate::interrupt::undo_on_termination("backup", "stopping without committing");
     let job = args
         .service
         .map_or("backup".to_string(), |s| format!("backup-{s}"));
@@ -209,28 +205,6 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     }
     crate::commands::schedule::job_done(run, code, &log);
     Ok(code)
-}
-
-/// On SIGTERM or SIGINT, undo what the run holds (borg stopped before it commits, units
-/// started again, pipes removed) and exit 143, the conventional status of a terminated
-/// process; locks go with the process.
-fn undo_on_termination() {
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]) else {
-        eprintln!("warning: cannot handle SIGTERM; an interrupted run may leave units stopped");
-        return;
-    };
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            eprintln!("backup interrupted by signal {sig}: stopping without committing");
-            for line in agex_backup::cancel::undo() {
-                eprintln!("  {line}");
-            }
-            std::process::exit(128 + sig);
-        }
-    });
 }
 
 /// Passwords of the PostgreSQL roles the planned services dump with, by secret name.

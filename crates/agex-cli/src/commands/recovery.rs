@@ -8,6 +8,7 @@ use std::time::Duration;
 use agex_backup::access;
 use agex_backup::drill::{self, DrillEnv, DrillOptions};
 use agex_backup::restore::{self, InPlaceOptions, Target};
+use agex_core::systemctl::Systemctl;
 use agex_core::Project;
 
 use crate::cli::{DrillArgs, RestoreArgs};
@@ -15,7 +16,7 @@ use crate::context::Context;
 use crate::error::{Failure, CONFIG, FAILURE, OK, PARTIAL};
 use crate::output;
 
-use super::backup::{state_dir, systemctl, unlock_all};
+use super::backup::{state_dir, unlock_all};
 
 fn human_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -119,9 +120,11 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
                 eprintln!("nothing restored");
                 return Ok(FAILURE);
             }
+            // From here on SIGTERM/SIGINT start the policy's stopped units again.
+            crate::interrupt::undo_on_termination("restore", "starting stopped units again");
             Target::InPlace(InPlaceOptions {
                 as_database: args.as_database.clone(),
-                systemctl: systemctl(ctx, args.systemctl.as_deref()),
+                systemctl: Systemctl::configured(args.systemctl.as_deref(), &ctx.global.root),
                 delete: args.delete,
             })
         }
