@@ -16,8 +16,8 @@
 # second, incremental one of the unchanged tree (the usual nightly case). Wall, CPU
 # (user+sys) and peak RSS come from /usr/bin/time. Repositories are local directories,
 # compression zstd level 3 on both sides (borg `zstd,3`, restic's default `auto`).
-# The last three lines are the ratios the backup issue asks for, from first+second wall
-# times. Needs root (a private PostgreSQL cluster run as `postgres`); borgmatic is
+# The last lines are the ratios the issues ask for, from first+second wall times;
+# `ratio s3` compares `restic backup` and `agex backup` against a local SeaweedFS. Needs root (a private PostgreSQL cluster run as `postgres`); borgmatic is
 # installed into a venv under ~/.cache/agex-bench on first use (pinned to 2.0.13 so runs compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +38,7 @@ fi
 BORGMATIC="$venv/bin/borgmatic"
 
 cargo build --release -q -p agex-cli
-AGEX="$PWD/target/release/agex"
+AGEX="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/agex"   # where cargo built it (CARGO_TARGET_DIR honoured)
 work="$(mktemp -d /var/tmp/agex-bench-backup.XXXXXX)"
 chmod 755 "$work"
 pgdir="$work/pg"
@@ -226,9 +226,58 @@ agex repo init bench-restic > /dev/null
 agex repo init bench-borg > /dev/null
 twice "agex both" "$agex_cmd"
 
+# S3: the same tree to a local SeaweedFS (scripts/install-deps.sh installs `weed`),
+# the restic binary against `agex backup --repo bench-s3`.
+weed="${AGEX_WEED:-/opt/agex-test/seaweedfs/bin/weed}"
+[ -x "$weed" ] || weed="$(command -v weed || true)"
+s3=""
+if [ -n "$weed" ]; then
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  p_s3=$(free_port) p_m=$(free_port) p_v=$(free_port) p_f=$(free_port) p_i=$(free_port)
+  mkdir -p "$work/weed"
+  cat > "$work/weed/s3.json" <<'J'
+{"identities":[{"name":"bench","credentials":[{"accessKey":"AKIDBENCH","secretKey":"benchsecretkey123"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
+J
+  "$weed" server -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3 -s3.port="$p_s3" \
+    -s3.config="$work/weed/s3.json" -master.port="$p_m" -volume.port="$p_v" -filer.port="$p_f" \
+    -iam.port="$p_i" -s3.port.iceberg=0 -s3.port.lance=0 > "$work/weed/log" 2>&1 &
+  weed_pid=$!
+  trap 'kill "$weed_pid" 2>/dev/null; sleep 2; kill -9 "$weed_pid" 2>/dev/null; cleanup' EXIT
+  for _ in $(seq 1 120); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$p_s3/")" = 403 ] && { s3=1; break; }
+    sleep 0.5
+  done
+fi
+if [ -n "$s3" ]; then
+  export AWS_ACCESS_KEY_ID=AKIDBENCH AWS_SECRET_ACCESS_KEY=benchsecretkey123
+  unset AWS_CA_BUNDLE
+  s3_url() { echo "s3:http://127.0.0.1:$p_s3/$1"; }
+  export -f s3_url
+  export p_s3
+  restic -r "$(s3_url restic-s3)" init -q > /dev/null
+  twice "restic s3" "peer_dumps && restic -r '$(s3_url restic-s3)' backup -q '$src/files' '$work/dumps'"
+  cat >> agex.toml <<TOML
+[repositories.bench-s3]
+kind = "restic"
+url = "$(s3_url agex-s3)"
+password_secret = "restic-password"
+env_secret = "s3-credentials"
+TOML
+  cat >> secrets/secrets.toml <<'TOML'
+[secrets.s3-credentials]
+recipients = ["admins", "recovery", "bench"]
+backup_password = true
+TOML
+  printf 'AWS_ACCESS_KEY_ID=AKIDBENCH\nAWS_SECRET_ACCESS_KEY=benchsecretkey123\n' | agex encrypt secrets/s3-credentials.age
+  agex repo init bench-s3 > /dev/null
+  twice "agex s3" "$agex_cmd --repo bench-s3"
+fi
+
 sum() { echo "${WALL[$1/1]} + ${WALL[$1/2]}" | bc -l; }
 printf '\n%-18s %9s %9s %9s %9s %9s\n' "" "1st wall" "1st CPU" "2nd wall" "2nd CPU" "RSS MiB"
-for l in "restic alone" "agex restic-only" "borg alone" "agex borg-only" "restic+borg" "borgmatic+restic" "agex both"; do
+labels=("restic alone" "agex restic-only" "borg alone" "agex borg-only" "restic+borg" "borgmatic+restic" "agex both")
+[ -n "$s3" ] && labels+=("restic s3" "agex s3")
+for l in "${labels[@]}"; do
   rss=$(( (${RSS[$l/1]} > ${RSS[$l/2]} ? ${RSS[$l/1]} : ${RSS[$l/2]}) / 1024 ))
   printf '%-18s %8.2fs %8.2fs %8.2fs %8.2fs %9d\n' "$l" "${WALL[$l/1]}" "${CPU[$l/1]}" "${WALL[$l/2]}" "${CPU[$l/2]}" "$rss"
 done
@@ -237,3 +286,8 @@ printf '\nfloor for agex both, 1st backup: (CPU restic + CPU borg) / %d cores = 
 printf 'ratio restic: %.2f\n' "$(echo "$(sum "restic alone") / $(sum "agex restic-only")" | bc -l)"
 printf 'ratio dual: %.2f\n' "$(echo "$(sum "restic+borg") / $(sum "agex both")" | bc -l)"
 printf 'ratio peers: %.2f\n' "$(echo "$(sum "borgmatic+restic") / $(sum "agex both")" | bc -l)"
+if [ -n "$s3" ]; then
+  printf 'ratio s3: %.2f\n' "$(echo "$(sum "restic s3") / $(sum "agex s3")" | bc -l)"
+else
+  echo "ratio s3: skipped (no SeaweedFS \`weed\`: run scripts/install-deps.sh)"
+fi

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${N:-1000}"
 cargo build --release -q -p agex-cli
-AGEX="$PWD/target/release/agex"
+AGEX="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/agex"   # where cargo built it (CARGO_TARGET_DIR honoured)
 
 mnt=""
 img=""

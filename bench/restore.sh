@@ -21,7 +21,7 @@ SMALL="${SMALL:-2000}"       # small files, 50 KB each
 LARGE="${LARGE:-2}"          # large files, 100 MB each
 if [ -z "${AGEX:-}" ]; then
   cargo build --release -q -p agex-cli
-  AGEX="$PWD/target/release/agex"
+  AGEX="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/agex"   # where cargo built it (CARGO_TARGET_DIR honoured)
 fi
 work="$(mktemp -d /var/tmp/agex-bench-restore.XXXXXX)"
 pass="$(mktemp -d /dev/shm/agex-bench-restore.XXXXXX)"

@@ -54,9 +54,57 @@ printf 'a-new-grafana-password' | "$AGEX" encrypt secrets/grafana-admin-password
 step "$AGEX" --root "$root" generations
 step "$AGEX" --root "$root" rollback --no-restart "${flags[@]}"
 
-# Backups: the example's offsite repositories, pointed at local directories for the demo.
-sed -i -e "s#^url *= \"sftp:.*#url = \"$work/restic\"#" -e "s#^url *= \"ssh://.*#url = \"$work/borg\"#" \
-  -e '/^ssh_key_secret/d' -e '/^healthchecks *=/d' agex.toml   # no ping to the demo healthchecks URL
+# Backups: the example's offsite repositories on servers the demo starts on loopback
+# (as root with SeaweedFS installed): an S3 server for offsite-restic and an sshd for
+# offsite-borg, whose host key `agex repo trust` pins. Otherwise local directories.
+sed -i -e '/^healthchecks *=/d' agex.toml   # no ping to the demo healthchecks URL
+weed="${AGEX_WEED:-/opt/agex-test/seaweedfs/bin/weed}"
+pids=()
+stop_servers() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 1
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  [ -n "${borg_dir:-}" ] && rm -rf "$borg_dir"
+  cleanup
+}
+trap stop_servers EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+if [ "$(id -u)" = 0 ] && [ -x "$weed" ] && [ -x /usr/sbin/sshd ] && command -v python3 > /dev/null; then
+  echo; echo "starting an S3 server (SeaweedFS) and an sshd on 127.0.0.1 for the two offsite repositories"
+  s3port=$(free_port)
+  mkdir -p "$work/weed"
+  echo '{"identities":[{"name":"demo","credentials":[{"accessKey":"AKIDDEMO","secretKey":"demosecretkey1234"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' > "$work/weed/s3.json"
+  "$weed" server -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3 -s3.port="$s3port" \
+    -s3.config="$work/weed/s3.json" -master.port="$(free_port)" -volume.port="$(free_port)" \
+    -filer.port="$(free_port)" -iam.port="$(free_port)" -s3.port.iceberg=0 -s3.port.lance=0 \
+    > "$work/weed/log" 2>&1 &
+  pids+=($!)
+  id agexdemo > /dev/null 2>&1 || { useradd -m -s /bin/sh agexdemo && usermod -p '*' agexdemo; }
+  home="$(getent passwd agexdemo | cut -d: -f6)"
+  borg_dir="$home/bunk-borg-$$"
+  mkdir -p /run/sshd "$work/sshd" "$home/.ssh"
+  cp secrets/borg-ssh-key.pub "$home/.ssh/authorized_keys"
+  chown -R agexdemo: "$home/.ssh"
+  ssh-keygen -q -t ed25519 -N '' -f "$work/sshd/hostkey"
+  sshport=$(free_port)
+  printf 'Port %s\nListenAddress 127.0.0.1\nHostKey %s\nPidFile %s\nUsePAM no\nPasswordAuthentication no\nAllowUsers agexdemo\n' \
+    "$sshport" "$work/sshd/hostkey" "$work/sshd/pid" > "$work/sshd/config"
+  /usr/sbin/sshd -D -f "$work/sshd/config" -E "$work/sshd/log" &
+  pids+=($!)
+  for _ in $(seq 1 120); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$s3port/")" = 403 ] && break
+    sleep 0.5
+  done
+  sed -i -e "s#^url *= \"s3:.*#url             = \"s3:http://127.0.0.1:$s3port/bunk-restic\"#" \
+    -e "s#^url *= \"ssh://.*#url             = \"ssh://agexdemo@127.0.0.1:$sshport/./$(basename "$borg_dir")\"#" \
+    -e '/^known_hosts/d' agex.toml
+  printf 'AWS_ACCESS_KEY_ID=AKIDDEMO\nAWS_SECRET_ACCESS_KEY=demosecretkey1234\n' | "$AGEX" encrypt secrets/b2-credentials.age
+  step "$AGEX" repo trust offsite-borg --yes
+else
+  echo; echo "(not root or no SeaweedFS: the offsite repositories are local directories for this demo)"
+  sed -i -e "s#^url *= \"s3:.*#url = \"$work/restic\"#" -e "s#^url *= \"ssh://.*#url = \"$work/borg\"#" \
+    -e '/^ssh_key_secret/d' -e '/^env_secret/d' -e '/^known_hosts/d' -e '/^limit_upload/d' agex.toml
+fi
 mkdir -p "$root/var/lib/vikunja/files" "$root/var/lib/mealie"
 echo "an attachment" > "$root/var/lib/vikunja/files/task-1.txt"
 sqlite3 "$root/var/lib/vikunja/vikunja.db" "CREATE TABLE tasks(id INTEGER PRIMARY KEY, title TEXT); INSERT INTO tasks(title) VALUES ('water the plants'), ('renew the domain');"
@@ -71,5 +119,5 @@ ls "$work/units" | head -8; echo "… ($(ls "$work/units" | wc -l) units and tim
 echo
 echo "demo finished: every secret checked without a key, one decrypted with the admin key,"
 echo "bunk's generation built, activated (one directory per service), changed and rolled back,"
-echo "vikunja's files and SQLite database backed up to a Restic and a Borg repository at once,"
+echo "vikunja's files and SQLite database backed up to a Restic (S3) and a Borg (ssh) repository at once,"
 echo "both snapshots restored into scratch space and verified (drill), and bunk's timers generated."

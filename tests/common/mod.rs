@@ -95,6 +95,45 @@ impl Fixture {
         fs::write(path, text.replacen(from, to, 1)).unwrap();
     }
 
+    /// Points the example's two repositories at test URLs: each `url` replaced, and
+    /// what belongs to the example's cloud servers (credentials, pinned host keys,
+    /// bandwidth limits) removed; the borg ssh key too unless `borg_over_ssh`.
+    pub fn retarget_repositories(&self, restic_url: &str, borg_url: &str, borg_over_ssh: bool) {
+        let path = self.dir().join("agex.toml");
+        let text = fs::read_to_string(&path).unwrap();
+        let mut out = String::new();
+        let mut section = String::new();
+        for line in text.lines() {
+            let t = line.trim_start();
+            if t.starts_with('[') {
+                section = t
+                    .split(']')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .to_string();
+            }
+            let key = t.split(['=', ' ']).next().unwrap_or_default();
+            let in_restic = section == "repositories.offsite-restic";
+            let in_borg = section == "repositories.offsite-borg";
+            if in_restic || in_borg {
+                match key {
+                    "url" => {
+                        let url = if in_restic { restic_url } else { borg_url };
+                        out.push_str(&format!("url             = \"{url}\"\n"));
+                        continue;
+                    }
+                    "env_secret" | "known_hosts" | "limit_upload" | "limit_download" => continue,
+                    "ssh_key_secret" if !borg_over_ssh => continue,
+                    _ => {}
+                }
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+        fs::write(path, out).unwrap();
+    }
+
     /// A scratch root for host paths (`--root`).
     pub fn root(&self) -> PathBuf {
         let r = self.tmp.path().join("root");

@@ -403,6 +403,26 @@ impl Sshd {
         )
     }
 
+    /// This server's host key as a known_hosts line (`[127.0.0.1]:PORT ssh-ed25519 …`),
+    /// what `known_hosts` in agex.toml pins.
+    pub fn known_hosts_line(&self) -> String {
+        let public = fs::read_to_string(self.dir.path().join("hostkey.pub")).expect("hostkey.pub");
+        let mut f = public.split_whitespace();
+        let (kind, key) = (f.next().expect("key type"), f.next().expect("key"));
+        format!("[127.0.0.1]:{} {kind} {key}", self.port)
+    }
+
+    /// `sftp://USER@127.0.0.1:PORT/BASE/REPO`: a restic sftp URL in this guard's directory.
+    pub fn sftp_url(&self, repo_rel: &str) -> String {
+        format!(
+            "sftp://{}@127.0.0.1:{}/{}/{}",
+            self.user,
+            self.port,
+            self.repo_base,
+            repo_rel.trim_start_matches('/')
+        )
+    }
+
     /// The guard's private temp dir (config, host key, log).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -873,6 +893,184 @@ impl RcloneRestic {
 }
 
 impl Drop for RcloneRestic {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SeaweedFS (S3)
+// ---------------------------------------------------------------------------------------
+
+/// The S3 access key of [`SeaweedFs`]'s one identity.
+pub const S3_ACCESS_KEY: &str = "AKIDAGEXTEST";
+/// Its secret key.
+pub const S3_SECRET_KEY: &str = "secretagextest123";
+
+/// Where `weed` is: `$AGEX_WEED`, the venv `scripts/install-deps.sh` makes, or PATH.
+fn weed_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("AGEX_WEED") {
+        return Some(PathBuf::from(p));
+    }
+    let venv = PathBuf::from("/opt/agex-test/seaweedfs/bin/weed");
+    if venv.exists() {
+        return Some(venv);
+    }
+    which("weed")
+}
+
+/// `weed server` (master, volume, filer and S3 gateway) on 127.0.0.1 with one identity
+/// ([`S3_ACCESS_KEY`]); buckets are created by the first write into them.
+pub struct SeaweedFs {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl SeaweedFs {
+    /// Starts the server, or prints `SKIP` and returns None without `weed`.
+    pub fn start(test: &str) -> Option<SeaweedFs> {
+        let Some(weed) = weed_binary() else {
+            eprintln!(
+                "SKIP {test}: `weed` (SeaweedFS) is not installed (run scripts/install-deps.sh)"
+            );
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("agex-weed-")
+            .tempdir()
+            .expect("tempdir");
+        fs::create_dir(dir.path().join("data")).expect("mkdir data");
+        fs::write(
+            dir.path().join("s3.json"),
+            format!(
+                r#"{{"identities":[{{"name":"agex","credentials":[{{"accessKey":"{S3_ACCESS_KEY}","secretKey":"{S3_SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .expect("write s3.json");
+        let mut srv = SeaweedFs {
+            dir,
+            port: 0,
+            child: None,
+        };
+        let mut last_err = String::new();
+        for _ in 0..PORT_RETRIES {
+            match srv.try_spawn(&weed) {
+                Ok(()) => return Some(srv),
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("weed server did not start after {PORT_RETRIES} attempts: {last_err}");
+    }
+
+    fn try_spawn(&mut self, weed: &Path) -> Result<(), String> {
+        // Every service's port and its gRPC port (port + 10000 by default) must be free.
+        let mut ports = Vec::new();
+        while ports.len() < 5 {
+            let p = free_port();
+            if p < 55000 && !ports.contains(&p) && !port_open(p + 10000) {
+                ports.push(p);
+            }
+        }
+        let [s3, master, volume, filer, iam] = [ports[0], ports[1], ports[2], ports[3], ports[4]];
+        let d = self.dir.path();
+        let log = fs::File::create(d.join("weed.log")).map_err(|e| format!("log: {e}"))?;
+        let mut child = Command::new(weed)
+            .arg("server")
+            .arg(format!("-dir={}", d.join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3"])
+            .arg(format!("-s3.port={s3}"))
+            .arg(format!("-s3.config={}", d.join("s3.json").display()))
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-iam.port={iam}"))
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn weed: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("weed exited with {status}: {}", self.log()));
+            }
+            // Ready once the S3 gateway answers an unsigned request (403).
+            if port_open(s3) {
+                let code = Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                    .arg(format!("http://127.0.0.1:{s3}/"))
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                    .unwrap_or_default();
+                if code == "403" {
+                    self.port = s3;
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("weed did not come up in time: {}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
+    }
+
+    /// The S3 gateway's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `s3:http://127.0.0.1:PORT/BUCKET/PREFIX`, a restic repository URL.
+    pub fn url(&self, bucket: &str, prefix: &str) -> String {
+        format!("s3:http://127.0.0.1:{}/{bucket}/{prefix}", self.port)
+    }
+
+    /// The env secret text that logs in (what a user keeps for restic).
+    pub fn env_secret(&self) -> String {
+        format!("AWS_ACCESS_KEY_ID={S3_ACCESS_KEY}\nAWS_SECRET_ACCESS_KEY={S3_SECRET_KEY}\n")
+    }
+
+    /// `restic` (the real CLI) with this server's credentials in its environment.
+    pub fn restic_env(&self, cmd: &mut Command) {
+        cmd.env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+            .env_remove("AWS_CA_BUNDLE");
+    }
+
+    /// Whether the server we started still runs.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Kills the server (SIGTERM, then SIGKILL: weed lingers after SIGTERM); idempotent.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as i32;
+            // SAFETY: kill(2) on the pid we started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while pid_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SeaweedFs {
     fn drop(&mut self) {
         self.stop();
     }

@@ -21,18 +21,8 @@ impl Setup {
     pub fn new(restic_url: &str, borg_url: &str, borg_over_ssh: bool) -> Setup {
         let fx = Fixture::bunk();
         let cfg = fx.dir().join("agex.toml");
+        fx.retarget_repositories(restic_url, borg_url, borg_over_ssh);
         let mut text = fs::read_to_string(&cfg).unwrap();
-        text = text.replace(
-            "url             = \"sftp:u123@storagebox.example:/restic\"",
-            &format!("url             = \"{restic_url}\""),
-        );
-        text = text.replace(
-            "url             = \"ssh://u456@borg.example/./repo\"",
-            &format!("url             = \"{borg_url}\""),
-        );
-        if !borg_over_ssh {
-            text = text.replace("ssh_key_secret  = \"borg-ssh-key\"\n", "");
-        }
         // Tests talk to 127.0.0.1 only: no ping to the example's healthchecks URL.
         text = text.replace("healthchecks = \"secret:healthchecks-url\"\n", "");
         text.push_str("\n[backup]\nlock_wait = 5\nmetrics_dir = \"/var/lib/node-exporter\"\n");
@@ -262,7 +252,28 @@ impl Setup {
             .unwrap();
         assert_ok(&pubkey);
         sshd.authorize(&stdout(&pubkey));
+        self.pin_host_key("offsite-borg", sshd);
         key
+    }
+
+    /// Pins `sshd`'s host key in repository `repo`'s `known_hosts` (agex checks host
+    /// keys strictly).
+    pub fn pin_host_key(&self, repo: &str, sshd: &Sshd) {
+        let cfg = self.fx.dir().join("agex.toml");
+        let text = fs::read_to_string(&cfg).unwrap();
+        let header = format!("[repositories.{repo}]\n");
+        let at = text
+            .find(&header)
+            .unwrap_or_else(|| panic!("no {header} in agex.toml"));
+        let line = format!("known_hosts = [\"{}\"]\n", sshd.known_hosts_line());
+        let section = &text[at + header.len()..];
+        let section = &section[..section.find("\n[").unwrap_or(section.len())];
+        if section.contains(&line) {
+            return;
+        }
+        let mut out = text.clone();
+        out.insert_str(at + header.len(), &line);
+        fs::write(&cfg, out).unwrap();
     }
 
     /// Points the policy socket `/run/postgresql` under the root at the test cluster.

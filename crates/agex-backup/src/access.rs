@@ -14,6 +14,68 @@ pub struct RepoAccess {
     pub password: Zeroizing<String>,
     /// The private key for ssh access, if the repository names one.
     pub ssh_key: Option<Zeroizing<Vec<u8>>>,
+    /// The `KEY=VALUE` lines of the repository's `env_secret`, in order.
+    pub env: Vec<(String, Zeroizing<String>)>,
+}
+
+/// Longest repository password agex hands to borg through a pipe (a pipe under memory
+/// pressure holds one page; the write must never block).
+pub const MAX_PASSWORD_LEN: usize = 4096;
+
+/// Reads an env secret: `KEY=VALUE` lines, `#` comments and blank lines ignored, an
+/// optional `export ` and matching quotes around the value removed. Errors name the
+/// secret and the line, never a value.
+pub fn parse_env(
+    secret: &str,
+    text: &[u8],
+) -> Result<Vec<(String, Zeroizing<String>)>, BackupError> {
+    let invalid = |reason: String| {
+        BackupError::Secrets(agex_secrets::SecretsError::Invalid {
+            name: secret.to_string(),
+            reason,
+        })
+    };
+    let text = std::str::from_utf8(text)
+        .map_err(|_| invalid("an env secret must be UTF-8 text of KEY=VALUE lines".into()))?;
+    let mut out: Vec<(String, Zeroizing<String>)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(invalid(format!("line {} is not KEY=VALUE", n + 1)));
+        };
+        let key = key.trim();
+        let key_ok = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !key_ok {
+            return Err(invalid(format!(
+                "line {}: `{key}` is not a variable name (letters, digits, _)",
+                n + 1
+            )));
+        }
+        let value = value.trim();
+        let value = ['"', '\'']
+            .iter()
+            .find_map(|q| value.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+            .unwrap_or(value);
+        out.retain(|(k, _)| k != key);
+        out.push((key.to_string(), Zeroizing::new(value.to_string())));
+    }
+    Ok(out)
+}
+
+impl RepoAccess {
+    /// The env secret's value of `key`, if it has one.
+    pub fn env_var(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl std::fmt::Debug for RepoAccess {
@@ -79,9 +141,19 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
     })?;
     let password = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
     drop(Zeroizing::new(text));
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(BackupError::Secrets(agex_secrets::SecretsError::Invalid {
+            name: repo.password_secret.get_ref().clone(),
+            reason: format!("a repository password is limited to {MAX_PASSWORD_LEN} bytes"),
+        }));
+    }
     let ssh_key = match &repo.ssh_key_secret {
         Some(k) => Some(secret(k.get_ref())?),
         None => None,
+    };
+    let env = match &repo.env_secret {
+        Some(e) => parse_env(e.get_ref(), &secret(e.get_ref())?)?,
+        None => Vec::new(),
     };
     // An interrupted password rotation may have left the repository on the new
     // password, which only the pending file holds.
@@ -92,6 +164,34 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
             repo,
             password,
             ssh_key,
+            env,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_secret_lines() {
+        let env = parse_env(
+            "creds",
+            b"# B2\nexport AWS_ACCESS_KEY_ID=AKID\nAWS_SECRET_ACCESS_KEY=\"s=cret\"\n\nAWS_ACCESS_KEY_ID=AKID2\n",
+        )
+        .unwrap();
+        let shown: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("AWS_SECRET_ACCESS_KEY", "s=cret"),
+                ("AWS_ACCESS_KEY_ID", "AKID2")
+            ]
+        );
+        let e = parse_env("creds", b"A=1\nnot a line with secret\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && !e.contains("secret\n"), "{e}");
+        assert!(parse_env("creds", b"1X=2\n").is_err());
+    }
 }

@@ -1,29 +1,36 @@
-//! The Borg side: drives the `borg` binary with `--json`/`--log-json`. The passphrase
-//! reaches borg through `BORG_PASSCOMMAND` reading a 0600 file on tmpfs, the ssh key
-//! through `BORG_RSH`; both files live in a [`RamDir`] wiped when the driver is dropped.
+//! The Borg side: drives the `borg` binary with `--json`/`--log-json`. No secret reaches
+//! borg through a named file: the passphrase goes through a pipe (`BORG_PASSPHRASE_FD`)
+//! written before borg starts, the ssh key and pinned host keys through anonymous
+//! in-memory files ([`crate::ssh`]), the env secret's variables through borg's
+//! environment. What has no name cannot be left behind when agex is killed.
 
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use agex_core::Retention;
-use agex_secrets::ramdir::RamDir;
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
 use crate::access::RepoAccess;
 use crate::error::BackupError;
 use crate::process;
 use crate::progress::Meter;
+use crate::ssh::SshAccess;
 
 /// A Borg repository, ready for commands.
 pub struct Borg {
     name: String,
     url: String,
     base_dir: PathBuf,
-    known_hosts: PathBuf,
-    secrets: RamDir,
-    has_key: bool,
+    password: Zeroizing<String>,
+    env: Vec<(String, Zeroizing<String>)>,
+    ssh: Option<SshAccess>,
+    known_hosts: Vec<String>,
+    upload_limit: Option<u64>,
 }
-
 /// One archive as `borg list --json` reports it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ArchiveInfo {
@@ -52,27 +59,20 @@ pub struct CreateStats {
 }
 
 impl Borg {
-    /// Prepares the driver; `state_dir` (under `--root`) holds borg's cache and the
-    /// known_hosts file for ssh repositories.
+    /// Prepares the driver; `state_dir` (under `--root`) holds borg's cache.
     pub fn new(access: &RepoAccess, state_dir: &Path) -> Result<Borg, BackupError> {
-        let secrets = RamDir::create(false)?;
-        secrets.write("passphrase", access.password.as_bytes())?;
-        let has_key = match &access.ssh_key {
-            Some(key) => {
-                secrets.write("ssh_key", key)?;
-                true
-            }
-            None => false,
-        };
+        let ssh = SshAccess::new(&access.repo, access.ssh_key.as_deref().map(|k| &k[..]))?;
         let base_dir = state_dir.join("borg");
         std::fs::create_dir_all(&base_dir).map_err(BackupError::io(&base_dir))?;
         Ok(Borg {
             name: access.repo.name.clone(),
             url: access.repo.url.clone(),
             base_dir,
-            known_hosts: state_dir.join("ssh_known_hosts"),
-            secrets,
-            has_key,
+            password: access.password.clone(),
+            env: access.env.clone(),
+            ssh,
+            known_hosts: access.repo.known_hosts.clone(),
+            upload_limit: access.repo.limit_upload,
         })
     }
 
@@ -81,13 +81,13 @@ impl Borg {
         &self.name
     }
 
-    /// A `borg` command with the passphrase, ssh and state settings in its environment.
+    /// A `borg` command with the passphrase, ssh and state settings. The passphrase is
+    /// in a pipe only this command's borg inherits; spawn each command once.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new("borg");
-        let pass = self.secrets.path().join("passphrase");
-        cmd.env("BORG_PASSCOMMAND", format!("cat {}", shell_quote(&pass)))
-            .env_remove("BORG_PASSPHRASE")
-            .env_remove("BORG_PASSPHRASE_FD")
+        cmd.env_remove("BORG_PASSPHRASE")
+            .env_remove("BORG_PASSCOMMAND")
+            .env_remove("BORG_NEW_PASSPHRASE")
             .env("BORG_BASE_DIR", &self.base_dir)
             .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "no")
             .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "no")
@@ -96,26 +96,67 @@ impl Borg {
             // (with a warning in its log) instead of blocking every later run.
             .env("BORG_HOSTNAME_IS_UNIQUE", "yes")
             .env("BORG_EXIT_CODES", "legacy");
-        let mut rsh = format!(
-            "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={} -o LogLevel=ERROR",
-            shell_quote(&self.known_hosts)
-        );
-        if self.has_key {
-            rsh.push_str(&format!(
-                " -o IdentitiesOnly=yes -i {}",
-                shell_quote(&self.secrets.path().join("ssh_key"))
-            ));
+        for (k, v) in &self.env {
+            cmd.env(k, v.as_str());
         }
-        cmd.env("BORG_RSH", rsh);
+        match passphrase_pipe(&self.password) {
+            Ok(reader) => {
+                cmd.env("BORG_PASSPHRASE_FD", reader.as_raw_fd().to_string());
+                // SAFETY: fcntl(2) is async-signal-safe. The closure owns the read end,
+                // so agex's copy closes when the command is dropped.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        rustix::io::fcntl_setfd(&reader, rustix::io::FdFlags::empty())?;
+                        Ok(())
+                    });
+                }
+            }
+            // Without the pipe borg finds no passphrase and says so; nothing leaks.
+            Err(_) => {
+                cmd.env_remove("BORG_PASSPHRASE_FD");
+            }
+        }
+        match &self.ssh {
+            Some(ssh) => {
+                cmd.env("BORG_RSH", ssh.borg_rsh());
+                ssh.inherit(&mut cmd);
+            }
+            None => {
+                cmd.env_remove("BORG_RSH");
+            }
+        }
+        if let Some(limit) = self.upload_limit {
+            // borg's unit is KiB/s.
+            cmd.arg(format!("--upload-ratelimit={}", (limit / 1024).max(1)));
+        }
         // borg must not outlive agex: a borg left reading a named pipe whose writer died
         // would hold the repository lock forever. SIGTERM makes it exit cleanly.
         process::die_with_agex(&mut cmd);
         cmd
     }
 
+    /// Turns a failed borg's ssh complaint about the server's host key into a message
+    /// that says which repository and how to trust the server.
+    pub fn explain(&self, e: BackupError) -> BackupError {
+        let hint = match (&e, &self.ssh) {
+            (BackupError::Tool { stderr, .. }, Some(ssh)) => {
+                ssh.diagnose(&self.known_hosts, stderr)
+            }
+            _ => None,
+        };
+        match hint {
+            Some(message) => BackupError::HostKey(message),
+            None => e,
+        }
+    }
+
+    fn run(&self, cmd: &mut Command) -> Result<std::process::Output, BackupError> {
+        process::run(cmd).map_err(|e| self.explain(e))
+    }
+
     /// `borg init --encryption=repokey-blake2`.
     pub fn init(&self) -> Result<(), BackupError> {
-        process::run(
+        self.run(
             self.command()
                 .args([
                     "init",
@@ -135,7 +176,7 @@ impl Borg {
         if let Some(p) = prefix {
             cmd.arg("--glob-archives").arg(format!("{p}*"));
         }
-        let out = process::run(cmd.arg(&self.url))?;
+        let out = self.run(cmd.arg(&self.url))?;
         let parsed: ListOutput =
             serde_json::from_slice(&out.stdout).map_err(|e| BackupError::Output {
                 tool: "borg list".into(),
@@ -146,7 +187,7 @@ impl Borg {
 
     /// Deletes one archive (used to discard an archive whose dump failed).
     pub fn delete(&self, archive: &str) -> Result<(), BackupError> {
-        process::run(
+        self.run(
             self.command()
                 .args(["delete", "--log-json"])
                 .arg(format!("{}::{archive}", self.url)),
@@ -162,7 +203,7 @@ impl Borg {
         if verify_data {
             cmd.arg("--verify-data");
         }
-        process::run(cmd.arg(&self.url))?;
+        self.run(cmd.arg(&self.url))?;
         Ok(())
     }
 
@@ -193,7 +234,7 @@ impl Borg {
         if dry_run {
             cmd.arg("--dry-run");
         }
-        let out = process::run(cmd.arg(&self.url))?;
+        let out = self.run(cmd.arg(&self.url))?;
         // `--list --log-json` reports each decision as a log line: "Pruning archive: …"
         // or "Would prune: …".
         let pruned = String::from_utf8_lossy(&out.stderr)
@@ -214,7 +255,7 @@ impl Borg {
             })
             .collect();
         if compact && !dry_run {
-            process::run(
+            self.run(
                 self.command()
                     .args(["compact", "--log-json"])
                     .arg(&self.url),
@@ -225,7 +266,7 @@ impl Borg {
 
     /// Removes a stale lock left by a dead borg process.
     pub fn break_lock(&self) -> Result<(), BackupError> {
-        process::run(
+        self.run(
             self.command()
                 .args(["break-lock", "--log-json"])
                 .arg(&self.url),
@@ -253,9 +294,14 @@ pub fn parse_create_stats(stdout: &[u8]) -> Result<CreateStats, BackupError> {
     })
 }
 
-/// Quotes a path for the shell commands borg runs (`BORG_PASSCOMMAND`, `BORG_RSH`).
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
+/// A pipe holding the passphrase, its write end closed: borg reads it to the end.
+/// Passphrases are far below a pipe's capacity (checked when unlocked), so the write
+/// never blocks.
+fn passphrase_pipe(password: &str) -> std::io::Result<std::io::PipeReader> {
+    let (reader, mut writer) = std::io::pipe()?;
+    writer.write_all(password.as_bytes())?;
+    drop(writer);
+    Ok(reader)
 }
 
 /// Reads borg's `--log-json` stderr to its end: `archive_progress` lines (from

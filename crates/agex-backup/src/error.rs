@@ -107,6 +107,18 @@ pub enum BackupError {
     /// A policy's `stop_units` could not be stopped or started again.
     #[error(transparent)]
     Units(#[from] crate::units::UnitsError),
+    /// ssh refused the server's host key (unknown or changed); the message says how to
+    /// trust it.
+    #[error("{0}")]
+    HostKey(String),
+    /// A repository's backend could not be set up from its URL and credentials.
+    #[error("repository `{repo}`: {message}")]
+    Backend {
+        /// The repository.
+        repo: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The command was asked for something it cannot do as given (exit 2).
     #[error("{0}")]
     Usage(String),

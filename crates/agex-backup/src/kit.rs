@@ -45,9 +45,10 @@ pub fn render(project: &Project, generated: &str) -> String {
         "This document holds no secret. With it, a checkout of the configuration\n\
          repository (for the encrypted secrets/*.age files) and a recovery key, you can\n\
          restore every service with the stock tools `age`, `restic` and `borg` alone.\n\
-         Repository passwords are decrypted on demand by `age -d`; nothing is written\n\
-         to disk except a repository's ssh key, which goes to a private directory in\n\
-         /dev/shm (RAM) that each block removes when it ends.\n"
+         Repository passwords and credentials are decrypted on demand by `age -d`;\n\
+         nothing is written to disk except a repository's ssh key and pinned host keys,\n\
+         which go to a private directory in /dev/shm (RAM) that each block removes when\n\
+         it ends.\n"
     );
     let _ = writeln!(w, "Placeholders (replace these, nothing else):");
     for (name, what) in PLACEHOLDERS {
@@ -77,14 +78,17 @@ pub fn render(project: &Project, generated: &str) -> String {
         let _ = writeln!(w, "URL:          {}", repo.url);
         let _ = writeln!(w, "Password:     secret `{secret}`, file CONFIG/{file}");
         let _ = writeln!(w, "Decrypted by: {}", recovery);
-        let ssh_key_file = repo.ssh_key_secret.as_ref().map(|k| {
-            let name = k.get_ref();
-            let f = project
+        let secret_file = |name: &str| {
+            project
                 .rules
                 .secrets
                 .get(name)
                 .map(|r| r.file.display().to_string())
-                .unwrap_or_else(|| format!("secrets/{name}.age"));
+                .unwrap_or_else(|| format!("secrets/{name}.age"))
+        };
+        let ssh_key_file = repo.ssh_key_secret.as_ref().map(|k| {
+            let name = k.get_ref();
+            let f = secret_file(name);
             let _ = writeln!(
                 w,
                 "SSH key:      secret `{name}`, file CONFIG/{f} (decrypted by {})",
@@ -92,6 +96,20 @@ pub fn render(project: &Project, generated: &str) -> String {
             );
             f
         });
+        let env_file = repo.env_secret.as_ref().map(|e| {
+            let name = e.get_ref();
+            let f = secret_file(name);
+            let _ = writeln!(
+                w,
+                "Credentials:  secret `{name}`, file CONFIG/{f}: KEY=VALUE lines the blocks
+                               put into the shell's environment (decrypted by {})",
+                recovery_keys(project, name)
+            );
+            f
+        });
+        for line in &repo.known_hosts {
+            let _ = writeln!(w, "Host key:     {line}");
+        }
         let _ = writeln!(
             w,
             "If CONFIG/{file}.pending exists, a password rotation was interrupted: when the\n\
@@ -102,27 +120,82 @@ pub fn render(project: &Project, generated: &str) -> String {
             .values()
             .filter(|p| p.repositories.contains(&repo.name))
             .collect();
+        // What every block of this repository starts with: a private RAM directory for
+        // the ssh key and the pinned host keys (a fresh mktemp -d, 0700, not a fixed
+        // name in the world-writable /dev/shm that another user could have taken
+        // first; removed at the block's end or the shell's exit) and the credentials.
+        let pinned = !repo.known_hosts.is_empty();
+        let needs_dir = ssh_key_file.is_some() || pinned;
+        let mut prelude: Vec<String> = Vec::new();
+        if needs_dir {
+            prelude.push("umask 077".into());
+            prelude.push(format!(
+                "KEYDIR=$(mktemp -d /dev/shm/{KIT_KEY_PREFIX}.XXXXXX)"
+            ));
+            prelude.push("trap 'rm -rf \"$KEYDIR\"' EXIT".into());
+        }
+        if let Some(f) = &ssh_key_file {
+            prelude.push(format!(
+                "age -d -i RECOVERY_KEY -o \"$KEYDIR/ssh-key\" CONFIG/{f}"
+            ));
+        }
+        if pinned {
+            let lines: Vec<String> = repo.known_hosts.iter().map(|l| quote(l)).collect();
+            prelude.push(format!(
+                "printf '%s\\n' {} > \"$KEYDIR/known_hosts\"",
+                lines.join(" ")
+            ));
+        }
+        if let Some(f) = &env_file {
+            prelude.push(format!(
+                "set -a; eval \"$(age -d -i RECOVERY_KEY CONFIG/{f})\"; set +a"
+            ));
+        }
+        // ssh as agex runs it: the key from the secret, the server's pinned keys only.
+        let mut ssh = String::from("ssh");
+        if ssh_key_file.is_some() {
+            ssh.push_str(" -i $KEYDIR/ssh-key -o IdentitiesOnly=yes");
+        }
+        if pinned {
+            ssh.push_str(" -o StrictHostKeyChecking=yes -o UserKnownHostsFile=$KEYDIR/known_hosts");
+        }
+        let cleanup = needs_dir.then(|| "rm -rf \"$KEYDIR\"".to_string());
+        let with = |cmds: Vec<String>| -> Vec<String> {
+            let mut all = prelude.clone();
+            all.extend(cmds);
+            all.extend(cleanup.clone());
+            all
+        };
         match repo.kind {
             RepositoryKind::Restic => {
-                let base = format!(
+                let mut base = format!(
                     "restic -r {} --password-command {}",
                     quote(&repo.url),
                     quote(&format!("age -d -i RECOVERY_KEY CONFIG/{file}"))
                 );
+                if let (agex_core::RepoUrl::Sftp { ssh: e, .. }, true) = (&repo.location, needs_dir)
+                {
+                    let mut cmd = ssh.clone();
+                    if let Some(p) = e.port {
+                        cmd.push_str(&format!(" -p {p}"));
+                    }
+                    cmd.push_str(&format!(" {} -s sftp", e.destination()));
+                    base.push_str(&format!(" -o sftp.command=\"{cmd}\""));
+                }
                 block(
                     w,
                     &format!("{} list", repo.name),
-                    &[format!("{base} snapshots")],
+                    &with(vec![format!("{base} snapshots")]),
                 );
                 for p in &services {
                     service_notes(w, p);
                     block(
                         w,
                         &format!("{} restore {}", repo.name, p.service),
-                        &[format!(
+                        &with(vec![format!(
                             "{base} restore latest --tag {} --target TARGET",
                             quote(&format!("service={}", p.service))
-                        )],
+                        )]),
                     );
                 }
             }
@@ -131,30 +204,12 @@ pub fn render(project: &Project, generated: &str) -> String {
                     "export BORG_PASSCOMMAND={}",
                     quote(&format!("age -d -i RECOVERY_KEY CONFIG/{file}"))
                 )];
-                if let Some(f) = &ssh_key_file {
-                    // A fresh private directory (mktemp -d, 0700) rather than a fixed
-                    // name in the world-writable /dev/shm, which another user could
-                    // have taken first; removed at the block's end or the shell's exit.
-                    env.push("umask 077".into());
-                    env.push(format!(
-                        "KEYDIR=$(mktemp -d /dev/shm/{KIT_KEY_PREFIX}.XXXXXX)"
-                    ));
-                    env.push("trap 'rm -rf \"$KEYDIR\"' EXIT".into());
-                    env.push(format!(
-                        "age -d -i RECOVERY_KEY -o \"$KEYDIR/ssh-key\" CONFIG/{f}"
-                    ));
-                    env.push(
-                        "export BORG_RSH=\"ssh -i $KEYDIR/ssh-key -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new\""
-                            .into(),
-                    );
+                if needs_dir {
+                    env.push(format!("export BORG_RSH=\"{ssh}\""));
                 }
-                let cleanup = ssh_key_file
-                    .is_some()
-                    .then(|| "rm -rf \"$KEYDIR\"".to_string());
                 let mut list = env.clone();
                 list.push(format!("borg list {}", quote(&repo.url)));
-                list.extend(cleanup.clone());
-                block(w, &format!("{} list", repo.name), &list);
+                block(w, &format!("{} list", repo.name), &with(list));
                 for p in &services {
                     service_notes(w, p);
                     let mut cmds = env.clone();
@@ -167,8 +222,11 @@ pub fn render(project: &Project, generated: &str) -> String {
                         "cd TARGET && borg extract {}\"$ARCHIVE\"",
                         quote(&format!("{}::", repo.url))
                     ));
-                    cmds.extend(cleanup.clone());
-                    block(w, &format!("{} restore {}", repo.name, p.service), &cmds);
+                    block(
+                        w,
+                        &format!("{} restore {}", repo.name, p.service),
+                        &with(cmds),
+                    );
                 }
             }
         }

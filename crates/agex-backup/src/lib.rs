@@ -2,6 +2,7 @@
 //! rustic_core) and a Borg repository (the `borg` binary), each database dumped once.
 
 pub mod access;
+pub mod backend;
 pub mod borg;
 pub mod cancel;
 pub mod drill;
@@ -14,6 +15,7 @@ pub mod pg;
 pub mod postgres;
 pub mod process;
 pub mod progress;
+pub mod rclone;
 pub mod rebuild;
 pub mod records;
 pub mod restic;
@@ -21,8 +23,11 @@ pub mod restic_key;
 pub mod restore;
 pub mod rotate;
 pub mod run;
+pub mod sftp;
+pub mod ssh;
 pub mod status;
 pub mod tee;
+pub mod trust;
 pub mod units;
 
 pub use error::BackupError;

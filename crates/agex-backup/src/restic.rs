@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use agex_core::Retention;
-use rustic_backend::BackendOptions;
 use rustic_core::repofile::{FileType, KeyId, MasterKey, SnapshotFile};
 use rustic_core::{
     BackupOptions, BytesList, CheckOptions, ConfigOptions, Credentials, ErrorKind, Id, KeepOptions,
@@ -79,16 +78,12 @@ struct Unopened {
 
 fn unopened(access: &RepoAccess, meter: Option<&Arc<Meter>>) -> Result<Unopened, BackupError> {
     let err = restic_err(&access.repo.name);
-    let backends = BackendOptions::default()
-        .repository(access.repo.url.clone())
-        .to_backends()
-        .map_err(&err)?;
     let gate = Gate::default();
     let gated: Arc<dyn WriteBackend> = Arc::new(Gated {
-        inner: backends.repository(),
+        inner: crate::backend::open(access)?,
         gate: gate.clone(),
     });
-    let backends = RepositoryBackends::new(Arc::clone(&gated), backends.repo_hot());
+    let backends = RepositoryBackends::new(Arc::clone(&gated), None);
     let opts = RepositoryOptions::default();
     let repo = match meter {
         Some(m) => Repository::new_with_progress(&opts, &backends, ResticBars(Arc::clone(m))),

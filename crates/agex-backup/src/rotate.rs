@@ -86,6 +86,7 @@ fn with_password(access: &RepoAccess, password: &str) -> RepoAccess {
         repo: access.repo.clone(),
         password: Zeroizing::new(password.to_string()),
         ssh_key: access.ssh_key.clone(),
+        env: access.env.clone(),
     }
 }
 

@@ -843,7 +843,7 @@ fn borg_side(
             return Err((locked, unread));
         }
         return Err(match process::check(&shown, out) {
-            Err(e) => (e, None),
+            Err(e) => (borg.explain(e), None),
             Ok(_) => (
                 BackupError::Output {
                     tool: shown,

@@ -229,6 +229,14 @@ pub enum RepoCommand {
         /// The repository's name in agex.toml
         repo: String,
     },
+    /// Pin the host keys of a repository's ssh server in agex.toml (`known_hosts`)
+    Trust {
+        /// The repository's name in agex.toml
+        repo: String,
+        /// Write without asking (for scripts); check the fingerprints another way first
+        #[arg(long)]
+        yes: bool,
+    },
     /// Give a repository a new password and store it in its password secret
     RotatePassword {
         /// The repository's name in agex.toml

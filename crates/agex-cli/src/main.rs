@@ -102,6 +102,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                 read_data_subset,
             } => backup::cmd_repo_check(&ctx, repo.as_deref(), read_data_subset.as_deref()),
             RepoCommand::Unlock { repo } => backup::cmd_repo_unlock(&ctx, &repo),
+            RepoCommand::Trust { repo, yes } => backup::cmd_repo_trust(&ctx, &repo, yes),
             RepoCommand::RotatePassword { repo } => recovery::cmd_rotate_password(&ctx, &repo),
         },
         Command::Schedule => schedule::cmd_schedule(&ctx),

@@ -9,6 +9,7 @@ use toml::Spanned;
 
 use crate::diagnostic::{did_you_mean, from_toml_error, Diagnostics, SourceFile};
 use crate::recipient::RecipientKey;
+use crate::repo_url::{self, RepoUrl};
 
 /// The host identity used when a host entry names none.
 pub const DEFAULT_HOST_IDENTITY: &str = "/etc/ssh/ssh_host_ed25519_key";
@@ -54,6 +55,13 @@ struct RawRepository {
     url: Spanned<String>,
     password_secret: Spanned<String>,
     ssh_key_secret: Option<Spanned<String>>,
+    env_secret: Option<Spanned<String>>,
+    #[serde(default)]
+    known_hosts: Vec<Spanned<String>>,
+    limit_upload: Option<Spanned<String>>,
+    limit_download: Option<Spanned<String>>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
 }
 
 /// Which engine a repository is written by.
@@ -79,6 +87,20 @@ pub struct Repository {
     pub password_secret: Spanned<String>,
     /// The secret holding the ssh key used to reach it, if any.
     pub ssh_key_secret: Option<Spanned<String>>,
+    /// The URL, parsed: which backend reaches the repository.
+    pub location: RepoUrl,
+    /// Where the URL is written in agex.toml (for errors found after parsing).
+    pub url_span: std::ops::Range<usize>,
+    /// The secret holding `KEY=VALUE` lines for the backend (S3 keys, rclone config, …).
+    pub env_secret: Option<Spanned<String>>,
+    /// Pinned ssh host keys, known_hosts lines; empty: the user's `~/.ssh/known_hosts`.
+    pub known_hosts: Vec<String>,
+    /// Upload limit in bytes per second.
+    pub limit_upload: Option<u64>,
+    /// Download limit in bytes per second.
+    pub limit_download: Option<u64>,
+    /// Extra backend options (`opendal:` services only).
+    pub options: BTreeMap<String, String>,
 }
 
 /// `[activation]` settings.
@@ -500,6 +522,22 @@ impl Config {
                     format!("repository `{}` has an empty url", name.get_ref()),
                 ));
             }
+            let location = repository_location(name.get_ref(), r, &source, &mut diags);
+            let rate = |v: &Option<Spanned<String>>, what: &str, diags: &mut Diagnostics| {
+                v.as_ref()
+                    .and_then(|v| match repo_url::parse_rate(v.get_ref()) {
+                        Ok(n) => Some(n),
+                        Err(why) => {
+                            diags.push(source.error(
+                                Some(v.span()),
+                                format!("repository `{}`: {what}: {why}", name.get_ref()),
+                            ));
+                            None
+                        }
+                    })
+            };
+            let limit_upload = rate(&r.limit_upload, "limit_upload", &mut diags);
+            let limit_download = rate(&r.limit_download, "limit_download", &mut diags);
             repositories.insert(
                 name.get_ref().clone(),
                 Repository {
@@ -508,6 +546,17 @@ impl Config {
                     url: r.url.get_ref().clone(),
                     password_secret: r.password_secret.clone(),
                     ssh_key_secret: r.ssh_key_secret.clone(),
+                    location,
+                    url_span: r.url.span(),
+                    env_secret: r.env_secret.clone(),
+                    known_hosts: r
+                        .known_hosts
+                        .iter()
+                        .map(|k| k.get_ref().trim().to_string())
+                        .collect(),
+                    limit_upload,
+                    limit_download,
+                    options: r.options.clone(),
                 },
             );
         }
@@ -591,6 +640,102 @@ impl Config {
             None => vec![],
         }
     }
+}
+
+/// The repository's URL parsed for its engine, with the checks that need the rest of its
+/// entry: credentials for S3, host keys for ssh, options only for opendal.
+fn repository_location(
+    name: &str,
+    r: &RawRepository,
+    source: &SourceFile,
+    diags: &mut Diagnostics,
+) -> RepoUrl {
+    let parsed = match r.kind.get_ref() {
+        RepositoryKind::Restic => {
+            repo_url::parse_restic(r.url.get_ref()).map_err(|why| (why, repo_url::RESTIC_FORMS))
+        }
+        RepositoryKind::Borg => {
+            repo_url::parse_borg(r.url.get_ref()).map_err(|why| (why, repo_url::BORG_FORMS))
+        }
+    };
+    let location = match parsed {
+        Ok(l) => l,
+        Err((why, forms)) => {
+            diags.push(
+                source
+                    .error(Some(r.url.span()), format!("repository `{name}`: {why}"))
+                    .with_help(format!("accepted forms: {forms}")),
+            );
+            return RepoUrl::Local(r.url.get_ref().clone());
+        }
+    };
+    if matches!(location, RepoUrl::S3 { .. }) && r.env_secret.is_none() {
+        diags.push(
+            source
+                .error(
+                    Some(r.url.span()),
+                    format!("repository `{name}`: an s3: repository needs credentials"),
+                )
+                .with_help(
+                    "add `env_secret = \"NAME\"`, an age secret with AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines",
+                ),
+        );
+    }
+    if !r.options.is_empty() && !matches!(location, RepoUrl::OpenDal(_)) {
+        diags.push(source.error(
+            Some(r.url.span()),
+            format!("repository `{name}`: `options` are only read for opendal: URLs"),
+        ));
+    }
+    let ssh = location.ssh().cloned();
+    if ssh.is_none() {
+        if let Some(first) = r.known_hosts.first() {
+            diags.push(source.error(
+                Some(first.span()),
+                format!("repository `{name}`: known_hosts is only used by sftp: and ssh:// repositories"),
+            ));
+        }
+        if let Some(k) = &r.ssh_key_secret {
+            if !matches!(location, RepoUrl::Rclone(_) | RepoUrl::OpenDal(_)) {
+                diags.push(source.error(
+                    Some(k.span()),
+                    format!("repository `{name}`: ssh_key_secret is only used by sftp: and ssh:// repositories"),
+                ));
+            }
+        }
+    }
+    let mut names_server = r.known_hosts.is_empty();
+    for line in &r.known_hosts {
+        match repo_url::parse_known_host(line.get_ref()) {
+            Ok(hosts) => {
+                if let Some(s) = &ssh {
+                    let want = s.known_hosts_name();
+                    names_server |= hosts.iter().any(|h| *h == want || h.starts_with('|'));
+                }
+            }
+            Err(why) => {
+                names_server = true;
+                diags.push(source.error(
+                    Some(line.span()),
+                    format!("repository `{name}`: known_hosts: {why}"),
+                ));
+            }
+        }
+    }
+    if let (Some(s), false) = (&ssh, names_server) {
+        diags.push(
+            source
+                .error(
+                    Some(r.known_hosts[0].span()),
+                    format!(
+                        "repository `{name}`: known_hosts has no key for `{}`, the server of its url",
+                        s.known_hosts_name()
+                    ),
+                )
+                .with_help(format!("`agex repo trust {name}` writes the server's keys here")),
+        );
+    }
+    location
 }
 
 #[cfg(test)]

@@ -229,6 +229,34 @@ fn check_repositories(config: &Config, rules: &Rules) -> Result<(), Diagnostics>
             ),
             Some(_) => {}
         }
+        if let Some(env) = &repo.env_secret {
+            match rules.secrets.get(env.get_ref()) {
+                None => diags.push(config.source.error(
+                    Some(env.span()),
+                    format!(
+                        "repository `{}`: env_secret `{}` has no rule in secrets.toml",
+                        repo.name,
+                        env.get_ref()
+                    ),
+                )),
+                // A recovery without this host needs the backend's credentials as much
+                // as the password.
+                Some(rule) if !rule.backup_password => diags.push(
+                    config
+                        .source
+                        .error(
+                            Some(env.span()),
+                            format!(
+                                "repository `{}`: secret `{}` holds the repository's credentials but is not marked `backup_password = true`",
+                                repo.name,
+                                env.get_ref()
+                            ),
+                        )
+                        .with_help("mark it, so `agex check` proves the recovery key can open it"),
+                ),
+                Some(_) => {}
+            }
+        }
         if let Some(k) = &repo.ssh_key_secret {
             if !rules.secrets.contains_key(k.get_ref()) {
                 diags.push(config.source.error(

@@ -136,14 +136,16 @@ pub fn generate(
 fn drop_in(project: &Project, job: &Job, config_dir: &Path) -> Result<String, ScheduleError> {
     let mut write: Vec<PathBuf> = Vec::new();
     let mut read: Vec<PathBuf> = vec![config_dir.to_path_buf()];
-    // ssh (sftp:, ssh://) reads the user's known_hosts and ssh config from home.
-    let mut over_ssh = false;
+    // ssh (sftp:, ssh://) without pinned known_hosts reads the user's known_hosts from
+    // home, and rclone its rclone.conf; with pinned keys home stays hidden.
+    let mut reads_home = false;
     for r in &job.repositories {
         if let Some(repo) = project.config.repositories.get(r) {
             if let Some(p) = local_path(&repo.url) {
                 write.push(p);
             }
-            over_ssh |= repo.url.starts_with("sftp:") || repo.url.starts_with("ssh://");
+            reads_home |= (repo.location.ssh().is_some() && repo.known_hosts.is_empty())
+                || matches!(repo.location, agex_core::RepoUrl::Rclone(_));
         }
     }
     if let JobKind::Backup { service } = &job.kind {
@@ -173,7 +175,7 @@ fn drop_in(project: &Project, job: &Job, config_dir: &Path) -> Result<String, Sc
             .iter()
             .any(|h| p.starts_with(h))
     };
-    let protect_home = if over_ssh || read.iter().chain(write.iter()).any(in_home) {
+    let protect_home = if reads_home || read.iter().chain(write.iter()).any(in_home) {
         "read-only"
     } else {
         "yes"

@@ -489,6 +489,52 @@ pub fn cmd_repo_unlock(ctx: &Context, name: &str) -> Result<i32, Failure> {
     Ok(OK)
 }
 
+pub fn cmd_repo_trust(ctx: &Context, name: &str, yes: bool) -> Result<i32, Failure> {
+    use std::io::{BufRead, IsTerminal, Write};
+    let project = ctx.project()?;
+    let plan = agex_backup::trust::plan(&project, name)?;
+    println!("{} ({name}) offers these host keys:", plan.server);
+    for k in &plan.keys {
+        println!("  {:<22} {}", k.kind, k.fingerprint);
+    }
+    if plan.unchanged() {
+        println!("agex.toml already pins exactly these keys for `{name}`; nothing to change");
+        return Ok(OK);
+    }
+    if !plan.pinned_before.is_empty() {
+        println!(
+            "agex.toml pins {} other key(s) for `{name}` now: they are replaced",
+            plan.pinned_before.len()
+        );
+    }
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(Failure::new(
+                CONFIG,
+                "compare the fingerprints with the ones your provider publishes, then pass --yes (or run it on a terminal to confirm)",
+            ));
+        }
+        eprint!("Compare them with the fingerprints your provider publishes. Pin them in agex.toml? Type `yes`: ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
+        if line.trim() != "yes" {
+            println!("nothing changed");
+            return Ok(FAILURE);
+        }
+    }
+    agex_backup::trust::execute(&project, &plan)?;
+    println!(
+        "pinned {} key(s) of {} in agex.toml [repositories.{name}] known_hosts; commit it",
+        plan.keys.len(),
+        plan.server
+    );
+    Ok(OK)
+}
+
 fn kind(a: &RepoAccess) -> &'static str {
     match a.repo.kind {
         RepositoryKind::Restic => "restic",

@@ -176,6 +176,7 @@ pub fn cmd_rekey(
 pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let report = agex_secrets::check::check(&project);
+    let host_keys = unverifiable_servers(&project);
     if ctx.global.json {
         output::json(&report)?;
     } else {
@@ -197,6 +198,9 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
         for name in &report.stale_lock_entries {
             println!("secrets.lock has an entry for `{name}`, which has no rule any more (agex rekey removes it)");
         }
+        for d in &host_keys {
+            println!("error: {d}");
+        }
         let ok = report
             .secrets
             .iter()
@@ -204,7 +208,7 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
             .count();
         println!(
             "{}: {} secrets, {} ok, {} need attention; {} keys, {} groups, {} hosts, {} repositories, {} backup policies",
-            if report.has_findings() { "check failed" } else { "check passed" },
+            if report.has_findings() || !host_keys.is_empty() { "check failed" } else { "check passed" },
             report.secrets.len(),
             ok,
             report.secrets.len() - ok,
@@ -215,7 +219,38 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
             project.policies.len(),
         );
     }
-    Ok(if report.has_findings() { FAILURE } else { OK })
+    Ok(if report.has_findings() || !host_keys.is_empty() {
+        FAILURE
+    } else {
+        OK
+    })
+}
+
+/// Repositories reached over ssh whose server's host key agex could not check: none
+/// pinned in agex.toml and none in the user's `~/.ssh/known_hosts`.
+fn unverifiable_servers(project: &agex_core::Project) -> Vec<agex_core::Diagnostic> {
+    project
+        .config
+        .repositories
+        .values()
+        .filter(|r| r.known_hosts.is_empty())
+        .filter_map(|r| r.location.ssh().map(|e| (r, e)))
+        .filter(|(_, e)| !agex_backup::ssh::user_knows(e))
+        .map(|(r, e)| {
+            project
+                .config
+                .source
+                .error(
+                    Some(r.url_span.clone()),
+                    format!(
+                        "repository `{}`: nothing to check the host key of {} against (no known_hosts in agex.toml, none in ~/.ssh/known_hosts); ssh would refuse it",
+                        r.name,
+                        e.known_hosts_name()
+                    ),
+                )
+                .with_help(format!("`agex repo trust {}` shows its fingerprints and pins them", r.name))
+        })
+        .collect()
 }
 
 pub fn cmd_generate(ctx: &Context, files: &[PathBuf]) -> Result<i32, Failure> {
