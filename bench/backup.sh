@@ -232,7 +232,12 @@ weed="${AGEX_WEED:-/opt/agex-test/seaweedfs/bin/weed}"
 [ -x "$weed" ] || weed="$(command -v weed || true)"
 s3=""
 if [ -n "$weed" ]; then
-  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  # A free port whose gRPC companion (weed listens on port + 10000 too) is a port as well.
+free_port() { python3 -c '
+import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if p < 55000: print(p); break'; }
   p_s3=$(free_port) p_m=$(free_port) p_v=$(free_port) p_f=$(free_port) p_i=$(free_port)
   mkdir -p "$work/weed"
   cat > "$work/weed/s3.json" <<'J'

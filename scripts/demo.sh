@@ -68,7 +68,12 @@ stop_servers() {
   cleanup
 }
 trap stop_servers EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free port whose gRPC companion (weed listens on port + 10000 too) is a port as well.
+free_port() { python3 -c '
+import socket
+while True:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    if p < 55000: print(p); break'; }
 if [ "$(id -u)" = 0 ] && [ -x "$weed" ] && [ -x /usr/sbin/sshd ] && command -v python3 > /dev/null; then
   echo; echo "starting an S3 server (SeaweedFS) and an sshd on 127.0.0.1 for the two offsite repositories"
   s3port=$(free_port)
@@ -79,6 +84,7 @@ if [ "$(id -u)" = 0 ] && [ -x "$weed" ] && [ -x /usr/sbin/sshd ] && command -v p
     -filer.port="$(free_port)" -iam.port="$(free_port)" -s3.port.iceberg=0 -s3.port.lance=0 \
     > "$work/weed/log" 2>&1 &
   pids+=($!)
+  disown
   id agexdemo > /dev/null 2>&1 || { useradd -m -s /bin/sh agexdemo && usermod -p '*' agexdemo; }
   home="$(getent passwd agexdemo | cut -d: -f6)"
   borg_dir="$home/bunk-borg-$$"
@@ -91,10 +97,13 @@ if [ "$(id -u)" = 0 ] && [ -x "$weed" ] && [ -x /usr/sbin/sshd ] && command -v p
     "$sshport" "$work/sshd/hostkey" "$work/sshd/pid" > "$work/sshd/config"
   /usr/sbin/sshd -D -f "$work/sshd/config" -E "$work/sshd/log" &
   pids+=($!)
+  disown
+  up=""
   for _ in $(seq 1 120); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$s3port/")" = 403 ] && break
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$s3port/")" = 403 ] && { up=1; break; }
     sleep 0.5
   done
+  [ -n "$up" ] || { echo "the S3 server did not come up:" >&2; tail -20 "$work/weed/log" >&2; exit 1; }
   sed -i -e "s#^url *= \"s3:.*#url             = \"s3:http://127.0.0.1:$s3port/bunk-restic\"#" \
     -e "s#^url *= \"ssh://.*#url             = \"ssh://agexdemo@127.0.0.1:$sshport/./$(basename "$borg_dir")\"#" \
     -e '/^known_hosts/d' agex.toml
