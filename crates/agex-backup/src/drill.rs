@@ -216,9 +216,12 @@ fn drill_one(
     let name = |dump: &str| scratch_database(service, run_id, dump);
     let extracted = restore::extract(access, state, &snap, scratch.path(), None)?;
     let verified = match restore::read_manifest(scratch.path(), service) {
-        Ok(m) => restore::verify(
+        Ok(mut m) => restore::verify(
             scratch.path(),
-            &m,
+            &{
+                m.mark_changed(&snap.late_changed);
+                m
+            },
             Some(&PgScratch {
                 policy,
                 root: env.db_root,

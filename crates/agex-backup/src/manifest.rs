@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::digest_cache::{CacheReader, CacheWriter, Stamp};
 use crate::error::BackupError;
 
 /// Where dumps and manifests appear inside snapshots and archives.
@@ -32,15 +33,264 @@ pub fn manifest_path(service: &str) -> PathBuf {
     Path::new(DUMPS_DIR).join(service).join("manifest.json")
 }
 
+/// A host path as bytes (Unix names need not be UTF-8). In JSON it is a plain string when
+/// it is valid UTF-8, else `{"hex": "<bytes>"}`, so every name round-trips and the common
+/// case stays readable.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostPath(PathBuf);
+
+impl HostPath {
+    /// The path.
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Its bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        use std::os::unix::ffi::OsStrExt;
+        self.0.as_os_str().as_bytes()
+    }
+
+    /// The path for messages (invalid UTF-8 shown as `\xNN`).
+    pub fn shown(&self) -> String {
+        shown(&self.0)
+    }
+}
+
+impl From<PathBuf> for HostPath {
+    fn from(p: PathBuf) -> Self {
+        HostPath(p)
+    }
+}
+
+impl From<&str> for HostPath {
+    fn from(p: &str) -> Self {
+        HostPath(PathBuf::from(p))
+    }
+}
+
+impl std::fmt::Display for HostPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+/// A path for messages: its UTF-8 text, other bytes as `\xNN`.
+pub fn shown(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in p.as_os_str().as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum PathRepr {
+    Text(String),
+    Bytes { hex: String },
+}
+
+impl Serialize for HostPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(self.as_bytes()) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => PathRepr::Bytes {
+                hex: agex_secrets::header::hex(self.as_bytes()),
+            }
+            .serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use std::os::unix::ffi::OsStringExt;
+        match PathRepr::deserialize(d)? {
+            PathRepr::Text(t) => Ok(HostPath(PathBuf::from(t))),
+            PathRepr::Bytes { hex } => {
+                let bytes = unhex(&hex)
+                    .ok_or_else(|| serde::de::Error::custom(format!("bad hex path `{hex}`")))?;
+                Ok(HostPath(PathBuf::from(std::ffi::OsString::from_vec(bytes))))
+            }
+        }
+    }
+}
+
+/// The bytes of a hex string.
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// One regular file of the backed-up paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     /// Host path.
-    pub path: String,
-    /// Size in bytes.
+    pub path: HostPath,
+    /// Size in bytes (as agex read it).
     pub size: u64,
-    /// `sha256:<hex>` of the content.
+    /// `sha256:<hex>` of the content (as agex read it).
     pub digest: String,
+    /// The file changed between agex's read and the repository's (or during either):
+    /// the repository holds it as its engine read it, which the digest does not
+    /// describe; a drill verifies it by the repository's own record (its extraction).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub changed: bool,
+}
+
+/// What a special file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpecialKind {
+    /// A named pipe.
+    Fifo,
+    /// A Unix socket.
+    Socket,
+    /// A character device node.
+    Char,
+    /// A block device node.
+    Block,
+}
+
+/// A fifo, socket or device node of the backed-up paths: what it is, never its content
+/// (it has none to read). Kept in the manifest so a restore can put it back from a
+/// repository whose engine could not store it (borg next to agex's dump pipes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialEntry {
+    /// Host path.
+    pub path: HostPath,
+    /// What it is.
+    pub kind: SpecialKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number (devices only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rdev: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl SpecialEntry {
+    /// The entry of `host` if its metadata says it is a special file.
+    fn of(host: PathBuf, meta: &std::fs::Metadata) -> Option<SpecialEntry> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let ft = meta.file_type();
+        let kind = if ft.is_fifo() {
+            SpecialKind::Fifo
+        } else if ft.is_socket() {
+            SpecialKind::Socket
+        } else if ft.is_char_device() {
+            SpecialKind::Char
+        } else if ft.is_block_device() {
+            SpecialKind::Block
+        } else {
+            return None;
+        };
+        Some(SpecialEntry {
+            path: HostPath(host),
+            kind,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            rdev: if matches!(kind, SpecialKind::Char | SpecialKind::Block) {
+                meta.rdev()
+            } else {
+                0
+            },
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        })
+    }
+
+    /// Creates it at `at` (which must not exist) with its mode, owner (as root) and
+    /// mtime.
+    pub fn create(&self, at: &Path) -> io::Result<()> {
+        use rustix::fs::{FileType, Mode, Timespec, Timestamps, UTIME_OMIT};
+        let ft = match self.kind {
+            SpecialKind::Fifo => FileType::Fifo,
+            SpecialKind::Socket => FileType::Socket,
+            SpecialKind::Char => FileType::CharacterDevice,
+            SpecialKind::Block => FileType::BlockDevice,
+        };
+        if let Some(dir) = at.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            at,
+            ft,
+            Mode::from_raw_mode(self.mode & 0o7777),
+            self.rdev,
+        )?;
+        // mknod applies the umask: the mode is set again.
+        rustix::fs::chmodat(
+            rustix::fs::CWD,
+            at,
+            Mode::from_raw_mode(self.mode & 0o7777),
+            rustix::fs::AtFlags::empty(),
+        )?;
+        if rustix::process::geteuid().is_root() {
+            let _ = std::os::unix::fs::lchown(at, Some(self.uid), Some(self.gid));
+        }
+        let times = Timestamps {
+            last_access: Timespec {
+                tv_sec: 0,
+                tv_nsec: UTIME_OMIT,
+            },
+            last_modification: Timespec {
+                tv_sec: self.mtime_ns.div_euclid(1_000_000_000) as i64,
+                tv_nsec: self.mtime_ns.rem_euclid(1_000_000_000) as _,
+            },
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            at,
+            &times,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        Ok(())
+    }
+}
+
+/// The kind of database a dump was taken of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DumpKind {
+    /// An SQLite file (online backup API).
+    Sqlite,
+    /// A PostgreSQL database (`pg_dump -Fc`).
+    Postgres,
+}
+
+impl DumpKind {
+    /// The kind of a policy database.
+    pub fn of(db: &Database) -> DumpKind {
+        match db {
+            Database::Sqlite { .. } => DumpKind::Sqlite,
+            Database::Postgres { .. } => DumpKind::Postgres,
+        }
+    }
 }
 
 /// One database dump.
@@ -48,8 +298,8 @@ pub struct FileEntry {
 pub struct DumpEntry {
     /// The database's name in the policy.
     pub name: String,
-    /// `sqlite` or `postgres`.
-    pub kind: String,
+    /// Which kind of database.
+    pub kind: DumpKind,
     /// Path inside the snapshot.
     pub path: String,
     /// Size in bytes.
@@ -61,7 +311,7 @@ pub struct DumpEntry {
     pub row_counts: BTreeMap<String, u64>,
 }
 
-/// The manifest of one service's snapshot.
+/// The manifest of one service's snapshot in one repository.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
     /// [`FORMAT`].
@@ -74,6 +324,82 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// Dumps.
     pub dumps: Vec<DumpEntry>,
+    /// Fifos, sockets and device nodes, by host path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub specials: Vec<SpecialEntry>,
+}
+
+impl Manifest {
+    /// Marks `paths` (sorted) as changed during the backup.
+    pub fn mark_changed(&mut self, paths: &[HostPath]) {
+        for f in &mut self.files {
+            if paths.binary_search(&f.path).is_ok() {
+                f.changed = true;
+            }
+        }
+    }
+}
+
+/// What a walk of a policy's paths found: the regular files with their digests (sorted
+/// by path), what each looked like when read, the special files (never opened), and
+/// what could not be read.
+#[derive(Debug, Default)]
+pub struct Walked {
+    /// Regular files read, sorted by path.
+    pub files: Vec<FileEntry>,
+    /// How each file of `files` looked after agex read it.
+    stamps: Vec<Stamp>,
+    /// Fifos, sockets and device nodes: stored as what they are, never read.
+    pub specials: Vec<SpecialEntry>,
+    /// Files that could not be read (unreadable, vanished), one message each.
+    pub warnings: Vec<String>,
+    /// When the walk started, nanoseconds since the epoch.
+    started_ns: i128,
+}
+
+/// How close to the walk a change must be for a stamp not to prove the file unchanged:
+/// the kernel stamps writes with a coarse clock (a few milliseconds), so a second write
+/// within one tick of the first leaves mtime and ctime as they were.
+const RACY_NS: i128 = 100_000_000;
+
+impl Walked {
+    /// The files that look different now from when agex read them (or are gone), and
+    /// those written so shortly before agex read them that their stamp cannot tell: the
+    /// repository read since then may hold another version. Sorted.
+    pub fn changed_since(&self, root: &Path) -> Vec<HostPath> {
+        let racy = self.started_ns - RACY_NS;
+        let mut out: Vec<HostPath> = self
+            .files
+            .par_iter()
+            .zip(&self.stamps)
+            .filter(|(f, stamp)| {
+                f.changed
+                    || stamp.mtime_ns.max(stamp.ctime_ns) >= racy
+                    || std::fs::symlink_metadata(under(root, f.path.as_path()))
+                        .map(|m| Stamp::of(&m) != **stamp)
+                        .unwrap_or(true)
+            })
+            .map(|(f, _)| f.path.clone())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// The warning of a run in which files changed while they were backed up.
+pub fn changed_warning(changed: &[HostPath]) -> Option<String> {
+    const SHOWN: usize = 5;
+    if changed.is_empty() {
+        return None;
+    }
+    let first: Vec<String> = changed.iter().take(SHOWN).map(HostPath::shown).collect();
+    let more = if changed.len() > SHOWN { ", ..." } else { "" };
+    Some(format!(
+        "{} file(s) changed while they were backed up (stored as read; a policy's \
+         `stop_units` keep files consistent with each other): {}{more}",
+        changed.len(),
+        first.join(", ")
+    ))
 }
 
 /// Which host paths of a policy are backed up: its paths minus its excludes, minus the
@@ -136,15 +462,24 @@ impl Selection {
     }
 
     /// Walks the selection under `root` and digests every regular file, sorted by path.
-    /// A path that does not exist is an error naming it: a policy that silently backs up
-    /// nothing is worse than a failed run. With a `cache` file, a file whose size, mtime,
-    /// ctime and inode are those of the last run keeps its digest (as borg's files cache
-    /// does); the others are read, on every core.
-    pub fn walk(&self, root: &Path, cache: Option<&Path>) -> Result<Vec<FileEntry>, BackupError> {
+    /// Nothing but a regular file is ever opened: fifos, sockets and devices are listed
+    /// in [`Walked::specials`]. A file that cannot be read (permission, vanished) is a
+    /// warning, not a failure; a path of the policy that does not exist is an error
+    /// naming it: a policy that silently backs up nothing is worse than a failed run.
+    /// With a `cache` file, a file whose size, mtime, ctime and inode are those of the
+    /// last run keeps its digest (as borg's files cache does); the others are read, on
+    /// every core. A file that changes while agex reads it is read again (twice at
+    /// most), then marked changed.
+    pub fn walk(&self, root: &Path, cache: Option<&Path>) -> Result<Walked, BackupError> {
+        use std::os::unix::ffi::OsStrExt;
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)
             .unwrap_or(0);
+        let mut walked = Walked {
+            started_ns: started,
+            ..Walked::default()
+        };
         let mut found = Vec::new();
         for host in &self.paths {
             let local = under(root, host);
@@ -160,132 +495,164 @@ impl Selection {
                 .into_iter()
                 .filter_entry(|e| !self.excluded(&host_path(root, e.path())));
             for entry in walker {
-                let entry = entry.map_err(|e| {
-                    let path = e
-                        .path()
-                        .map(Path::to_path_buf)
-                        .unwrap_or_else(|| local.clone());
-                    BackupError::io(path)(io::Error::other(e.to_string()))
-                })?;
-                if !entry.file_type().is_file() {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        // A directory that cannot be listed or vanished: the engines
+                        // meet the same and store what they can.
+                        let path = e.path().map(|p| shown(&host_path(root, p)));
+                        walked.warnings.push(format!(
+                            "{} could not be read: {}",
+                            path.unwrap_or_else(|| shown(host)),
+                            e.io_error().map(ToString::to_string).unwrap_or_default()
+                        ));
+                        continue;
+                    }
+                };
+                let ft = entry.file_type();
+                let host = host_path(root, entry.path());
+                if !ft.is_file() {
+                    if !ft.is_dir() && !ft.is_symlink() {
+                        match entry.metadata() {
+                            Ok(meta) => walked.specials.extend(SpecialEntry::of(host, &meta)),
+                            Err(e) => walked.warnings.push(format!(
+                                "{} could not be read: {}",
+                                shown(&host),
+                                e.io_error().map(ToString::to_string).unwrap_or_default()
+                            )),
+                        }
+                    }
                     continue;
                 }
-                let meta = entry
-                    .metadata()
-                    .map_err(|e| BackupError::io(entry.path())(io::Error::other(e.to_string())))?;
-                let host = host_path(root, entry.path()).to_string_lossy().into_owned();
-                found.push((host, entry.into_path(), Stamp::of(&meta)));
+                match entry.metadata() {
+                    Ok(meta) => found.push((host, Stamp::of(&meta))),
+                    Err(e) => walked.warnings.push(format!(
+                        "{} could not be read: {}",
+                        shown(&host),
+                        e.io_error().map(ToString::to_string).unwrap_or_default()
+                    )),
+                }
             }
         }
-        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found.sort_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
         found.dedup_by(|a, b| a.0 == b.0);
-        let old = cache.map(DigestCache::load).unwrap_or_default();
-        let out: Vec<FileEntry> = found
-            .par_iter()
-            .map(|(host, local, stamp)| {
-                let (size, digest) = match old.0.get(host) {
-                    Some(c) if c.stamp == *stamp => (stamp.size, c.digest.clone()),
-                    _ => digest_file(local)?,
-                };
-                Ok(FileEntry {
-                    path: host.clone(),
-                    size,
-                    digest,
-                })
+        // The cache is read alongside the sorted list, never held whole.
+        let mut old = cache.map(CacheReader::open);
+        let cached: Vec<Option<String>> = found
+            .iter()
+            .map(|(host, stamp)| {
+                old.as_mut()
+                    .and_then(|c| c.lookup(host.as_os_str().as_bytes(), stamp))
             })
-            .collect::<Result<_, BackupError>>()?;
-        if let Some(path) = cache {
-            let new = DigestCache(
-                found
-                    .iter()
-                    .zip(&out)
-                    // Racy entries stay out: a file changed within the file system's
-                    // timestamp granularity of this walk could change again unseen.
-                    .filter(|((_, _, stamp), _)| !stamp.recent(started))
-                    .map(|((host, _, stamp), f)| {
-                        let c = Cached {
-                            stamp: stamp.clone(),
-                            digest: f.digest.clone(),
+            .collect();
+        drop(old);
+        let read: Vec<Result<(FileEntry, Stamp), String>> = found
+            .par_iter()
+            .zip(cached)
+            .map(|((host, stamp), cached)| match cached {
+                Some(digest) => Ok((
+                    FileEntry {
+                        path: HostPath(host.clone()),
+                        size: stamp.size,
+                        digest,
+                        changed: false,
+                    },
+                    stamp.clone(),
+                )),
+                _ => read_stable(&under(root, host), stamp.clone())
+                    .map(|(size, digest, stamp, changed)| {
+                        let path = HostPath(host.clone());
+                        let f = FileEntry {
+                            path,
+                            size,
+                            digest,
+                            changed,
                         };
-                        (host.clone(), c)
+                        (f, stamp)
                     })
-                    .collect(),
-            );
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::NotFound => {
+                            format!("{} vanished before it was read", shown(host))
+                        }
+                        _ => format!("{} could not be read: {e}", shown(host)),
+                    }),
+            })
+            .collect();
+        for r in read {
+            match r {
+                Ok((f, stamp)) => {
+                    walked.files.push(f);
+                    walked.stamps.push(stamp);
+                }
+                Err(w) => walked.warnings.push(w),
+            }
+        }
+        walked.specials.sort_by(|a, b| a.path.cmp(&b.path));
+        if let Some(path) = cache {
             // A cache that cannot be written only costs the next run a full read.
-            let _ = new.save(path);
+            let _ = save_cache(path, &walked, started);
         }
-        Ok(out)
+        Ok(walked)
     }
 }
 
-/// What says a file is unchanged since its digest was taken.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Stamp {
-    size: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-    ino: u64,
-}
-
-impl Stamp {
-    /// Changed less than two seconds before `now_ns` (or after it).
-    fn recent(&self, now_ns: i128) -> bool {
-        let limit = now_ns - 2_000_000_000;
-        self.mtime_ns >= limit || self.ctime_ns >= limit
-    }
-
-    fn of(meta: &std::fs::Metadata) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
-        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-        Stamp {
-            size: meta.len(),
-            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
-            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
-            ino: meta.ino(),
+/// Writes the digests of `walked` for the next walk. Racy entries stay out: a file
+/// changed within the file system's timestamp granularity of this walk (`started`) could
+/// change again unseen, and one that changed while read has no digest to keep.
+fn save_cache(path: &Path, walked: &Walked, started: i128) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut w = CacheWriter::create(path)?;
+    for (f, stamp) in walked.files.iter().zip(&walked.stamps) {
+        if !f.changed && !stamp.recent(started) {
+            w.add(f.path.as_path().as_os_str().as_bytes(), stamp, &f.digest)?;
         }
     }
+    w.finish(path)
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Cached {
-    #[serde(flatten)]
-    stamp: Stamp,
-    digest: String,
-}
-
-/// The digests of the last run of a service, by host path.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct DigestCache(std::collections::HashMap<String, Cached>);
-
-impl DigestCache {
-    /// The cache at `path`; missing or unreadable is empty (every file is read).
-    fn load(path: &Path) -> DigestCache {
-        std::fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    }
-
-    fn save(&self, path: &Path) -> Result<(), BackupError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+/// Reads a regular file whose walk saw `stamp`: size, digest, how it looked after the
+/// read, and whether it kept changing while read. It is opened without following a
+/// link and without blocking (a fifo put in its place is not waited on), and must still
+/// be a regular file once open.
+fn read_stable(local: &Path, stamp: Stamp) -> io::Result<(u64, String, Stamp, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut before = stamp;
+    for _ in 0..3 {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_flags())
+            .open(local)?;
+        let meta = f.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(io::Error::other("it is no longer a regular file"));
         }
-        let bytes = serde_json::to_vec(self).map_err(|e| BackupError::Output {
-            tool: "digest cache".into(),
-            detail: e.to_string(),
-        })?;
-        agex_core::atomic::write_atomic(path, &bytes, 0o600).map_err(BackupError::io(path))
+        let (size, digest) = digest_reader(f)?;
+        let after = Stamp::of(&std::fs::symlink_metadata(local)?);
+        if after == before && size == after.size {
+            return Ok((size, digest, after, false));
+        }
+        before = after;
     }
+    let (size, digest) = digest_reader(std::fs::File::open(local)?)?;
+    let after = Stamp::of(&std::fs::symlink_metadata(local)?);
+    Ok((size, digest, after, true))
 }
 
-/// Size and `sha256:<hex>` of a file.
-pub fn digest_file(path: &Path) -> Result<(u64, String), BackupError> {
-    let mut f = std::fs::File::open(path).map_err(BackupError::io(path))?;
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY)
+        .bits() as i32
+}
+
+fn digest_reader(mut f: std::fs::File) -> io::Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(BackupError::io(path))?;
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }
@@ -296,6 +663,12 @@ pub fn digest_file(path: &Path) -> Result<(u64, String), BackupError> {
         size,
         format!("sha256:{}", agex_secrets::header::hex(&hasher.finalize())),
     ))
+}
+
+/// Size and `sha256:<hex>` of a file.
+pub fn digest_file(path: &Path) -> Result<(u64, String), BackupError> {
+    let f = std::fs::File::open(path).map_err(BackupError::io(path))?;
+    digest_reader(f).map_err(BackupError::io(path))
 }
 
 fn escape(s: &str) -> String {
@@ -325,6 +698,23 @@ pub fn host_path(root: &Path, p: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_bytes_and_stay_readable_when_they_are_text() {
+        use std::os::unix::ffi::OsStringExt;
+        let odd = HostPath(PathBuf::from(std::ffi::OsString::from_vec(
+            b"/srv/caf\xe9/-rf\n*[x]\\".to_vec(),
+        )));
+        let json = serde_json::to_string(&odd).unwrap();
+        assert!(json.starts_with("{\"hex\":"), "{json}");
+        assert_eq!(serde_json::from_str::<HostPath>(&json).unwrap(), odd);
+        assert_eq!(odd.shown(), "/srv/caf\\xe9/-rf\n*[x]\\");
+        let plain = HostPath::from("/srv/app/a b\n\"c\"");
+        let json = serde_json::to_string(&plain).unwrap();
+        assert_eq!(json, "\"/srv/app/a b\\n\\\"c\\\"\"");
+        assert_eq!(serde_json::from_str::<HostPath>(&json).unwrap(), plain);
+        assert!(serde_json::from_str::<HostPath>("{\"hex\": \"zz\"}").is_err());
+    }
 
     #[test]
     fn escaping_keeps_paths_literal() {

@@ -51,6 +51,9 @@ pub struct SnapshotInfo {
     pub paths: Vec<String>,
     /// Bytes it added to the repository (after dedup and compression), when recorded.
     pub bytes_added: Option<u64>,
+    /// Its description (agex records files that changed late in a backup there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// Turns a rustic_core error into agex's, naming the repository and keeping the
@@ -283,7 +286,9 @@ impl Restic {
     /// Takes one snapshot of `paths` (host paths, read under `root`) plus `streams`
     /// (virtual files filled from readers while they are produced), tagged with the
     /// service and run id. The snapshot is written only if every stream ended complete
-    /// (counted in `complete`).
+    /// (counted in `complete`). Once it is, `describe` may give it a description (what
+    /// the run learned while it was written): it is then written again with it.
+    #[allow(clippy::too_many_arguments)]
     pub fn backup(
         self,
         root: &Path,
@@ -292,6 +297,7 @@ impl Restic {
         streams: Vec<Stream>,
         complete: Completion,
         tags: &[String],
+        describe: impl FnOnce() -> Option<String>,
     ) -> Result<SnapshotInfo, BackupError> {
         let err = restic_err(&self.name);
         self.gate.set(complete, streams.len());
@@ -307,9 +313,29 @@ impl Restic {
             backup_paths.push(PathBuf::from("/"));
         }
         let opts = BackupOptions::default();
-        let snap = indexed
+        let mut snap = indexed
             .archive(&opts, &source, snap, &backup_paths)
             .map_err(&err)?;
+        if let Some(description) = describe() {
+            let old = snap.id;
+            snap.description = Some(description);
+            indexed.save_snapshots(vec![snap.clone()]).map_err(&err)?;
+            indexed.delete_snapshots(&[old]).map_err(&err)?;
+            // save_snapshots does not say the new id: it is this run's other snapshot.
+            let run = tags.iter().find(|t| t.starts_with("run="));
+            let rewritten = indexed
+                .get_all_snapshots()
+                .map_err(&err)?
+                .into_iter()
+                .find(|s| {
+                    s.id != old
+                        && s.description == snap.description
+                        && run.is_some_and(|r| s.tags.contains(r))
+                });
+            if let Some(new) = rewritten {
+                snap = new;
+            }
+        }
         Ok(info(&snap))
     }
 
@@ -416,6 +442,7 @@ fn info(s: &SnapshotFile) -> SnapshotInfo {
         tags: s.tags.iter().map(ToString::to_string).collect(),
         paths: s.paths.iter().map(ToString::to_string).collect(),
         bytes_added: s.summary.as_ref().map(|x| x.data_added_packed),
+        description: s.description.clone(),
     }
 }
 

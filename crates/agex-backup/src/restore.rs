@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use crate::access::RepoAccess;
 use crate::borg::Borg;
 use crate::error::BackupError;
-use crate::manifest::{self, host_path, under, Manifest};
+use crate::manifest::{self, host_path, under, DumpKind, HostPath, Manifest};
 use crate::pg::PgConn;
 use crate::process;
 use crate::progress::{Meter, Progress};
@@ -44,6 +44,10 @@ pub struct Snapshot {
     /// without running the password's KDF again.
     #[serde(skip)]
     pub key: Option<OpenedKey>,
+    /// Files the backup found changed after this snapshot's manifest was made (Restic
+    /// records them in the snapshot's description); sorted.
+    #[serde(skip)]
+    pub late_changed: Vec<HostPath>,
 }
 
 /// A Restic master key held for one run; never shown.
@@ -100,6 +104,7 @@ pub fn all_snapshots(access: &RepoAccess, state: &Path) -> Result<Vec<Snapshot>,
                     Some(Snapshot {
                         repo: repo.clone(),
                         service,
+                        late_changed: crate::manifest_stream::late_marks(s.description.as_deref()),
                         id: s.id,
                         run_id,
                         time,
@@ -123,6 +128,7 @@ pub fn all_snapshots(access: &RepoAccess, state: &Path) -> Result<Vec<Snapshot>,
                     run_id: Some(run.to_string()),
                     time,
                     key: None,
+                    late_changed: Vec::new(),
                 })
             })
             .collect(),
@@ -400,6 +406,9 @@ pub fn read_manifest(dir: &Path, service: &str) -> Result<Manifest, String> {
 pub struct Verified {
     /// Files whose presence and digest were checked.
     pub files: u64,
+    /// Of those, files that changed while they were backed up (checked by the
+    /// repository's own record, not agex's digest).
+    pub changed: u64,
     /// Databases checked (SQLite integrity and rows; PostgreSQL restored and counted).
     pub databases: u64,
     /// Every difference from the manifest; empty when the snapshot is good.
@@ -425,11 +434,33 @@ pub struct PgScratch<'a> {
 /// scratch database with the recorded row counts.
 pub fn verify(dir: &Path, manifest: &Manifest, pg: Option<&PgScratch<'_>>) -> Verified {
     let mut v = Verified::default();
+    // Fifos, sockets and devices the engine did not store (borg, next to agex's dump
+    // pipes) are put into the extraction from the manifest first, as a restore gives
+    // them back.
+    for sp in &manifest.specials {
+        let at = under(dir, sp.path.as_path());
+        if std::fs::symlink_metadata(&at).is_err() {
+            if let Err(e) = sp.create(&at) {
+                v.problems
+                    .push(format!("{} could not be recreated: {e}", sp.path));
+            }
+        }
+    }
     for f in &manifest.files {
         v.files += 1;
-        let path = under(dir, Path::new(&f.path));
+        let path = under(dir, f.path.as_path());
+        // A file that changed while it was backed up is held as its engine read it,
+        // which agex's digest does not describe: the extraction, which authenticates
+        // every chunk against the repository's own record, is its check. One that
+        // vanished during the backup may be absent.
+        if f.changed {
+            v.changed += 1;
+            continue;
+        }
         match manifest::digest_file(&path) {
-            Err(_) if !path.exists() => v.problems.push(format!("{} is missing", f.path)),
+            Err(_) if std::fs::symlink_metadata(&path).is_err() => {
+                v.problems.push(format!("{} is missing", f.path))
+            }
             Err(e) => v.problems.push(format!("{}: {e}", f.path)),
             Ok((size, digest)) if digest != f.digest => v.problems.push(format!(
                 "{} differs ({} bytes, {}; the manifest says {} bytes, {})",
@@ -462,12 +493,12 @@ pub fn verify(dir: &Path, manifest: &Manifest, pg: Option<&PgScratch<'_>>) -> Ve
             )),
             Ok(_) => {}
         }
-        match d.kind.as_str() {
-            "sqlite" => match sqlite_check(&path) {
+        match d.kind {
+            DumpKind::Sqlite => match sqlite_check(&path) {
                 Ok(counts) => compare_rows(&mut v.problems, &d.name, &d.row_counts, &counts),
                 Err(e) => v.problems.push(format!("SQLite dump {}: {e}", d.name)),
             },
-            "postgres" => {
+            DumpKind::Postgres => {
                 if let Some(pg) = pg {
                     if let Err(e) = pg_check(pg, &path, d, &mut v.problems) {
                         v.problems
@@ -475,9 +506,6 @@ pub fn verify(dir: &Path, manifest: &Manifest, pg: Option<&PgScratch<'_>>) -> Ve
                     }
                 }
             }
-            other => v
-                .problems
-                .push(format!("dump {} has unknown kind `{other}`", d.name)),
         }
     }
     v
@@ -558,8 +586,9 @@ fn policy_database<'a>(policy: &'a Policy, entry: &manifest::DumpEntry) -> Optio
     policy.databases.iter().find(|d| {
         d.name() == entry.name
             && matches!(
-                (d, entry.kind.as_str()),
-                (Database::Sqlite { .. }, "sqlite") | (Database::Postgres { .. }, "postgres")
+                (d, entry.kind),
+                (Database::Sqlite { .. }, DumpKind::Sqlite)
+                    | (Database::Postgres { .. }, DumpKind::Postgres)
             )
     })
 }
@@ -660,14 +689,41 @@ pub fn apply_in_place(
     }
     let units = StoppedUnits::stop(opts.systemctl.as_ref(), &policy.stop_units)?;
     let mut applied = Applied::default();
+    // The first place each hardlinked inode of the snapshot was put back: its other
+    // names become links to it again.
+    let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     for f in &manifest.files {
-        let from = under(staged, Path::new(&f.path));
-        let to = under(root, Path::new(&f.path));
-        applied.bytes += replace_with(&from, &to)?;
+        let from = under(staged, f.path.as_path());
+        let to = under(root, f.path.as_path());
+        let meta = match std::fs::symlink_metadata(&from) {
+            Ok(m) => m,
+            // It vanished while it was backed up: the snapshot does not hold it.
+            Err(_) if f.changed => continue,
+            Err(e) => return Err(BackupError::io(&from)(e)),
+        };
         applied.files += 1;
+        if meta.nlink() > 1 {
+            match linked.entry((meta.dev(), meta.ino())) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    link_over(first.get(), &to)?;
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(to.clone());
+                }
+            }
+        }
+        applied.bytes += replace_with(&from, &to)?;
     }
     for host in &policy.paths {
         applied.links += restore_tree_shape(staged, root, host)?;
+    }
+    // A special file that is gone is put back; whatever took its place is left alone.
+    for sp in &manifest.specials {
+        let to = under(root, sp.path.as_path());
+        if std::fs::symlink_metadata(&to).is_err() {
+            sp.create(&to).map_err(BackupError::io(&to))?;
+        }
     }
     if opts.delete {
         applied.deleted = delete_extras(staged, manifest, policy, root)?;
@@ -756,8 +812,8 @@ fn delete_extras(
     root: &Path,
 ) -> Result<u64, BackupError> {
     let selection = crate::manifest::Selection::new(policy)?;
-    let listed: std::collections::HashSet<&str> =
-        manifest.files.iter().map(|f| f.path.as_str()).collect();
+    let listed: std::collections::HashSet<&Path> =
+        manifest.files.iter().map(|f| f.path.as_path()).collect();
     let mut removed = 0;
     let mut dirs = Vec::new();
     for host in selection.paths() {
@@ -773,7 +829,7 @@ fn delete_extras(
         for e in walker {
             let e = e.map_err(|e| BackupError::io(&top)(std::io::Error::other(e.to_string())))?;
             let host = host_path(root, e.path());
-            let kept = listed.contains(host.to_string_lossy().as_ref())
+            let kept = listed.contains(host.as_path())
                 || std::fs::symlink_metadata(under(staged, &host)).is_ok();
             if kept {
                 continue;
@@ -870,9 +926,61 @@ fn replace_with(from: &Path, to: &Path) -> Result<u64, BackupError> {
     if rustix::process::geteuid().is_root() {
         let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid()));
     }
+    copy_xattrs(from, tmp.as_file()).map_err(BackupError::io(to))?;
+    let mtime = meta.modified().map_err(BackupError::io(from))?;
+    tmp.as_file()
+        .set_modified(mtime)
+        .map_err(BackupError::io(to))?;
     tmp.as_file().sync_all().map_err(BackupError::io(to))?;
     tmp.persist(to).map_err(|e| BackupError::io(to)(e.error))?;
     Ok(n)
+}
+
+/// Copies the extended attributes of `from` onto `to` (the ones this process may set:
+/// `user.*`, and as root the others restic and borg restore).
+fn copy_xattrs(from: &Path, to: &std::fs::File) -> std::io::Result<()> {
+    let mut names = vec![0u8; 64 * 1024];
+    let n = match rustix::fs::llistxattr(from, &mut names) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(cname) = std::ffi::CString::new(name) else {
+            continue;
+        };
+        let mut value = vec![0u8; 64 * 1024];
+        let len = rustix::fs::lgetxattr(from, cname.as_c_str(), &mut value)?;
+        match rustix::fs::fsetxattr(
+            to,
+            cname.as_c_str(),
+            &value[..len],
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            Ok(()) => {}
+            // Attributes of a namespace this process may not write (trusted.* as a
+            // user) are left out, as the engines' own restores do.
+            Err(rustix::io::Errno::PERM | rustix::io::Errno::NOTSUP) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Makes `to` another name of `first` (atomically replacing what `to` was).
+fn link_over(first: &Path, to: &Path) -> Result<(), BackupError> {
+    let dir = to.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+    let tmp = dir.join(format!(
+        ".agex-restore-link-{}",
+        rand_suffix(to.as_os_str().len())
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::hard_link(first, &tmp).map_err(BackupError::io(&tmp))?;
+    std::fs::rename(&tmp, to).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        BackupError::io(to)(e)
+    })
 }
 
 /// The summary of one restore.
@@ -957,11 +1065,13 @@ pub fn restore(
         &dir,
         progress.as_ref().map(|p| (p, policy.service.as_str())),
     )?;
-    let manifest = read_manifest(&dir, &policy.service).map_err(|p| BackupError::Verification {
-        repo: snap.repo.clone(),
-        snapshot: snap.id.clone(),
-        problems: vec![p],
-    })?;
+    let mut manifest =
+        read_manifest(&dir, &policy.service).map_err(|p| BackupError::Verification {
+            repo: snap.repo.clone(),
+            snapshot: snap.id.clone(),
+            problems: vec![p],
+        })?;
+    manifest.mark_changed(&snap.late_changed);
     let verified = verify(&dir, &manifest, None);
     if !verified.problems.is_empty() {
         return Err(BackupError::Verification {

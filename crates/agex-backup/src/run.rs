@@ -22,7 +22,8 @@ use crate::borg::Borg;
 use crate::dump;
 use crate::error::BackupError;
 use crate::lock;
-use crate::manifest::{self, under, DumpEntry, Manifest, Selection};
+use crate::manifest::{self, under, DumpEntry, DumpKind, HostPath, Selection, SpecialEntry};
+use crate::manifest_stream::{ManifestSource, Marks};
 use crate::process;
 use crate::progress::{Meter, Progress};
 use crate::restic::{Restic, Stream};
@@ -258,100 +259,50 @@ fn run_hooks(cmds: &[String]) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// Produces a service's streams while the repositories read them: dumps each database
-/// once into its tee, in the order the engines read them, while `walk` lists and digests
-/// the files on another thread; then the manifest of both into its tee. After a failed
-/// dump the later ones are not taken and the manifest stream fails too, so no repository
-/// gets a whole set. Returns the manifest, or why this service's backup failed.
+/// Takes a service's dumps while the repositories read them: dumps each database once
+/// into its tee, in the order the engines read them, then hands the dump entries (or why
+/// one failed) to the manifests. After a failed dump the later ones are not taken and
+/// the manifests fail too, so no repository gets a whole set.
 fn produce(
     env: &Env<'_>,
     service: &str,
     dumps: Vec<(&Database, Tee)>,
-    manifest_tee: Tee,
-    meters: &[Option<Arc<Meter>>],
-    walk: impl FnOnce() -> Result<Vec<manifest::FileEntry>, String> + Send,
-) -> Result<Manifest, String> {
-    std::thread::scope(|scope| {
-        let walker = scope.spawn(|| {
-            let files = walk()?;
-            let bytes = files.iter().map(|f| f.size).sum::<u64>();
-            for m in meters.iter().flatten() {
-                m.set_total(bytes, files.len() as u64);
-            }
-            Ok::<_, String>(files)
-        });
-        let mut entries = Vec::new();
-        let mut failed: Option<String> = None;
-        for (db, tee) in dumps {
-            if let Some(why) = &failed {
-                tee.fail(&format!("{} was not dumped: {why}", db.dump_file()));
-                continue;
-            }
-            let password = match db {
-                Database::Postgres {
-                    password_secret: Some(secret),
-                    ..
-                } => env.db_passwords.get(secret).cloned(),
-                _ => None,
-            };
-            match dump::stream(db, env.root, password, tee) {
-                Ok(d) => entries.push((db, d)),
-                Err(e) => failed = Some(format!("dump of {} failed: {e}", db.dump_file())),
-            }
+    source: &ManifestSource,
+) -> Result<Vec<DumpEntry>, String> {
+    let mut entries = Vec::new();
+    let mut failed: Option<String> = None;
+    for (db, tee) in dumps {
+        if let Some(why) = &failed {
+            tee.fail(&format!("{} was not dumped: {why}", db.dump_file()));
+            continue;
         }
-        let files = walker
-            .join()
-            .unwrap_or_else(|_| Err("the thread reading the paths died".into()));
-        let manifest = match (failed, files) {
-            (Some(why), _) | (None, Err(why)) => Err(why),
-            (None, Ok(files)) => {
-                let dumps = entries
-                    .into_iter()
-                    .map(|(db, d)| DumpEntry {
-                        name: db.name().to_string(),
-                        kind: match db {
-                            Database::Sqlite { .. } => "sqlite",
-                            Database::Postgres { .. } => "postgres",
-                        }
-                        .into(),
-                        path: manifest::dump_path(service, &db.dump_file())
-                            .to_string_lossy()
-                            .into_owned(),
-                        size: d.copied.size,
-                        digest: d.copied.digest,
-                        row_counts: d.row_counts,
-                    })
-                    .collect();
-                let m = Manifest {
-                    format: manifest::FORMAT,
-                    service: service.to_string(),
-                    run_id: env.run_id.clone(),
-                    files,
-                    dumps,
-                };
-                serde_json::to_vec_pretty(&m)
-                    .map(|bytes| (m, bytes))
-                    .map_err(|e| format!("manifest: {e}"))
-            }
+        let password = match db {
+            Database::Postgres {
+                password_secret: Some(secret),
+                ..
+            } => env.db_passwords.get(secret).cloned(),
+            _ => None,
         };
-        let mut manifest_tee = manifest_tee;
-        match manifest {
-            Ok((m, bytes)) => match manifest_tee.copy_from(&mut bytes.as_slice()) {
-                Ok(_) => {
-                    manifest_tee.finish();
-                    Ok(m)
-                }
-                Err(e) => {
-                    manifest_tee.fail(&e.to_string());
-                    Err(format!("manifest: {e}"))
-                }
-            },
-            Err(why) => {
-                manifest_tee.fail(&why);
-                Err(why)
-            }
+        match dump::stream(db, env.root, password, tee) {
+            Ok(d) => entries.push(DumpEntry {
+                name: db.name().to_string(),
+                kind: DumpKind::of(db),
+                path: manifest::dump_path(service, &db.dump_file())
+                    .to_string_lossy()
+                    .into_owned(),
+                size: d.copied.size,
+                digest: d.copied.digest,
+                row_counts: d.row_counts,
+            }),
+            Err(e) => failed = Some(format!("dump of {} failed: {e}", db.dump_file())),
         }
-    })
+    }
+    let result = match failed {
+        Some(why) => Err(why),
+        None => Ok(entries),
+    };
+    source.set_dumps(result.clone());
+    result
 }
 
 fn backup_service(
@@ -393,10 +344,13 @@ fn backup_service(
             return (results, vec![]);
         }
     };
-    let cache = env
-        .state
-        .join("cache")
-        .join(format!("{service}.digests.json"));
+    let cache = env.state.join("cache").join(format!("{service}.digests"));
+    // The JSON cache of earlier versions, replaced by the compact one.
+    let _ = std::fs::remove_file(
+        env.state
+            .join("cache")
+            .join(format!("{service}.digests.json")),
+    );
     let units = match stop_units(env, policy) {
         Ok(u) => u,
         Err(e) => {
@@ -409,13 +363,31 @@ fn backup_service(
         fail_live(&mut results, format!("before command failed: {e}"));
         return (results, vec![]);
     }
-    // The walk digests the files while the databases are dumped and both engines read,
-    // all after the units stopped: the manifest describes exactly what the engines read.
-    let walk = || {
-        selection
-            .walk(env.root, Some(&cache))
-            .map_err(|e| format!("reading the paths failed: {e}"))
+    // agex reads every file first, after the units stopped and before any engine reads
+    // one: a file an engine later finds as agex left it holds the bytes agex digested,
+    // one that changed since is marked so in that repository's manifest
+    // (crate::manifest_stream). With the digest cache, a nightly walk is mostly stats.
+    let walked = match selection.walk(env.root, Some(&cache)) {
+        Ok(w) => w,
+        Err(e) => {
+            let mut why = format!("reading the paths failed: {e}");
+            if let Err(e) = run_hooks(&policy.after) {
+                why.push_str(&format!("; after command failed: {e}"));
+            }
+            if let Err(e) = units.restart() {
+                why.push_str(&format!("; {e}"));
+            }
+            fail_live(&mut results, why);
+            return (results, vec![]);
+        }
     };
+    let walk_warnings = walked.warnings.clone();
+    let specials = walked.specials.clone();
+    let (bytes, files) = (
+        walked.files.iter().map(|f| f.size).sum::<u64>(),
+        walked.files.len() as u64,
+    );
+    let source = ManifestSource::new(env.root.to_path_buf(), service, &env.run_id, walked);
     // Each stream (every dump, then the manifest) reaches every live repository through
     // its own tee; the engines read the dumps in path order, so they are taken in it.
     let completions: Vec<Completion> = live.iter().map(|_| Completion::default()).collect();
@@ -441,14 +413,27 @@ fn backup_service(
             )
         })
         .collect();
-    let manifest_tee = add_stream(manifest::manifest_path(service));
+    // Each repository's manifest is its own stream, made when its engine reaches it.
+    let marks: Vec<Marks> = streams
+        .iter_mut()
+        .zip(&completions)
+        .map(|(list, completion)| {
+            let (reader, marks) = source.reader(completion.clone());
+            list.push(Stream {
+                path: manifest::manifest_path(service),
+                reader: Box::new(reader),
+            });
+            marks
+        })
+        .collect();
     let meters: Vec<Option<Arc<Meter>>> = live
         .iter()
         .map(|(_, access, _)| {
-            env.opts
-                .progress
-                .as_ref()
-                .map(|sink| Meter::start(Arc::clone(sink), service, &access.repo.name))
+            env.opts.progress.as_ref().map(|sink| {
+                let m = Meter::start(Arc::clone(sink), service, &access.repo.name);
+                m.set_total(bytes, files);
+                m
+            })
         })
         .collect();
 
@@ -459,8 +444,18 @@ fn backup_service(
     ];
     let archive = format!("{service}-{}", env.run_id);
     let (produced, outcomes) = std::thread::scope(|scope| {
-        let producer =
-            scope.spawn(|| produce(env, service, dump_tees, manifest_tee, &meters, walk));
+        let producer = scope.spawn(|| {
+            // Also if taking the dumps panics, no manifest waits for them forever.
+            struct Unblock<'a>(&'a ManifestSource);
+            impl Drop for Unblock<'_> {
+                fn drop(&mut self) {
+                    self.0
+                        .fail_unless_dumped("the thread taking the dumps died");
+                }
+            }
+            let _unblock = Unblock(&source);
+            produce(env, service, dump_tees, &source)
+        });
         let joins: Vec<_> = live
             .iter()
             .zip(streams)
@@ -468,6 +463,8 @@ fn backup_service(
             .enumerate()
             .map(|(i, (((_, access, _), streams), (complete, meter)))| {
                 let (tags, archive, selection) = (&tags, &archive, &selection);
+                let (source, specials, marks) = (&*source, specials.as_slice(), &marks[i]);
+                let walk_warnings = &walk_warnings;
                 scope.spawn(move || {
                     let t = Instant::now();
                     let mut warnings = Vec::new();
@@ -481,20 +478,21 @@ fn backup_service(
                             tags,
                             meter.as_ref(),
                             restic_key(env, &access.repo.name),
+                            (source, marks),
                         ),
                         RepositoryKind::Borg => {
                             let attempt = |streams| {
                                 borg_side(
                                     access,
                                     env,
-                                    selection,
+                                    (selection, specials),
                                     streams,
                                     complete,
                                     archive,
                                     meter.as_ref(),
                                 )
                             };
-                            match attempt(streams) {
+                            let r = match attempt(streams) {
                                 // borg gave up on the lock before reading any stream: a
                                 // stale lock is broken and borg tries once more with them.
                                 Err((e @ BackupError::Locked { .. }, Some(unread))) => {
@@ -507,12 +505,26 @@ fn backup_service(
                                     }
                                 }
                                 other => other.map_err(|(e, _)| e),
-                            }
+                            };
+                            r.map(|(id, added)| (id, added, None))
                         }
                     };
                     if r.is_ok() {
                         lock::foreign_lock_cleared(&env.state, &access.repo.name);
+                        warnings.extend(walk_warnings.iter().cloned());
+                        let changed = match &r {
+                            Ok((_, _, Some(late))) => {
+                                let mut all = marks.get().unwrap_or_default();
+                                all.extend(late.iter().cloned());
+                                all.sort();
+                                all.dedup();
+                                all
+                            }
+                            _ => marks.get().unwrap_or_default(),
+                        };
+                        warnings.extend(manifest::changed_warning(&changed));
                     }
+                    let r = r.map(|(id, added, _)| (id, added));
                     if let Some(m) = meter {
                         m.finish(r.is_ok());
                     }
@@ -544,7 +556,7 @@ fn backup_service(
     let after = (!after.is_empty()).then(|| after.join("; "));
 
     let (dump_entries, dump_failure) = match produced {
-        Ok(m) => (m.dumps, None),
+        Ok(dumps) => (dumps, None),
         Err(why) => (Vec::new(), Some(why)),
     };
     for (i, outcome, secs, warnings) in outcomes {
@@ -666,6 +678,10 @@ pub fn forget(
     }
 }
 
+/// The Restic side's snapshot id, bytes added, and the files marked changed after its
+/// manifest was made (recorded in the snapshot's description).
+type ResticOutcome = (String, Option<u64>, Option<Vec<HostPath>>);
+
 #[allow(clippy::too_many_arguments)]
 fn restic_side(
     access: &RepoAccess,
@@ -676,10 +692,24 @@ fn restic_side(
     tags: &[String],
     meter: Option<&Arc<Meter>>,
     key: Option<MasterKey>,
-) -> Result<(String, Option<u64>), BackupError> {
+    (source, marks): (&ManifestSource, &Marks),
+) -> Result<ResticOutcome, BackupError> {
     // Without a key (its derivation failed) the password is tried again, so the error
     // reported is the repository's own.
     let restic = Restic::open_metered(access, meter, key)?;
+    let mut late = None;
+    // The manifest was made at its place in path order; files read after it that
+    // changed since agex read them are recorded before the snapshot counts as written.
+    let describe = || {
+        let in_manifest = marks.get().unwrap_or_default();
+        let now: Vec<HostPath> = source
+            .changed_now()
+            .into_iter()
+            .filter(|p| in_manifest.binary_search(p).is_err())
+            .collect();
+        late = Some(now.clone());
+        crate::manifest_stream::late_marks_description(now)
+    };
     let snap = restic.backup(
         root,
         selection.paths(),
@@ -687,8 +717,9 @@ fn restic_side(
         streams,
         complete,
         tags,
+        describe,
     )?;
-    Ok((snap.id, snap.bytes_added))
+    Ok((snap.id, snap.bytes_added, late))
 }
 
 /// A borg side that failed, with its streams when borg never opened any of them (it gave
@@ -702,7 +733,7 @@ type BorgFailure = (BackupError, Option<Vec<Stream>>);
 fn borg_side(
     access: &RepoAccess,
     env: &Env<'_>,
-    selection: &Selection,
+    (selection, specials): (&Selection, &[SpecialEntry]),
     streams: Vec<Stream>,
     complete: &Completion,
     archive: &str,
@@ -740,7 +771,12 @@ fn borg_side(
         crate::cancel::fifo_made(fifo.clone());
         fifos.push(fifo);
     }
+    // Borg reads the manifest last, after every file (crate::manifest_stream); the rest
+    // in path order, the order the Restic side reads them too, so the two meet each dump
+    // at about the same time.
+    let manifest_arg = args.pop();
     args.sort();
+    args.extend(manifest_arg);
     let mut cmd = borg.command();
     cmd.current_dir(env.root).args([
         "create",
@@ -758,6 +794,14 @@ fn borg_side(
     for e in selection.excludes() {
         cmd.arg("--exclude")
             .arg(format!("sh:{}", rel(Path::new(e)).display()));
+    }
+    // `--read-special` (for agex's own pipes) would open a fifo or device of the paths
+    // and read it as content, or wait on it forever: borg is kept away from them (the
+    // Restic side stores them as what they are). Sockets borg skips by itself.
+    for special in specials {
+        let mut pattern = std::ffi::OsString::from("pf:");
+        pattern.push(rel(special.path.as_path()));
+        cmd.arg("--exclude").arg(pattern);
     }
     cmd.arg(borg.archive_url(archive));
     cmd.args(&args);

@@ -55,6 +55,11 @@ impl Completion {
         self.0 .0.load(Ordering::SeqCst)
     }
 
+    /// Counts one more stream read to its complete end (for streams that are not tees).
+    pub(crate) fn complete_one(&self) {
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Whether a stream gave up on this repository for taking nothing for too long.
     pub fn left_behind(&self) -> bool {
         self.0 .1.load(Ordering::SeqCst)
