@@ -374,7 +374,7 @@ fn backup_service(
             if let Err(e) = run_hooks(&policy.after) {
                 why.push_str(&format!("; after command failed: {e}"));
             }
-            if let Err(e) = units.restart() {
+            if let Err(e) = units.start() {
                 why.push_str(&format!("; {e}"));
             }
             fail_live(&mut results, why);
