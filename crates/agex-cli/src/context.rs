@@ -61,14 +61,9 @@ impl Context {
         if let Some(h) = &self.global.host {
             return h.clone();
         }
-        let mut buf = [0u8; 256];
-        // SAFETY: the buffer and its length are passed together; the result is NUL-terminated
-        // within it on success.
-        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-        if rc != 0 {
-            return String::new();
-        }
-        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use agex_core::Project;
 use chrono::{DateTime, Local, Utc};
+use rustix::process::{Pid, Signal};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -265,8 +266,8 @@ async fn stop_children(shared: &Shared, grace: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for (sig, name, wait) in [
-        (libc::SIGTERM, "SIGTERM", KILL_AFTER),
-        (libc::SIGKILL, "SIGKILL", Duration::from_secs(5)),
+        (Signal::TERM, "SIGTERM", KILL_AFTER),
+        (Signal::KILL, "SIGKILL", Duration::from_secs(5)),
     ] {
         let pids: Vec<(String, u32)> = shared
             .children
@@ -278,9 +279,9 @@ async fn stop_children(shared: &Shared, grace: Duration) {
         }
         for (job, pid) in pids {
             tracing::warn!(job, "grace period over: sending {name} to the job");
-            // SAFETY: signalling the process group the daemon created for this child.
-            unsafe {
-                libc::kill(-(pid as i32), sig);
+            // The daemon started each child as the leader of its own process group.
+            if let Some(group) = Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process_group(group, sig);
             }
         }
         let deadline = Instant::now() + wait;

@@ -29,12 +29,9 @@ pub fn record(root: &Path, job: &str, state: JobState) -> Result<(), ScheduleErr
         .write(true)
         .open(&lock_path)
         .map_err(ScheduleError::io(&lock_path))?;
-    // SAFETY: flock on a descriptor this function owns; released when `lock` closes.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(ScheduleError::io(&lock_path)(
-            std::io::Error::last_os_error(),
-        ));
-    }
+    // Released when `lock` closes.
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| ScheduleError::io(&lock_path)(e.into()))?;
     let path = root.join(RESULTS_FILE);
     let mut all = State::load_from(&path)?;
     all.jobs.insert(job.to_string(), state);

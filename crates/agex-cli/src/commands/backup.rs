@@ -11,7 +11,7 @@ use agex_backup::run::{self, RunOptions, STATE_DIR};
 use agex_backup::units::UnitsError;
 use agex_backup::{status, BackupError};
 use agex_core::systemctl::Systemctl;
-use agex_core::{Database, Project, RepositoryKind};
+use agex_core::{Project, RepositoryKind};
 use agex_secrets::Identities;
 use zeroize::Zeroizing;
 
@@ -214,34 +214,11 @@ fn database_passwords(
     planned: &[run::PlannedService],
 ) -> Result<BTreeMap<String, Zeroizing<Vec<u8>>>, Failure> {
     let mut out = BTreeMap::new();
-    for p in planned {
-        let Some(policy) = project.policies.get(&p.service) else {
-            continue;
-        };
-        for db in &policy.databases {
-            if let Database::Postgres {
-                password_secret: Some(name),
-                ..
-            } = db
-            {
-                if out.contains_key(name) {
-                    continue;
-                }
-                let rule = project.rules.secrets.get(name).ok_or_else(|| {
-                    Failure::new(
-                        CONFIG,
-                        format!(
-                            "policies/{}.toml: password_secret `{name}` has no rule in secrets.toml",
-                            p.service
-                        ),
-                    )
-                })?;
-                out.insert(
-                    name.clone(),
-                    agex_secrets::secret_file::open(project, rule, ids)?,
-                );
-            }
-        }
+    for policy in planned
+        .iter()
+        .filter_map(|p| project.policies.get(&p.service))
+    {
+        out.append(&mut restore::database_passwords(project, policy, ids)?);
     }
     Ok(out)
 }
