@@ -4,12 +4,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::Path;
 
-use age::armor::{ArmoredReader, ArmoredWriter, Format};
+use age::armor::{ArmoredWriter, Format};
 use agex_core::{RecipientKey, RecipientKind};
 use zeroize::Zeroizing;
 
 use crate::error::SecretsError;
-use crate::header::Header;
+use crate::header::{self, Header};
 use crate::identity::Identities;
 use crate::x25519::{SshEd25519Recipient, X25519Recipient};
 
@@ -153,33 +153,29 @@ pub fn decrypt(
     identities: &Identities,
     known: &BTreeMap<String, RecipientKey>,
 ) -> Result<Plaintext, SecretsError> {
-    // agex's own header parser says more precisely what is wrong with a file that is not
-    // age; it runs only when age's refuses the file or no identity matches.
-    let header = || {
-        Header::parse(ciphertext).map_err(|e| SecretsError::NotAge {
-            path: path.to_path_buf(),
-            reason: e.0,
-        })
+    let not_age = |e: crate::header::HeaderError| SecretsError::NotAge {
+        path: path.to_path_buf(),
+        reason: e.0,
     };
+    // The full header parse (stanzas, digest) runs only to explain a failure; a strict
+    // check of the header's grammar runs first, since the `age` crate still accepts
+    // the legacy stanza encoding the spec calls broken (header.rs).
+    let header = || Header::parse(ciphertext).map_err(not_age);
     let fail = |reason: String| SecretsError::Decrypt {
         path: path.to_path_buf(),
         reason,
     };
-    let decryptor = match age::Decryptor::new_buffered(ArmoredReader::new(ciphertext)) {
-        Ok(d) => d,
-        Err(e) => {
-            header()?;
-            return Err(SecretsError::NotAge {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            });
-        }
-    };
-    if decryptor.is_scrypt() {
+    let binary = header::dearmor(ciphertext).map_err(not_age)?;
+    if header::shape(&binary).map_err(not_age)?.scrypt {
         return Err(fail(
             "the file is passphrase-encrypted (scrypt); agex secrets are encrypted to keys".into(),
         ));
     }
+    let decryptor =
+        age::Decryptor::new_buffered(&binary[..]).map_err(|e| SecretsError::NotAge {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     let mut reader = match decryptor.decrypt(identities.as_age()) {
         Ok(r) => r,
         Err(age::DecryptError::NoMatchingKeys) => {
