@@ -109,6 +109,15 @@ fn from_cron(all: &[&str]) -> Result<(String, String), String> {
             if range == "*" {
                 continue;
             }
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+                    if a > b {
+                        return Err(format!(
+                            "cron {what} `{field}`: range `{range}` goes backwards"
+                        ));
+                    }
+                }
+            }
             for n in range.split('-') {
                 let ok = match n.parse::<u32>() {
                     Ok(v) => (lo..=hi).contains(&v),
@@ -132,23 +141,6 @@ fn from_cron(all: &[&str]) -> Result<(String, String), String> {
     check(f[2], "day of month", 1, 31)?;
     check(f[3], "month", 1, 12)?;
     check(f[4], "day of week", 0, 7)?;
-    // cron numbers weekdays 0-7 from Sunday; the cron crate wants names for clarity.
-    let dow = if f[4] == "*" {
-        "*".to_string()
-    } else {
-        f[4].split(',')
-            .map(|p| {
-                p.split('-')
-                    .map(|d| match d.parse::<usize>() {
-                        Ok(n) => DAYS[(n + 6) % 7].to_string(),
-                        Err(_) => d.to_string(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join("-")
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    };
     if f[2] != "*" && f[4] != "*" {
         return Err(format!(
             "cron `{}` restricts both day of month and day of week, which cron joins with OR \
@@ -168,35 +160,162 @@ fn from_cron(all: &[&str]) -> Result<(String, String), String> {
             f[3]
         ));
     }
-    let cron_expr = format!("{sec} {} {} {} {} {}", f[0], f[1], f[2], f[3], dow);
-    let cal_dow = if dow == "*" {
-        String::new()
+    let (dow, cal_dow) = if f[4] == "*" {
+        ("*".to_string(), String::new())
     } else {
-        format!("{} ", dow.replace('-', ".."))
+        let days = weekdays(f[4])?;
+        (days.cron, format!("{} ", days.on_calendar))
     };
-    // systemd has no `*/N`: a repetition starts at the field's first value.
-    let cal = |s: &str, first: &str| {
-        s.split(',')
-            .map(|p| match p.strip_prefix("*/") {
-                Some(step) => format!("{first}/{step}"),
-                None => p.replace('-', ".."),
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let cron_expr = format!(
+        "{} {} {} {} {} {dow}",
+        crate_steps(sec, 0, 59),
+        crate_steps(f[0], 0, 59),
+        crate_steps(f[1], 0, 23),
+        crate_steps(f[2], 1, 31),
+        crate_steps(f[3], 1, 12),
+    );
     let on_calendar = format!(
         "{cal_dow}*-{}-{} {}:{}:{}",
-        cal(f[3], "1"),
-        cal(f[2], "1"),
-        cal(f[1], "0"),
-        cal(f[0], "0"),
+        listed(f[3], 1, 12, "-"),
+        listed(f[2], 1, 31, "-"),
+        listed(f[1], 0, 23, "-"),
+        listed(f[0], 0, 59, "-"),
         if sec == "0" {
             "00".to_string()
         } else {
-            cal(sec, "0")
+            listed(sec, 0, 59, "-")
         }
     );
     Ok((cron_expr, on_calendar))
+}
+
+/// A cron or OnCalendar field (ranges written with `sep`) for an `OnCalendar=` line,
+/// with every repetition spelled out as its values: `0/11` in hours is 0, 11 and 22 each
+/// day for cron and in systemd's documentation, but systemd 252 carries a repetition
+/// that does not divide its field into the next day (after 22:00 comes 11:00, not
+/// 00:00), and refuses one whose second value would not fit (`23/1`). A list means the
+/// same to every version.
+fn listed(field: &str, lo: u32, hi: u32, sep: &str) -> String {
+    let parts: Vec<String> = field
+        .split(',')
+        .map(|part| {
+            let Some((range, step)) = part.split_once('/') else {
+                // systemd refuses a range of one value (`5..5`).
+                return match part.split_once(sep) {
+                    Some((a, b)) if a == b => a.to_string(),
+                    _ => part.replace(sep, ".."),
+                };
+            };
+            let Ok(step) = step.parse::<u32>() else {
+                return part.replace(sep, "..");
+            };
+            let (from, to) = match range.split_once(sep) {
+                _ if range == "*" => (Ok(lo), Ok(hi)),
+                Some((a, b)) => (a.parse::<u32>(), b.parse::<u32>()),
+                None => (range.parse::<u32>(), Ok(hi)),
+            };
+            match (from, to) {
+                (Ok(from), Ok(to)) if step == 1 && from == lo && to == hi => "*".to_string(),
+                (Ok(from), Ok(to)) if step > 0 => (from..=to)
+                    .step_by(step as usize)
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                _ => part.replace(sep, ".."),
+            }
+        })
+        .collect();
+    // systemd refuses `*` within a list; a list holding every value is `*`.
+    if parts.iter().any(|p| p == "*") {
+        "*".to_string()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// A cron field as the cron crate takes it. A step longer than the field (`6/13` in
+/// months) fires once, at its start, for cron and for systemd; the cron crate refuses
+/// steps above the field's largest value, so such a part is written as its start.
+fn crate_steps(field: &str, lo: u32, hi: u32) -> String {
+    field
+        .split(',')
+        .map(|part| match part.split_once('/') {
+            Some((range, step)) if step.parse::<u32>().is_ok_and(|s| s > hi) => {
+                let start = range.split('-').next().unwrap_or(range);
+                if start == "*" {
+                    lo.to_string()
+                } else {
+                    start.to_string()
+                }
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A cron day-of-week field as the cron crate's and systemd's lists of day names.
+struct Weekdays {
+    cron: String,
+    on_calendar: String,
+}
+
+/// Expands cron's day of week (0-7 from Sunday, or names; lists and ranges) into the
+/// set of days. Both outputs list the days from Monday: a cron range across the end of
+/// systemd's week (`0-3`, Sunday to Wednesday) is no valid `Sun..Wed` for systemd.
+fn weekdays(field: &str) -> Result<Weekdays, String> {
+    // Index 0 is Monday, as in systemd's week and in DAYS.
+    let day = |d: &str| -> Result<usize, String> {
+        match d.parse::<usize>() {
+            Ok(n) if n <= 7 => Ok((n + 6) % 7),
+            _ => DAYS
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(d))
+                .ok_or_else(|| {
+                    format!("cron day of week `{field}`: `{d}` is no day (0-7 or Sun..Sat)")
+                }),
+        }
+    };
+    // cron's own order (Sunday first, 7 also Sunday), to tell a backwards range.
+    let cron_order = |d: &str, i: usize| if d == "7" { 7 } else { (i + 1) % 7 };
+    let mut set = [false; 7];
+    for part in field.split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (from, to) = (day(a)?, day(b)?);
+        let (lo, hi) = (cron_order(a, from), cron_order(b, to));
+        if lo > hi {
+            return Err(format!(
+                "cron day of week `{field}`: range `{part}` goes backwards"
+            ));
+        }
+        for d in lo..=hi {
+            set[(d + 6) % 7] = true;
+        }
+    }
+    let mut names = Vec::new();
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < 7 {
+        if !set[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i + 1 < 7 && set[i + 1] {
+            i += 1;
+        }
+        names.extend(DAYS[start..=i].iter().copied());
+        runs.push(if start == i {
+            DAYS[i].to_string()
+        } else {
+            format!("{}..{}", DAYS[start], DAYS[i])
+        });
+        i += 1;
+    }
+    Ok(Weekdays {
+        cron: names.join(","),
+        on_calendar: runs.join(","),
+    })
 }
 
 /// OnCalendar → (cron crate expression with seconds, normalised OnCalendar).
@@ -303,6 +422,9 @@ fn from_calendar(text: &str) -> Result<(String, String), String> {
         dow,
         field(year, "year", 1970, 2099)?,
     );
+    let (month, day) = (listed(month, 1, 12, ".."), listed(day, 1, 31, ".."));
+    let (hour, minute) = (listed(hour, 0, 23, ".."), listed(minute, 0, 59, ".."));
+    let second = listed(second, 0, 59, "..");
     let on_calendar = if dow == "*" {
         format!("{year}-{month}-{day} {hour}:{minute}:{second}")
     } else {
@@ -345,9 +467,14 @@ mod tests {
     #[test]
     fn cron_steps_and_seconds_become_systemd_repetitions() {
         let q: Schedule = "*/15 * * * *".parse().unwrap();
-        assert_eq!(q.on_calendar(), "*-*-* *:0/15:00");
+        assert_eq!(q.on_calendar(), "*-*-* *:0,15,30,45:00");
+        let s: Schedule = "*/20 * * * * *".parse().unwrap();
+        assert_eq!(s.on_calendar(), "*-*-* *:*:0,20,40");
+        let h: Schedule = "13 */11 * * *".parse().unwrap();
+        assert_eq!(h.on_calendar(), "*-*-* 0,11,22:13:00");
+        let c: Schedule = "*-*-* 20/3:00".parse().unwrap();
+        assert_eq!(c.on_calendar(), "*-*-* 20,23:00:00");
         let s: Schedule = "*/2 * * * * *".parse().unwrap();
-        assert_eq!(s.on_calendar(), "*-*-* *:*:0/2");
         assert_eq!(s.period(), Some(chrono::Duration::seconds(2)));
         let w: Schedule = "30 4 * * 1-5".parse().unwrap();
         assert_eq!(w.on_calendar(), "Mon..Fri *-*-* 4:30:00");
