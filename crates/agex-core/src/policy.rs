@@ -323,6 +323,12 @@ impl Policy {
                     if database.trim().is_empty() {
                         diags.push(source.error(span.clone(), "postgres: `database` is empty"));
                     }
+                    if user.as_deref().is_some_and(|u| u.trim().is_empty()) {
+                        diags.push(source.error(
+                            span.clone(),
+                            "postgres: `user` is empty (leave it out to connect as `postgres`)",
+                        ));
+                    }
                     if socket.is_some() && host.is_some() {
                         diags.push(
                             source
