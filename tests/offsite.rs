@@ -430,3 +430,58 @@ trait SetupExt {
         target
     }
 }
+
+#[test]
+fn s3_server_dying_mid_backup_fails_that_repository_and_the_next_run_completes() {
+    let test = "s3_server_dying_mid_backup_fails_that_repository_and_the_next_run_completes";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let Some(mut weed) = SeaweedFs::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = weed.url("agex-fault", "bunk");
+    let s = Setup::new(&url, &tmp.path().join("borg").display().to_string(), false);
+    repo_line(&s, "offsite-restic", "env_secret = \"b2-credentials\"");
+    set_secret(&s, "b2-credentials", weed.env_secret().as_bytes());
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 8 << 20);
+    s.init_repos();
+    // Slow uploads, so the server can die while the backup writes to it.
+    repo_line(&s, "offsite-restic", "limit_upload = \"1 MiB/s\"");
+    let child = s
+        .agex_command(&["backup", "--service", "testapp"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    weed.stop();
+    let out = child.wait_with_output().unwrap();
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("offsite-restic"), "{err}");
+    // The other repository completed.
+    let borg = s.agex(&["snapshots", "--repo", "offsite-borg"]);
+    assert_ok(&borg);
+    assert!(stdout(&borg).contains("testapp"), "{}", stdout(&borg));
+
+    // The server is back (new ports): the next run completes and the restic CLI finds
+    // the repository whole.
+    weed.restart();
+    let url = weed.url("agex-fault", "bunk");
+    let cfg = s.fx.dir().join("agex.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    let old = text
+        .lines()
+        .find(|l| l.starts_with("url") && l.contains("s3:"))
+        .unwrap()
+        .to_string();
+    let text = text.replace(&old, &format!("url = \"{url}\""));
+    fs::write(&cfg, text.replace("limit_upload = \"1 MiB/s\"\n", "")).unwrap();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    run(
+        restic_s3(&s, &weed, &url).args(["check", "--read-data"]),
+        "restic check --read-data after the server came back",
+    );
+}

@@ -1024,6 +1024,20 @@ impl SeaweedFs {
         fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
     }
 
+    /// Starts the stopped server again on its data (new ports: see [`SeaweedFs::port`]).
+    pub fn restart(&mut self) {
+        self.stop();
+        let weed = weed_binary().expect("weed");
+        let mut last_err = String::new();
+        for _ in 0..PORT_RETRIES {
+            match self.try_spawn(&weed) {
+                Ok(()) => return,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("weed server did not start again: {last_err}");
+    }
+
     /// The S3 gateway's port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
