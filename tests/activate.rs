@@ -1014,3 +1014,129 @@ DB={{{{ secret "immich-db-password" }}}}
     drop(host);
     drop(real);
 }
+
+#[test]
+fn activation_mounts_its_own_ramfs_even_when_run_already_is_a_tmpfs() {
+    let test = "activation_mounts_its_own_ramfs_even_when_run_already_is_a_tmpfs";
+    if !common::is_root(test) {
+        return;
+    }
+    let host = TestHost::new();
+    // Like /run on every systemd host: a tmpfs, which swaps and lacks nosuid,nodev,noexec.
+    let run = host.root.join("run");
+    fs::create_dir_all(&run).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "mode=0755", "agex-test-run"])
+        .arg(&run)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs on {}", run.display());
+    struct UnmountRun(PathBuf);
+    impl Drop for UnmountRun {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _run = UnmountRun(run.clone());
+    let out = host.activate(&["--no-restart"]);
+    let _fs = common::setup::Unmount(host.root.clone());
+    assert_ok(&out);
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some(host.secrets_fs().to_str().unwrap()))
+        .unwrap_or_else(|| panic!("run/agex.d is not its own mount:\n{mounts}"));
+    assert_eq!(line.split(' ').nth(2), Some("ramfs"), "{line}");
+    for opt in ["nosuid", "nodev", "noexec"] {
+        assert!(line.contains(opt), "{line}");
+    }
+    // A second activation finds its own mount and does not stack another one.
+    assert_ok(&host.activate(&["--no-restart"]));
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let count = mounts
+        .lines()
+        .filter(|l| l.split(' ').nth(1) == Some(host.secrets_fs().to_str().unwrap()))
+        .count();
+    assert_eq!(count, 1, "{mounts}");
+}
+
+#[test]
+fn a_rule_path_below_a_symlinked_directory_is_refused_and_nothing_lands_outside() {
+    let host = TestHost::new();
+    // home-assistant-secrets has `path = "/var/lib/hass/secrets.yaml"`; the service user
+    // owning /var/lib/hass replaced it with a symlink to a directory outside the root.
+    let outside = tempfile::tempdir().unwrap();
+    let lib = host.root.join("var/lib");
+    fs::create_dir_all(&lib).unwrap();
+    std::os::unix::fs::symlink(outside.path(), lib.join("hass")).unwrap();
+    let out = host.activate(&["--no-restart"]);
+    let err = assert_fails(&out, 1);
+    assert!(err.contains("symlink"), "{err}");
+    assert!(err.contains("var/lib/hass"), "{err}");
+    assert_eq!(
+        fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "a link was created through the symlink"
+    );
+    // With a real directory there, the link is placed.
+    fs::remove_file(lib.join("hass")).unwrap();
+    fs::create_dir_all(lib.join("hass")).unwrap();
+    assert_ok(&host.activate(&["--no-restart"]));
+    let link = fs::read_link(lib.join("hass/secrets.yaml")).unwrap();
+    assert!(link.to_string_lossy().contains("run/agex/"), "{link:?}");
+}
+
+#[test]
+fn sigterm_during_activation_leaves_no_staging_behind() {
+    let host = TestHost::new();
+    assert_ok(&host.activate(&["--no-restart"]));
+    let t = Instant::now();
+    host.set_secret("grafana-admin-password", b"first-value-abcdefgh");
+    assert_ok(&host.activate(&["--no-restart"]));
+    let span = t.elapsed().max(Duration::from_millis(5));
+    let mut rng = rand::thread_rng();
+    for i in 0..20 {
+        host.set_secret(
+            "grafana-admin-password",
+            format!("value-{i}-abcdefghijklmnop").as_bytes(),
+        );
+        let child = host
+            .activate_cmd(&["--no-restart"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(
+            rng.gen_range(0..=(span.as_micros() as u64)),
+        ));
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        // No next run has cleaned up: the terminated agex did, before it exited.
+        assert!(
+            host.leftovers().is_empty(),
+            "run {i} ({:?}): {:?}",
+            out.status,
+            host.leftovers()
+        );
+    }
+}
+
+#[test]
+fn staging_left_by_a_killed_activation_is_removed_with_a_note() {
+    let host = TestHost::new();
+    assert_ok(&host.activate(&["--no-restart"]));
+    let staging = host.secrets_fs().join(".staging-9-00112233445566aa");
+    fs::create_dir_all(staging.join("app.service")).unwrap();
+    fs::write(staging.join("app.service/pw"), b"plaintext").unwrap();
+    host.set_secret("grafana-admin-password", b"another-value-abcdefgh");
+    let out = host.activate(&["--no-restart"]);
+    assert_ok(&out);
+    assert!(!staging.exists());
+    let err = common::stderr(&out);
+    assert!(
+        err.contains("note: removed") && err.contains(".staging-9-00112233445566aa"),
+        "{err}"
+    );
+}

@@ -1249,6 +1249,36 @@ fn rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key(
     let dbs = pg.psql("postgres", "SELECT datname FROM pg_database");
     assert!(!dbs.contains("agex_drill"), "{dbs}");
     let _ = root_before;
+    let secrets = secret_values(&s);
+    assert_no_secret_on_disk(&s.root, &secrets, "after the drill");
+
+    // A drill killed mid-run: its secrets were only ever on its ramfs mount and in RAM,
+    // so the disk holds none of them; the next drill removes what it left.
+    let mut child = s
+        .agex_command(&["drill", "rebuild", "--host", "bunk"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rebuild_dir = s.host("/var/lib/agex/rebuild");
+    let started = std::time::Instant::now();
+    while !fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&*rebuild_dir.to_string_lossy())
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the drill ended before it mounted its secrets filesystem"
+        );
+        assert!(started.elapsed().as_secs() < 120, "no mount after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    assert_no_secret_on_disk(&s.root, &secrets, "after a killed drill");
+    let left: Vec<_> = fs::read_dir(&rebuild_dir).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "the killed drill's scratch directory");
 
     // A host whose key cannot open the repository passwords cannot be rebuilt: the
     // drill says so and fails.
@@ -1266,8 +1296,75 @@ fn rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key(
     let text = stdout(&out);
     assert!(text.contains("FAILED"), "{text}\n{err}");
     assert!(
+        err.contains("note: removed") && err.contains("rebuild drill"),
+        "the killed drill's leftovers were not reported:\n{err}"
+    );
+    assert_eq!(fs::read_dir(&rebuild_dir).unwrap().count(), 0);
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&*rebuild_dir.to_string_lossy()),
+        "{mounts}"
+    );
+    assert_no_secret_on_disk(&s.root, &secrets, "after the next drill");
+    assert!(
         text.lines()
             .any(|l| l.contains("offsite-restic") && l.contains("FAILED")),
         "{text}"
     );
+}
+
+/// Every secret's plaintext (8 bytes or longer, without trailing newlines), decrypted
+/// with the admin key.
+fn secret_values(s: &Setup) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(s.fx.dir().join("secrets")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(name) = name.strip_suffix(".age") else {
+            continue;
+        };
+        let mut value = s.fx.decrypt(name);
+        while value.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            value.pop();
+        }
+        if value.len() >= 8 {
+            out.push((name.to_string(), value));
+        }
+    }
+    assert!(out.len() > 10, "too few secrets to look for: {}", out.len());
+    out
+}
+
+/// No file below `dir` on the same filesystem (mounts such as a ramfs are RAM, not
+/// disk) holds any of `secrets`.
+fn assert_no_secret_on_disk(dir: &Path, secrets: &[(String, Vec<u8>)], when: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(dir).unwrap().dev();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(meta) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if meta.dev() != dev {
+                continue;
+            }
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else if meta.is_file() {
+                let Ok(bytes) = fs::read(e.path()) else {
+                    continue;
+                };
+                for (name, value) in secrets {
+                    assert!(
+                        !bytes.windows(value.len()).any(|w| w == value.as_slice()),
+                        "{when}: secret `{name}` in plain text in {}",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+    }
 }

@@ -301,6 +301,8 @@ fn edit_refuses_a_persistent_tmpdir_and_creates_new_files_for_rules() {
     let fx = Fixture::bunk();
     let disk = fx.tmp.path().join("disk-runtime");
     fs::create_dir_all(&disk).unwrap();
+    // Private to us, so agex takes it as the runtime directory (and then refuses it).
+    fs::set_permissions(&disk, fs::Permissions::from_mode(0o700)).unwrap();
     let fs_type = Command::new("stat")
         .args(["-f", "-c", "%T"])
         .arg(&disk)
@@ -563,8 +565,8 @@ fn rekey_killed_at_random_moments_never_loses_or_truncates_a_secret() {
 
         for (name, expected) in &plaintexts {
             let file = fx.dir().join(format!("secrets/{name}.age"));
-            let out = Command::new(common::agex_bin())
-                .current_dir(fx.dir())
+            let out = fx
+                .agex()
                 .args(["-i", identity.to_str().unwrap(), "decrypt", name])
                 .output()
                 .unwrap();
@@ -602,4 +604,187 @@ fn all_plaintexts(fx: &Fixture) -> Vec<(String, Vec<u8>)> {
             (n, value)
         })
         .collect()
+}
+
+#[test]
+fn edit_starts_vim_with_options_that_keep_plaintext_off_disk() {
+    let fx = Fixture::bunk();
+    // A fake `vim` (the name is what agex looks at) that records its arguments.
+    let bin = fx.tmp.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let args_log = fx.tmp.path().join("vim-args");
+    let vim = bin.join("vim");
+    fs::write(
+        &vim,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > '{}'\n",
+            args_log.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&vim, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = fx
+        .agex()
+        .env("EDITOR", &vim)
+        .args([
+            "-i",
+            fx.key("admin.txt").to_str().unwrap(),
+            "edit",
+            "secrets/vikunja-jwt-secret.age",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let args = fs::read_to_string(&args_log).unwrap();
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(args[..3], ["-n", "-i", "NONE"], "{args:?}");
+    let cmd = args.iter().position(|a| *a == "--cmd").expect("--cmd");
+    for opt in ["noundofile", "nobackup", "nowritebackup", "noswapfile"] {
+        assert!(args[cmd + 1].contains(opt), "{args:?}");
+    }
+    assert!(
+        args.last().unwrap().ends_with("/vikunja-jwt-secret"),
+        "{args:?}"
+    );
+
+    // Any other editor is started as it is: the file is its one argument.
+    let plain = editor_script(&fx, "[ \"$#\" -eq 1 ] || exit 7");
+    let out = fx
+        .agex()
+        .env("EDITOR", &plain)
+        .args([
+            "-i",
+            fx.key("admin.txt").to_str().unwrap(),
+            "edit",
+            "secrets/vikunja-jwt-secret.age",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+}
+
+#[test]
+fn edit_reads_back_its_own_file_when_its_directory_is_swapped_for_a_symlink() {
+    let fx = Fixture::bunk();
+    let file = "secrets/vikunja-jwt-secret.age";
+    let before = fx.decrypt("vikunja-jwt-secret");
+    // Someone who controls the runtime directory renames agex's directory away, puts a
+    // symlink to their own directory in its place, and plants a file there.
+    let theirs = fx.tmp.path().join("theirs");
+    fs::create_dir_all(&theirs).unwrap();
+    fs::write(theirs.join("vikunja-jwt-secret"), b"attacker-chosen").unwrap();
+    fs::write(theirs.join("other"), b"keep me").unwrap();
+    let swap = editor_script(
+        &fx,
+        &format!(
+            "d=$(dirname \"$f\"); mv \"$d\" \"$d.moved\"; ln -s '{}' \"$d\"",
+            theirs.display()
+        ),
+    );
+    let out = fx
+        .agex()
+        .env("EDITOR", &swap)
+        .args(["-i", fx.key("admin.txt").to_str().unwrap(), "edit", file])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert_eq!(
+        fx.decrypt("vikunja-jwt-secret"),
+        before,
+        "agex read back the attacker's file"
+    );
+    assert_eq!(
+        fs::read(theirs.join("vikunja-jwt-secret")).unwrap(),
+        b"attacker-chosen"
+    );
+    assert_eq!(fs::read(theirs.join("other")).unwrap(), b"keep me");
+    // agex wiped its own (moved) directory; the symlink and the emptied directory are
+    // the swapper's to clean up.
+    let mut left = Vec::new();
+    for e in fs::read_dir(fx.runtime()).unwrap().flatten() {
+        let meta = fs::symlink_metadata(e.path()).unwrap();
+        if meta.is_dir() {
+            assert_eq!(fs::read_dir(e.path()).unwrap().count(), 0, "{:?}", e.path());
+            fs::remove_dir(e.path()).unwrap();
+        } else {
+            fs::remove_file(e.path()).unwrap();
+        }
+        left.push(e.file_name());
+    }
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
+#[test]
+fn leftovers_of_a_killed_agex_are_wiped_by_the_next_one_with_a_note() {
+    let fx = Fixture::bunk();
+    // What a SIGKILLed agex leaves: its private directory, named after its pid, which no
+    // longer runs. A pid above the kernel's limit never runs.
+    let dead = fx.runtime().join("agex-2147483000-00112233445566aa");
+    fs::create_dir(&dead).unwrap();
+    fs::write(dead.join("plaintext"), b"left behind").unwrap();
+    // A directory of an agex that still runs (this test's pid) stays.
+    let live = fx
+        .runtime()
+        .join(format!("agex-{}-00112233445566bb", std::process::id()));
+    fs::create_dir(&live).unwrap();
+    let editor = editor_script(&fx, "true");
+    let out = fx
+        .agex()
+        .env("EDITOR", &editor)
+        .args([
+            "-i",
+            fx.key("admin.txt").to_str().unwrap(),
+            "edit",
+            "secrets/vikunja-jwt-secret.age",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let err = common::stderr(&out);
+    assert!(!dead.exists(), "{err}");
+    assert!(
+        err.lines()
+            .filter(|l| l.starts_with("note: removed") && l.contains("agex-2147483000-"))
+            .count()
+            == 1,
+        "{err}"
+    );
+    assert!(live.exists());
+    fs::remove_dir(&live).unwrap();
+}
+
+#[test]
+fn commands_holding_plaintext_cannot_dump_core() {
+    let fx = Fixture::bunk();
+    let marker = fx.tmp.path().join("editor-started");
+    let limits = fx.tmp.path().join("agex-limits");
+    // The editor's parent is agex: read agex's limits while it holds the plaintext.
+    let slow = editor_script(
+        &fx,
+        &format!(
+            "cat /proc/$PPID/limits > '{}'; touch '{}'",
+            limits.display(),
+            marker.display()
+        ),
+    );
+    let out = fx
+        .agex()
+        .env("EDITOR", &slow)
+        .args([
+            "-i",
+            fx.key("admin.txt").to_str().unwrap(),
+            "edit",
+            "secrets/mealie-secret.age",
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(marker.exists());
+    let text = fs::read_to_string(&limits).unwrap();
+    let core = text
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(fields[4..6], ["0", "0"], "{core}");
 }

@@ -54,9 +54,38 @@ fn rustix_uid() -> u32 {
         .unwrap_or(u32::MAX)
 }
 
-/// A private copy of the example configuration and its demo keys.
+/// A private copy of the example configuration and its demo keys, and a private RAM
+/// directory every agex it starts uses as `XDG_RUNTIME_DIR`: when the fixture is dropped
+/// that directory must be empty — no plaintext outlives the agex that made it, however
+/// the test ended it (SIGTERM, SIGKILL followed by another agex run).
 pub struct Fixture {
     pub tmp: tempfile::TempDir,
+    runtime: tempfile::TempDir,
+}
+
+/// A 0700 directory on /dev/shm (RAM, owned by us, as agex requires of a runtime dir).
+fn runtime_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("agex-test-runtime-")
+        .tempdir_in("/dev/shm")
+        .expect("runtime dir on /dev/shm");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let left = self.runtime_leftovers();
+        assert!(
+            left.is_empty(),
+            "agex left files in its runtime directory {}: {left:?}",
+            self.runtime.path().display()
+        );
+    }
 }
 
 impl Fixture {
@@ -71,7 +100,10 @@ impl Fixture {
             }
         }
         fs::create_dir_all(tmp.path().join("home")).unwrap();
-        Fixture { tmp }
+        Fixture {
+            tmp,
+            runtime: runtime_dir(),
+        }
     }
 
     /// An empty configuration directory (for `agex init`).
@@ -79,7 +111,22 @@ impl Fixture {
         let tmp = tempfile::tempdir().expect("tempdir");
         fs::create_dir_all(tmp.path().join("config")).unwrap();
         fs::create_dir_all(tmp.path().join("home")).unwrap();
-        Fixture { tmp }
+        Fixture {
+            tmp,
+            runtime: runtime_dir(),
+        }
+    }
+
+    /// The `XDG_RUNTIME_DIR` of every agex this fixture starts.
+    pub fn runtime(&self) -> &Path {
+        self.runtime.path()
+    }
+
+    /// What is in the runtime directory now (names, recursively), to assert on.
+    pub fn runtime_leftovers(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = tree_state(self.runtime.path()).into_keys().collect();
+        out.sort();
+        out
     }
 
     /// The configuration directory.
@@ -153,6 +200,7 @@ impl Fixture {
             .env("HOME", self.tmp.path().join("home"))
             .env_remove("AGEX_IDENTITY")
             .env_remove("XDG_CONFIG_HOME")
+            .env("XDG_RUNTIME_DIR", self.runtime.path())
             .env_remove("VISUAL")
             .env_remove("EDITOR")
             .env("RUST_BACKTRACE", "1")

@@ -21,7 +21,6 @@ use agex_secrets::ramdir::wipe_tree;
 use agex_secrets::{crypt, Plaintext};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
 
 use crate::digest::{changed_units, DigestKey, Digests, FileDigest, DIGESTS_FILE};
 use crate::error::ActivateError;
@@ -280,19 +279,26 @@ fn load_identities(
     Ok(Identities::load(&candidates)?.require_any(&candidates)?)
 }
 
-/// A private directory on the secrets filesystem that is wiped unless it was moved.
+/// A private directory on the secrets filesystem that is wiped unless it was moved, also
+/// when a signal ends agex while it exists.
 struct Staging {
     path: PathBuf,
+    _wiped_on_signal: agex_secrets::ramdir::Registration,
 }
 
 impl Staging {
     fn create(fs_dir: &Path, number: u64) -> Result<Staging, ActivateError> {
         let path = fs_dir.join(format!(".staging-{number}-{:016x}", rand::random::<u64>()));
+        // Registered before it exists, so no signal finds it made but unknown.
+        let wiped_on_signal = agex_secrets::ramdir::Registration::tree(&path);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
             .map_err(ActivateError::io(&path))?;
-        Ok(Staging { path })
+        Ok(Staging {
+            path,
+            _wiped_on_signal: wiped_on_signal,
+        })
     }
 }
 
@@ -302,7 +308,8 @@ impl Drop for Staging {
     }
 }
 
-/// Removes what a killed run left behind: staging and trash directories, key temp files.
+/// Removes what a killed run left behind (the caller holds the activation lock, so no
+/// running agex owns them): staging and trash directories, key temp files; one line each.
 fn clean_leftovers(fs_dir: &Path) {
     let Ok(entries) = fs::read_dir(fs_dir) else {
         return;
@@ -313,7 +320,13 @@ fn clean_leftovers(fs_dir: &Path) {
             wipe_tree(&e.path());
         } else if name.starts_with(".key-") {
             let _ = fs::remove_file(e.path());
+        } else {
+            continue;
         }
+        agex_secrets::ramdir::notice(&format!(
+            "removed {}, left behind by an activation that did not finish",
+            e.path().display()
+        ));
     }
 }
 
@@ -347,7 +360,16 @@ fn populate(
     }
     let mut rendered: BTreeMap<String, Plaintext> = BTreeMap::new();
     for t in &manifest.templates {
-        let mut out = Zeroizing::new(Vec::new());
+        // Sized before the first byte goes in: a buffer that grows leaves unwiped copies.
+        let size = t
+            .pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Text(text) => text.len(),
+                Piece::Secret(name) => plaintexts.get(name).map_or(0, |p| trim_newlines(p).len()),
+            })
+            .sum();
+        let mut out = agex_secrets::plainbuf::with_capacity(size);
         for piece in &t.pieces {
             match piece {
                 Piece::Text(text) => out.extend_from_slice(text.as_bytes()),
@@ -512,22 +534,18 @@ fn ensure_early_link(layout: &Layout) -> Result<(), ActivateError> {
 /// Creates each rule's `path` link and removes links the previous generation had that
 /// this one does not (only when they still point where agex put them).
 fn link_paths(layout: &Layout, plan: &Plan, old: Option<&Marker>) -> Result<(), ActivateError> {
+    // Parents of these paths may belong to service users: never follow a symlink there.
     for l in &plan.links {
-        let at = layout.host_path(&l.host_path);
-        switch_symlink(&at, &l.target)?;
+        crate::beneath::switch_link(layout.root(), &l.host_path, &l.target)?;
     }
     if let Some(old) = old {
         for p in &old.links {
             if plan.links.iter().any(|l| &l.host_path == p) {
                 continue;
             }
-            let at = layout.host_path(p);
-            let ours = fs::read_link(&at)
-                .map(|t| t.to_string_lossy().contains("run/agex/"))
-                .unwrap_or(false);
-            if ours {
-                let _ = fs::remove_file(&at);
-            }
+            crate::beneath::remove_link_if(layout.root(), p, |t| {
+                t.to_string_lossy().contains("run/agex/")
+            });
         }
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! Every path is below a [`Layout`]'s root, so tests run the real code in a temp dir.
 
 pub mod activate;
+pub mod beneath;
 pub mod diff;
 pub mod digest;
 pub mod error;

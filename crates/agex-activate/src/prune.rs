@@ -69,6 +69,8 @@ pub fn discard_dir(layout: &Layout, dir: &std::path::Path) {
     let trash = layout
         .secrets_fs()
         .join(format!(".trash-{:016x}", rand::random::<u64>()));
+    // A signal while it is being wiped finishes the wipe before agex exits.
+    let _wiped_on_signal = agex_secrets::ramdir::Registration::tree(&trash);
     if fs::rename(dir, &trash).is_ok() {
         wipe_tree(&trash);
     } else {

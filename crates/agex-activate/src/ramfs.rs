@@ -1,5 +1,8 @@
-//! The RAM-backed filesystem under `/run/agex.d`: found, or mounted (ramfs, which never
-//! swaps, else tmpfs) with `mode=0751,nosuid,nodev,noexec`.
+//! The RAM-backed filesystem under `/run/agex.d`: its own mount (ramfs, which never
+//! swaps, else tmpfs) with `mode=0751,nosuid,nodev,noexec`. Being on a RAM filesystem is
+//! not enough — on every systemd host `/run` is a tmpfs, which swaps and carries none of
+//! these options — so, like agenix and sops-nix, agex mounts one unless the directory
+//! already is a ramfs/tmpfs mount point (its own from an earlier activation).
 
 use std::ffi::CString;
 use std::fs;
@@ -14,7 +17,7 @@ use crate::error::ActivateError;
 /// What was found at the secrets directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretsFs {
-    /// It already was a ramfs or tmpfs.
+    /// It already was a ramfs or tmpfs mount point.
     Present,
     /// agex mounted it now, with this filesystem type.
     Mounted(&'static str),
@@ -35,7 +38,8 @@ pub fn ensure(dir: &Path, allow_unmounted: bool) -> Result<SecretsFs, ActivateEr
             Err(e) => return Err(ActivateError::io(dir)(e)),
         }
     }
-    if is_ram_backed(dir).map_err(ActivateError::io(dir))? {
+    let ram = is_ram_backed(dir).map_err(ActivateError::io(dir))?;
+    if ram && is_mount_point(dir).map_err(ActivateError::io(dir))? {
         return Ok(SecretsFs::Present);
     }
     let mut reasons = Vec::new();
@@ -57,6 +61,21 @@ pub fn ensure(dir: &Path, allow_unmounted: bool) -> Result<SecretsFs, ActivateEr
         path: dir.to_path_buf(),
         reason: reasons.join("; "),
     })
+}
+
+/// Whether `dir` is the root of a mount: the kernel says so (statx), or its device
+/// differs from its parent's.
+fn is_mount_point(dir: &Path) -> std::io::Result<bool> {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    if let Ok(st) = statx(CWD, dir, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS) {
+        if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
+            return Ok(st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT));
+        }
+    }
+    let parent = dir.join("..");
+    let (here, up) = (fs::metadata(dir)?, fs::metadata(parent)?);
+    use std::os::unix::fs::MetadataExt;
+    Ok(here.dev() != up.dev() || here.ino() == up.ino())
 }
 
 fn mount(dir: &Path, fstype: &str) -> std::io::Result<()> {

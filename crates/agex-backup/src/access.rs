@@ -133,14 +133,14 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
         Ok(secret_file::open(project, rule, ids)?)
     };
     let raw = secret(repo.password_secret.get_ref())?;
-    let text = String::from_utf8(raw.to_vec()).map_err(|_| {
+    // Borrowed, not copied: a `FromUtf8Error` would carry the bytes away unwiped.
+    let text = std::str::from_utf8(&raw).map_err(|_| {
         BackupError::Secrets(agex_secrets::SecretsError::Invalid {
             name: repo.password_secret.get_ref().clone(),
             reason: "a repository password must be UTF-8 text".into(),
         })
     })?;
     let password = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
-    drop(Zeroizing::new(text));
     if password.len() > MAX_PASSWORD_LEN {
         return Err(BackupError::Secrets(agex_secrets::SecretsError::Invalid {
             name: repo.password_secret.get_ref().clone(),

@@ -66,7 +66,9 @@ fn sqlite(path: &Path, tee: &mut Tee) -> Result<Dumped, BackupError> {
         stderr: e.to_string(),
     };
     let dir = RamDir::create(false)?;
-    let copy = dir.path().join("copy.sqlite3");
+    // SQLite takes a path: one through agex's handle on the directory, which nobody can
+    // redirect by renaming things in the directory above it.
+    let copy = dir.resolved("copy.sqlite3");
     let src =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(fail)?;
@@ -76,7 +78,7 @@ fn sqlite(path: &Path, tee: &mut Tee) -> Result<Dumped, BackupError> {
         .map_err(fail)?;
     drop(src);
     let row_counts = sqlite_row_counts(&copy).map_err(fail)?;
-    let mut file = std::fs::File::open(&copy).map_err(BackupError::io(&copy))?;
+    let mut file = dir.open("copy.sqlite3")?;
     let copied = tee.copy_from(&mut file).map_err(BackupError::io(&copy))?;
     Ok(Dumped { copied, row_counts })
 }

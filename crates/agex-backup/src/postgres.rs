@@ -1,14 +1,17 @@
 //! Talking to PostgreSQL the way a policy says: the connection arguments shared by
-//! `pg_dump`, `psql` and `pg_restore`, the role's password in a tmpfs `PGPASSFILE`, and
-//! a `psql` session that holds one snapshot so the dump and its row counts agree.
+//! `pg_dump`, `psql` and `pg_restore`, the role's password as a `PGPASSFILE` that is an
+//! anonymous in-memory file inherited by exactly those children (nothing with a name,
+//! so nothing a SIGKILL can leave behind), TLS for TCP hosts, and a `psql` session that
+//! holds one snapshot so the dump and its row counts agree.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use agex_core::Database;
-use agex_secrets::ramdir::RamDir;
+use agex_core::{Database, SslMode};
+use agex_secrets::handoff::SecretFd;
+use agex_secrets::plainbuf;
 use zeroize::Zeroizing;
 
 use crate::error::BackupError;
@@ -27,14 +30,16 @@ const ROW_COUNTS_SQL: &str = "SELECT schemaname || '.' || tablename, \
 const END: &str = "--agex-end-of-output--";
 
 /// Where and as whom a policy's PostgreSQL database is reached, with the role's password
-/// (if any) in a 0600 file on tmpfs for as long as this lives.
+/// (if any) in a sealed memfd for as long as this lives.
 pub struct Connection {
     database: String,
     socket: Option<PathBuf>,
     host: Option<String>,
     port: Option<u16>,
     user: String,
-    pgpass: Option<(RamDir, PathBuf)>,
+    pgpass: Option<SecretFd>,
+    sslmode: Option<SslMode>,
+    require_auth: Option<String>,
 }
 
 impl Connection {
@@ -51,6 +56,8 @@ impl Connection {
             host,
             port,
             user,
+            sslmode,
+            require_auth,
             ..
         } = db
         else {
@@ -61,18 +68,31 @@ impl Connection {
         };
         let pgpass = match password {
             Some(pw) => {
-                let dir = RamDir::create(false)?;
-                let mut line = Zeroizing::new(b"*:*:*:*:".to_vec());
-                for &b in pw.iter().take_while(|&&b| b != b'\n') {
-                    if b == b':' || b == b'\\' {
-                        line.push(b'\\');
+                let line = pgpass_line(&pw);
+                let fd = SecretFd::new("agex-pgpass", &line)
+                    .map_err(BackupError::io("PostgreSQL password (memfd)"))?;
+                // A child that runs as the role's OS user (peer authentication as root)
+                // must be able to open it.
+                if socket.is_some() && is_root() {
+                    if let Some(uid) = user_id(user) {
+                        fd.chown(uid)
+                            .map_err(BackupError::io("PostgreSQL password (memfd)"))?;
                     }
-                    line.push(b);
                 }
-                let file = dir.write("pgpass", &line)?;
-                Some((dir, file))
+                Some(fd)
             }
             None => None,
+        };
+        let tcp = host.is_some() && socket.is_none();
+        let sslmode = match (tcp, sslmode) {
+            (true, Some(m)) => Some(*m),
+            (true, None) if !host.as_deref().is_some_and(is_loopback) => Some(SslMode::VerifyFull),
+            _ => None,
+        };
+        let require_auth = match (tcp, require_auth) {
+            (true, Some(a)) => Some(a.clone()).filter(|a| !a.is_empty()),
+            (true, None) if pgpass.is_some() => Some("scram-sha-256".to_string()),
+            _ => None,
         };
         Ok(Connection {
             database: database.clone(),
@@ -81,6 +101,8 @@ impl Connection {
             port: *port,
             user: user.clone(),
             pgpass,
+            sslmode,
+            require_auth,
         })
     }
 
@@ -113,8 +135,16 @@ impl Connection {
         if let Some(p) = self.port {
             cmd.arg("--port").arg(p.to_string());
         }
-        if let Some((_, file)) = &self.pgpass {
-            cmd.env("PGPASSFILE", file);
+        if let Some(fd) = &self.pgpass {
+            cmd.env("PGPASSFILE", fd.child_path());
+            fd.pass_to(&mut cmd);
+        }
+        if let Some(mode) = self.sslmode {
+            cmd.env("PGSSLMODE", mode.as_str());
+        }
+        // libpq before 16 does not know PGREQUIREAUTH and ignores it.
+        if let Some(auth) = &self.require_auth {
+            cmd.env("PGREQUIREAUTH", auth);
         }
         if matches!(program, "createdb" | "dropdb") {
             cmd.arg(database);
@@ -277,8 +307,122 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// A `.pgpass` line for any host, port, database and role: the password up to its first
+/// newline, with `:` and `\\` escaped, in a buffer sized for the worst case up front.
+fn pgpass_line(pw: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut line = plainbuf::with_capacity(8 + 2 * pw.len());
+    line.extend_from_slice(b"*:*:*:*:");
+    for &b in pw.iter().take_while(|&&b| b != b'\n') {
+        if b == b':' || b == b'\\' {
+            line.push(b'\\');
+        }
+        line.push(b);
+    }
+    line
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn user_id(name: &str) -> Option<u32> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut fields = l.split(':');
+        if fields.next() != Some(name) {
+            return None;
+        }
+        fields.nth(1)?.parse().ok()
+    })
+}
+
 fn user_exists(name: &str) -> bool {
     std::fs::read_to_string("/etc/passwd")
         .map(|t| t.lines().any(|l| l.split(':').next() == Some(name)))
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, sslmode: Option<SslMode>, require_auth: Option<&str>) -> Database {
+        Database::Postgres {
+            name: "app".into(),
+            database: "app".into(),
+            socket: None,
+            host: Some(host.into()),
+            port: None,
+            user: "app".into(),
+            password_secret: Some("pw".into()),
+            sslmode,
+            require_auth: require_auth.map(str::to_string),
+        }
+    }
+
+    fn env(conn: &Connection) -> BTreeMap<String, String> {
+        conn.command("psql", "app")
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_str()?.into(), v?.to_str()?.into())))
+            .collect()
+    }
+
+    fn pw() -> Option<Zeroizing<Vec<u8>>> {
+        Some(Zeroizing::new(b"p:w".to_vec()))
+    }
+
+    #[test]
+    fn remote_tcp_verifies_the_server_and_asks_for_scram() {
+        let c = Connection::new(&tcp("db.example.org", None, None), Path::new("/"), pw()).unwrap();
+        let e = env(&c);
+        assert_eq!(e["PGSSLMODE"], "verify-full");
+        assert_eq!(e["PGREQUIREAUTH"], "scram-sha-256");
+        assert!(e["PGPASSFILE"].starts_with("/proc/self/fd/"));
+    }
+
+    #[test]
+    fn loopback_keeps_libpq_default_and_settings_win() {
+        let c = Connection::new(&tcp("127.0.0.1", None, Some("")), Path::new("/"), pw()).unwrap();
+        let e = env(&c);
+        assert!(!e.contains_key("PGSSLMODE"));
+        assert!(!e.contains_key("PGREQUIREAUTH"));
+        let c = Connection::new(
+            &tcp("db.example.org", Some(SslMode::Require), Some("md5")),
+            Path::new("/"),
+            None,
+        )
+        .unwrap();
+        let e = env(&c);
+        assert_eq!(e["PGSSLMODE"], "require");
+        assert_eq!(e["PGREQUIREAUTH"], "md5");
+        assert!(!e.contains_key("PGPASSFILE"));
+    }
+
+    #[test]
+    fn the_password_file_reaches_the_child_only() {
+        let c = Connection::new(&tcp("127.0.0.1", None, None), Path::new("/"), pw()).unwrap();
+        let path = env(&c)["PGPASSFILE"].clone();
+        let cmd = c.command("psql", "app");
+        // Same descriptor set-up as psql gets, but a program that prints the file.
+        let mut cat = Command::new("sh");
+        cat.args(["-c", "cat \"$PGPASSFILE\""]);
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                cat.env(k, v);
+            }
+        }
+        c.pgpass.as_ref().unwrap().pass_to(&mut cat);
+        let out = cat.output().unwrap();
+        assert_eq!(out.stdout, b"*:*:*:*:p\\:w");
+        let other = Command::new("cat").arg(&path).output().unwrap();
+        assert!(
+            other.stdout.is_empty(),
+            "a child it was not passed to cannot read it"
+        );
+    }
 }

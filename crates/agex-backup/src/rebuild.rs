@@ -5,6 +5,11 @@
 //! caller supplies the activation: agex-backup does not depend on agex-activate), and
 //! every service is restored from each repository — with the repository passwords the
 //! new host key decrypts — and verified as in a drill.
+//!
+//! Nothing of it reaches a persistent disk: the throwaway key lives in a [`RamDir`], the
+//! scratch root's `run/agex.d` is the drill's own ramfs mount (only root can mount it;
+//! without root the drill refuses unless told that secrets may go to disk), and what a
+//! killed drill left behind is unmounted and wiped by the next one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +17,7 @@ use std::time::Instant;
 
 use agex_core::{Generator, Project};
 use agex_secrets::identity::Origin;
+use agex_secrets::ramdir::{self, RamDir};
 use agex_secrets::{host_rekey, Identities};
 use serde::Serialize;
 
@@ -53,9 +59,32 @@ pub struct RebuildReport {
     pub total_seconds: f64,
 }
 
-/// Activates the host's configuration under a scratch root with the scratch host key;
-/// returns a one-line summary or why it failed.
-pub type Activate<'a> = dyn FnMut(&Project, &Path, &str) -> Result<String, String> + 'a;
+/// Activates the host's configuration under a scratch root (second argument) for the host
+/// (third) with the scratch host key at the path given last; returns a one-line summary
+/// or why it failed.
+pub type Activate<'a> = dyn FnMut(&Project, &Path, &str, &Path) -> Result<String, String> + 'a;
+
+/// How the rebuild drill may run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RebuildOptions {
+    /// Without root no RAM filesystem can be mounted for the scratch root: accept that
+    /// the host's secrets are decrypted onto the state directory's disk.
+    pub secrets_on_disk: bool,
+}
+
+/// Whether the scratch root's secrets go to disk; refuses that unless allowed.
+pub fn secrets_on_disk(root: bool, opts: &RebuildOptions) -> Result<bool, BackupError> {
+    match (root, opts.secrets_on_disk) {
+        (true, _) => Ok(false),
+        (false, true) => Ok(true),
+        (false, false) => Err(BackupError::Usage(
+            "the rebuild drill needs root to mount a RAM filesystem for the host's decrypted \
+             secrets; run it as root, or pass --allow-secrets-on-disk to decrypt them under \
+             /var/lib/agex/rebuild (removed afterwards, but on a persistent disk meanwhile)"
+                .into(),
+        )),
+    }
+}
 
 /// Runs the rebuild drill for `host`. `admin` must decrypt the host's secrets (for the
 /// rekey); `root` is the real root, whose user database and database sockets the
@@ -83,10 +112,14 @@ pub fn run(
     let state = under(root, Path::new(STATE_DIR));
     let base = state.join("rebuild");
     std::fs::create_dir_all(&base).map_err(BackupError::io(&base))?;
+    sweep_dead(&base);
+    // `<pid>-<host>-<random>`: the next drill knows whether its maker still runs.
     let scratch = tempfile::Builder::new()
-        .prefix(&format!("{host}-"))
+        .prefix(&format!("{}-{host}-", std::process::id()))
         .tempdir_in(&base)
         .map_err(BackupError::io(&base))?;
+    let _wiped_on_signal = ramdir::Registration::tree(scratch.path());
+    let key_dir = RamDir::create(false)?;
     let s_root = scratch.path().join("root");
     let s_config = scratch.path().join("config");
     let mut report = RebuildReport {
@@ -102,15 +135,18 @@ pub fn run(
         project,
         root,
         host,
-        &host_cfg.identity,
+        &key_dir,
         admin,
         activate,
         &s_root,
         &s_config,
         &mut report,
     );
-    unmount(&s_root);
+    unmount_below(scratch.path());
+    ramdir::wipe_tree(scratch.path());
     drop(scratch);
+    drop(key_dir);
+    let _ = &host_cfg.identity;
     result?;
     report.passed = report.steps.iter().all(|s| s.ok)
         && !report.restores.is_empty()
@@ -130,7 +166,7 @@ fn steps(
     project: &Project,
     root: &Path,
     host: &str,
-    identity: &Path,
+    key_dir: &RamDir,
     admin: &Identities,
     activate: &mut Activate<'_>,
     s_root: &Path,
@@ -150,8 +186,10 @@ fn steps(
         ok
     };
 
-    // 1. A new host key, where the host's identity lives, under the scratch root.
-    let key_path = under(s_root, identity);
+    // 1. A new host key, in RAM: the rekeyed copies next to the scratch root are only
+    // as safe as it is.
+    const KEY: &str = "ssh_host_ed25519_key";
+    let key_path = key_dir.resolved(KEY);
     let mut public = String::new();
     let ok = step("generate a new host key", &mut || {
         let fresh = agex_secrets::generate::generate_value(
@@ -160,15 +198,13 @@ fn steps(
         )
         .map_err(|e| e.to_string())?;
         public = fresh.public.clone().ok_or("no public key generated")?;
-        if let Some(dir) = key_path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        agex_core::atomic::write_new_atomic(&key_path, &fresh.secret, 0o600)
-            .map_err(|e| format!("{}: {e}", key_path.display()))?;
+        let shown = key_dir
+            .write(KEY, &fresh.secret)
+            .map_err(|e| e.to_string())?;
         Ok(format!(
-            "{} at {}",
+            "{} in RAM at {}",
             host_rekey::fingerprint(&public).unwrap_or_default(),
-            identity.display()
+            shown.display()
         ))
     });
     if !ok {
@@ -212,7 +248,7 @@ fn steps(
                     copy_tree(&from, &s_root.join(f))?;
                 }
             }
-            activate(&scratch_project, s_root, host)
+            activate(&scratch_project, s_root, host, &key_path)
         },
     );
     if !ok {
@@ -276,17 +312,65 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     }
 }
 
-/// Unmounts the secrets filesystem activation mounted under the scratch root, if any.
-fn unmount(s_root: &Path) {
-    let dir: PathBuf = s_root.join("run/agex.d");
-    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+/// Unmounts every filesystem mounted below `dir` (the scratch root's secrets
+/// filesystem), deepest first.
+fn unmount_below(dir: &Path) {
+    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| {
             m.lines()
-                .any(|l| l.split_whitespace().nth(4) == Some(&*dir.to_string_lossy()))
+                .filter_map(|l| l.split_whitespace().nth(4))
+                .map(unescape_mountinfo)
+                .filter(|p| p.starts_with(dir) && p != dir)
+                .collect()
         })
-        .unwrap_or(false);
-    if mounted {
-        let _ = crate::process::run(std::process::Command::new("umount").arg("-l").arg(&dir));
+        .unwrap_or_default();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in mounts {
+        let _ = crate::process::run(std::process::Command::new("umount").arg("-l").arg(&m));
+    }
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it (`\040` for a space, and so on).
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    let mut out = Vec::with_capacity(field.len());
+    let b = field.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Removes the scratch directories of drills whose process is gone (killed before they
+/// could clean up), unmounting what they mounted; one line each.
+fn sweep_dead(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if ramdir::alive(pid) {
+            continue;
+        }
+        unmount_below(&e.path());
+        ramdir::wipe_tree(&e.path());
+        ramdir::notice(&format!(
+            "removed {}, left behind by a rebuild drill (process {pid}) that did not finish",
+            e.path().display()
+        ));
     }
 }
 

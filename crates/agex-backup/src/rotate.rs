@@ -137,7 +137,7 @@ fn pending_password(
     let shown = project.display(&rule.file);
     let plain = agex_secrets::crypt::decrypt(&shown, &bytes, ids, &rule.recipients)?;
     Ok(Zeroizing::new(
-        String::from_utf8_lossy(&plain).trim_end().to_string(),
+        utf8(&plain, &rule.name)?.trim_end().to_string(),
     ))
 }
 
@@ -240,7 +240,7 @@ pub fn rotate(
         },
     };
     let fresh = agex_secrets::generate::generate_value(&generator, name)?;
-    let new = Zeroizing::new(String::from_utf8_lossy(&fresh.secret).into_owned());
+    let new = Zeroizing::new(utf8(&fresh.secret, name)?.to_string());
     let pending = pending_path(project, rule);
     let sealed = secret_file::seal(project, rule, new.as_bytes())?;
     agex_core::atomic::write_new_atomic(&pending, &sealed, 0o644)
@@ -284,4 +284,15 @@ pub fn rotate(
         }
     }
     Ok(out)
+}
+
+/// A password as text, borrowed: a lossy conversion would make an unwiped copy of
+/// invalid input, and an error would carry it.
+fn utf8<'a>(bytes: &'a [u8], name: &str) -> Result<&'a str, BackupError> {
+    std::str::from_utf8(bytes).map_err(|_| {
+        BackupError::Secrets(agex_secrets::SecretsError::Invalid {
+            name: name.to_string(),
+            reason: "a repository password must be UTF-8 text".into(),
+        })
+    })
 }

@@ -343,7 +343,12 @@ pub struct DrillArgs {
 pub enum DrillCommand {
     /// Prove a host rebuild in a scratch root: new host key, rekey, activate, restore all
     /// (the host is the global --host, else this machine's hostname)
-    Rebuild,
+    Rebuild {
+        /// Without root: decrypt the host's secrets under /var/lib/agex/rebuild on disk
+        /// (removed afterwards) instead of refusing; as root they always stay in RAM
+        #[arg(long)]
+        allow_secrets_on_disk: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

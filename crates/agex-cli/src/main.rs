@@ -6,6 +6,7 @@ mod context;
 mod error;
 mod interrupt;
 mod output;
+mod plaintext;
 mod progress;
 
 use std::io::Write;
@@ -31,6 +32,10 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    agex_secrets::ramdir::set_notice(|line| eprintln!("note: {line}"));
+    if holds_plaintext(&cli.command) {
+        plaintext::protect(own_signal_handling(&cli.command));
+    }
     let code = match run(cli) {
         Ok(code) => code,
         Err(f) => {
@@ -39,6 +44,29 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Commands that decrypt secrets or handle repository passwords in this process.
+fn holds_plaintext(command: &Command) -> bool {
+    !matches!(
+        command,
+        Command::Init { .. }
+            | Command::Check
+            | Command::Secrets { .. }
+            | Command::Build
+            | Command::Generations
+            | Command::Diff { .. }
+            | Command::Status { .. }
+            | Command::Schedule
+            | Command::Systemd { .. }
+            | Command::Daemon
+            | Command::Notify { .. }
+    )
+}
+
+/// `edit` handles SIGTERM itself: it stops the editor first, then wipes the file.
+fn own_signal_handling(command: &Command) -> bool {
+    matches!(command, Command::Edit { .. })
 }
 
 fn run(cli: Cli) -> Result<i32, Failure> {
@@ -120,7 +148,9 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Notify { failed_unit } => schedule::cmd_notify_failed_unit(&ctx, &failed_unit),
         Command::Restore(args) => recovery::cmd_restore(&ctx, &args),
         Command::Drill(args) => match &args.command {
-            Some(DrillCommand::Rebuild) => recovery::cmd_drill_rebuild(&ctx),
+            Some(DrillCommand::Rebuild {
+                allow_secrets_on_disk,
+            }) => recovery::cmd_drill_rebuild(&ctx, *allow_secrets_on_disk),
             None => recovery::cmd_drill(&ctx, &args),
         },
         Command::Host {

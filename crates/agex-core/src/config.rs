@@ -454,6 +454,16 @@ impl Config {
         let mut hosts = BTreeMap::new();
         for (name, h) in &raw.hosts {
             claim(name, "host", &mut diags);
+            if let Some(Err(why)) = h.identity.as_deref().map(crate::names::host_path) {
+                diags.push(source.error(
+                    Some(name.span()),
+                    format!(
+                        "host `{}`: identity `{}`: {why}",
+                        name.get_ref(),
+                        h.identity.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
             match RecipientKey::from_str(h.key.get_ref()) {
                 Ok(key) => {
                     hosts.insert(
@@ -572,6 +582,14 @@ impl Config {
             None => default_keep(),
         };
         let schedule = schedule_settings(&raw.schedule, &source, &mut diags);
+        if let Some(dir) = &raw.backup.metrics_dir {
+            if let Err(why) = crate::names::host_path(&dir.to_string_lossy()) {
+                diags.push(source.error(
+                    None,
+                    format!("[backup] metrics_dir `{}`: {why}", dir.display()),
+                ));
+            }
+        }
         for (what, v) in raw.notify.all_urls() {
             if let Err(why) = check_notify_url(v.get_ref()) {
                 diags.push(source.error(Some(v.span()), format!("[notify] {what}: {why}")));

@@ -8,6 +8,7 @@ use toml::Spanned;
 
 use crate::config::Config;
 use crate::diagnostic::{did_you_mean, from_toml_error, Diagnostics, SourceFile};
+use crate::names::{host_path, valid_name};
 use crate::rules::Rules;
 use crate::schedule::Schedule;
 
@@ -52,7 +53,42 @@ enum RawDatabase {
         user: Option<String>,
         password_secret: Option<String>,
         name: Option<String>,
+        sslmode: Option<SslMode>,
+        require_auth: Option<String>,
     },
+}
+
+/// libpq's `sslmode` for a PostgreSQL server reached over TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server insists.
+    Allow,
+    /// TLS if the server offers it (libpq's default; a password can go out in clear).
+    Prefer,
+    /// TLS, without checking the server's certificate.
+    Require,
+    /// TLS with a certificate signed by a trusted CA.
+    VerifyCa,
+    /// TLS with a trusted certificate for this host name (the default for non-loopback
+    /// hosts).
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The value libpq reads from `PGSSLMODE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
 }
 
 /// How many snapshots to keep, per interval (restic's `--keep-*`, borg's `--keep-*`).
@@ -130,6 +166,13 @@ pub enum Database {
         user: String,
         /// Secret holding the role's password, if it needs one.
         password_secret: Option<String>,
+        /// TLS for a TCP `host` (default: `verify-full` unless the host is loopback).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sslmode: Option<SslMode>,
+        /// libpq 16+'s `require_auth` for a TCP `host` (default `scram-sha-256` when a
+        /// password is sent; `""` sets nothing).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        require_auth: Option<String>,
     },
 }
 
@@ -300,11 +343,18 @@ impl Policy {
             match db.get_ref() {
                 RawDatabase::Sqlite { path, name } => match host_path(path) {
                     Ok(p) => {
+                        let raw_name = name;
                         let name = name.clone().unwrap_or_else(|| {
                             p.file_stem()
                                 .map_or("db".into(), |s| s.to_string_lossy().into_owned())
                         });
-                        databases.push(Database::Sqlite { name, path: p });
+                        match check_dump_name(&name, raw_name.is_some()) {
+                            Ok(()) => databases.push(Database::Sqlite { name, path: p }),
+                            Err(why) => {
+                                db_spans.pop();
+                                diags.push(source.error(span, format!("sqlite: {why}")))
+                            }
+                        }
                     }
                     Err(why) => {
                         db_spans.pop();
@@ -319,7 +369,15 @@ impl Policy {
                     user,
                     password_secret,
                     name,
+                    sslmode,
+                    require_auth,
                 } => {
+                    if host.is_none() && (sslmode.is_some() || require_auth.is_some()) {
+                        diags.push(source.error(
+                            span.clone(),
+                            "postgres: `sslmode` and `require_auth` apply to a TCP `host` only",
+                        ));
+                    }
                     if database.trim().is_empty() {
                         diags.push(source.error(span.clone(), "postgres: `database` is empty"));
                     }
@@ -344,6 +402,11 @@ impl Policy {
                             None
                         }
                     };
+                    if let Err(why) =
+                        check_dump_name(name.as_deref().unwrap_or(database), name.is_some())
+                    {
+                        diags.push(source.error(span.clone(), format!("postgres: {why}")));
+                    }
                     if let Some(secret) = password_secret {
                         if !rules.secrets.contains_key(secret) {
                             diags.push(source.error(
@@ -364,6 +427,8 @@ impl Policy {
                         port: *port,
                         user: user.clone().unwrap_or_else(|| "postgres".into()),
                         password_secret: password_secret.clone(),
+                        sslmode: *sslmode,
+                        require_auth: require_auth.clone(),
                     });
                 }
             }
@@ -419,18 +484,16 @@ impl Policy {
     }
 }
 
-fn host_path(p: &str) -> Result<PathBuf, String> {
-    let path = Path::new(p);
-    if !path.is_absolute() {
-        return Err("must be an absolute host path".into());
+/// A dump's name becomes a file name below the dumps directory: it passes the name check.
+fn check_dump_name(name: &str, given: bool) -> Result<(), String> {
+    if valid_name(name) {
+        return Ok(());
     }
-    if path
-        .components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err("must not contain `..`".into());
-    }
-    Ok(path.to_path_buf())
+    Err(if given {
+        format!("name `{name}` may only hold letters, digits, `-`, `_`, `.` and must not start with `.`")
+    } else {
+        format!("the dump would be named `{name}`, which is not a file name: give a `name` of letters, digits, `-`, `_`, `.`")
+    })
 }
 
 #[cfg(test)]

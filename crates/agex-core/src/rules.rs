@@ -32,7 +32,7 @@ struct RawRule {
     group: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     #[serde(default)]
-    services: Vec<String>,
+    services: Vec<Spanned<String>>,
     path: Option<Spanned<String>>,
     generator: Option<Spanned<Generator>>,
     #[serde(default)]
@@ -53,7 +53,7 @@ struct RawTemplate {
     group: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     #[serde(default)]
-    services: Vec<String>,
+    services: Vec<Spanned<String>>,
     path: Option<Spanned<String>>,
     #[serde(default)]
     restart: RestartAction,
@@ -412,13 +412,7 @@ impl Rules {
     }
 }
 
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
+use crate::names::{host_path, valid_name, valid_unit_name};
 
 /// The `file` of a rule must stay inside `secrets/`.
 fn secret_file_path(file: &str) -> Result<PathBuf, String> {
@@ -446,7 +440,7 @@ fn placement(
     group: Option<&Spanned<String>>,
     mode: Option<&Spanned<String>>,
     path: Option<&Spanned<String>>,
-    services: &[String],
+    services: &[Spanned<String>],
     restart: RestartAction,
     diags: &mut Diagnostics,
 ) -> Option<Placement> {
@@ -479,14 +473,25 @@ fn placement(
         },
     };
     if let Some(p) = path {
-        if !Path::new(p.get_ref()).is_absolute() {
+        if let Err(why) = host_path(p.get_ref()) {
             diags.push(source.error(
                 Some(p.span()),
-                format!(
-                    "`{name}`: path `{}` must be absolute (a host path)",
-                    p.get_ref()
-                ),
+                format!("`{name}`: path `{}`: {why}", p.get_ref()),
             ));
+        }
+    }
+    for s in services {
+        if !valid_unit_name(s.get_ref()) {
+            diags.push(
+                source
+                    .error(
+                        Some(s.span()),
+                        format!("`{name}`: service `{}` is not a unit name", s.get_ref()),
+                    )
+                    .with_help(
+                        "give systemd unit names, e.g. services = [\"immich-server.service\"]",
+                    ),
+            );
         }
     }
     if diags.0.len() > before {
@@ -498,7 +503,7 @@ fn placement(
         owner,
         group,
         mode: mode_bits,
-        services: services.to_vec(),
+        services: services.iter().map(|s| s.get_ref().clone()).collect(),
         path: path.map(|p| PathBuf::from(p.get_ref())),
         restart,
     })

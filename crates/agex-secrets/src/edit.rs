@@ -62,15 +62,18 @@ pub fn edit(
         (false, _) => Zeroizing::new(Vec::new()),
     };
 
+    // The guard goes first so it is dropped last: a SIGTERM is handled until the
+    // plaintext file is wiped, not just while the editor runs.
+    let signals = SignalGuard::install()?;
     let dir = RamDir::create(opts.unsafe_tmpdir)?;
     let file = dir.write(&rule.name, &original)?;
     let editor = opts.editor.clone().unwrap_or_else(default_editor);
 
-    let signals = SignalGuard::install()?;
     let mut child = Command::new("/bin/sh")
         .arg("-c")
-        .arg(format!("exec {editor} \"$1\""))
+        .arg(format!("exec {editor} \"$@\""))
         .arg("agex-edit")
+        .args(private_options(&editor))
         .arg(&file)
         .spawn()
         .map_err(|e| SecretsError::Editor {
@@ -94,7 +97,6 @@ pub fn edit(
             Err(e) => return Err(SecretsError::io(&shown)(e)),
         }
     };
-    drop(signals);
     if !status.success() {
         use std::os::unix::process::ExitStatusExt;
         let how = match (status.code(), status.signal()) {
@@ -108,12 +110,15 @@ pub fn edit(
             path: shown,
         });
     }
-    let edited = Zeroizing::new(std::fs::read(&file).map_err(|e| SecretsError::Editor {
+    // Read back through agex's own handle on the directory: if its name was swapped for
+    // a symlink meanwhile, this still reads agex's file, never the one it points to.
+    let edited = dir.read(&rule.name).map_err(|e| SecretsError::Editor {
         editor: editor.clone(),
         status: format!("left no file to read back ({e})"),
         path: shown.clone(),
-    })?);
+    })?;
     drop(dir);
+    drop(signals);
 
     if edited.as_slice() == original.as_slice() {
         return Ok(EditOutcome::Unchanged);
@@ -124,6 +129,53 @@ pub fn edit(
     } else {
         EditOutcome::Created(entry)
     })
+}
+
+/// Options that keep a vi-family editor from writing the plaintext anywhere else: no swap
+/// file (`-n`), no viminfo/shada (`-i NONE`), no undo file and no backup copies — what
+/// `pass` and `gopass` give vim. Other editors are started as they are.
+fn private_options(editor: &str) -> Vec<&'static str> {
+    let program = editor.split_whitespace().next().unwrap_or_default();
+    if !is_vi_family(&resolve(program)) {
+        return Vec::new();
+    }
+    vec![
+        "-n",
+        "-i",
+        "NONE",
+        "--cmd",
+        "set noundofile nobackup nowritebackup noswapfile",
+    ]
+}
+
+/// Whether the program (after following symlinks such as Debian's alternatives) is vim,
+/// neovim or one of their names; `nvi` and others do not take these options.
+fn is_vi_family(program: &std::path::Path) -> bool {
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    matches!(name.as_str(), "vi" | "view" | "ex" | "rvim" | "rview")
+        || name.starts_with("vim")
+        || name.starts_with("nvim")
+        || name.starts_with("gvim")
+}
+
+/// `program` as found on `PATH`, with symlinks followed; as given when not found.
+fn resolve(program: &str) -> std::path::PathBuf {
+    let given = std::path::PathBuf::from(program);
+    let found = if program.contains('/') {
+        Some(given.clone())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+    };
+    found
+        .and_then(|p| std::fs::canonicalize(&p).ok().or(Some(p)))
+        .unwrap_or(given)
 }
 
 /// While the editor runs: SIGINT and SIGQUIT (Ctrl-C/Ctrl-\ at the terminal, which the
@@ -172,5 +224,31 @@ impl Drop for SignalGuard {
         for id in self.ids.drain(..) {
             signal_hook::low_level::unregister(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn vi_family_names() {
+        for n in [
+            "/usr/bin/vim.basic",
+            "/usr/bin/nvim",
+            "/bin/vi",
+            "/usr/bin/vim.tiny",
+        ] {
+            assert!(is_vi_family(Path::new(n)), "{n}");
+        }
+        for n in ["/usr/bin/nano", "/usr/bin/nvi", "/usr/bin/emacs", "/bin/ed"] {
+            assert!(!is_vi_family(Path::new(n)), "{n}");
+        }
+    }
+
+    #[test]
+    fn other_editors_get_no_options() {
+        assert!(private_options("/bin/cat").is_empty());
     }
 }

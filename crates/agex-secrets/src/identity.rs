@@ -137,8 +137,15 @@ fn load_file(path: &Path) -> Result<Vec<LoadedIdentity>, SecretsError> {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let text = String::from_utf8(bytes).map_err(|_| bad("not a text file".into()))?;
+    // The key's bytes go into one zeroizing buffer sized to the file, and are only
+    // borrowed from there (a `String::from_utf8` error would carry them along).
+    let bytes = fs::File::open(path)
+        .and_then(|mut f| {
+            let len = f.metadata()?.len() as usize;
+            crate::plainbuf::read_all(&mut f, len)
+        })
+        .map_err(|e| bad(e.to_string()))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("not a text file".into()))?;
     let name = path.display().to_string();
     let trimmed = text.trim_start();
 
@@ -187,7 +194,7 @@ fn load_file(path: &Path) -> Result<Vec<LoadedIdentity>, SecretsError> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
     let mut loaded = Vec::new();
-    let mut others = String::new();
+    let mut others = zeroize::Zeroizing::new(String::with_capacity(text.len() + lines.len()));
     for line in &lines {
         let fast = age::x25519::Identity::from_str(line)
             .ok()

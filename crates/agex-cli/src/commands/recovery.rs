@@ -419,36 +419,44 @@ pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
     Ok(OK)
 }
 
-pub fn cmd_drill_rebuild(ctx: &Context) -> Result<i32, Failure> {
+pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i32, Failure> {
     use agex_activate::{store, ActivateOptions, Layout, Manifest, StateLock};
+    let on_disk = agex_backup::rebuild::secrets_on_disk(
+        agex_backup::rebuild::is_root(),
+        &agex_backup::rebuild::RebuildOptions {
+            secrets_on_disk: allow_secrets_on_disk,
+        },
+    )?;
     let project = ctx.project()?;
     let host = ctx.host_name();
     let host = host.as_str();
     let admin = ctx.identities(&project)?;
     // Activation lives in agex-activate, which agex-backup does not depend on: the
     // drill gets it as a step to call.
-    let mut activate = |p: &Project, scratch_root: &Path, host: &str| -> Result<String, String> {
-        let inputs = Manifest::from_project(p, host).map_err(|e| e.to_string())?;
-        let layout = Layout::new(scratch_root);
-        let lock = StateLock::acquire(&layout).map_err(|e| e.to_string())?;
-        let built = store::build(&lock, &inputs).map_err(|e| e.to_string())?;
-        let opts = ActivateOptions {
-            // Without root no RAM filesystem can be mounted for the scratch root; the
-            // scratch root is removed afterwards either way.
-            allow_unmounted: !agex_backup::rebuild::is_root(),
-            identities: vec![],
-            host: Some(host.to_string()),
-            systemctl: None,
-            no_restart: true,
+    let mut activate =
+        |p: &Project, scratch_root: &Path, host: &str, key: &Path| -> Result<String, String> {
+            let inputs = Manifest::from_project(p, host).map_err(|e| e.to_string())?;
+            let layout = Layout::new(scratch_root);
+            let lock = StateLock::acquire(&layout).map_err(|e| e.to_string())?;
+            let built = store::build(&lock, &inputs).map_err(|e| e.to_string())?;
+            let opts = ActivateOptions {
+                // As root the scratch root's secrets filesystem is its own ramfs mount;
+                // without root only when the user accepted secrets on disk.
+                allow_unmounted: on_disk,
+                identities: vec![key.to_path_buf()],
+                host: Some(host.to_string()),
+                systemctl: None,
+                no_restart: true,
+            };
+            let a =
+                agex_activate::activate(&lock, built.number, &opts).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "generation {} ({}) activated: {} file(s) decrypted with the new key",
+                a.number,
+                &a.hash[..a.hash.len().min(12)],
+                a.files
+            ))
         };
-        let a = agex_activate::activate(&lock, built.number, &opts).map_err(|e| e.to_string())?;
-        Ok(format!(
-            "generation {} ({}) activated: {} file(s) decrypted with the new key",
-            a.number,
-            &a.hash[..a.hash.len().min(12)],
-            a.files
-        ))
-    };
     let report =
         agex_backup::rebuild::run(&project, &ctx.global.root, host, &admin, &mut activate)?;
     if ctx.global.json {

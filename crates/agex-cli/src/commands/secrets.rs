@@ -1,14 +1,13 @@
 //! Secrets commands: init, edit, decrypt, encrypt, rekey, check, generate, secrets list.
 
 use std::collections::BTreeSet;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use agex_core::{Project, RecipientKey, SecretRule};
 use agex_secrets::check::Status;
 use agex_secrets::{edit, generate, rekey, secret_file, SecretsError};
-use zeroize::Zeroizing;
 
 use crate::context::Context;
 use crate::error::{Failure, CONFIG, FAILURE, OK};
@@ -97,9 +96,8 @@ pub fn cmd_encrypt(ctx: &Context, file: &Path) -> Result<i32, Failure> {
     if std::io::stdin().is_terminal() {
         eprintln!("reading the secret from stdin; end with Ctrl-D");
     }
-    let mut plaintext = Zeroizing::new(Vec::new());
-    std::io::stdin()
-        .read_to_end(&mut plaintext)
+    // Read into a zeroizing buffer that never leaves an unwiped copy when it grows.
+    let plaintext = agex_secrets::plainbuf::read_all(&mut std::io::stdin().lock(), 4096)
         .map_err(|e| Failure::new(FAILURE, format!("reading stdin: {e}")))?;
     let entry = secret_file::write(&project, rule, &plaintext)?;
     save_lock_entries(&project, vec![(rule.name.clone(), entry)])?;

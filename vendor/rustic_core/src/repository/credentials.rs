@@ -9,21 +9,37 @@ use serde_with::serde_as;
 #[cfg(feature = "clap")]
 use clap::ValueHint;
 
+use zeroize::Zeroizing;
+
 use crate::{CommandInput, ErrorKind, RusticError, RusticResult, repofile::MasterKey};
 
-#[derive(Debug, Clone)]
+// agex: the password is a `Zeroizing<String>` (wiped when dropped, never grown after it
+// is filled) and `Debug` does not print it.
+#[derive(Clone)]
 /// Credential to open a repository
 pub enum Credentials {
     /// credentials are given directly by specifying the masterkey
     Masterkey(MasterKey),
     /// credentials are given by a password
-    Password(String),
+    Password(Zeroizing<String>),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Masterkey(_) => f.write_str("Credentials::Masterkey(..)"),
+            Self::Password(_) => f.write_str("Credentials::Password(..)"),
+        }
+    }
 }
 
 impl Credentials {
     /// Convenience constructor for password
     pub fn password(pass: impl AsRef<str>) -> Self {
-        Self::Password(pass.as_ref().to_string())
+        let pass = pass.as_ref();
+        let mut owned = Zeroizing::new(String::with_capacity(pass.len()));
+        owned.push_str(pass);
+        Self::Password(owned)
     }
 }
 
@@ -168,7 +184,7 @@ impl CredentialOptions {
         } else if let Some(command) = &self.key_command {
             Some(Credentials::Masterkey(get_key(command.stdout()?)?))
         } else if let Some(pwd) = &self.password {
-            Some(Credentials::Password(pwd.clone()))
+            Some(Credentials::password(pwd))
         } else if let Some(file) = &self.password_file {
             Some(Credentials::Password(read_password_file(file)?))
         } else if let Some(command) = &self.password_command {
@@ -189,15 +205,16 @@ impl CredentialOptions {
 /// # Errors
 ///
 /// * If reading the password failed
-pub fn read_password_from_reader(file: &mut impl BufRead) -> RusticResult<String> {
-    let mut password = String::new();
+// agex: the password is read into a zeroizing buffer, and a failed read no longer
+// attaches what was read so far to the error.
+pub fn read_password_from_reader(file: &mut impl BufRead) -> RusticResult<Zeroizing<String>> {
+    let mut password = Zeroizing::new(String::with_capacity(256));
     _ = file.read_line(&mut password).map_err(|err| {
         RusticError::with_source(
             ErrorKind::Credentials,
             "Reading password from reader failed. Is the file empty? Please check the file and the password.",
             err
         )
-        .attach_context("password", password.clone())
     })?;
 
     // Remove the \n from the line if present
