@@ -114,7 +114,7 @@ fn every_x25519_armored_and_scrypt_cctv_vector_gives_the_specified_result() {
     let rules_path = fx.dir().join("secrets/secrets.toml");
     let mut text = fs::read_to_string(&rules_path).unwrap();
     text.push_str(&rules);
-    fs::write(&rules_path, text).unwrap();
+    fs::write(rules_path, text).unwrap();
     // A vector without identities (scrypt) still needs one for agex to try.
     let fallback = "AGE-SECRET-KEY-1EGTZVFFV20835NWYV6270LXYVK2VKNX2MMDKWYKLMGR48UAWX40Q2P2LM0";
 
@@ -292,7 +292,7 @@ fn the_age_cli_reads_what_encrypt_generate_rekey_and_host_rekey_write() {
          \n[secrets.made]\nrecipients = [\"admins\", \"box\"]\ngenerator = { kind = \"password\", length = 40 }\n\
          \n[secrets.sshkey]\nrecipients = [\"alice\", \"box\"]\ngenerator = { kind = \"ssh-ed25519\" }\n",
     );
-    fs::write(&rules, text).unwrap();
+    fs::write(rules, text).unwrap();
 
     // encrypt (binary and armored) and generate.
     for name in ["typed", "armored"] {
