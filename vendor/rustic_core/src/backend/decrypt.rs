@@ -75,7 +75,10 @@ pub trait DecryptReadBackend: ReadBackend + Clone + 'static {
     ) -> RusticResult<Bytes> {
         let mut data = self.decrypt(data)?;
         if let Some(length) = uncompressed_length {
-            data = decode_all(&*data).map_err(|err| {
+            // agex: decompressed into a buffer of the known length, allocated once;
+            // `decode_all` grew its output by doubling (up to twice the blob held, and
+            // copies left behind), which the restore's memory budget did not count.
+            data = zstd::bulk::decompress(&data, length.get() as usize).map_err(|err| {
                 RusticError::with_source(
                     ErrorKind::Internal,
                     "Failed to decode zstd compressed data. The data may be corrupted.",
