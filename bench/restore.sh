@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Benchmark: restoring one service (a tree of many small files and a few large ones plus
-# an SQLite database) from a Restic-format and a Borg repository, agex against the peer
-# binaries, measured in the same run:
+# Benchmark: restores, agex against the peer binaries on the same snapshots, measured in
+# the same run, for the two shapes that stress a restorer:
 #
-#   agex restore --to (restic)   rustic_core restore + verification against the manifest
-#   restic restore (binary)      the same snapshot with the restic binary, no verification
-#   agex restore --to (borg)     borg extract + verification against the manifest
-#   borg extract (binary)        the same archive with the borg binary, no verification
-#   agex drill                   both repositories: restore, verify, clean up (the RTO)
+#   huge    one large, highly compressible file (a SQL dump's shape; HUGE_MB, default 1100)
+#   files   many small files (FILES, default 150000, ~1 KB each)
 #
-# Wall, CPU (user+sys, children included) and peak RSS come from /usr/bin/time. The
+# For each: `agex restore --to` from the Restic repository (rustic_core restore plus
+# verification of every file against the manifest) against `restic restore` of the same
+# snapshot (no verification), then `agex restore --to` from the Borg repository against
+# `borg extract`, then `agex drill` of both repositories.
+#
+# Wall, CPU (user+sys, children included) and peak RSS come from /usr/bin/time. Prints
+# per case `ratio restore rss <case>:` (restic's peak RSS / agex's, target >= 1.0) and
+# `ratio restore time <case>:` (restic's wall time / agex's, target >= 0.83), then
+# `ratio restore rss:` and `ratio restore time:`, the worse of the two cases. The
 # repositories are local directories written by `agex backup`. AGEX=path picks the
-# binary (default: a release build, made here).
+# binary (default: a release build, made here; CARGO_TARGET_DIR is honoured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for t in restic borg sqlite3 /usr/bin/time python3; do
+for t in restic borg /usr/bin/time python3; do
   command -v "$t" > /dev/null || { echo "missing $t: run scripts/install-deps.sh" >&2; exit 2; }
 done
-SMALL="${SMALL:-2000}"       # small files, 50 KB each
-LARGE="${LARGE:-2}"          # large files, 100 MB each
+HUGE_MB="${HUGE_MB:-1100}"
+FILES="${FILES:-150000}"
 if [ -z "${AGEX:-}" ]; then
   cargo build --release -q -p agex-cli
   AGEX="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/agex"   # where cargo built it (CARGO_TARGET_DIR honoured)
@@ -27,26 +31,35 @@ work="$(mktemp -d /var/tmp/agex-bench-restore.XXXXXX)"
 pass="$(mktemp -d /dev/shm/agex-bench-restore.XXXXXX)"
 trap 'rm -rf "$work" "$pass"' EXIT
 cfg="$work/config" root="$work/root"
-mkdir -p "$cfg/policies" "$root/srv/app/files/small"
+mkdir -p "$cfg/policies" "$root/srv/huge" "$root/srv/files"
 cp -r agex.toml secrets examples "$cfg/"
 sed -i "s|sftp:u123@storagebox.example:/restic|$work/restic|; s|ssh://u456@borg.example/./repo|$work/borg|; /ssh_key_secret/d" "$cfg/agex.toml"
 printf '\n[backup]\nlock_wait = 5\n' >> "$cfg/agex.toml"
-cat > "$cfg/policies/app.toml" <<'EOF'
-paths = ["/srv/app/files"]
-schedule = "*-*-* 03:00:00"
+for svc in huge files; do
+  printf 'paths = ["/srv/%s"]\nschedule = "*-*-* 03:00:00"\n' "$svc" > "$cfg/policies/$svc.toml"
+done
 
-[[databases]]
-kind = "sqlite"
-path = "/srv/app/app.db"
-EOF
-
-echo "generating data: $SMALL × 50 KB, $LARGE × 100 MB, SQLite with 200000 rows ..."
-for i in $(seq 1 "$SMALL"); do head -c 50000 /dev/urandom > "$root/srv/app/files/small/f$i"; done
-for i in $(seq 1 "$LARGE"); do head -c 100000000 /dev/urandom > "$root/srv/app/files/big$i"; done
-sqlite3 "$root/srv/app/app.db" "CREATE TABLE items(id INTEGER PRIMARY KEY, v TEXT);
-  WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 200000)
-  INSERT INTO items(v) SELECT hex(randomblob(32)) FROM c;"
-echo "data: $(du -sh "$root" | cut -f1)"
+echo "generating data: one ${HUGE_MB} MB compressible file, $FILES small files ..."
+python3 - "$root" "$HUGE_MB" "$FILES" <<'PY'
+import os, random, sys
+root, huge_mb, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(7)
+words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+with open(f"{root}/srv/huge/dump.sql", "w") as f:
+    size, i = 0, 0
+    while size < huge_mb * 1_000_000:
+        rows = "".join(f"{i + k}\t{rnd.choice(words)} {rnd.choice(words)}\t2026-11-{(i + k) % 28 + 1:02d}\t{(i + k) * 7 % 1000}\n" for k in range(1000))
+        f.write(rows)
+        size += len(rows)
+        i += 1000
+for n in range(files):
+    d = f"{root}/srv/files/d{n // 1000:03d}"
+    if n % 1000 == 0:
+        os.makedirs(d, exist_ok=True)
+    with open(f"{d}/f{n}", "wb") as f:
+        f.write(os.urandom(512) + b"x" * 512)
+PY
+echo "data: $(du -sh "$root/srv/huge" | cut -f1) huge, $(du -sh "$root/srv/files" | cut -f1) in small files"
 
 AG=("$AGEX" -C "$cfg" -i "$cfg/examples/keys/admin.txt" --root "$root")
 agex() { "${AG[@]}" "$@"; }
@@ -56,18 +69,41 @@ agex backup > /dev/null 2>&1
 agex decrypt restic-password > "$pass/restic"
 agex decrypt borg-passphrase > "$pass/borg"
 
+# measure NAME CMD...: runs CMD, prints a line and leaves "wall rss" in $work/last.
 measure() {
   local name="$1"; shift
   /usr/bin/time -f "%e %U %S %M" -o "$work/time" "$@" > /dev/null 2>&1
   read -r wall user sys rss < "$work/time"
-  printf '%-30s %7.2f s wall %7.2f s cpu %8d KB peak RSS\n' "$name" "$wall" \
+  printf '%-34s %7.2f s wall %7.2f s cpu %8d KB peak RSS\n' "$name" "$wall" \
     "$(python3 -c "print($user + $sys)")" "$rss"
+  echo "$wall $rss" > "$work/last"
 }
-measure "agex restore --to (restic)" "${AG[@]}" restore --service app --repo offsite-restic --to "$work/out1"
-measure "restic restore (binary)" restic -r "$work/restic" --password-file "$pass/restic" --no-cache \
-  restore latest --target "$work/out2"
-measure "agex restore --to (borg)" "${AG[@]}" restore --service app --repo offsite-borg --to "$work/out3"
-archive="$(BORG_PASSCOMMAND="cat $pass/borg" borg list --short "$work/borg")"
-mkdir -p "$work/out4"
-measure "borg extract (binary)" sh -c "cd '$work/out4' && BORG_PASSCOMMAND='cat $pass/borg' borg extract '$work/borg::$archive'"
-measure "agex drill (both)" "${AG[@]}" drill
+ratio() { python3 -c "print(f'{$1 / max($2, 1e-9):.2f}')"; }
+
+declare -A rss_ratio time_ratio
+for svc in huge files; do
+  echo "== $svc"
+  measure "agex restore --to (restic)" "${AG[@]}" restore --service "$svc" --repo offsite-restic --to "$work/out-agex"
+  read -r agex_wall agex_rss < "$work/last"
+  rm -rf "$work/out-agex"
+  measure "restic restore (binary)" restic -r "$work/restic" --password-file "$pass/restic" --no-cache \
+    restore latest --tag "service=$svc" --target "$work/out-restic"
+  read -r restic_wall restic_rss < "$work/last"
+  rm -rf "$work/out-restic"
+  measure "agex restore --to (borg)" "${AG[@]}" restore --service "$svc" --repo offsite-borg --to "$work/out-agex"
+  rm -rf "$work/out-agex"
+  archive="$(BORG_PASSCOMMAND="cat $pass/borg" borg list --short --glob-archives "$svc-*" "$work/borg" | tail -n 1)"
+  mkdir -p "$work/out-borg"
+  measure "borg extract (binary)" sh -c "cd '$work/out-borg' && BORG_PASSCOMMAND='cat $pass/borg' borg extract '$work/borg::$archive'"
+  rm -rf "$work/out-borg"
+  measure "agex drill (both)" "${AG[@]}" drill --service "$svc"
+  rss_ratio[$svc]="$(ratio "$restic_rss" "$agex_rss")"
+  time_ratio[$svc]="$(ratio "$restic_wall" "$agex_wall")"
+done
+for svc in huge files; do
+  echo "ratio restore rss $svc: ${rss_ratio[$svc]}"
+  echo "ratio restore time $svc: ${time_ratio[$svc]}"
+done
+min() { python3 -c "print(min($1, $2))"; }
+echo "ratio restore rss: $(min "${rss_ratio[huge]}" "${rss_ratio[files]}")"
+echo "ratio restore time: $(min "${time_ratio[huge]}" "${time_ratio[files]}")"
