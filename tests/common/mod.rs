@@ -203,6 +203,8 @@ impl Fixture {
             .env("XDG_RUNTIME_DIR", self.runtime.path())
             .env_remove("VISUAL")
             .env_remove("EDITOR")
+            .env_remove("AGEX_LOG")
+            .env_remove("JOURNAL_STREAM")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null());
         c

@@ -27,6 +27,7 @@ pub fn run(cmd: &mut Command) -> Result<Output, BackupError> {
 /// [`run`] with stdout going to `stdout` (a file, say) instead of being captured.
 pub fn run_to(cmd: &mut Command, stdout: Stdio) -> Result<Output, BackupError> {
     let shown = describe(cmd);
+    tracing::debug!("running {shown}");
     let out = cmd
         .stdin(Stdio::null())
         .stdout(stdout)
@@ -81,6 +82,7 @@ pub fn spawn_piped(
     cmd: &mut Command,
     stdin: Stdio,
 ) -> Result<(Child, JoinHandle<String>), BackupError> {
+    tracing::debug!("running {}", describe(cmd));
     let mut child = cmd
         .stdin(stdin)
         .stdout(Stdio::piped())

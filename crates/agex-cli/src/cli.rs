@@ -38,6 +38,12 @@ pub struct Global {
     /// Machine-readable output on read commands
     #[arg(long, global = true)]
     pub json: bool,
+    /// More log lines: -v debug, -vv trace (overrides AGEX_LOG)
+    #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Fewer log lines: -q warnings and errors, -qq errors only (overrides AGEX_LOG)
+    #[arg(short = 'q', long = "quiet", global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
 }
 
 #[derive(Debug, Subcommand)]

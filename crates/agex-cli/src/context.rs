@@ -36,6 +36,7 @@ impl Context {
             }
             None => Project::discover(Path::new("."))?,
         };
+        tracing::debug!("configuration {}", dir.display());
         Ok(Project::load(&dir)?)
     }
 

@@ -23,21 +23,22 @@ pub fn undo_on_termination(command: &'static str, doing: &'static str) {
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGHUP,
         ]) else {
-            eprintln!(
-                "warning: cannot handle SIGTERM; an interrupted {command} may leave units stopped or plaintext behind"
+            tracing::warn!(
+                "cannot handle SIGTERM; an interrupted {command} may leave units stopped or plaintext behind"
             );
             return;
         };
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 let (command, doing) = *SAYS.lock().unwrap_or_else(|e| e.into_inner());
-                eprintln!("{command} interrupted by signal {sig}: {doing}");
-                for line in agex_backup::cancel::undo() {
-                    eprintln!("  {line}");
-                }
+                let mut undone: String = agex_backup::cancel::undo()
+                    .iter()
+                    .map(|line| format!("\n  {line}"))
+                    .collect();
                 if agex_secrets::ramdir::wipe_all() > 0 {
-                    eprintln!("  removed its plaintext files");
+                    undone.push_str("\n  removed its plaintext files");
                 }
+                tracing::warn!("{command} interrupted by signal {sig}: {doing}{undone}");
                 std::process::exit(128 + sig);
             }
         });

@@ -5,11 +5,10 @@ mod commands;
 mod context;
 mod error;
 mod interrupt;
+mod log;
 mod output;
 mod plaintext;
 mod progress;
-
-use std::io::Write;
 
 use clap::Parser;
 
@@ -32,14 +31,18 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    agex_secrets::ramdir::set_notice(|line| eprintln!("note: {line}"));
+    if let Err(f) = log::init(cli.global.verbose, cli.global.quiet) {
+        log::always(tracing::Level::ERROR, &f.message);
+        std::process::exit(f.code);
+    }
+    agex_secrets::ramdir::set_notice(|line| tracing::info!("note: {line}"));
     if holds_plaintext(&cli.command) {
         plaintext::protect(own_signal_handling(&cli.command));
     }
     let code = match run(cli) {
         Ok(code) => code,
         Err(f) => {
-            let _ = writeln!(std::io::stderr(), "error: {}", f.message);
+            log::always(tracing::Level::ERROR, &f.message);
             f.code
         }
     };

@@ -8,7 +8,7 @@
 /// with 128 + the signal.
 pub fn protect(own_signal_handling: bool) {
     if let Err(e) = non_dumpable() {
-        eprintln!("warning: cannot make agex non-dumpable: {e}");
+        tracing::warn!("cannot make agex non-dumpable: {e}");
     }
     if !own_signal_handling {
         wipe_on_termination();

@@ -30,7 +30,7 @@ struct Lines;
 
 impl Progress for Lines {
     fn start(&self, service: &str, repo: &str) {
-        eprintln!("{service} → {repo}: started");
+        tracing::info!("{service} → {repo}: started");
     }
     fn total(&self, _: &str, _: &str, _: u64, _: u64) {}
     fn update(&self, _: &str, _: &str, _: u64, _: u64) {}

@@ -145,14 +145,18 @@ pub fn cmd_rollback(ctx: &Context, to: Option<u64>, switch: &SwitchArgs) -> Resu
 
 fn report(a: Activation) -> Result<i32, Failure> {
     match &a.fs {
-        SecretsFs::Mounted(kind) => eprintln!(
+        SecretsFs::Mounted(kind) => tracing::info!(
             "mounted {kind} on {} (mode 0751, nosuid, nodev, noexec)",
-            a.dir.parent().map_or(String::new(), |p| p.display().to_string())
+            a.dir
+                .parent()
+                .map_or(String::new(), |p| p.display().to_string())
         ),
-        SecretsFs::Unmounted => eprintln!(
-            "warning: {} is not a ramfs/tmpfs (--allow-unmounted): plaintext is on a persistent filesystem",
+        SecretsFs::Unmounted => {
+            tracing::warn!(
+            "{} is not a ramfs/tmpfs (--allow-unmounted): plaintext is on a persistent filesystem",
             a.dir.parent().map_or(String::new(), |p| p.display().to_string())
-        ),
+        )
+        }
         SecretsFs::Present => {}
     }
     let how = if a.reused {
@@ -188,7 +192,7 @@ fn report(a: Activation) -> Result<i32, Failure> {
             reload,
         } => {
             for c in &commands {
-                eprintln!("ran: {c}");
+                tracing::info!("ran: {c}");
             }
             if restart.is_empty() && reload.is_empty() {
                 println!("no unit's secrets changed");

@@ -13,6 +13,7 @@ use agex_backup::{status, BackupError};
 use agex_core::systemctl::Systemctl;
 use agex_core::{Project, RepositoryKind};
 use agex_secrets::Identities;
+use tracing::Level;
 use zeroize::Zeroizing;
 
 use crate::context::Context;
@@ -149,39 +150,55 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     if let Some(dir) = &project.config.backup.metrics_dir {
         let statuses = status::summarize(&run::records(&ctx.global.root)?);
         if let Err(e) = status::write_textfile(&ctx.host_path(dir), &statuses) {
-            eprintln!("warning: metrics not written: {e}");
+            tracing::warn!("metrics not written: {e}");
         }
     }
-    let mut log = Vec::new();
+    // Each line at its level (so the journal can filter failures), and all of them as the
+    // tail a notification carries.
+    let mut lines: Vec<(Level, String)> = Vec::new();
     for r in &record.results {
         match (&r.snapshot, &r.error) {
-            (Some(s), _) if r.ok() => log.push(format!(
-                "{} → {}: ok, snapshot {s} ({:.1} s{})",
-                r.service,
-                r.repo,
-                r.duration_seconds,
-                r.bytes_added
-                    .map(|b| format!(", {b} bytes added"))
-                    .unwrap_or_default()
+            (Some(s), _) if r.ok() => lines.push((
+                Level::INFO,
+                format!(
+                    "{} → {}: ok, snapshot {s} ({:.1} s{})",
+                    r.service,
+                    r.repo,
+                    r.duration_seconds,
+                    r.bytes_added
+                        .map(|b| format!(", {b} bytes added"))
+                        .unwrap_or_default()
+                ),
             )),
-            (_, e) => log.push(format!(
-                "{} → {}: FAILED: {}",
-                r.service,
-                r.repo,
-                e.as_deref().unwrap_or("unknown error")
+            (_, e) => lines.push((
+                Level::ERROR,
+                format!(
+                    "{} → {}: FAILED: {}",
+                    r.service,
+                    r.repo,
+                    e.as_deref().unwrap_or("unknown error")
+                ),
             )),
         }
         for w in &r.warnings {
-            log.push(format!("{} → {}: warning: {w}", r.service, r.repo));
+            lines.push((
+                Level::WARN,
+                format!("{} → {}: warning: {w}", r.service, r.repo),
+            ));
         }
     }
     if ctx.global.json {
         output::json(&record)?;
     } else {
-        for line in &log {
-            eprintln!("{line}");
+        for (level, line) in &lines {
+            match *level {
+                Level::ERROR => tracing::error!("{line}"),
+                Level::WARN => tracing::warn!("{}", line.replacen(": warning: ", ": ", 1)),
+                _ => tracing::info!("{line}"),
+            }
         }
     }
+    let mut log: Vec<String> = lines.into_iter().map(|(_, l)| l).collect();
     let (failed, total) = record.failures();
     let code = match failed {
         0 => OK,
@@ -200,7 +217,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     };
     if code != OK {
         if let Some(last) = log.last() {
-            eprintln!("{last}");
+            tracing::error!("{last}");
         }
     }
     crate::commands::schedule::job_done(run, code, &log);
@@ -279,7 +296,7 @@ fn report_errors(errors: &[String], some_ok: bool) -> Result<i32, Failure> {
         return Ok(OK);
     }
     for e in errors {
-        eprintln!("error: {e}");
+        tracing::error!("{e}");
     }
     Ok(if some_ok { PARTIAL } else { FAILURE })
 }
@@ -309,7 +326,7 @@ pub fn cmd_forget(
             .and_then(|x| x.retention.as_ref())
             .filter(|r| r.keeps_something())
         else {
-            eprintln!(
+            tracing::info!(
                 "{}: no retention in its policy, nothing forgotten",
                 p.service
             );

@@ -104,7 +104,7 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         ));
     }
     for e in &errors {
-        eprintln!("warning: {e}");
+        tracing::warn!("{e}");
     }
     let snap = restore::choose(&args.service, &lists, args.snapshot.as_deref())?;
     let Some(Ok(a)) = accesses.get(&snap.repo) else {
@@ -117,7 +117,7 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         Some(dir) => Target::Dir(dir),
         None => {
             if !args.yes && !confirm(ctx, &args.service, &snap, args.delete)? {
-                eprintln!("nothing restored");
+                tracing::info!("nothing restored");
                 return Ok(FAILURE);
             }
             // From here on SIGTERM/SIGINT start the policy's stopped units again.
@@ -130,7 +130,7 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         }
     };
     let passwords = restore::database_passwords(&project, policy, &ids)?;
-    eprintln!(
+    tracing::info!(
         "restoring {} from {} snapshot {} ({})",
         args.service,
         snap.repo,
@@ -158,7 +158,7 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         Some(d) => d.display().to_string(),
         None => format!("{} (in place)", ctx.global.root.display()),
     };
-    eprintln!(
+    tracing::info!(
         "restored {}: {files} files, {} into {where_to}; verified {} files and {} database dump(s) against the manifest; {:.1} s",
         report.service,
         human_bytes(bytes),
@@ -168,10 +168,10 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     );
     if let Some(a) = &report.applied {
         if args.delete {
-            eprintln!("  deleted {} entries the snapshot lacks", a.deleted);
+            tracing::info!("  deleted {} entries the snapshot lacks", a.deleted);
         }
         for d in &a.databases {
-            eprintln!("  database {d}");
+            tracing::info!("  database {d}");
         }
     }
     Ok(OK)
@@ -235,7 +235,7 @@ pub fn cmd_drill(ctx: &Context, args: &DrillArgs) -> Result<i32, Failure> {
     if let Some(dir) = &project.config.backup.metrics_dir {
         let statuses = drill::summarize(&drill::records(&ctx.global.root)?);
         if let Err(e) = drill::write_textfile(&ctx.host_path(dir), &statuses) {
-            eprintln!("warning: drill metrics not written: {e}");
+            tracing::warn!("drill metrics not written: {e}");
         }
     }
     if ctx.global.json {
@@ -278,7 +278,7 @@ fn print_drill(results: &[drill::DrillResult]) {
     );
     for r in results.iter().filter(|r| !r.ok()) {
         if r.problems.is_empty() {
-            eprintln!(
+            tracing::error!(
                 "{} → {}: {}",
                 r.service,
                 r.repo,
@@ -286,7 +286,7 @@ fn print_drill(results: &[drill::DrillResult]) {
             );
         }
         for p in &r.problems {
-            eprintln!("{} → {}: {p}", r.service, r.repo);
+            tracing::error!("{} → {}: {p}", r.service, r.repo);
         }
     }
 }
@@ -295,11 +295,11 @@ fn exit_for(failed: usize, total: usize, what: &str) -> i32 {
     match failed {
         0 => OK,
         n if n == total => {
-            eprintln!("{what} failed: {n} of {total} service/repository pairs failed");
+            tracing::error!("{what} failed: {n} of {total} service/repository pairs failed");
             FAILURE
         }
         n => {
-            eprintln!("{what} partly failed: {n} of {total} service/repository pairs failed");
+            tracing::error!("{what} partly failed: {n} of {total} service/repository pairs failed");
             PARTIAL
         }
     }
@@ -397,9 +397,9 @@ pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
     // For the tests that kill a rotation at each step: stop there until killed.
     let pause_at = std::env::var("AGEX_TEST_PAUSE_AT").ok();
     let mut on_step = |step: rotate::Step| {
-        eprintln!("{name}: {} done", step.as_str());
+        tracing::info!("{name}: {} done", step.as_str());
         if pause_at.as_deref() == Some(step.as_str()) {
-            eprintln!("{name}: paused at {} (AGEX_TEST_PAUSE_AT)", step.as_str());
+            tracing::info!("{name}: paused at {} (AGEX_TEST_PAUSE_AT)", step.as_str());
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
@@ -407,10 +407,10 @@ pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
     };
     let out = rotate::rotate(&project, &ids, name, &state_dir(ctx), &mut on_step)?;
     if out.finished_interrupted {
-        eprintln!("{name}: an interrupted rotation was finished first");
+        tracing::info!("{name}: an interrupted rotation was finished first");
     }
     if let Some(e) = &out.old_key_left {
-        eprintln!("warning: {name}: the old key could not be removed: {e}");
+        tracing::warn!("{name}: the old key could not be removed: {e}");
     }
     println!(
         "{name}: new password in place and stored in secret `{}`; commit the secrets directory",
@@ -501,7 +501,7 @@ pub fn cmd_host_rekey(
         (None, Some(f), None) => host_rekey::read_key_file(f)?,
         (None, None, Some(target)) => {
             let k = host_rekey::keyscan(target)?;
-            eprintln!(
+            tracing::info!(
                 "{target} offers {} ({})",
                 host_rekey::fingerprint(&k).unwrap_or_else(|| "unknown fingerprint".into()),
                 k
@@ -517,7 +517,7 @@ pub fn cmd_host_rekey(
                     .read_line(&mut line)
                     .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
                 if line.trim() != "yes" {
-                    eprintln!("nothing changed");
+                    tracing::info!("nothing changed");
                     return Ok(FAILURE);
                 }
             }
@@ -534,8 +534,8 @@ pub fn cmd_host_rekey(
     // interrupted after replacing the secrets (agex.toml still old) is finished.
     let plan = host_rekey::plan(&project, host, &new_key)?;
     if !plan.rekey.missing.is_empty() {
-        eprintln!(
-            "warning: these secrets of {host} have no file yet and are skipped: {}",
+        tracing::warn!(
+            "these secrets of {host} have no file yet and are skipped: {}",
             plan.rekey.missing.join(", ")
         );
     }
@@ -567,7 +567,7 @@ pub fn cmd_recovery_kit(ctx: &Context, out: Option<&Path>) -> Result<i32, Failur
         Some(path) => {
             agex_core::atomic::write_atomic(path, text.as_bytes(), 0o600)
                 .map_err(|e| Failure::new(FAILURE, format!("{}: {e}", path.display())))?;
-            eprintln!(
+            tracing::info!(
                 "recovery kit written to {} ({} repositories); print it and keep it with the recovery key",
                 path.display(),
                 project.config.repositories.len()

@@ -55,7 +55,7 @@ pub fn notifier(ctx: &Context, project: &Project, job: &str) -> Notifier {
 /// Sends `event`, printing every problem as a warning.
 pub fn send(n: &Notifier, event: &Event) {
     for w in n.warnings.iter().cloned().chain(n.send(event)) {
-        eprintln!("warning: {w}");
+        tracing::warn!("{w}");
     }
 }
 
@@ -63,7 +63,7 @@ pub fn send(n: &Notifier, event: &Event) {
 pub fn job_run(ctx: &Context, project: &Project, job: &str) -> JobRun {
     let (run, warnings) = JobRun::start(notifier(ctx, project, job), job, ctx.global.root.clone());
     for w in warnings {
-        eprintln!("warning: {w}");
+        tracing::warn!("{w}");
     }
     run
 }
@@ -71,7 +71,7 @@ pub fn job_run(ctx: &Context, project: &Project, job: &str) -> JobRun {
 /// Ends a job command's run: its result recorded and notified.
 pub fn job_done(run: JobRun, code: i32, log: &[String]) {
     for w in run.finish(code, log) {
-        eprintln!("warning: {w}");
+        tracing::warn!("{w}");
     }
 }
 
@@ -296,10 +296,6 @@ fn show_plan(ctx: &Context, plan: &InstallPlan) -> Result<(), Failure> {
 }
 
 pub fn cmd_daemon(ctx: &Context) -> Result<i32, Failure> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
     let project = ctx.project()?;
     let dir = project.dir.clone();
     let mut global_args = vec![
@@ -314,6 +310,15 @@ pub fn cmd_daemon(ctx: &Context) -> Result<i32, Failure> {
         global_args.push("-i".into());
         global_args.push(i.to_string_lossy().into_owned());
     }
+    // The jobs log as verbosely as the daemon was asked to (AGEX_LOG is inherited).
+    global_args.extend(std::iter::repeat_n(
+        "-v".to_string(),
+        ctx.global.verbose.into(),
+    ));
+    global_args.extend(std::iter::repeat_n(
+        "-q".to_string(),
+        ctx.global.quiet.into(),
+    ));
     let agex = std::env::current_exe()
         .map_err(|e| Failure::new(FAILURE, format!("cannot find the agex binary: {e}")))?;
     let load = Arc::new(move || Project::load(&dir).map_err(|e| Failure::from(e).message));
@@ -328,6 +333,8 @@ pub fn cmd_daemon(ctx: &Context) -> Result<i32, Failure> {
                 host: Some(host.clone()),
                 identity: identity.clone(),
                 json: false,
+                verbose: 0,
+                quiet: 0,
             },
         };
         notifier(&sub, project, job)
@@ -360,7 +367,7 @@ pub fn cmd_notify_failed_unit(ctx: &Context, unit: &str) -> Result<i32, Failure>
     // what they could not (a crash, a kill, a timeout).
     if let Ok(invocation) = std::env::var(job_run::MONITOR_INVOCATION_ID) {
         if job_run::notified_itself(&ctx.global.root, &job, &invocation) {
-            eprintln!("{unit} (invocation {invocation}) already notified its own failure");
+            tracing::info!("{unit} (invocation {invocation}) already notified its own failure");
             return Ok(OK);
         }
     }
@@ -375,7 +382,7 @@ pub fn cmd_notify_failed_unit(ctx: &Context, unit: &str) -> Result<i32, Failure>
         .unwrap_or_default();
     let n = notifier(ctx, &project, &job);
     if n.is_empty() && n.warnings.is_empty() {
-        eprintln!("no notification target configured ([notify] in agex.toml)");
+        tracing::info!("no notification target configured ([notify] in agex.toml)");
         return Ok(OK);
     }
     send(
@@ -403,7 +410,7 @@ pub fn cmd_overdue(ctx: &Context, max_age: &str) -> Result<i32, Failure> {
     let mut record = match overdue::FirstSeen::load(root) {
         Ok(r) => Some(r),
         Err(e) => {
-            eprintln!("warning: {e}; services never backed up count as overdue");
+            tracing::warn!("{e}; services never backed up count as overdue");
             None
         }
     };
@@ -417,7 +424,7 @@ pub fn cmd_overdue(ctx: &Context, max_age: &str) -> Result<i32, Failure> {
     );
     if let Some(r) = record.filter(|r| Some(r) != before.as_ref()) {
         if let Err(e) = r.save(root) {
-            eprintln!("warning: {e}");
+            tracing::warn!("{e}");
         }
     }
     let late = found.overdue;
@@ -529,7 +536,7 @@ pub fn install_generation_units(
         plan.remove.len()
     );
     for c in &report.commands {
-        eprintln!("ran: {c}");
+        tracing::info!("ran: {c}");
     }
     if no_restart {
         println!("systemctl not run (--no-restart): run `systemctl daemon-reload` to load them");

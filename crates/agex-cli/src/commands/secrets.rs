@@ -62,10 +62,10 @@ pub fn cmd_edit(ctx: &Context, file: &Path, unsafe_tmpdir: bool) -> Result<i32, 
     let outcome = edit::edit(&project, rule, ids.as_ref(), &opts)?;
     let shown = project.display(&rule.file);
     match outcome {
-        edit::EditOutcome::Unchanged => eprintln!("{}: unchanged", shown.display()),
+        edit::EditOutcome::Unchanged => tracing::info!("{}: unchanged", shown.display()),
         edit::EditOutcome::Updated(entry) | edit::EditOutcome::Created(entry) => {
             save_lock_entries(&project, vec![(rule.name.clone(), entry)])?;
-            eprintln!(
+            tracing::info!(
                 "{}: encrypted to {}",
                 shown.display(),
                 rule.recipient_names.join(", ")
@@ -101,7 +101,7 @@ pub fn cmd_encrypt(ctx: &Context, file: &Path) -> Result<i32, Failure> {
         .map_err(|e| Failure::new(FAILURE, format!("reading stdin: {e}")))?;
     let entry = secret_file::write(&project, rule, &plaintext)?;
     save_lock_entries(&project, vec![(rule.name.clone(), entry)])?;
-    eprintln!(
+    tracing::info!(
         "{}: encrypted to {}",
         project.display(&rule.file).display(),
         rule.recipient_names.join(", ")
@@ -136,7 +136,7 @@ pub fn cmd_rekey(
         }
     }
     for name in &plan.missing {
-        eprintln!("warning: {name}: file missing, skipped (agex generate / agex edit)");
+        tracing::warn!("{name}: file missing, skipped (agex generate / agex edit)");
     }
     if dry_run {
         println!(
@@ -161,7 +161,7 @@ pub fn cmd_rekey(
         .collect();
     print!("{report}");
     for name in &outcome.unverified {
-        eprintln!("note: {name}: none of your identities is a recipient any more; verified the header only");
+        tracing::info!("note: {name}: none of your identities is a recipient any more; verified the header only");
     }
     println!(
         "re-encrypted {} secrets in {:.3}s",
