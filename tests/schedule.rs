@@ -993,6 +993,93 @@ fn notification_urls_can_come_from_secrets() {
     assert_eq!(server.to("/secret-hc").len(), 1, "{:?}", server.requests());
 }
 
+/// The query parameters of a recorded request, decoded (`+` and `%XX`).
+fn query(r: &Request) -> BTreeMap<String, Vec<String>> {
+    fn decode(s: &str) -> String {
+        let b = s.replace('+', " ").into_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let q = r.path.split_once('?').map_or("", |(_, q)| q);
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        map.entry(decode(k)).or_default().push(decode(v));
+    }
+    map
+}
+
+#[test]
+fn uptime_kuma_push_monitors_get_up_and_down_with_the_duration() {
+    let server = Server::start(vec![]);
+    // The global URL as Kuma shows it (with its example query); the job's from a secret.
+    let notify = format!(
+        "[notify]\nuptime_kuma = \"{}\"\n[notify.jobs.backup-testapp]\nuptime_kuma = \"secret:healthchecks-url\"\n",
+        server.url("/api/push/GLOBAL?status=up&msg=OK&ping=")
+    );
+    let s = Setup::new(&notify);
+    let mut enc = s.fx.agex();
+    enc.args(["encrypt", "secrets/healthchecks-url.age"])
+        .stdin(Stdio::piped());
+    let mut child = enc.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{}\n", server.url("/api/push/JOB")).as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    let pushes = |token: &str| -> Vec<Request> {
+        server
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with(&format!("/api/push/{token}?")))
+            .collect()
+    };
+    for token in ["GLOBAL", "JOB"] {
+        let p = pushes(token);
+        assert_eq!(
+            p.len(),
+            1,
+            "one push per run, none at start: {:?}",
+            server.requests()
+        );
+        assert_eq!(p[0].method, "GET");
+        let q = query(&p[0]);
+        assert_eq!(q["status"], ["up"], "{q:?}");
+        assert!(q["msg"][0].starts_with("backup-testapp ok in "), "{q:?}");
+        let ms: u64 = q["ping"][0].parse().expect("ping is whole milliseconds");
+        assert!(ms > 0 && ms < 600_000, "{q:?}");
+    }
+
+    // The Borg repository gone: a partial failure is down, and says what failed.
+    fs::remove_dir_all(s.fx.tmp.path().join("repo-borg")).unwrap();
+    server.requests.lock().unwrap().clear();
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_fails(&out, 3);
+    for token in ["GLOBAL", "JOB"] {
+        let p = pushes(token);
+        assert_eq!(p.len(), 1, "{:?}", server.requests());
+        let q = query(&p[0]);
+        assert_eq!(q["status"], ["down"], "{q:?}");
+        assert!(q["msg"][0].starts_with("backup-testapp partial: "), "{q:?}");
+        assert!(q["msg"][0].contains("partly failed"), "{q:?}");
+    }
+}
+
 #[test]
 fn schedule_lists_jobs_next_runs_and_last_results() {
     let s = Setup::new("");

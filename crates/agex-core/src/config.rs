@@ -181,6 +181,8 @@ pub struct Notify {
     pub healthchecks: Option<Spanned<String>>,
     /// ntfy topic URL.
     pub ntfy: Option<Spanned<String>>,
+    /// Uptime Kuma push URL (`https://kuma.example/api/push/TOKEN`).
+    pub uptime_kuma: Option<Spanned<String>>,
     /// `[notify.jobs.<job>]`: targets for one job (`backup-<service>`, `check-<repo>`,
     /// `forget-<service>`, `drill`, `overdue`), used in addition to the global ones.
     #[serde(default)]
@@ -197,6 +199,8 @@ pub struct NotifyTargets {
     pub healthchecks: Option<Spanned<String>>,
     /// ntfy topic URL.
     pub ntfy: Option<Spanned<String>>,
+    /// Uptime Kuma push URL (`https://kuma.example/api/push/TOKEN`).
+    pub uptime_kuma: Option<Spanned<String>>,
 }
 
 impl Notify {
@@ -207,6 +211,7 @@ impl Notify {
             ("webhook", &self.webhook),
             ("healthchecks", &self.healthchecks),
             ("ntfy", &self.ntfy),
+            ("uptime_kuma", &self.uptime_kuma),
         ] {
             out.extend(v.iter().map(|v| (what, v)));
         }
@@ -224,6 +229,7 @@ impl NotifyTargets {
             ("webhook", &self.webhook),
             ("healthchecks", &self.healthchecks),
             ("ntfy", &self.ntfy),
+            ("uptime_kuma", &self.uptime_kuma),
         ]
         .into_iter()
         .filter_map(|(what, v)| v.as_ref().map(|v| (what, v)))

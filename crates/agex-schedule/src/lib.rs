@@ -1,7 +1,7 @@
 //! agex scheduling: the jobs a host runs (backups, repository checks, separate
 //! forget/prune, restore drills), systemd units and timers generated from them, the
 //! in-process daemon that runs the same schedule without systemd, and notifications
-//! (healthchecks pings, ntfy, JSON webhooks) of their results.
+//! (healthchecks pings, ntfy, Uptime Kuma pushes, JSON webhooks) of their results.
 
 pub mod daemon;
 pub mod duration;

@@ -1,6 +1,6 @@
 //! Notifications of job results: healthchecks.io-style pings (`/start`, success,
-//! `/fail` with the tail of the log), ntfy topics and a generic JSON webhook, global or
-//! per job. URLs may come from secrets (`secret:NAME`). Sending never fails the job: every
+//! `/fail` with the tail of the log), ntfy topics, Uptime Kuma push monitors and a generic
+//! JSON webhook, global or per job. URLs may come from secrets (`secret:NAME`). Sending never fails the job: every
 //! problem is returned as a warning for the caller to log.
 
 use std::time::Duration;
@@ -86,9 +86,40 @@ struct WebhookBody<'a> {
     event: &'a Event,
 }
 
+/// The kinds of target, each with its own protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Webhook,
+    Healthchecks,
+    Ntfy,
+    UptimeKuma,
+}
+
+impl Kind {
+    /// From the `[notify]` key that configured it.
+    fn from_key(key: &str) -> Kind {
+        match key {
+            "healthchecks" => Kind::Healthchecks,
+            "ntfy" => Kind::Ntfy,
+            "uptime_kuma" => Kind::UptimeKuma,
+            _ => Kind::Webhook,
+        }
+    }
+
+    /// The `[notify]` key, as warnings name the target.
+    fn key(self) -> &'static str {
+        match self {
+            Kind::Webhook => "webhook",
+            Kind::Healthchecks => "healthchecks",
+            Kind::Ntfy => "ntfy",
+            Kind::UptimeKuma => "uptime_kuma",
+        }
+    }
+}
+
 /// A resolved target URL (its plaintext may be a secret).
 struct Target {
-    kind: &'static str,
+    kind: Kind,
     url: Zeroizing<String>,
 }
 
@@ -113,6 +144,7 @@ impl Notifier {
             webhook: n.webhook.clone(),
             healthchecks: n.healthchecks.clone(),
             ntfy: n.ntfy.clone(),
+            uptime_kuma: n.uptime_kuma.clone(),
         };
         let mut targets = Vec::new();
         let mut warnings = Vec::new();
@@ -124,7 +156,10 @@ impl Notifier {
         for t in std::iter::once(global).chain(per_job) {
             for (kind, v) in t.urls() {
                 match resolve(v, decrypt) {
-                    Ok(url) => targets.push(Target { kind, url }),
+                    Ok(url) => targets.push(Target {
+                        kind: Kind::from_key(kind),
+                        url,
+                    }),
                     Err(e) => warnings.push(format!("{kind} notification skipped: {e}")),
                 }
             }
@@ -154,15 +189,17 @@ impl Notifier {
         let mut warnings = Vec::new();
         for t in &self.targets {
             let requests = match t.kind {
-                "healthchecks" => self.healthchecks(&t.url, event),
-                "ntfy" => self.ntfy(&t.url, event),
-                _ => self.webhook(&t.url, event),
+                Kind::Healthchecks => self.healthchecks(&t.url, event),
+                Kind::Ntfy => self.ntfy(&t.url, event),
+                Kind::UptimeKuma => self.uptime_kuma(&t.url, event),
+                Kind::Webhook => self.webhook(&t.url, event),
             };
             for r in requests {
-                if let Err(e) = self.post(&r) {
+                if let Err(e) = self.request(&r) {
                     warnings.push(format!(
                         "{} notification for job {} failed: {e}",
-                        t.kind, self.job
+                        t.kind.key(),
+                        self.job
                     ));
                 }
             }
@@ -191,6 +228,7 @@ impl Notifier {
             url: Zeroizing::new(format!("{base}{suffix}")),
             headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
             body: tail(&body),
+            query: vec![],
         }]
     }
 
@@ -234,6 +272,7 @@ impl Notifier {
                 ("Tags", tags.into()),
             ],
             body: tail(&body),
+            query: vec![],
         }]
     }
 
@@ -251,23 +290,81 @@ impl Notifier {
             url: Zeroizing::new(url.to_string()),
             headers: vec![("Content-Type", "application/json".into())],
             body: serde_json::to_string(&body).unwrap_or_default(),
+            query: vec![],
         }]
     }
 
-    /// POSTs with a bounded retry: transport errors, 429 and 5xx are retried after 0.5 s
-    /// and 1 s; other answers are final.
-    fn post(&self, r: &Request) -> Result<(), String> {
+    /// Uptime Kuma's push monitor: `GET URL?status=up|down&msg=…&ping=<ms>` once a job
+    /// ends (Kuma has no "started"); a partial failure is `down`. A URL copied from Kuma
+    /// with its example query (`?status=up&msg=OK&ping=`) is used without it.
+    fn uptime_kuma(&self, url: &str, event: &Event) -> Vec<Request> {
+        let base = url.split_once('?').map_or(url, |(b, _)| b);
+        let (status, msg, ping) = match event {
+            Event::Start => return vec![],
+            Event::Finish {
+                result,
+                duration_seconds,
+                log_tail,
+                ..
+            } => {
+                let msg = if result.ok() {
+                    format!("{} ok in {duration_seconds:.1} s", self.job)
+                } else {
+                    let last = log_tail
+                        .lines()
+                        .rev()
+                        .find(|l| !l.trim().is_empty())
+                        .unwrap_or("");
+                    format!("{} {}: {last}", self.job, result.word())
+                };
+                let ms = (duration_seconds * 1000.0).round().max(0.0) as u64;
+                (if result.ok() { "up" } else { "down" }, msg, Some(ms))
+            }
+            Event::Overdue { items } => (
+                "down",
+                format!("backups overdue on {}: {}", self.host, items.join("; ")),
+                None,
+            ),
+        };
+        let mut query = vec![("status", status.to_string()), ("msg", short(&msg, 200))];
+        if let Some(ms) = ping {
+            query.push(("ping", ms.to_string()));
+        }
+        vec![Request {
+            url: Zeroizing::new(base.to_string()),
+            headers: vec![],
+            body: String::new(),
+            query,
+        }]
+    }
+
+    /// Sends with a bounded retry: transport errors, 429 and 5xx are retried after 0.5 s
+    /// and 1 s; other answers are final. A request with query parameters is a GET (the
+    /// push protocols that take their data in the URL), any other a POST.
+    fn request(&self, r: &Request) -> Result<(), String> {
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
             }
-            let mut req = self.agent.post(&r.url);
+            let mut req = if r.query.is_empty() {
+                self.agent.post(&r.url)
+            } else {
+                self.agent.get(&r.url)
+            };
+            for (k, v) in &r.query {
+                req = req.query(k, v);
+            }
             for (k, v) in &r.headers {
                 // Header values must be one line.
                 req = req.set(k, &v.replace(['\r', '\n'], " "));
             }
-            match req.send_string(&r.body) {
+            let sent = if r.query.is_empty() {
+                req.send_string(&r.body)
+            } else {
+                req.call()
+            };
+            match sent {
                 Ok(_) => return Ok(()),
                 Err(ureq::Error::Status(code, _)) if code == 429 || code >= 500 => {
                     last = format!("HTTP {code}");
@@ -285,6 +382,19 @@ struct Request {
     url: Zeroizing<String>,
     headers: Vec<(&'static str, String)>,
     body: String,
+    /// Parameters added to the URL, percent-encoded.
+    query: Vec<(&'static str, String)>,
+}
+
+/// `text` on one line and at most `max` characters, for a message carried in a URL.
+fn short(text: &str, max: usize) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 fn resolve(v: &Spanned<String>, decrypt: &Decrypt<'_>) -> Result<Zeroizing<String>, String> {
@@ -334,5 +444,7 @@ mod tests {
         assert_eq!(Outcome::from_exit(Some(3)), Outcome::Partial);
         assert_eq!(Outcome::from_exit(None), Outcome::Failure);
         assert_eq!(redact("x http://a/tok y", "http://a/tok"), "x <url> y");
+        assert_eq!(short("a\n  b", 10), "a b");
+        assert_eq!(short("abcdef", 4), "abc…");
     }
 }
