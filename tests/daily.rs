@@ -120,3 +120,38 @@ fn journal_stderr_gets_syslog_priorities_and_no_colour() {
     let text = run_into_journal(&fx, &["rekey", "--dry-run"], b"", false);
     assert!(text.starts_with("warning: vikunja-jwt-secret"), "{text}");
 }
+
+#[test]
+fn the_flake_parses_and_offers_the_package_module_and_app() {
+    if !common::have_tool("nix-instantiate", "the_flake_parses") {
+        return;
+    }
+    let flake = common::repo_root().join("flake.nix");
+    let out = std::process::Command::new("nix-instantiate")
+        .arg("--parse")
+        .arg(&flake)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    let text = fs::read_to_string(&flake).unwrap();
+    for needle in [
+        "packages = forAll",
+        "default = pkgs.rustPlatform.buildRustPackage",
+        "cargoLock.lockFile = ./Cargo.lock",
+        "nixosModules.default",
+        "imports = [ ./nix/module.nix ]",
+        "apps = forAll",
+        "type = \"app\"",
+    ] {
+        assert!(text.contains(needle), "flake.nix lacks {needle}");
+    }
+    // Everything it names is in the tree.
+    for path in [
+        "Cargo.lock",
+        "Cargo.toml",
+        "nix/module.nix",
+        "vendor/rustic_core",
+    ] {
+        assert!(common::repo_root().join(path).exists(), "{path}");
+    }
+}
