@@ -123,7 +123,7 @@ impl<'de> Deserialize<'de> for HostPath {
 
 /// The bytes of a hex string.
 pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
