@@ -459,7 +459,11 @@ fn activates_bunk_one_directory_per_service_with_owners_and_modes() {
     );
     let again = host.activate(&[]);
     assert_ok(&again);
-    assert!(stdout(&again).contains("no unit's secrets changed"));
+    assert!(
+        stdout(&again).contains("already active"),
+        "{}",
+        stdout(&again)
+    );
     assert!(host.take_calls().is_empty());
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
@@ -1139,4 +1143,185 @@ fn staging_left_by_a_killed_activation_is_removed_with_a_note() {
         err.contains("note: removed") && err.contains(".staging-9-00112233445566aa"),
         "{err}"
     );
+}
+
+/// Replaces the first `from` in secrets/secrets.toml with `to`.
+fn edit_rules(host: &TestHost, from: &str, to: &str) {
+    let path = host.fx.dir().join("secrets/secrets.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "secrets.toml lacks {from:?}");
+    fs::write(&path, text.replacen(from, to, 1)).unwrap();
+}
+
+/// `generations --json`, as (number, state, reason) per generation.
+fn generation_states(host: &TestHost) -> Vec<(u64, String, String)> {
+    let out = host.run(&["generations", "--json"]);
+    assert_ok(&out);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["number"].as_u64().unwrap(),
+                g["state"].as_str().unwrap().to_string(),
+                g["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+const TYPO_OWNER: (&str, &str) = ("owner      = \"immich\"", "owner      = \"immich-typo\"");
+
+#[test]
+fn failed_activation_is_recorded_and_rollback_skips_it() {
+    let host = TestHost::new();
+    assert_ok(&host.activate(&["--no-restart"]));
+    let first = host.read_active("grafana.service/grafana-admin-password");
+
+    // Generation 2 is built, then fails on an owner the host does not have.
+    edit_rules(&host, TYPO_OWNER.0, TYPO_OWNER.1);
+    let out = host.activate(&["--no-restart"]);
+    let err = assert_fails(&out, 2);
+    assert!(
+        stdout(&out).contains("built generation 2"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(err.contains("immich-typo"), "{err}");
+    assert_eq!(host.active_target(), Some(PathBuf::from("agex.d/1")));
+    let states = generation_states(&host);
+    assert_eq!(states[0].1, "activated");
+    assert_eq!((states[1].0, states[1].1.as_str()), (2, "failed"));
+    assert!(
+        states[1].2.contains("unknown users") && states[1].2.contains("immich-typo"),
+        "{states:?}"
+    );
+    let table = stdout(&host.run(&["generations"]));
+    let row2 = table.lines().find(|l| l.starts_with("2 ")).unwrap();
+    assert!(row2.contains("never activated: unknown users"), "{table}");
+    assert!(table
+        .lines()
+        .any(|l| l.starts_with("1 ") && l.ends_with("active")));
+
+    // Fixed, with a new password: generation 3 works.
+    edit_rules(&host, TYPO_OWNER.1, TYPO_OWNER.0);
+    host.set_secret("grafana-admin-password", b"third-password-0123456789\n");
+    let out = host.activate(&["--no-restart"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("activated generation 3"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Rollback goes to 1, the last one that worked, not 2.
+    let out = host.rollback(&["--no-restart"]);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("generation 1"), "{}", stdout(&out));
+    assert_eq!(host.active_target(), Some(PathBuf::from("agex.d/1")));
+    assert_eq!(
+        host.read_active("grafana.service/grafana-admin-password"),
+        first
+    );
+
+    // With no earlier generation that ever worked, rollback says so and changes nothing.
+    let fresh = TestHost::new();
+    edit_rules(&fresh, TYPO_OWNER.0, TYPO_OWNER.1);
+    assert_fails(&fresh.activate(&["--no-restart"]), 2);
+    edit_rules(&fresh, TYPO_OWNER.1, TYPO_OWNER.0);
+    assert_ok(&fresh.activate(&["--no-restart"]));
+    let err = assert_fails(&fresh.rollback(&["--no-restart"]), 1);
+    assert!(
+        err.contains("no generation before 2 was ever active (1 never activated"),
+        "{err}"
+    );
+    assert_eq!(fresh.active_target(), Some(PathBuf::from("agex.d/2")));
+}
+
+#[test]
+fn activating_the_active_configuration_again_changes_nothing() {
+    let host = TestHost::new();
+    assert_ok(&host.activate(&[]));
+    let _ = fs::remove_file(&host.calls);
+    let dir = host.active_dir();
+    let before = fs::metadata(dir.join(".generation"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    let out = host.activate(&[]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("generation 1 (") && stdout(&out).contains("already active"),
+        "{}",
+        stdout(&out)
+    );
+    // Nothing restarted, no units installed, no new number, the directory untouched.
+    assert!(
+        !host.calls.exists(),
+        "{:?}",
+        fs::read_to_string(&host.calls)
+    );
+    assert_eq!(generation_states(&host).len(), 1);
+    let after = fs::metadata(dir.join(".generation"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+    assert_ok(&host.activate(&["1"]));
+    assert!(!host.calls.exists());
+
+    // The reported case: a failed generation is the newest, the configuration is back
+    // to the active one. `diff` says no differences, and activate agrees.
+    edit_rules(&host, TYPO_OWNER.0, TYPO_OWNER.1);
+    assert_fails(&host.activate(&[]), 2);
+    edit_rules(&host, TYPO_OWNER.1, TYPO_OWNER.0);
+    assert!(stdout(&host.run(&["diff"])).contains("no differences"));
+    let out = host.activate(&[]);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("already active"), "{}", stdout(&out));
+    assert!(
+        !stdout(&out).contains("built generation"),
+        "{}",
+        stdout(&out)
+    );
+    let numbers: Vec<u64> = generation_states(&host).iter().map(|s| s.0).collect();
+    assert_eq!(numbers, vec![1, 2]);
+    assert!(!host.calls.exists());
+
+    // A damaged active directory is not "already active": it is decrypted again.
+    fs::remove_file(host.active_dir().join(".generation")).unwrap();
+    let out = host.activate(&["--no-restart"]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("activated generation 1"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn generations_that_never_activated_are_pruned_first() {
+    let host = TestHost::new();
+    host.fx.edit_config("keep = 5", "keep = 2");
+    assert_ok(&host.activate(&["--no-restart"]));
+    edit_rules(&host, TYPO_OWNER.0, TYPO_OWNER.1);
+    assert_fails(&host.activate(&["--no-restart"]), 2);
+    edit_rules(&host, TYPO_OWNER.1, TYPO_OWNER.0);
+    host.set_secret("grafana-admin-password", b"third-password-0123456789\n");
+    let out = host.activate(&["--no-restart"]);
+    assert_ok(&out);
+    // Of three, two are kept: the failed 2 goes, 1 (which worked) stays for rollback.
+    assert!(
+        stdout(&out).contains("removed old generations: 2\n"),
+        "{}",
+        stdout(&out)
+    );
+    let states = generation_states(&host);
+    let numbers: Vec<u64> = states.iter().map(|s| s.0).collect();
+    assert_eq!(numbers, vec![1, 3]);
+    assert!(states.iter().all(|s| s.1 == "activated"), "{states:?}");
+    assert_ok(&host.rollback(&["--no-restart"]));
+    assert_eq!(host.active_target(), Some(PathBuf::from("agex.d/1")));
 }

@@ -18,14 +18,16 @@ use std::str::FromStr;
 use agex_core::RecipientKey;
 use agex_secrets::identity::{Identities, Origin};
 use agex_secrets::ramdir::wipe_tree;
-use agex_secrets::{crypt, Plaintext};
+use agex_secrets::{crypt, Plaintext, SecretsError};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{changed_units, DigestKey, Digests, FileDigest, DIGESTS_FILE};
 use crate::error::ActivateError;
+use crate::history::History;
 use crate::layout::{relative_link, Layout, EARLY_DIR};
-use crate::manifest::{Manifest, Piece};
+use crate::manifest::Inputs;
+use crate::manifest::{Manifest, Piece, SecretEntry};
 use crate::plan::{Plan, PlannedFile, Source};
 use crate::prune::{discard_dir, prune};
 use crate::ramfs::{self, SecretsFs};
@@ -74,6 +76,31 @@ pub struct Activation {
     pub restarts: Restarts,
 }
 
+/// What `activate` or `rollback` did.
+#[derive(Debug)]
+pub enum Switch {
+    /// The generation asked for is the active one and its directory is complete: nothing
+    /// was decrypted, switched or restarted.
+    AlreadyActive {
+        /// The active generation.
+        number: u64,
+        /// Its hash.
+        hash: String,
+    },
+    /// The generation was switched in.
+    Activated(Box<Activation>),
+}
+
+impl Switch {
+    /// The generation active now.
+    pub fn number(&self) -> u64 {
+        match self {
+            Switch::AlreadyActive { number, .. } => *number,
+            Switch::Activated(a) => a.number,
+        }
+    }
+}
+
 /// The marker of a complete generation directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
@@ -98,22 +125,37 @@ pub fn active(layout: &Layout) -> Option<u64> {
     target.file_name()?.to_str()?.parse().ok()
 }
 
-/// Decrypts and switches to generation `number`.
+/// Decrypts and switches to generation `number`; a no-op when it is already active.
 pub fn activate(
     lock: &StateLock,
     number: u64,
     opts: &ActivateOptions,
-) -> Result<Activation, ActivateError> {
+) -> Result<Switch, ActivateError> {
     switch_to(lock, number, opts, false)
 }
 
-/// Switches back to the generation before the active one (or to `to`), reusing its
-/// directory when it is still on the tmpfs, decrypting it again when not.
+/// The active generation, when it is the configuration `inputs` (activating that again
+/// is a no-op, and must not add a number).
+pub fn active_unchanged(layout: &Layout, inputs: &Inputs) -> Result<Option<u64>, ActivateError> {
+    let Some(n) = active(layout) else {
+        return Ok(None);
+    };
+    let hash = store::hash_of(inputs);
+    Ok(store::list(layout)?
+        .iter()
+        .any(|l| l.number == n && l.hash == hash)
+        .then_some(n))
+}
+
+/// Switches back to the newest generation before the active one that was ever active (or
+/// to `to`), reusing its directory when it is still on the tmpfs, decrypting it again
+/// when not. Generations that never activated are skipped: rolling back to one would
+/// fail the way it failed before.
 pub fn rollback(
     lock: &StateLock,
     to: Option<u64>,
     opts: &ActivateOptions,
-) -> Result<Activation, ActivateError> {
+) -> Result<Switch, ActivateError> {
     let layout = lock.layout();
     let links = store::list(layout)?;
     let current = active(layout).or_else(|| store::current(layout));
@@ -140,37 +182,96 @@ pub fn rollback(
                     why: "no generation is active".into(),
                 });
             };
-            links
+            let history = History::load(layout);
+            let earlier: Vec<u64> = links
                 .iter()
                 .rev()
                 .map(|l| l.number)
-                .find(|n| *n < cur)
-                .ok_or_else(|| ActivateError::NoRollbackTarget {
+                .filter(|n| *n < cur)
+                .collect();
+            if earlier.is_empty() {
+                return Err(ActivateError::NoRollbackTarget {
                     why: format!("generation {cur} is the oldest one kept"),
+                });
+            }
+            earlier
+                .iter()
+                .copied()
+                .find(|n| history.state(*n).was_active())
+                .ok_or_else(|| ActivateError::NoRollbackTarget {
+                    why: format!(
+                        "no generation before {cur} was ever active ({} never activated; `agex generations` says why)",
+                        earlier
+                            .iter()
+                            .rev()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 })?
         }
     };
     switch_to(lock, target, opts, true)
 }
 
+/// Switches to `number` and records the outcome in the history: a generation counts as
+/// activated only once this succeeded.
 fn switch_to(
     lock: &StateLock,
     number: u64,
     opts: &ActivateOptions,
     reuse: bool,
-) -> Result<Activation, ActivateError> {
+) -> Result<Switch, ActivateError> {
     let layout = lock.layout();
     let generation = StoredGeneration::open(layout, number)?;
-    let manifest = &generation.manifest;
     if let Some(host) = &opts.host {
-        if *host != manifest.host {
+        if *host != generation.manifest.host {
             return Err(ActivateError::WrongHost {
                 number,
-                built: manifest.host.clone(),
+                built: generation.manifest.host.clone(),
                 wanted: host.clone(),
             });
         }
     }
+    if active(layout) == Some(number) && is_complete(layout, &generation) {
+        switch_symlink(
+            &layout.current_link(),
+            Path::new(&format!("generations/{number}")),
+        )?;
+        return Ok(Switch::AlreadyActive {
+            number,
+            hash: generation.hash,
+        });
+    }
+    match switch_generation(lock, &generation, opts, reuse) {
+        Ok(a) => Ok(Switch::Activated(Box::new(a))),
+        Err(e) => {
+            // The error the user reads is the one that matters; a record that cannot be
+            // written only loses the note.
+            let _ = History::update(lock, |h| h.failed(number, e.to_string()));
+            Err(e)
+        }
+    }
+}
+
+/// Whether the active directory is this generation, complete, with digests made with
+/// the current key (so nothing in it needs decrypting again).
+fn is_complete(layout: &Layout, generation: &StoredGeneration) -> bool {
+    let fs_dir = layout.secrets_fs();
+    DigestKey::load(&fs_dir)
+        .and_then(|key| reusable(&layout.generation_dir(generation.number), generation, &key))
+        .is_some()
+}
+
+fn switch_generation(
+    lock: &StateLock,
+    generation: &StoredGeneration,
+    opts: &ActivateOptions,
+    reuse: bool,
+) -> Result<Activation, ActivateError> {
+    let layout = lock.layout();
+    let number = generation.number;
+    let manifest = &generation.manifest;
     let users = UserDb::for_layout(layout)?;
     let plan = Plan::new(manifest, layout, &users)?;
     let fs_dir = layout.secrets_fs();
@@ -184,7 +285,7 @@ fn switch_to(
     let final_dir = layout.generation_dir(number);
 
     let kept = reuse
-        .then(|| reusable(&final_dir, &generation, &key))
+        .then(|| reusable(&final_dir, generation, &key))
         .flatten();
     let reused = kept.is_some();
     let new_digests = match kept {
@@ -192,7 +293,15 @@ fn switch_to(
         None => {
             let identities = load_identities(layout, manifest, opts)?;
             let staging = Staging::create(&fs_dir, number)?;
-            let digests = populate(&staging.path, &generation, &plan, &identities, &key)?;
+            let host_identity = opts.identities.is_empty();
+            let digests = populate(
+                &staging.path,
+                generation,
+                &plan,
+                &identities,
+                host_identity,
+                &key,
+            )?;
             install(layout, &staging.path, &final_dir, previous == Some(number))?;
             drop(staging);
             digests
@@ -207,8 +316,9 @@ fn switch_to(
     ensure_early_link(layout)?;
     let current = layout.current_link();
     switch_symlink(&current, Path::new(&format!("generations/{number}")))?;
+    History::update(lock, |h| h.activated(number))?;
 
-    let pruned = prune(layout, manifest.keep, number)?;
+    let pruned = prune(lock, manifest.keep, number)?;
 
     let (restart, reload) = changed_units(old_digests.as_ref(), &new_digests);
     let restarts = if restart.is_empty() && reload.is_empty() {
@@ -330,12 +440,44 @@ fn clean_leftovers(fs_dir: &Path) {
     }
 }
 
+/// A secret the host's own key (`host`, when that is what decrypted) cannot open: said
+/// with the names it is encrypted to and the command that fixes it.
+fn host_key_mismatch(
+    e: SecretsError,
+    secret: &SecretEntry,
+    host: Option<&String>,
+) -> ActivateError {
+    match (e, host) {
+        (SecretsError::NoIdentityMatches { path, tried, .. }, Some(host)) => {
+            let recipients = if secret.recipients.is_empty() {
+                "recipients secrets.lock does not name".to_string()
+            } else {
+                secret
+                    .recipients
+                    .iter()
+                    .map(|(name, fp)| format!("`{name}` ({fp})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            ActivateError::HostKeyMismatch {
+                path,
+                host: host.clone(),
+                tried: tried.join(", "),
+                recipients,
+            }
+        }
+        (e, _) => e.into(),
+    }
+}
+
 /// Decrypts, renders and writes every planned file into `dir`; returns the digests.
+/// `host_identity`: the identities are the host's own key (no `-i`).
 fn populate(
     dir: &Path,
     generation: &StoredGeneration,
     plan: &Plan,
     identities: &Identities,
+    host_identity: bool,
     key: &DigestKey,
 ) -> Result<Digests, ActivateError> {
     let manifest = &generation.manifest;
@@ -349,7 +491,8 @@ fn populate(
         .map(|s| {
             let ciphertext = generation.ciphertext(&s.name)?;
             let shown = generation.ciphertext_path(&s.name);
-            let plain = crypt::decrypt(&shown, &ciphertext, identities, &known)?;
+            let plain = crypt::decrypt(&shown, &ciphertext, identities, &known)
+                .map_err(|e| host_key_mismatch(e, s, host_identity.then_some(&manifest.host)))?;
             Ok((s.name.clone(), plain))
         })
         .collect();

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use agex_core::rules::Placement;
 use serde::Serialize;
 
-use crate::manifest::{directories, Manifest};
+use crate::manifest::{directories, Manifest, Piece};
 
 /// Whether an item was added, removed or changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,6 +33,86 @@ pub struct Change {
     pub details: Vec<String>,
     /// The services whose files it touches (of both generations).
     pub services: Vec<String>,
+    /// The changed lines of a template's text or a carried file (`-old`, `+new`), when
+    /// both sides could be read; never a secret's plaintext.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<String>,
+}
+
+/// Most lines a changed-lines diff compares per side; longer texts only say "content".
+const MAX_DIFF_LINES: usize = 2000;
+
+/// The lines that differ from `old` to `new`: `-line` removed, `+line` added, in order
+/// (a longest-common-subsequence diff without context lines).
+pub fn changed_lines(old: &str, new: &str) -> Vec<String> {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    if a.len() > MAX_DIFF_LINES || b.len() > MAX_DIFF_LINES {
+        return Vec::new();
+    }
+    // lcs[i][j]: length of the longest common subsequence of a[i..] and b[j..].
+    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            i += 1;
+            j += 1;
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            // Removed lines before added ones, as `diff -u` shows a replaced line.
+            out.push(format!("-{}", a[i]));
+            i += 1;
+        } else {
+            out.push(format!("+{}", b[j]));
+            j += 1;
+        }
+    }
+    out
+}
+
+/// A template's text with each secret shown as its placeholder.
+fn template_text(t: &crate::manifest::TemplateEntry) -> String {
+    t.pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Text(s) => s.clone(),
+            Piece::Secret(n) => format!("{{{{ secret \"{n}\" }}}}"),
+        })
+        .collect()
+}
+
+/// [`diff`], with the changed lines of each carried file whose two versions `read_a` and
+/// `read_b` give (by path, `policies/x.toml`).
+pub fn diff_with_lines(
+    a: &Manifest,
+    b: &Manifest,
+    read_a: &dyn Fn(&str) -> Option<Vec<u8>>,
+    read_b: &dyn Fn(&str) -> Option<Vec<u8>>,
+) -> Vec<Change> {
+    let mut changes = diff(a, b);
+    for c in changes.iter_mut().filter(|c| c.kind == ChangeKind::Changed) {
+        let Some(dir) = (match c.item {
+            "policy" => Some("policies"),
+            "unit" => Some("systemd"),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let path = format!("{dir}/{}", c.name);
+        if let (Some(x), Some(y)) = (read_a(&path), read_b(&path)) {
+            c.lines = changed_lines(&String::from_utf8_lossy(&x), &String::from_utf8_lossy(&y));
+        }
+    }
+    changes
 }
 
 /// The differences from `a` to `b`, secrets first, by name.
@@ -68,9 +148,11 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Vec<Change> {
     for name in names {
         let (x, y) = (ta.get(name), tb.get(name));
         let mut details = Vec::new();
+        let mut lines = Vec::new();
         if let (Some(x), Some(y)) = (x, y) {
             if x.pieces != y.pieces {
                 details.push("template text".to_string());
+                lines = changed_lines(&template_text(x), &template_text(y));
             }
             let used_x: BTreeSet<&str> = x.secrets().collect();
             for s in y.secrets().collect::<BTreeSet<_>>() {
@@ -92,6 +174,12 @@ pub fn diff(a: &Manifest, b: &Manifest) -> Vec<Change> {
             y.map(|t| (&t.placement, false)),
             details,
         );
+        if let Some(last) = out
+            .last_mut()
+            .filter(|c| c.name == name && c.item == "template")
+        {
+            last.lines = lines;
+        }
     }
     carried(a, b, &mut out);
     out
@@ -127,6 +215,7 @@ fn carried(a: &Manifest, b: &Manifest, out: &mut Vec<Change>) {
             kind,
             details,
             services: vec![],
+            lines: vec![],
         });
     }
 }
@@ -155,6 +244,7 @@ fn push(
         kind,
         details,
         services: services.into_iter().collect(),
+        lines: vec![],
     });
 }
 
@@ -218,6 +308,7 @@ mod tests {
                     sha256: d.to_string(),
                     early: false,
                     placement: p(o),
+                    recipients: Default::default(),
                 })
                 .collect(),
             templates: vec![TemplateEntry {
@@ -261,5 +352,16 @@ mod tests {
             ]
         );
         assert!(diff(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn changed_lines_are_the_removed_and_added_ones_in_order() {
+        let old = "paths = [\"/a\"]\nschedule = \"daily\"\nkeep = 1\n";
+        let new = "paths = [\"/a\", \"/b\"]\nschedule = \"daily\"\nkeep = 1\nx = 2\n";
+        assert_eq!(
+            changed_lines(old, new),
+            vec!["-paths = [\"/a\"]", "+paths = [\"/a\", \"/b\"]", "+x = 2"]
+        );
+        assert!(changed_lines(old, old).is_empty());
     }
 }

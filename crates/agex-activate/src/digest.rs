@@ -32,16 +32,23 @@ const KEY_LEN: usize = 32;
 pub struct DigestKey(Zeroizing<[u8; KEY_LEN]>);
 
 impl DigestKey {
+    /// Reads `<fs>/.key`, if it is there and well formed.
+    pub fn load(secrets_fs: &Path) -> Option<DigestKey> {
+        let mut f = fs::File::open(secrets_fs.join(KEY_FILE)).ok()?;
+        let mut buf = Zeroizing::new(Vec::with_capacity(KEY_LEN));
+        if f.read_to_end(&mut buf).is_ok() && buf.len() == KEY_LEN {
+            let mut key = Zeroizing::new([0u8; KEY_LEN]);
+            key.copy_from_slice(&buf);
+            return Some(DigestKey(key));
+        }
+        None
+    }
+
     /// Reads `<fs>/.key`, or creates it (mode 0600) when missing or malformed.
     pub fn load_or_create(secrets_fs: &Path) -> Result<DigestKey, ActivateError> {
         let path = secrets_fs.join(KEY_FILE);
-        if let Ok(mut f) = fs::File::open(&path) {
-            let mut buf = Zeroizing::new(Vec::with_capacity(KEY_LEN));
-            if f.read_to_end(&mut buf).is_ok() && buf.len() == KEY_LEN {
-                let mut key = Zeroizing::new([0u8; KEY_LEN]);
-                key.copy_from_slice(&buf);
-                return Ok(DigestKey(key));
-            }
+        if let Some(key) = DigestKey::load(secrets_fs) {
+            return Ok(key);
         }
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         rand::rngs::OsRng.fill_bytes(key.as_mut());

@@ -76,6 +76,19 @@ pub enum ActivateError {
         /// The host.
         host: String,
     },
+    /// The host's own key does not open a secret: the host was rebuilt, or its key
+    /// changed, since the secret was encrypted.
+    #[error("{}: the host key of `{host}` does not open it (tried {tried}); the file is encrypted to {recipients}.\n  if the host was rebuilt or its key changed, run `agex host rekey {host} --keyscan ADDRESS` (or --key-file PATH) where the configuration is, then activate again", .path.display())]
+    HostKeyMismatch {
+        /// The encrypted file.
+        path: PathBuf,
+        /// The host.
+        host: String,
+        /// The identity tried.
+        tried: String,
+        /// Who the file is encrypted to, by name (from secrets.lock).
+        recipients: String,
+    },
     /// A store entry does not match its hash.
     #[error("corrupt store entry {}: {reason}; refusing to use it. Remove the directory and run `agex build` again", .path.display())]
     CorruptStore {

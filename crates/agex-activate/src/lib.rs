@@ -9,6 +9,7 @@ pub mod beneath;
 pub mod diff;
 pub mod digest;
 pub mod error;
+pub mod history;
 pub mod layout;
 pub mod manifest;
 pub mod plan;
@@ -18,7 +19,7 @@ pub mod restart;
 pub mod store;
 pub mod users;
 
-pub use activate::{activate, rollback, ActivateOptions, Activation};
+pub use activate::{activate, rollback, ActivateOptions, Activation, Switch};
 pub use error::ActivateError;
 pub use layout::Layout;
 pub use manifest::Manifest;

@@ -67,6 +67,10 @@ pub struct SecretEntry {
     pub early: bool,
     /// Owner, group, mode, services, path, restart action.
     pub placement: Placement,
+    /// Who the file is encrypted to, from secrets.lock (name to key fingerprint): named in
+    /// the error when the host key no longer opens it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub recipients: BTreeMap<String, String>,
 }
 
 /// One piece of a template, as stored.
@@ -202,6 +206,12 @@ impl Manifest {
                 sha256: sha256_hex(&bytes),
                 early: rule.early,
                 placement,
+                recipients: project
+                    .lock
+                    .secrets
+                    .get(&rule.name)
+                    .map(|e| e.recipients.clone())
+                    .unwrap_or_default(),
             });
             ciphertexts.insert(rule.name.clone(), bytes);
         }
@@ -447,6 +457,7 @@ mod tests {
                 sha256: sha256_hex(b"x"),
                 early: false,
                 placement: placement(&["a.service"]),
+                recipients: BTreeMap::new(),
             }],
             templates: vec![TemplateEntry {
                 name: "a.env".into(),

@@ -336,12 +336,14 @@ mod tests {
                     sha256: String::new(),
                     early: false,
                     placement: linked,
+                    recipients: Default::default(),
                 },
                 SecretEntry {
                     name: "pw".into(),
                     sha256: String::new(),
                     early: true,
                     placement: placement("root", &[]),
+                    recipients: Default::default(),
                 },
             ],
             templates: vec![TemplateEntry {

@@ -1,6 +1,7 @@
-//! Keeping the last `keep` generations: older numbered links, their decrypted
-//! directories on the tmpfs and store entries nothing points at any more are removed
-//! after a successful switch.
+//! Keeping `keep` generations: older numbered links, their decrypted directories on the
+//! tmpfs and store entries nothing points at any more are removed after a successful
+//! switch. Generations that never activated go first, so a run of failed attempts does
+//! not push out the ones a rollback could go to.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -8,32 +9,39 @@ use std::fs;
 use agex_secrets::ramdir::wipe_tree;
 
 use crate::error::ActivateError;
+use crate::history::{History, State};
 use crate::layout::Layout;
-use crate::store::{self, remove_entry};
+use crate::store::{self, remove_entry, StateLock};
 
-/// Removes every generation except the newest `keep` and `active`; returns the numbers
+/// Removes generations until `keep` are left, the `active` one always among them: first
+/// the ones that never activated (oldest first), then the oldest. Returns the numbers
 /// removed.
-pub fn prune(layout: &Layout, keep: usize, active: u64) -> Result<Vec<u64>, ActivateError> {
+pub fn prune(lock: &StateLock, keep: usize, active: u64) -> Result<Vec<u64>, ActivateError> {
+    let layout = lock.layout();
     let links = store::list(layout)?;
-    let mut kept: BTreeSet<u64> = links
+    let mut history = History::load(layout);
+    let states: Vec<(u64, State)> = links
         .iter()
-        .rev()
-        .take(keep.max(1))
-        .map(|l| l.number)
+        .map(|l| (l.number, history.state(l.number)))
         .collect();
-    kept.insert(active);
+    let doomed = doomed(&states, keep, active);
     let mut removed = Vec::new();
     let gens = layout.generations_dir();
-    for l in &links {
-        if !kept.contains(&l.number) {
-            let link = gens.join(l.number.to_string());
-            fs::remove_file(&link).map_err(ActivateError::io(&link))?;
-            removed.push(l.number);
-        }
+    for n in &doomed {
+        let link = gens.join(n.to_string());
+        fs::remove_file(&link).map_err(ActivateError::io(&link))?;
+        removed.push(*n);
     }
     if !removed.is_empty() {
         store::sync_dir(&gens)?;
     }
+    let kept: BTreeSet<u64> = links
+        .iter()
+        .map(|l| l.number)
+        .filter(|n| !doomed.contains(n))
+        .collect();
+    history.retain(|n| kept.contains(&n));
+    history.save(lock)?;
 
     let fs_dir = layout.secrets_fs();
     if let Ok(entries) = fs::read_dir(&fs_dir) {
@@ -63,6 +71,23 @@ pub fn prune(layout: &Layout, keep: usize, active: u64) -> Result<Vec<u64>, Acti
     Ok(removed)
 }
 
+/// Which generations (number, state; oldest first) to remove so that `keep` remain.
+/// Never the active one. A generation built but not yet tried that is newer than the
+/// active one is pending (the user may activate it next), not failed.
+fn doomed(states: &[(u64, State)], keep: usize, active: u64) -> BTreeSet<u64> {
+    let keep = keep.max(1);
+    let excess = states.len().saturating_sub(keep);
+    let never = |n: u64, s: &State| match s {
+        State::Failed { .. } => true,
+        State::Built => n < active,
+        State::Unknown | State::Activated { .. } => false,
+    };
+    let candidates = states.iter().filter(|(n, _)| *n != active);
+    let first = candidates.clone().filter(|(n, s)| never(*n, s));
+    let then = candidates.filter(|(n, s)| !never(*n, s));
+    first.chain(then).map(|(n, _)| *n).take(excess).collect()
+}
+
 /// Moves a decrypted generation directory out of the way in one rename (so it never
 /// looks complete while half removed), then overwrites and removes it.
 pub fn discard_dir(layout: &Layout, dir: &std::path::Path) {
@@ -75,5 +100,45 @@ pub fn discard_dir(layout: &Layout, dir: &std::path::Path) {
         wipe_tree(&trash);
     } else {
         wipe_tree(dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> State {
+        State::Activated { at: 1 }
+    }
+
+    fn failed() -> State {
+        State::Failed { reason: "x".into() }
+    }
+
+    #[test]
+    fn oldest_go_when_all_activated() {
+        let s: Vec<_> = (1..=5).map(|n| (n, ok())).collect();
+        assert_eq!(doomed(&s, 2, 5), BTreeSet::from([1, 2, 3]));
+        assert_eq!(doomed(&s, 10, 5), BTreeSet::new());
+    }
+
+    #[test]
+    fn never_activated_go_first_and_the_active_one_stays() {
+        let s = vec![
+            (1, ok()),
+            (2, failed()),
+            (3, ok()),
+            (4, State::Built),
+            (5, ok()),
+        ];
+        // 4 was built and never tried, before 5 became active: it never activated.
+        assert_eq!(doomed(&s, 3, 5), BTreeSet::from([2, 4]));
+        assert_eq!(doomed(&s, 2, 5), BTreeSet::from([1, 2, 4]));
+        // After a rollback to 1, the oldest-first order still keeps 1.
+        assert_eq!(doomed(&s, 1, 1), BTreeSet::from([2, 3, 4, 5]));
+        assert_eq!(doomed(&s, 4, 1), BTreeSet::from([2]));
+        // A build newer than the active generation is pending, not failed.
+        let s = vec![(1, ok()), (2, ok()), (3, State::Built)];
+        assert_eq!(doomed(&s, 2, 2), BTreeSet::from([1]));
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::error::ActivateError;
+use crate::history::History;
 use crate::layout::{relative_link, Layout};
 use crate::manifest::{hash_bytes, sha256_hex, Inputs, Manifest};
 
@@ -106,6 +107,7 @@ pub fn build(lock: &StateLock, inputs: &Inputs) -> Result<BuiltGeneration, Activ
 
     let bytes = inputs.manifest.to_bytes();
     let hash = hash_bytes(&bytes);
+    debug_assert_eq!(hash, hash_of(inputs));
     let entry = store.join(format!("{hash}{ENTRY_SUFFIX}"));
     let new_entry = !entry.exists();
     if new_entry {
@@ -151,6 +153,7 @@ pub fn build(lock: &StateLock, inputs: &Inputs) -> Result<BuiltGeneration, Activ
     let target = relative_link(&gens, &entry);
     std::os::unix::fs::symlink(&target, &link).map_err(ActivateError::io(&link))?;
     sync_dir(&gens)?;
+    History::update(lock, |h| h.built(number))?;
     Ok(BuiltGeneration {
         number,
         hash,
@@ -158,6 +161,11 @@ pub fn build(lock: &StateLock, inputs: &Inputs) -> Result<BuiltGeneration, Activ
         new_number: true,
         new_entry,
     })
+}
+
+/// The hash the store entry of `inputs` has (or will have).
+pub fn hash_of(inputs: &Inputs) -> String {
+    hash_bytes(&inputs.manifest.to_bytes())
 }
 
 fn write_entry(
@@ -272,7 +280,7 @@ impl StoredGeneration {
     /// Opens generation `number` and checks its manifest against the entry's hash.
     pub fn open(layout: &Layout, number: u64) -> Result<StoredGeneration, ActivateError> {
         let link = layout.generations_dir().join(number.to_string());
-        let entry = resolve_link(&link).ok_or_else(|| ActivateError::NoSuchGeneration {
+        let entry = resolve_link(layout, &link).ok_or_else(|| ActivateError::NoSuchGeneration {
             spec: number.to_string(),
             why: format!("{} does not exist", link.display()),
         })?;
@@ -343,11 +351,12 @@ impl StoredGeneration {
     }
 }
 
-/// The store entry a generation link points at, made absolute.
-fn resolve_link(link: &Path) -> Option<PathBuf> {
+/// The store entry a generation link points at, made absolute: `<store>/<entry>`, not
+/// `generations/../store/<entry>`, since errors show it.
+fn resolve_link(layout: &Layout, link: &Path) -> Option<PathBuf> {
     let target = fs::read_link(link).ok()?;
-    let abs = match link.parent() {
-        Some(dir) if target.is_relative() => dir.join(&target),
+    let abs = match (target.is_relative(), target.file_name()) {
+        (true, Some(name)) => layout.store_dir().join(name),
         _ => target,
     };
     abs.is_dir().then_some(abs)

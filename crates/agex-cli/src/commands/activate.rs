@@ -1,12 +1,13 @@
 //! Generation commands: build, activate, rollback, generations, diff.
 
-use agex_activate::diff::{diff, Change, ChangeKind};
+use agex_activate::diff::{diff_with_lines, Change, ChangeKind};
+use agex_activate::history::{History, State};
 use agex_activate::ramfs::SecretsFs;
 use agex_activate::restart::{Restarts, Systemctl};
 use agex_activate::store::{self, StoredGeneration};
 use agex_activate::users::UserDb;
 use agex_activate::{
-    ActivateError, ActivateOptions, Activation, Layout, Manifest, Plan, StateLock,
+    ActivateError, ActivateOptions, Activation, Layout, Manifest, Plan, StateLock, Switch,
 };
 use agex_core::Project;
 use serde::Serialize;
@@ -96,7 +97,7 @@ pub fn cmd_activate(
         );
         return Ok(OK);
     }
-    let activation = match generation {
+    let done = match generation {
         Some(spec) => {
             let lock = StateLock::acquire(&layout)?;
             let n = store::resolve(&layout, spec)?;
@@ -108,39 +109,54 @@ pub fn cmd_activate(
             let inputs = build_inputs(ctx, &project)?;
             let opts = options(ctx, switch, Some(inputs.manifest.host.clone()));
             let lock = StateLock::acquire(&layout)?;
-            let built = store::build(&lock, &inputs)?;
-            if built.new_number {
-                println!(
-                    "built generation {}: {} {}",
-                    built.number,
-                    built.hash,
-                    built.path.display()
-                );
-            }
-            agex_activate::activate(&lock, built.number, &opts)?
+            // Activating what is active is a no-op: no build, so no new number.
+            let number = match agex_activate::activate::active_unchanged(&layout, &inputs)? {
+                Some(n) => n,
+                None => {
+                    let built = store::build(&lock, &inputs)?;
+                    if built.new_number {
+                        println!(
+                            "built generation {}: {} {}",
+                            built.number,
+                            built.hash,
+                            built.path.display()
+                        );
+                    }
+                    built.number
+                }
+            };
+            agex_activate::activate(&lock, number, &opts)?
         }
     };
-    crate::commands::schedule::install_generation_units(
-        ctx,
-        activation.number,
-        switch.systemctl.as_deref(),
-        switch.no_restart,
-    )?;
-    report(activation)
+    finish(ctx, switch, done)
+}
+
+/// Installs the generation's units and reports, unless nothing was switched.
+fn finish(ctx: &Context, switch: &SwitchArgs, done: Switch) -> Result<i32, Failure> {
+    match done {
+        Switch::AlreadyActive { number, hash } => {
+            println!(
+                "generation {number} ({hash}) is already active and unchanged: nothing to do (nothing restarted)"
+            );
+            Ok(OK)
+        }
+        Switch::Activated(activation) => {
+            crate::commands::schedule::install_generation_units(
+                ctx,
+                activation.number,
+                switch.systemctl.as_deref(),
+                switch.no_restart,
+            )?;
+            report(*activation)
+        }
+    }
 }
 
 pub fn cmd_rollback(ctx: &Context, to: Option<u64>, switch: &SwitchArgs) -> Result<i32, Failure> {
     let layout = layout(ctx);
     let lock = StateLock::acquire(&layout)?;
-    let activation =
-        agex_activate::rollback(&lock, to, &options(ctx, switch, ctx.global.host.clone()))?;
-    crate::commands::schedule::install_generation_units(
-        ctx,
-        activation.number,
-        switch.systemctl.as_deref(),
-        switch.no_restart,
-    )?;
-    report(activation)
+    let done = agex_activate::rollback(&lock, to, &options(ctx, switch, ctx.global.host.clone()))?;
+    finish(ctx, switch, done)
 }
 
 fn report(a: Activation) -> Result<i32, Failure> {
@@ -235,11 +251,35 @@ struct GenerationRow {
     active: bool,
     kept: bool,
     path: String,
+    /// Whether it ever activated: `activated`, `failed` (with `reason`), `built`, `unknown`.
+    #[serde(flatten)]
+    state: State,
+}
+
+/// The STATE cell: whether the generation ever worked, and why not. A failure's reason
+/// is folded onto the one line.
+fn state_cell(active: bool, state: &State) -> String {
+    match state {
+        _ if active => "active".into(),
+        State::Activated { .. } => "was active".into(),
+        State::Unknown => "-".into(),
+        State::Built => "never activated (built only)".into(),
+        State::Failed { reason } => format!(
+            "never activated: {}",
+            reason
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    }
 }
 
 pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
     let layout = layout(ctx);
     let active = agex_activate::activate::active(&layout);
+    let history = History::load(&layout);
     let rows: Vec<GenerationRow> = store::list(&layout)?
         .into_iter()
         .map(|l| GenerationRow {
@@ -253,6 +293,7 @@ pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
             active: active == Some(l.number),
             kept: agex_activate::activate::Marker::read(&layout.generation_dir(l.number)).is_some(),
             path: l.path.display().to_string(),
+            state: history.state(l.number),
         })
         .collect();
     if ctx.global.json {
@@ -265,7 +306,7 @@ pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
     }
     let yes = |b: bool| if b { "yes" } else { "" }.to_string();
     output::table(
-        &["#", "DATE", "HASH", "ACTIVE", "ON TMPFS"],
+        &["#", "DATE", "HASH", "ON TMPFS", "STATE"],
         &rows
             .iter()
             .map(|r| {
@@ -273,8 +314,8 @@ pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
                     r.number.to_string(),
                     r.date.clone().unwrap_or_default(),
                     r.hash.clone(),
-                    yes(r.active),
                     yes(r.kept),
+                    state_cell(r.active, &r.state),
                 ]
             })
             .collect::<Vec<_>>(),
@@ -284,35 +325,43 @@ pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
 
 pub fn cmd_diff(ctx: &Context, a: Option<&str>, b: Option<&str>) -> Result<i32, Failure> {
     let layout = layout(ctx);
-    let open = |spec: &str| -> Result<(String, Manifest), Failure> {
+    let open = |spec: &str| -> Result<(String, StoredGeneration), Failure> {
         let n = store::resolve(&layout, spec)?;
         Ok((
             format!("generation {n}"),
-            StoredGeneration::open(&layout, n)?.manifest,
+            StoredGeneration::open(&layout, n)?,
         ))
     };
-    let (a_name, a_manifest) = match a {
+    let (a_name, a_gen) = match a {
         Some(spec) => open(spec)?,
         None => match agex_activate::activate::active(&layout) {
             Some(n) => open(&n.to_string())?,
             None => open("last")?,
         },
     };
-    let (b_name, b_manifest) = match b {
-        Some(spec) => open(spec)?,
+    let read_a = |path: &str| a_gen.carried(path).ok();
+    let changes = match b {
+        Some(spec) => {
+            let (b_name, b_gen) = open(spec)?;
+            let read_b = |path: &str| b_gen.carried(path).ok();
+            let changes = diff_with_lines(&a_gen.manifest, &b_gen.manifest, &read_a, &read_b);
+            (b_name, changes)
+        }
         None => {
             let project = ctx.project()?;
             let host = ctx
                 .global
                 .host
                 .clone()
-                .unwrap_or_else(|| a_manifest.host.clone());
+                .unwrap_or_else(|| a_gen.manifest.host.clone());
             let mut inputs = Manifest::from_project(&project, &host)?;
             crate::commands::schedule::carry(&project, &mut inputs)?;
-            (format!("the configuration (host {host})"), inputs.manifest)
+            let read_b = |path: &str| inputs.files.get(path).cloned();
+            let changes = diff_with_lines(&a_gen.manifest, &inputs.manifest, &read_a, &read_b);
+            (format!("the configuration (host {host})"), changes)
         }
     };
-    let changes = diff(&a_manifest, &b_manifest);
+    let (b_name, changes) = changes;
     if ctx.global.json {
         output::json(&changes)?;
         return Ok(OK);
@@ -323,6 +372,9 @@ pub fn cmd_diff(ctx: &Context, a: Option<&str>, b: Option<&str>) -> Result<i32, 
     }
     for c in &changes {
         println!("  {}", show_change(c));
+        for l in &c.lines {
+            println!("      {l}");
+        }
     }
     Ok(OK)
 }
@@ -333,15 +385,22 @@ fn show_change(c: &Change) -> String {
         ChangeKind::Removed => "-",
         ChangeKind::Changed => "~",
     };
-    let details = if c.details.is_empty() {
+    // "content" says nothing the lines below do not.
+    let details: Vec<&str> = c
+        .details
+        .iter()
+        .map(String::as_str)
+        .filter(|d| c.lines.is_empty() || *d != "content")
+        .collect();
+    let details = if details.is_empty() {
         String::new()
     } else {
-        format!(": {}", c.details.join(", "))
+        format!(": {}", details.join(", "))
     };
-    format!(
-        "{sign} {} {}{details}  [{}]",
-        c.item,
-        c.name,
-        c.services.join(" ")
-    )
+    let services = if c.services.is_empty() {
+        String::new()
+    } else {
+        format!("  [{}]", c.services.join(" "))
+    };
+    format!("{sign} {} {}{details}{services}", c.item, c.name)
 }

@@ -448,14 +448,18 @@ pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i
                 systemctl: None,
                 no_restart: true,
             };
-            let a =
-                agex_activate::activate(&lock, built.number, &opts).map_err(|e| e.to_string())?;
-            Ok(format!(
-                "generation {} ({}) activated: {} file(s) decrypted with the new key",
-                a.number,
-                &a.hash[..a.hash.len().min(12)],
-                a.files
-            ))
+            match agex_activate::activate(&lock, built.number, &opts).map_err(|e| e.to_string())? {
+                agex_activate::Switch::Activated(a) => Ok(format!(
+                    "generation {} ({}) activated: {} file(s) decrypted with the new key",
+                    a.number,
+                    &a.hash[..a.hash.len().min(12)],
+                    a.files
+                )),
+                // A fresh scratch root has nothing active; reaching this means it was reused.
+                agex_activate::Switch::AlreadyActive { number, .. } => Err(format!(
+                "generation {number} was already active in the scratch root; nothing was decrypted"
+            )),
+            }
         };
     let report =
         agex_backup::rebuild::run(&project, &ctx.global.root, host, &admin, &mut activate)?;
