@@ -109,7 +109,9 @@ fn a_backup_during_writes_warns_with_the_changed_files_and_both_drills_pass() {
     for repo in ["offsite-restic", "offsite-borg"] {
         let line = err
             .lines()
-            .find(|l| l.contains(&format!("testapp → {repo}: warning")) && l.contains("changed"))
+            .find(|l| {
+                l.starts_with(&format!("warning: testapp → {repo}: ")) && l.contains("changed")
+            })
             .unwrap_or_else(|| panic!("no warning about changed files for {repo}: {err}"));
         assert!(line.contains("changed while they were backed up"), "{line}");
         assert!(line.contains("/srv/app/files/app.log"), "{line}");
@@ -541,7 +543,7 @@ fn an_unreadable_file_is_a_warning_and_the_drills_pass() {
     for repo in ["offsite-restic", "offsite-borg"] {
         assert!(
             err.lines()
-                .any(|l| l.contains(&format!("testapp → {repo}: warning"))
+                .any(|l| l.starts_with(&format!("warning: testapp → {repo}: "))
                     && l.contains("/srv/app/files/sub/locked.key could not be read")),
             "{err}"
         );
