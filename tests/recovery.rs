@@ -248,9 +248,10 @@ fn in_place_restore_starts_units_again_when_it_fails() {
     );
 }
 
-#[test]
-fn a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again() {
-    let test = "a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again";
+/// Runs `agex <args> --systemctl S` where S sends SIGTERM, then SIGINT, to agex while
+/// it stops the policy's units: each run exits 128 + signal, saying `<command> interrupted`,
+/// and the units were started again.
+fn signal_while_units_are_stopped(test: &str, args: &[&str]) {
     if !tools(test) {
         return;
     }
@@ -261,18 +262,11 @@ fn a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again() 
         let dir = tmp.path().join(signal);
         fs::create_dir_all(&dir).unwrap();
         let (sysctl, calls) = signalling_systemctl(&dir, signal);
-        let out = s.agex(&[
-            "restore",
-            "--service",
-            "testapp",
-            "--in-place",
-            "--yes",
-            "--systemctl",
-            sysctl.to_str().unwrap(),
-        ]);
-        let err = assert_fails(&out, code);
+        let mut full = args.to_vec();
+        full.extend(["--systemctl", sysctl.to_str().unwrap()]);
+        let err = assert_fails(&s.agex(&full), code);
         assert!(
-            err.contains("restore interrupted by signal"),
+            err.contains(&format!("{} interrupted by signal", args[0])),
             "SIG{signal}: {err}"
         );
         assert_eq!(
@@ -284,36 +278,19 @@ fn a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again() 
 }
 
 #[test]
+fn a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again() {
+    signal_while_units_are_stopped(
+        "a_signal_while_an_in_place_restore_has_the_units_stopped_starts_them_again",
+        &["restore", "--service", "testapp", "--in-place", "--yes"],
+    );
+}
+
+#[test]
 fn a_signal_while_a_backup_has_the_units_stopped_starts_them_again() {
-    let test = "a_signal_while_a_backup_has_the_units_stopped_starts_them_again";
-    if !tools(test) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let policy = format!("stop_units = [\"testapp.service\"]\n{SQLITE_POLICY}");
-    let (s, _, _) = local(tmp.path(), &policy);
-    for (signal, code) in [("TERM", 143), ("INT", 130)] {
-        let dir = tmp.path().join(signal);
-        fs::create_dir_all(&dir).unwrap();
-        let (sysctl, calls) = signalling_systemctl(&dir, signal);
-        let out = s.agex(&[
-            "backup",
-            "--service",
-            "testapp",
-            "--systemctl",
-            sysctl.to_str().unwrap(),
-        ]);
-        let err = assert_fails(&out, code);
-        assert!(
-            err.contains("backup interrupted by signal"),
-            "SIG{signal}: {err}"
-        );
-        assert_eq!(
-            fs::read_to_string(&calls).unwrap(),
-            "stop testapp.service\nstart testapp.service\n",
-            "SIG{signal}: {err}"
-        );
-    }
+    signal_while_units_are_stopped(
+        "a_signal_while_a_backup_has_the_units_stopped_starts_them_again",
+        &["backup", "--service", "testapp"],
+    );
 }
 
 /// sshd with a borg repository, a PostgreSQL cluster with `app`, local restic.
