@@ -449,11 +449,25 @@ fn wipe_where(pick: impl Fn(u64) -> bool) -> usize {
     });
     let places: Vec<(u64, Place)> = places;
     let n = places.len();
+    let mut trees = Vec::new();
     for (_, place) in places {
         match place {
             Place::Dir { base, dir, name } => wipe_dir(base.as_fd(), dir.as_fd(), &name),
-            Place::Tree(path) => wipe_tree(&path),
+            Place::Tree(path) => {
+                wipe_tree(&path);
+                trees.push(path);
+            }
         }
+    }
+    // Other threads (activation's writers) run on until agex exits: a tree they created
+    // or wrote into while it was being wiped is wiped again. What still escapes is a dead
+    // process's leftover, which the next agex removes with a note.
+    for _ in 0..3 {
+        if !trees.iter().any(|t| t.exists()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        trees.iter().for_each(|t| wipe_tree(t));
     }
     n
 }
