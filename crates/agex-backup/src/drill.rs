@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::access::RepoAccess;
 use crate::error::BackupError;
 use crate::manifest::under;
+use crate::peak::PeakWatch;
 use crate::restore::{self, PgScratch};
 use crate::run::STATE_DIR;
 use crate::status::{exposition, unix_seconds, write_prom, Gauge};
+use crate::stream_verify;
 
 /// Where drill records are written, under `--root`.
 pub const DRILLS_DIR: &str = "/var/lib/agex/drills";
@@ -80,6 +82,15 @@ pub struct DrillResult {
     pub files: u64,
     /// Databases verified.
     pub databases: u64,
+    /// Peak memory of the drill of this pair, bytes: agex's own peak resident set
+    /// (`VmHWM`) plus the largest sum of its child processes' peaks at one time
+    /// (pg_restore, borg, ssh; see [`crate::peak`]). None where `/proc` is missing.
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    /// Most scratch disk the drill of this pair used at once, bytes (the largest SQLite
+    /// dump; PostgreSQL dumps and files are verified as they stream).
+    #[serde(default)]
+    pub scratch_bytes: Option<u64>,
 }
 
 impl DrillResult {
@@ -132,6 +143,7 @@ pub fn execute(
     let mut results = Vec::new();
     for (service, repo) in pairs {
         let t = Instant::now();
+        let watch = PeakWatch::start();
         let mut r = match (env.project.policies.get(service), env.access.get(repo)) {
             (None, _) => failed(service, repo, "service has no policy".into()),
             (_, None) => failed(service, repo, "repository is not open".into()),
@@ -142,6 +154,7 @@ pub fn execute(
             }
         };
         r.rto_seconds = t.elapsed().as_secs_f64();
+        r.peak_memory_bytes = watch.finish().map(|p| p.total());
         results.push(r);
     }
     let rec = DrillRecord {
@@ -170,6 +183,8 @@ fn failed(service: &str, repo: &str, why: String) -> DrillResult {
         bytes: 0,
         files: 0,
         databases: 0,
+        peak_memory_bytes: None,
+        scratch_bytes: None,
     }
 }
 
@@ -214,27 +229,17 @@ fn drill_one(
         .map_err(BackupError::io(&scratch_base))?;
     let passwords = restore::database_passwords(env.project, policy, env.ids)?;
     let name = |dump: &str| scratch_database(service, run_id, dump);
-    let extracted = restore::extract(access, state, &snap, scratch.path(), None)?;
-    let verified = match restore::read_manifest(scratch.path(), service) {
-        Ok(mut m) => restore::verify(
-            scratch.path(),
-            &{
-                m.mark_changed(&snap.late_changed);
-                m
-            },
-            Some(&PgScratch {
-                policy,
-                root: env.db_root,
-                passwords: &passwords,
-                name: &name,
-            }),
-        ),
-        Err(p) => restore::Verified {
-            problems: vec![p],
-            ..Default::default()
-        },
+    let pg = PgScratch {
+        policy,
+        root: env.db_root,
+        passwords: &passwords,
+        name: &name,
     };
+    let streamed = without_panics(repo, || {
+        stream_verify::verify(access, state, &snap, service, scratch.path(), &pg)
+    })?;
     drop(scratch);
+    let verified = streamed.verified;
     let now = chrono::Utc::now();
     let ok = verified.problems.is_empty();
     Ok(DrillResult {
@@ -250,9 +255,36 @@ fn drill_one(
         snapshot_time: Some(snap.time.to_rfc3339()),
         rpo_seconds: Some((now - snap.time).num_milliseconds() as f64 / 1000.0),
         rto_seconds: 0.0,
-        bytes: extracted.bytes,
-        files: extracted.files,
+        bytes: streamed.bytes,
+        files: streamed.files,
         databases: verified.databases,
+        peak_memory_bytes: None,
+        scratch_bytes: Some(streamed.scratch_peak),
+    })
+}
+
+/// Runs `f`, turning a panic inside the engine (rustic_core's worker threads on a
+/// damaged pack) into this pair's failure instead of agex's abort. The default hook
+/// would print the panic as if agex had crashed; drills run one pair at a time, so
+/// swapping the process-wide hook for the call is safe.
+fn without_panics<T>(
+    repo: &str,
+    f: impl FnOnce() -> Result<T, BackupError>,
+) -> Result<T, BackupError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    result.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown error");
+        Err(BackupError::Restic {
+            repo: repo.to_string(),
+            message: format!("reading the snapshot failed: {what}"),
+        })
     })
 }
 
@@ -286,6 +318,10 @@ pub struct DrillStatus {
     pub rto_seconds: Option<f64>,
     /// Bytes restored by the last passed drill.
     pub bytes: Option<u64>,
+    /// Peak memory of the last drill (passed or not), bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Most scratch disk the last drill (passed or not) used at once, bytes.
+    pub scratch_bytes: Option<u64>,
 }
 
 /// Folds drill records (oldest first) into the latest status per service and repository.
@@ -318,6 +354,8 @@ pub fn summarize(records: &[DrillRecord]) -> Vec<DrillStatus> {
                     rpo_seconds: rpo,
                     rto_seconds: rto,
                     bytes,
+                    peak_memory_bytes: r.peak_memory_bytes,
+                    scratch_bytes: r.scratch_bytes,
                 },
             );
         }
@@ -327,7 +365,7 @@ pub fn summarize(records: &[DrillRecord]) -> Vec<DrillStatus> {
 
 /// The Prometheus text exposition of drill statuses.
 pub fn prometheus(statuses: &[DrillStatus]) -> String {
-    let metrics: [Gauge<DrillStatus>; 4] = [
+    let metrics: [Gauge<DrillStatus>; 6] = [
         (
             "agex_drill_last_success_timestamp_seconds",
             "Unix time of the last restore drill that passed",
@@ -342,6 +380,16 @@ pub fn prometheus(statuses: &[DrillStatus]) -> String {
             "agex_drill_rpo_seconds",
             "Age of the snapshot the last passed drill restored",
             |s| s.rpo_seconds,
+        ),
+        (
+            "agex_drill_peak_memory_bytes",
+            "Peak memory of the last drill: agex's own VmHWM plus its children's peaks",
+            |s| s.peak_memory_bytes.map(|b| b as f64),
+        ),
+        (
+            "agex_drill_scratch_bytes",
+            "Most scratch disk the last drill used at once",
+            |s| s.scratch_bytes.map(|b| b as f64),
         ),
         (
             "agex_drill_result",

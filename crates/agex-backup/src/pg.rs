@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Child, ChildStdin, Output, Stdio};
+use std::thread::JoinHandle;
 
 use agex_core::Database;
 use zeroize::Zeroizing;
@@ -84,6 +85,44 @@ impl PgConn {
         process::check(&shown, out).map(|_| ())
     }
 
+    /// `pg_restore` into `dbname`, reading the dump from the returned stream's input as
+    /// the caller writes it (a custom-format archive restores from a pipe in its own
+    /// order, which is how a drill restores without a copy on disk).
+    pub fn restore_stream(
+        &self,
+        dbname: &str,
+        options: &[&str],
+    ) -> Result<PgRestoreStream, BackupError> {
+        let mut cmd = self.conn.command("pg_restore", dbname);
+        cmd.current_dir("/").args(options);
+        let shown = process::describe(&cmd);
+        tracing::debug!("running {shown}");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| BackupError::Spawn {
+                tool: shown.clone(),
+                source,
+            })?;
+        let input = child.stdin.take();
+        let mut err = child.stderr.take();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(e) = err.as_mut() {
+                let _ = std::io::Read::read_to_string(e, &mut text);
+            }
+            text
+        });
+        Ok(PgRestoreStream {
+            child: Some(child),
+            input,
+            stderr: Some(stderr),
+            shown,
+        })
+    }
+
     /// Rows per table (`schema.table`) of every user table in `dbname`, counted the
     /// same way a backup counts them for the manifest.
     pub fn row_counts(&self, dbname: &str) -> Result<BTreeMap<String, u64>, BackupError> {
@@ -91,6 +130,58 @@ impl PgConn {
         let counts = session.row_counts()?;
         session.finish()?;
         Ok(counts)
+    }
+}
+
+/// A running `pg_restore` that reads its dump from [`PgRestoreStream::input`].
+pub struct PgRestoreStream {
+    child: Option<Child>,
+    input: Option<ChildStdin>,
+    stderr: Option<JoinHandle<String>>,
+    shown: String,
+}
+
+impl PgRestoreStream {
+    /// Where the dump's bytes go.
+    pub fn input(&mut self) -> Option<&mut ChildStdin> {
+        self.input.as_mut()
+    }
+
+    /// Ends the input and waits: Ok if `pg_restore` exited 0.
+    pub fn finish(mut self) -> Result<(), BackupError> {
+        drop(self.input.take());
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = child.wait().map_err(|source| BackupError::Spawn {
+            tool: self.shown.clone(),
+            source,
+        })?;
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        process::check(
+            &self.shown,
+            Output {
+                status,
+                stdout: vec![],
+                stderr: stderr.into_bytes(),
+            },
+        )
+        .map(|_| ())
+    }
+}
+
+impl Drop for PgRestoreStream {
+    fn drop(&mut self) {
+        // Not finished (an error on the way): stop it rather than leave it waiting.
+        drop(self.input.take());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

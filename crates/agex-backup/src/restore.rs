@@ -54,6 +54,13 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct OpenedKey(rustic_core::repofile::MasterKey);
 
+impl OpenedKey {
+    /// The key, to open the repository again.
+    pub(crate) fn master(&self) -> &rustic_core::repofile::MasterKey {
+        &self.0
+    }
+}
+
 impl std::fmt::Debug for OpenedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OpenedKey(..)")
@@ -511,11 +518,11 @@ pub fn verify(dir: &Path, manifest: &Manifest, pg: Option<&PgScratch<'_>>) -> Ve
     v
 }
 
-fn short(digest: &str) -> String {
+pub(crate) fn short(digest: &str) -> String {
     digest.chars().take(19).collect()
 }
 
-fn compare_rows(
+pub(crate) fn compare_rows(
     problems: &mut Vec<String>,
     name: &str,
     expected: &BTreeMap<String, u64>,
@@ -546,6 +553,74 @@ pub fn sqlite_check(path: &Path) -> Result<BTreeMap<String, u64>, String> {
     }
     drop(conn);
     crate::dump::sqlite_row_counts(path).map_err(|e| e.to_string())
+}
+
+/// A dump being restored into a drill's scratch database from a stream.
+pub(crate) struct ScratchRestore {
+    conn: PgConn,
+    scratch: String,
+    restoring: Option<crate::pg::PgRestoreStream>,
+}
+
+impl ScratchRestore {
+    /// Where the dump's bytes go.
+    pub(crate) fn input(&mut self) -> Option<&mut std::process::ChildStdin> {
+        self.restoring.as_mut().and_then(|r| r.input())
+    }
+
+    /// Waits for `pg_restore`, counts the rows, drops the scratch database.
+    pub(crate) fn finish(mut self) -> Result<BTreeMap<String, u64>, BackupError> {
+        let result = match self.restoring.take() {
+            Some(r) => r.finish(),
+            None => Ok(()),
+        }
+        .and_then(|()| self.conn.row_counts(&self.scratch));
+        let dropped = self.conn.drop_database(&self.scratch);
+        self.scratch.clear();
+        let counts = result?;
+        dropped?;
+        Ok(counts)
+    }
+}
+
+impl Drop for ScratchRestore {
+    fn drop(&mut self) {
+        // Not finished: stop pg_restore, then the scratch database goes too.
+        drop(self.restoring.take());
+        if !self.scratch.is_empty() {
+            let _ = self.conn.drop_database(&self.scratch);
+        }
+    }
+}
+
+/// Creates the scratch database for `entry` and starts `pg_restore` into it, reading
+/// the dump from [`ScratchRestore::input`].
+pub(crate) fn pg_restore_start(
+    pg: &PgScratch<'_>,
+    entry: &manifest::DumpEntry,
+) -> Result<ScratchRestore, BackupError> {
+    let db = policy_database(pg.policy, entry).ok_or_else(|| {
+            BackupError::Usage(format!(
+                "policies/{}.toml names no PostgreSQL database `{}` whose server could take a scratch restore",
+                pg.policy.service, entry.name
+            ))
+        })?;
+    let conn = connect(db, pg.root, pg.passwords)?.ok_or_else(|| {
+        BackupError::Usage(format!("database `{}` is not PostgreSQL", entry.name))
+    })?;
+    let scratch = (pg.name)(&entry.name);
+    conn.drop_database(&scratch)?;
+    conn.create_database(&scratch)?;
+    let mut started = ScratchRestore {
+        conn,
+        scratch,
+        restoring: None,
+    };
+    started.restoring = Some(started.conn.restore_stream(
+        &started.scratch,
+        &["--no-owner", "--no-privileges", "--exit-on-error"],
+    )?);
+    Ok(started)
 }
 
 fn pg_check(

@@ -260,6 +260,12 @@ fn print_drill(results: &[drill::DrillResult]) {
                     .unwrap_or_else(|| "-".into()),
                 format!("{:.1}s", r.rto_seconds),
                 human_bytes(r.bytes),
+                r.peak_memory_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "-".into()),
+                r.scratch_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "-".into()),
                 r.snapshot.clone().unwrap_or_default(),
             ]
         })
@@ -272,6 +278,8 @@ fn print_drill(results: &[drill::DrillResult]) {
             "RPO",
             "RTO",
             "BYTES",
+            "PEAK MEM",
+            "SCRATCH",
             "SNAPSHOT",
         ],
         &rows,
@@ -331,6 +339,8 @@ pub fn print_drill_statuses(statuses: &[drill::DrillStatus]) {
                 s.rto_seconds
                     .map(|v| format!("{v:.1}s"))
                     .unwrap_or_default(),
+                s.peak_memory_bytes.map(human_bytes).unwrap_or_default(),
+                s.scratch_bytes.map(human_bytes).unwrap_or_default(),
                 s.error.clone().unwrap_or_default(),
             ]
         })
@@ -344,6 +354,8 @@ pub fn print_drill_statuses(statuses: &[drill::DrillStatus]) {
             "LAST PASSED",
             "RPO",
             "RTO",
+            "PEAK MEM",
+            "SCRATCH",
             "ERROR",
         ],
         &rows,
