@@ -1345,3 +1345,126 @@ fn assert_no_secret_on_disk(dir: &Path, secrets: &[(String, Vec<u8>)], when: &st
         }
     }
 }
+
+/// Peak memory a drill may report (agex's own `VmHWM` plus its children's), whatever the
+/// size of what it verifies: here a 256 MiB file and a PostgreSQL dump of ~330 MB, both
+/// larger than the bound, so a drill whose memory followed the data would exceed it.
+const DRILL_MEMORY_BOUND: u64 = 200 << 20;
+
+#[test]
+fn drill_of_a_large_database_and_file_passes_in_bounded_memory_and_scratch() {
+    let test = "drill_of_a_large_database_and_file_passes_in_bounded_memory_and_scratch";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    pg.create_db("app");
+    // ~330 MB of rows that compress well, as real tables of text do.
+    pg.psql(
+        "app",
+        "CREATE TABLE events (id bigint PRIMARY KEY, kind text, body text); \
+         INSERT INTO events SELECT g, 'kind-' || (g % 17), \
+           repeat('a compressible row of drill data ' || (g % 1000), 8) \
+           FROM generate_series(1, 1000000) g; \
+         CREATE TABLE notes (id int); INSERT INTO notes SELECT generate_series(1, 77);",
+    );
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.link_postgres(&pg);
+    s.policy("testapp", &sqlite_and_postgres_policy(&pg));
+    app_data(&s, 0);
+    // One large compressible file: a SQL dump's shape, 256 MiB.
+    {
+        use std::io::Write;
+        let mut f =
+            std::io::BufWriter::new(fs::File::create(s.host("/srv/app/files/export.sql")).unwrap());
+        let mut written = 0usize;
+        let mut i = 0u64;
+        while written < 256 << 20 {
+            let line = format!(
+                "INSERT INTO t VALUES ({i}, 'row {}', '2026-11-{:02}');\n",
+                i % 977,
+                i % 28 + 1
+            );
+            f.write_all(line.as_bytes()).unwrap();
+            written += line.len();
+            i += 1;
+        }
+        f.flush().unwrap();
+    }
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+
+    // The manifest both drills compare with records the exact row counts.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &run(
+            s.restic(&restic_url).args([
+                "dump",
+                "latest",
+                "/var/lib/agex/dumps/testapp/manifest.json",
+            ]),
+            "restic dump",
+        )
+        .stdout,
+    )
+    .unwrap();
+    let pg_dump = manifest["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["kind"] == "postgres")
+        .unwrap();
+    assert_eq!(
+        pg_dump["row_counts"]["public.events"], 1_000_000,
+        "{manifest}"
+    );
+    assert_eq!(pg_dump["row_counts"]["public.notes"], 77, "{manifest}");
+    let dump_size = pg_dump["size"].as_u64().unwrap();
+    assert!(dump_size > DRILL_MEMORY_BOUND, "dump of {dump_size} bytes");
+
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let out = s.agex(&["--json", "drill", "--service", "testapp", "--repo", repo]);
+        assert_ok(&out);
+        let rec: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let r = &rec["results"][0];
+        assert_eq!(r["result"], "ok", "{rec}");
+        assert_eq!(r["databases"], 2, "{rec}");
+        assert!(
+            r["bytes"].as_u64().unwrap() >= (256 << 20) + dump_size,
+            "{rec}"
+        );
+        let peak = r["peak_memory_bytes"].as_u64().unwrap();
+        eprintln!("{repo}: drill peak memory {} MiB, {rec}", peak >> 20);
+        assert!(peak > 4 << 20, "{repo}: implausible peak {peak}");
+        assert!(
+            peak < DRILL_MEMORY_BOUND,
+            "{repo}: drill peak memory {} MiB, bound {} MiB",
+            peak >> 20,
+            DRILL_MEMORY_BOUND >> 20
+        );
+        // Only the SQLite dump (a few KiB) touched scratch disk: neither the large
+        // file nor the PostgreSQL dump was written out.
+        let scratch = r["scratch_bytes"].as_u64().unwrap();
+        assert!(
+            scratch > 0 && scratch < 1 << 20,
+            "{repo}: scratch {scratch}"
+        );
+    }
+    let dbs = pg.psql("postgres", "SELECT datname FROM pg_database");
+    assert!(!dbs.contains("agex_drill"), "{dbs}");
+    assert_eq!(
+        fs::read_dir(s.host("/var/lib/agex/drill")).unwrap().count(),
+        0
+    );
+    let prom = fs::read_to_string(s.host("/var/lib/node-exporter/agex_drill.prom")).unwrap();
+    for metric in [
+        "agex_drill_peak_memory_bytes{service=\"testapp\",repo=\"offsite-borg\"}",
+        "agex_drill_scratch_bytes{service=\"testapp\",repo=\"offsite-restic\"}",
+    ] {
+        assert!(prom.contains(metric), "{metric} missing:\n{prom}");
+    }
+}
