@@ -1091,6 +1091,37 @@ fn a_rule_path_below_a_symlinked_directory_is_refused_and_nothing_lands_outside(
 }
 
 #[test]
+fn run_agex_d_and_the_state_directory_reached_through_a_symlink_are_refused() {
+    // Each directory agex writes below the root, swapped for a symlink to a directory
+    // outside it: activation refuses, and nothing (no store, no mount, no link) lands
+    // outside.
+    for at in ["run", "run/agex.d", "var/lib", "var/lib/agex"] {
+        let host = TestHost::new();
+        let outside = tempfile::tempdir().unwrap();
+        let link = host.root.join(at);
+        fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+        let out = host.activate(&["--no-restart"]);
+        assert!(
+            !out.status.success(),
+            "{at}: activation through a symlink succeeded"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("symlink") && err.contains(at), "{at}: {err}");
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(
+            !mounts.contains(&*outside.path().to_string_lossy()),
+            "{at}: mounted outside the root: {mounts}"
+        );
+        assert_eq!(
+            fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "{at}: something was written through the symlink"
+        );
+    }
+}
+
+#[test]
 fn sigterm_during_activation_leaves_no_staging_behind() {
     let host = TestHost::new();
     assert_ok(&host.activate(&["--no-restart"]));

@@ -226,6 +226,64 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
 }
 
 #[test]
+fn a_symlinked_metrics_or_dumps_directory_redirects_nothing() {
+    let test = "a_symlinked_metrics_or_dumps_directory_redirects_nothing";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let restic_url = tmp.path().join("restic").display().to_string();
+    let borg_url = tmp.path().join("borg").display().to_string();
+    let s = Setup::new(&restic_url, &borg_url, false);
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 0);
+    s.init_repos();
+    let outside = tempfile::tempdir().unwrap();
+    let empty = |what: &str| {
+        assert_eq!(
+            fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "{what}: root wrote through the symlink"
+        );
+    };
+
+    // The metrics directory (metrics_dir = /var/lib/node-exporter) is a symlink its
+    // owner put there: the backup is made, the metrics are not, and say why.
+    fs::create_dir_all(s.host("/var/lib")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), s.host("/var/lib/node-exporter")).unwrap();
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("metrics not written") && err.contains("symlink"),
+        "{err}"
+    );
+    empty("metrics_dir");
+    fs::remove_file(s.host("/var/lib/node-exporter")).unwrap();
+
+    // The service's dumps directory is a symlink: borg's named pipes are not made
+    // through it (borg fails, exit 3), the in-process Restic side is unaffected.
+    let dumps = s.host("/var/lib/agex/dumps/testapp");
+    let _ = fs::remove_dir_all(&dumps);
+    std::os::unix::fs::symlink(outside.path(), &dumps).unwrap();
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    let err = assert_fails(&out, 3);
+    assert!(
+        err.contains("symlink") && err.contains("dumps/testapp"),
+        "{err}"
+    );
+    empty("dumps directory");
+    let status = s.status();
+    let restic = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["repo"] == "offsite-restic")
+        .unwrap();
+    assert_eq!(restic["result"], "ok", "{status}");
+}
+
+#[test]
 fn rest_server_restic_while_the_database_is_being_written() {
     let test = "rest_server_restic_while_the_database_is_being_written";
     if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {

@@ -1226,7 +1226,7 @@ fn rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key(
     let dbs = pg.psql("postgres", "SELECT datname FROM pg_database");
     assert!(!dbs.contains("agex_drill"), "{dbs}");
     let _ = root_before;
-    let secrets = secret_values(&s);
+    let secrets = secret_values(&s.fx);
     assert_no_secret_on_disk(&s.root, &secrets, "after the drill");
 
     // A drill killed mid-run: its secrets were only ever on its ramfs mount and in RAM,
@@ -1290,16 +1290,189 @@ fn rebuild_drill_on_the_bunk_example_restores_every_service_with_a_new_host_key(
     );
 }
 
+#[test]
+fn rebuild_drill_without_root_refuses_unless_secrets_on_disk_are_allowed() {
+    let test = "rebuild_drill_without_root_refuses_unless_secrets_on_disk_are_allowed";
+    // Root is needed to become another user; the drill itself then runs without root.
+    if !is_root(test) {
+        return;
+    }
+    let fx = Fixture::bunk();
+    // Repositories that do not exist (on loopback terms: local paths), so the restores
+    // fail fast once the drill gets that far.
+    let gone = fx.tmp.path().join("no-such-repos");
+    fx.retarget_repositories(
+        &gone.join("restic").display().to_string(),
+        &gone.join("borg").display().to_string(),
+        false,
+    );
+    fx.edit_config("healthchecks = \"secret:healthchecks-url\"\n", "");
+    let root = fx.root();
+    // nobody owns the whole test tree (and may read the config and keys in it).
+    fs::set_permissions(fx.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    assert_ok(
+        &Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(fx.tmp.path())
+            .output()
+            .unwrap(),
+    );
+    let as_nobody = |extra: &[&str]| {
+        let base = fx.agex();
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(base.get_program())
+            .arg("-i")
+            .arg(fx.key("admin.txt"))
+            .arg("--root")
+            .arg(&root)
+            .args(["--json", "drill", "rebuild", "--host", "bunk"])
+            .args(extra);
+        if let Some(d) = base.get_current_dir() {
+            cmd.current_dir(d);
+        }
+        for (k, v) in base.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.stdin(std::process::Stdio::null()).output().unwrap()
+    };
+    let rebuild = root.join("var/lib/agex/rebuild");
+
+    // Without the flag: refused before anything is decrypted or created.
+    let out = as_nobody(&[]);
+    let err = assert_fails(&out, 2);
+    assert!(
+        err.contains("needs root") && err.contains("--allow-secrets-on-disk"),
+        "{err}"
+    );
+    assert!(
+        !rebuild.exists(),
+        "the refused drill made {}",
+        rebuild.display()
+    );
+
+    // With it: the drill runs past the check (its first steps pass; the restores
+    // fail, the repositories do not exist) and removes its scratch directory.
+    let out = as_nobody(&["--allow-secrets-on-disk"]);
+    let err = stderr(&out);
+    assert!(!err.contains("needs root"), "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout(&out)).unwrap_or_else(|_| panic!("{}\n{err}", stdout(&out)));
+    let steps = report["steps"].as_array().unwrap();
+    assert!(
+        steps.len() >= 2 && steps[0]["ok"] == true && steps[1]["ok"] == true,
+        "{report:#}\n{err}"
+    );
+    assert_eq!(
+        fs::read_dir(&rebuild).unwrap().count(),
+        0,
+        "the drill left its scratch directory"
+    );
+    let secrets = secret_values(&fx);
+    assert_no_secret_on_disk(&root, &secrets, "after a drill without root");
+}
+
+#[test]
+fn restore_to_below_a_symlinked_directory_is_refused_and_nothing_lands_outside() {
+    let test = "restore_to_below_a_symlinked_directory_is_refused_and_nothing_lands_outside";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _, _) = local(tmp.path(), SQLITE_POLICY);
+    // A user owning `shared` swapped the directory the admin restores into for a symlink.
+    let outside = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    fs::create_dir_all(&shared).unwrap();
+    std::os::unix::fs::symlink(outside.path(), shared.join("restore")).unwrap();
+    for repo in ["offsite-restic", "offsite-borg"] {
+        let to = shared.join("restore").join(repo);
+        let out = s.agex(&[
+            "restore",
+            "--service",
+            "testapp",
+            "--repo",
+            repo,
+            "--to",
+            to.to_str().unwrap(),
+        ]);
+        let err = assert_fails(&out, 1);
+        assert!(
+            err.contains("symlink") && err.contains("shared/restore"),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "{repo}: the restore went through the symlink"
+        );
+    }
+    // A real directory there takes the restore.
+    fs::remove_file(shared.join("restore")).unwrap();
+    let to = shared.join("restore/new");
+    assert_ok(&s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--repo",
+        "offsite-borg",
+        "--to",
+        to.to_str().unwrap(),
+    ]));
+    assert!(to.join("srv/app/files/a.txt").is_file());
+
+    // In place: the service's user swapped a directory of its data for a symlink to a
+    // directory it wants root to write into. The restore refuses and writes nothing
+    // there; with a real directory back it restores.
+    fs::write(outside.path().join("keep"), b"theirs").unwrap();
+    let sub = s.host("/srv/app/files/sub");
+    fs::remove_dir_all(&sub).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &sub).unwrap();
+    let before = tree_state(outside.path());
+    for delete in [false, true] {
+        let mut args = vec!["restore", "--service", "testapp", "--in-place", "--yes"];
+        args.extend(["--systemctl", "true"]);
+        if delete {
+            args.push("--delete");
+        }
+        let out = s.agex(&args);
+        let err = assert_fails(&out, 1);
+        assert!(
+            err.contains("symlink") && err.contains("srv/app/files/sub"),
+            "{err}"
+        );
+        assert_eq!(
+            tree_changes(&before, &tree_state(outside.path())),
+            Vec::<String>::new(),
+            "the in-place restore wrote through the symlink"
+        );
+    }
+    fs::remove_file(&sub).unwrap();
+    assert_ok(&s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--systemctl",
+        "true",
+    ]));
+    assert!(s.host("/srv/app/files/sub/deeper/b.bin").is_file());
+}
+
 /// Every secret's plaintext (8 bytes or longer, without trailing newlines), decrypted
 /// with the admin key.
-fn secret_values(s: &Setup) -> Vec<(String, Vec<u8>)> {
+fn secret_values(fx: &Fixture) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for e in fs::read_dir(s.fx.dir().join("secrets")).unwrap().flatten() {
+    for e in fs::read_dir(fx.dir().join("secrets")).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(name) = name.strip_suffix(".age") else {
             continue;
         };
-        let mut value = s.fx.decrypt(name);
+        let mut value = fx.decrypt(name);
         while value.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             value.pop();
         }

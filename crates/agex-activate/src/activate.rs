@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::{changed_units, DigestKey, Digests, FileDigest, DIGESTS_FILE};
 use crate::error::ActivateError;
 use crate::history::History;
-use crate::layout::{relative_link, Layout, EARLY_DIR};
+use crate::layout::{relative_link, Layout, ACTIVE_LINK, CURRENT_LINK, EARLY_DIR, EARLY_LINK};
 use crate::manifest::Inputs;
 use crate::manifest::{Manifest, Piece, SecretEntry};
 use crate::plan::{Plan, PlannedFile, Source};
@@ -235,7 +235,8 @@ fn switch_to(
     }
     if active(layout) == Some(number) && is_complete(layout, &generation) {
         switch_symlink(
-            &layout.current_link(),
+            layout,
+            Path::new(CURRENT_LINK),
             Path::new(&format!("generations/{number}")),
         )?;
         return Ok(Switch::AlreadyActive {
@@ -275,7 +276,7 @@ fn switch_generation(
     let users = UserDb::for_layout(layout)?;
     let plan = Plan::new(manifest, layout, &users)?;
     let fs_dir = layout.secrets_fs();
-    let fs_kind = ramfs::ensure(&fs_dir, opts.allow_unmounted)?;
+    let fs_kind = ramfs::ensure(layout.root(), opts.allow_unmounted)?;
     clean_leftovers(&fs_dir);
 
     let previous = active(layout);
@@ -310,12 +311,16 @@ fn switch_generation(
 
     link_paths(layout, &plan, old_marker.as_ref())?;
     switch_symlink(
-        &layout.active_link(),
+        layout,
+        Path::new(ACTIVE_LINK),
         Path::new(&format!("agex.d/{number}")),
     )?;
     ensure_early_link(layout)?;
-    let current = layout.current_link();
-    switch_symlink(&current, Path::new(&format!("generations/{number}")))?;
+    switch_symlink(
+        layout,
+        Path::new(CURRENT_LINK),
+        Path::new(&format!("generations/{number}")),
+    )?;
     History::update(lock, |h| h.activated(number))?;
 
     let pruned = prune(lock, manifest.keep, number)?;
@@ -647,31 +652,26 @@ fn install(
     fs::rename(staging, final_dir).map_err(ActivateError::io(final_dir))
 }
 
-/// Points `link` at `target` with one rename of a fresh symlink over it.
-fn switch_symlink(link: &Path, target: &Path) -> Result<(), ActivateError> {
-    if fs::read_link(link).ok().as_deref() == Some(target) {
-        return Ok(());
-    }
-    let dir = link.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(dir).map_err(ActivateError::io(dir))?;
+/// Points the host path `link` (below the root) at `target` with one rename of a fresh
+/// symlink over it, without following a symlink in a parent directory.
+fn switch_symlink(layout: &Layout, link: &Path, target: &Path) -> Result<(), ActivateError> {
     let name = link
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}-{:016x}", rand::random::<u64>()));
-    std::os::unix::fs::symlink(target, &tmp).map_err(ActivateError::io(&tmp))?;
-    if let Err(e) = fs::rename(&tmp, link) {
-        let _ = fs::remove_file(&tmp);
-        return Err(ActivateError::io(link)(e));
-    }
-    store::sync_dir(dir)
+    crate::beneath::switch_link(layout.root(), link, target).map_err(|e| match e {
+        ActivateError::PathOccupied { path, .. } => ActivateError::Invalid {
+            path,
+            reason: format!("exists and is not a symlink; agex keeps its `{name}` link there (move it away first)"),
+        },
+        e => e,
+    })
 }
 
 /// `/run/agex-early` → `agex/_early`: always the active generation's early secrets.
 fn ensure_early_link(layout: &Layout) -> Result<(), ActivateError> {
-    let link = layout.early_link();
-    let target = relative_link(Path::new("/run"), &Path::new("/run/agex").join(EARLY_DIR));
-    switch_symlink(&link, &target)
+    let target = relative_link(Path::new("/run"), &Path::new(ACTIVE_LINK).join(EARLY_DIR));
+    switch_symlink(layout, Path::new(EARLY_LINK), &target)
 }
 
 /// Creates each rule's `path` link and removes links the previous generation had that

@@ -146,6 +146,9 @@ pub enum ActivateError {
     /// The unit restart command failed after the switch.
     #[error(transparent)]
     Restart(#[from] agex_core::systemctl::SystemctlError),
+    /// A path below the root could not be used without following a symlink.
+    #[error(transparent)]
+    Beneath(#[from] agex_core::beneath::BeneathError),
     /// A file in the store or on the tmpfs is not what agex wrote.
     #[error("{}: {reason}", .path.display())]
     Invalid {

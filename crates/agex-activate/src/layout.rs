@@ -12,6 +12,14 @@ pub struct Layout {
 pub const SHARED_DIR: &str = "_shared";
 /// Directory name on the tmpfs for early secrets (root-owned, needed before users exist).
 pub const EARLY_DIR: &str = "_early";
+/// The host path of the link to the active generation's directory.
+pub const ACTIVE_LINK: &str = "/run/agex";
+/// The host path of the link to the active generation's early secrets.
+pub const EARLY_LINK: &str = "/run/agex-early";
+/// The host path of the link to the generation activated last.
+pub const CURRENT_LINK: &str = "/var/lib/agex/current";
+/// The host path of the RAM-backed filesystem holding decrypted generations.
+pub const SECRETS_FS: &str = "/run/agex.d";
 
 impl Layout {
     /// A layout below `root` (`/` on a real host).
@@ -51,7 +59,7 @@ impl Layout {
 
     /// `/var/lib/agex/current`: the generation activated last (what boot activates).
     pub fn current_link(&self) -> PathBuf {
-        self.state_dir().join("current")
+        self.host_path(Path::new(CURRENT_LINK))
     }
 
     /// `/var/lib/agex/.lock`: serializes build, activate and rollback.
@@ -61,17 +69,17 @@ impl Layout {
 
     /// `/run/agex.d`: the RAM-backed filesystem holding decrypted generations.
     pub fn secrets_fs(&self) -> PathBuf {
-        self.host_path(Path::new("/run/agex.d"))
+        self.host_path(Path::new(SECRETS_FS))
     }
 
     /// `/run/agex`: symlink to the active generation's directory.
     pub fn active_link(&self) -> PathBuf {
-        self.host_path(Path::new("/run/agex"))
+        self.host_path(Path::new(ACTIVE_LINK))
     }
 
     /// `/run/agex-early`: early secrets of the active generation.
     pub fn early_link(&self) -> PathBuf {
-        self.host_path(Path::new("/run/agex-early"))
+        self.host_path(Path::new(EARLY_LINK))
     }
 
     /// `/run/agex.d/<N>`: a decrypted generation.

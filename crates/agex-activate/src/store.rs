@@ -30,8 +30,11 @@ pub struct StateLock {
 impl StateLock {
     /// Creates the state directory if needed and waits for the lock.
     pub fn acquire(layout: &Layout) -> Result<StateLock, ActivateError> {
-        let dir = layout.state_dir();
-        create_private_dir(&dir)?;
+        // The state directory and its parents are reached without following a symlink:
+        // what agex stores there (and the rebuild drill's scratch root) stays below the
+        // root.
+        agex_core::beneath::Dir::open(layout.root(), Path::new("/var/lib"), Some(0o755))?
+            .child(std::ffi::OsStr::new("agex"), Some(0o700))?;
         let path = layout.lock_file();
         let file = OpenOptions::new()
             .create(true)

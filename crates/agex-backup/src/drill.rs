@@ -401,8 +401,12 @@ pub fn prometheus(statuses: &[DrillStatus]) -> String {
 }
 
 /// Writes `agex_drill.prom` into `dir` atomically.
-pub fn write_textfile(dir: &Path, statuses: &[DrillStatus]) -> Result<(), BackupError> {
-    write_prom(dir, "agex_drill.prom", &prometheus(statuses))
+pub fn write_textfile(
+    root: &Path,
+    dir: &Path,
+    statuses: &[DrillStatus],
+) -> Result<(), BackupError> {
+    write_prom(root, dir, "agex_drill.prom", &prometheus(statuses))
 }
 
 #[cfg(test)]

@@ -78,6 +78,9 @@ pub enum BackupError {
         /// What borg said.
         message: String,
     },
+    /// A path below the root could not be used without following a symlink.
+    #[error(transparent)]
+    Beneath(#[from] agex_core::beneath::BeneathError),
     /// A file operation failed.
     #[error("{}: {source}", .path.display())]
     Io {

@@ -769,7 +769,7 @@ pub fn apply_in_place(
     let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     for f in &manifest.files {
         let from = under(staged, f.path.as_path());
-        let to = under(root, f.path.as_path());
+        let to = Placed::new(root, f.path.as_path())?;
         let meta = match std::fs::symlink_metadata(&from) {
             Ok(m) => m,
             // It vanished while it was backed up: the snapshot does not hold it.
@@ -780,24 +780,25 @@ pub fn apply_in_place(
         if meta.nlink() > 1 {
             match linked.entry((meta.dev(), meta.ino())) {
                 std::collections::hash_map::Entry::Occupied(first) => {
-                    link_over(first.get(), &to)?;
+                    let first = Placed::new(root, first.get())?;
+                    to.told(link_over(&first.path, &to.path))?;
                     continue;
                 }
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(to.clone());
+                    v.insert(f.path.as_path().to_path_buf());
                 }
             }
         }
-        applied.bytes += replace_with(&from, &to)?;
+        applied.bytes += to.told(replace_with(&from, &to.path))?;
     }
     for host in &policy.paths {
         applied.links += restore_tree_shape(staged, root, host)?;
     }
     // A special file that is gone is put back; whatever took its place is left alone.
     for sp in &manifest.specials {
-        let to = under(root, sp.path.as_path());
-        if std::fs::symlink_metadata(&to).is_err() {
-            sp.create(&to).map_err(BackupError::io(&to))?;
+        let to = Placed::new(root, sp.path.as_path())?;
+        if std::fs::symlink_metadata(&to.path).is_err() {
+            sp.create(&to.path).map_err(BackupError::io(&to.shown))?;
         }
     }
     if opts.delete {
@@ -818,16 +819,19 @@ pub fn apply_in_place(
                     status: "failed".into(),
                     stderr: e,
                 })?;
-                let live = under(root, path);
+                let live = Placed::new(root, path)?;
                 for suffix in ["-wal", "-shm", "-journal"] {
-                    let side = PathBuf::from(format!("{}{suffix}", live.display()));
+                    let side = PathBuf::from(format!("{}{suffix}", live.path.display()));
                     match std::fs::remove_file(&side) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(BackupError::io(&side)(e)),
+                        Err(e) => {
+                            let shown = format!("{}{suffix}", live.shown.display());
+                            return Err(BackupError::io(shown)(e));
+                        }
                     }
                 }
-                replace_with(&dump, &live)?;
+                live.told(replace_with(&dump, &live.path))?;
                 applied
                     .databases
                     .push(format!("{} → {}", d.name, path.display()));
@@ -913,20 +917,66 @@ fn delete_extras(
             if ft.is_dir() {
                 dirs.push(e.into_path());
             } else if ft.is_file() || ft.is_symlink() {
-                std::fs::remove_file(e.path()).map_err(BackupError::io(e.path()))?;
+                // Removed through its parent reached without following a symlink: a
+                // directory swapped for one during the walk cannot aim this elsewhere.
+                let at = Placed::existing(root, &host)?;
+                std::fs::remove_file(&at.path).map_err(BackupError::io(e.path()))?;
                 removed += 1;
             }
         }
     }
     // Deepest first; one that still holds an excluded or special entry stays.
     for dir in dirs.into_iter().rev() {
-        match std::fs::remove_dir(&dir) {
+        let at = Placed::existing(root, &host_path(root, &dir))?;
+        match std::fs::remove_dir(&at.path) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {}
             Err(e) => return Err(BackupError::io(&dir)(e)),
         }
     }
     Ok(removed)
+}
+
+/// A host path below the root whose parent was reached without following a symlink:
+/// `path` goes through the held parent directory (`/proc/self/fd/<n>/<name>`), so a
+/// service user who owns a parent cannot redirect what root writes, links or removes
+/// there. Use `path` only while this lives.
+struct Placed {
+    _parent: agex_core::beneath::Dir,
+    path: PathBuf,
+    shown: PathBuf,
+}
+
+impl Placed {
+    /// Missing parents are created (0755).
+    fn new(root: &Path, host: &Path) -> Result<Placed, BackupError> {
+        Self::open(root, host, Some(0o755))
+    }
+
+    /// The parents must exist.
+    fn existing(root: &Path, host: &Path) -> Result<Placed, BackupError> {
+        Self::open(root, host, None)
+    }
+
+    fn open(root: &Path, host: &Path, create: Option<u32>) -> Result<Placed, BackupError> {
+        let (dir, name) = agex_core::beneath::parent_of(root, host, create)?;
+        Ok(Placed {
+            path: dir.handle_path().join(name),
+            shown: under(root, host),
+            _parent: dir,
+        })
+    }
+
+    /// `r` with an error about `path` told by the path the user knows.
+    fn told<T>(&self, r: Result<T, BackupError>) -> Result<T, BackupError> {
+        r.map_err(|e| match e {
+            BackupError::Io { path, source } if path.starts_with("/proc/") => BackupError::Io {
+                path: self.shown.clone(),
+                source,
+            },
+            e => e,
+        })
+    }
 }
 
 /// Puts back what the manifest does not list below one policy path: directories (also
@@ -945,31 +995,39 @@ fn restore_tree_shape(staged: &Path, root: &Path, host: &Path) -> Result<u64, Ba
         let rel = e.path().strip_prefix(staged).unwrap_or(e.path());
         let to = root.join(rel);
         let ft = e.file_type();
+        let host = Path::new("/").join(rel);
         if ft.is_dir() {
-            std::fs::create_dir_all(&to).map_err(BackupError::io(&to))?;
-            dirs.push((e.path().to_path_buf(), to));
+            agex_core::beneath::Dir::open(root, &host, Some(0o755))?;
+            dirs.push((e.path().to_path_buf(), host));
         } else if ft.is_symlink() {
             let target = std::fs::read_link(e.path()).map_err(BackupError::io(e.path()))?;
-            let dir = to.parent().unwrap_or(Path::new("/"));
-            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
-            let tmp = dir.join(format!(
+            let at = Placed::new(root, &host)?;
+            let tmp = at.path.with_file_name(format!(
                 ".agex-restore-link-{}",
                 rand_suffix(e.path().as_os_str().len())
             ));
             let _ = std::fs::remove_file(&tmp);
-            std::os::unix::fs::symlink(&target, &tmp).map_err(BackupError::io(&tmp))?;
-            std::fs::rename(&tmp, &to).map_err(BackupError::io(&to))?;
+            std::os::unix::fs::symlink(&target, &tmp).map_err(BackupError::io(&to))?;
+            std::fs::rename(&tmp, &at.path).map_err(BackupError::io(&to))?;
             links += 1;
         }
     }
     // Modes and owners last, deepest first: a read-only directory is filled before it
-    // becomes read-only.
-    for (from, to) in dirs.into_iter().rev() {
+    // becomes read-only. Each is opened without following a symlink (also not as its
+    // last component), so a directory swapped for a symlink since is refused, never
+    // given to its owner.
+    for (from, host) in dirs.into_iter().rev() {
         let meta = std::fs::metadata(&from).map_err(BackupError::io(&from))?;
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(BackupError::io(&to))?;
+        let dir = agex_core::beneath::Dir::open(root, &host, None)?;
+        let to = dir.path().to_path_buf();
+        rustix::fs::fchmod(&dir, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))
+            .map_err(|e| BackupError::io(&to)(e.into()))?;
         if rustix::process::geteuid().is_root() {
-            let _ = std::os::unix::fs::chown(&to, Some(meta.uid()), Some(meta.gid()));
+            let _ = rustix::fs::fchown(
+                &dir,
+                Some(rustix::process::Uid::from_raw(meta.uid())),
+                Some(rustix::process::Gid::from_raw(meta.gid())),
+            );
         }
     }
     Ok(links)
@@ -1121,8 +1179,15 @@ pub fn restore(
     let started = Instant::now();
     let _lock = crate::lock::acquire(state, &snap.repo, lock_wait)?;
     let staging;
+    let held;
     let dir = match &target {
-        Target::Dir(d) => d.to_path_buf(),
+        // Created and held without following a symlink on its way, and extracted into
+        // through the handle: a user owning one of its parents cannot redirect it.
+        Target::Dir(d) => {
+            let absolute = std::path::absolute(d).map_err(BackupError::io(d))?;
+            held = agex_core::beneath::Dir::open(Path::new("/"), &absolute, Some(0o700))?;
+            held.handle_path()
+        }
         Target::InPlace(_) => {
             let base = state.join("restore");
             std::fs::create_dir_all(&base).map_err(BackupError::io(&base))?;

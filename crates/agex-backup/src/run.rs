@@ -212,7 +212,9 @@ pub fn execute(
             .map(|r| (r.clone(), OnceLock::new()))
             .collect(),
     };
-    std::fs::create_dir_all(&env.state).map_err(BackupError::io(&env.state))?;
+    // Reached without following a symlink: the dumps, records and locks stay below the
+    // root.
+    agex_core::beneath::Dir::open(root, Path::new(STATE_DIR), Some(0o755))?;
     let mut results = Vec::new();
     let mut dumps = Vec::new();
     std::thread::scope(|scope| {
@@ -749,24 +751,21 @@ fn borg_side(
         cleanup_fifos(fifos);
         Err((e, Some(streams)))
     };
+    // The pipes' directories are held open and the pipes made, fed and removed through
+    // them: a symlink swapped into the dumps directory's parents cannot send a dump, or
+    // a removal, anywhere else.
+    let mut held = Vec::new();
     for stream in &streams {
         let path = &stream.path;
-        let fifo = under(env.root, path);
-        if let Some(dir) = fifo.parent() {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                return fail(&fifos, BackupError::io(dir)(e), streams);
-            }
+        let (dir, name) = match agex_core::beneath::parent_of(env.root, path, Some(0o755)) {
+            Ok(d) => d,
+            Err(e) => return fail(&fifos, e.into(), streams),
+        };
+        if let Err(e) = dir.make_fifo(name, 0o600) {
+            return fail(&fifos, e.into(), streams);
         }
-        let _ = std::fs::remove_file(&fifo);
-        if let Err(e) = rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        ) {
-            return fail(&fifos, BackupError::io(&fifo)(e.into()), streams);
-        }
+        let fifo = dir.handle_path().join(name);
+        held.push(dir);
         args.push(rel(path));
         crate::cancel::fifo_made(fifo.clone());
         fifos.push(fifo);

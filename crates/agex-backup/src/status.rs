@@ -99,11 +99,21 @@ pub(crate) fn exposition<T>(
     out
 }
 
-/// Writes a textfile for node_exporter into `dir` atomically (it never reads half a file).
-pub(crate) fn write_prom(dir: &Path, file: &str, text: &str) -> Result<(), BackupError> {
-    std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
-    let path = dir.join(file);
-    agex_core::atomic::write_atomic(&path, text.as_bytes(), 0o644).map_err(BackupError::io(&path))
+/// Writes a textfile for node_exporter into the host directory `dir` below `root`
+/// atomically (it never reads half a file), without following a symlink on the way: a
+/// user owning a parent cannot make root write elsewhere.
+pub(crate) fn write_prom(
+    root: &Path,
+    dir: &Path,
+    file: &str,
+    text: &str,
+) -> Result<(), BackupError> {
+    agex_core::beneath::Dir::open(root, dir, Some(0o755))?.write_atomic(
+        file,
+        text.as_bytes(),
+        0o644,
+    )?;
+    Ok(())
 }
 
 /// The Prometheus text exposition of `statuses`.
@@ -133,9 +143,10 @@ pub fn prometheus(statuses: &[Status]) -> String {
     exposition(&metrics, statuses, |s| (&s.service, &s.repo))
 }
 
-/// Writes `agex_backup.prom` into `dir` atomically (node_exporter never reads half a file).
-pub fn write_textfile(dir: &Path, statuses: &[Status]) -> Result<(), BackupError> {
-    write_prom(dir, "agex_backup.prom", &prometheus(statuses))
+/// Writes `agex_backup.prom` into the host directory `dir` below `root` atomically
+/// (node_exporter never reads half a file).
+pub fn write_textfile(root: &Path, dir: &Path, statuses: &[Status]) -> Result<(), BackupError> {
+    write_prom(root, dir, "agex_backup.prom", &prometheus(statuses))
 }
 
 pub(crate) fn unix_seconds(rfc3339: &str) -> Option<f64> {

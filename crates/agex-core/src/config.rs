@@ -590,8 +590,14 @@ impl Config {
         let schedule = schedule_settings(&raw.schedule, &source, &mut diags);
         if let Some(dir) = &raw.backup.metrics_dir {
             if let Err(why) = crate::names::host_path(&dir.to_string_lossy()) {
+                // The setting is read without a span: point at its line.
+                let at = source
+                    .text
+                    .match_indices("metrics_dir")
+                    .map(|(i, k)| i..i + k.len())
+                    .find(|r| source.text[..r.start].ends_with('\n'));
                 diags.push(source.error(
-                    None,
+                    at,
                     format!("[backup] metrics_dir `{}`: {why}", dir.display()),
                 ));
             }

@@ -2,6 +2,7 @@
 //! backup policies, parsed and validated with errors that name file:line:col.
 
 pub mod atomic;
+pub mod beneath;
 pub mod config;
 pub mod diagnostic;
 pub mod error;

@@ -233,13 +233,11 @@ impl Policy {
         let raw: RawPolicy = toml::from_str(&source.text)
             .map_err(|e| Diagnostics(vec![from_toml_error(&source, &e)]))?;
         let mut diags = Diagnostics::default();
-        if !service
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
+        // The name becomes directory names (the dumps directory, the state directory).
+        if !valid_name(service) {
             diags.push(source.error(
                 None,
-                format!("service name `{service}` (the file name) may only hold letters, digits, `-`, `_`, `.`"),
+                format!("service name `{service}` (the file name) may only hold letters, digits, `-`, `_`, `.`, and must not start with `.`"),
             ));
         }
         let mut paths = Vec::new();
@@ -261,6 +259,11 @@ impl Policy {
         for e in &raw.exclude {
             if e.get_ref().trim().is_empty() {
                 diags.push(source.error(Some(e.span()), "empty exclude pattern"));
+            } else if let (true, Err(why)) = (e.get_ref().starts_with('/'), host_path(e.get_ref()))
+            {
+                diags.push(
+                    source.error(Some(e.span()), format!("exclude `{}`: {why}", e.get_ref())),
+                );
             } else if !e.get_ref().starts_with('/') {
                 diags.push(
                     source

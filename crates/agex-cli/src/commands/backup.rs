@@ -149,7 +149,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     let record = record?;
     if let Some(dir) = &project.config.backup.metrics_dir {
         let statuses = status::summarize(&run::records(&ctx.global.root)?);
-        if let Err(e) = status::write_textfile(&ctx.host_path(dir), &statuses) {
+        if let Err(e) = status::write_textfile(&ctx.global.root, dir, &statuses) {
             tracing::warn!("metrics not written: {e}");
         }
     }

@@ -234,7 +234,7 @@ pub fn cmd_drill(ctx: &Context, args: &DrillArgs) -> Result<i32, Failure> {
     let rec = drill::execute(&env, &pairs, &opts, true)?;
     if let Some(dir) = &project.config.backup.metrics_dir {
         let statuses = drill::summarize(&drill::records(&ctx.global.root)?);
-        if let Err(e) = drill::write_textfile(&ctx.host_path(dir), &statuses) {
+        if let Err(e) = drill::write_textfile(&ctx.global.root, dir, &statuses) {
             tracing::warn!("drill metrics not written: {e}");
         }
     }
