@@ -243,10 +243,24 @@ impl SpecialEntry {
             Mode::from_raw_mode(self.mode & 0o7777),
             self.rdev,
         )?;
-        // mknod applies the umask: the mode is set again.
-        rustix::fs::chmodat(
+        // mknod applies the umask: the mode is set again, on the node just made. chmod
+        // follows a symlink, and whoever owns the directory could put one in its place
+        // (aiming root's chmod at any file): the node is held by an O_PATH handle
+        // without following, checked, and changed through that handle.
+        let node = rustix::fs::openat(
             rustix::fs::CWD,
             at,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        if FileType::from_raw_mode(rustix::fs::fstat(&node)?.st_mode) != ft {
+            return Err(io::Error::other(
+                "replaced by something else while it was restored",
+            ));
+        }
+        rustix::fs::chmodat(
+            rustix::fs::CWD,
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&node)).as_str(),
             Mode::from_raw_mode(self.mode & 0o7777),
             rustix::fs::AtFlags::empty(),
         )?;
