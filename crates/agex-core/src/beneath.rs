@@ -17,7 +17,7 @@ use rustix::io::Errno;
 #[derive(Debug, thiserror::Error)]
 pub enum BeneathError {
     /// A component is a symlink (or not a directory): following it could leave the root.
-    #[error("{}: is a symlink (or not a directory); refusing to follow it: replace it with a real directory", .path.display())]
+    #[error("{}: is a symlink (or not a directory); refusing to follow it, since whoever owns the directory holding it could aim it anywhere: replace it with a real directory, or give the path it points to", .path.display())]
     Symlink {
         /// The component, under the root.
         path: PathBuf,
