@@ -11,19 +11,24 @@ use std::time::{Duration, Instant};
 
 use common::services::{ssh_keygen, SeaweedFs, Sshd, S3_ACCESS_KEY, S3_SECRET_KEY};
 use common::setup::{app_data, pseudo_random, run, Setup, SQLITE_POLICY};
-use common::{assert_fails, assert_ok, have_tool, stderr, stdout};
+use common::{assert_fails, assert_ok, have_tool, stderr, stdout, Fixture};
 
 /// Replaces secret `name`'s plaintext (through `agex encrypt`, to its rule's recipients).
 fn set_secret(s: &Setup, name: &str, plaintext: &[u8]) {
+    set_fixture_secret(&s.fx, name, plaintext);
+}
+
+/// [`set_secret`] in a bare fixture.
+fn set_fixture_secret(fx: &Fixture, name: &str, plaintext: &[u8]) {
     use std::io::Write;
-    let mut child =
-        s.fx.agex()
-            .args(["encrypt", &format!("secrets/{name}.age")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+    let mut child = fx
+        .agex()
+        .args(["encrypt", &format!("secrets/{name}.age")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(plaintext).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_ok(&out);
@@ -79,8 +84,24 @@ fn restic_over_s3_with_env_secret_round_trip_and_wrong_key_fails_that_repository
     app_data(&s, 1 << 20);
     assert_ok(&s.agex(&["check"]));
     s.init_repos();
-    let out = s.agex(&["backup", "--service", "testapp"]);
+    // No child (borg) holds a password or the S3 credentials in its argv.
+    let needles = [
+        S3_SECRET_KEY.to_string(),
+        String::from_utf8(s.fx.decrypt("restic-password"))
+            .unwrap()
+            .trim()
+            .to_string(),
+        String::from_utf8(s.fx.decrypt("borg-passphrase"))
+            .unwrap()
+            .trim()
+            .to_string(),
+    ];
+    let (out, children) = output_watching_argv(
+        &mut s.agex_command(&["backup", "--service", "testapp"]),
+        &needles,
+    );
     assert_ok(&out);
+    assert!(children >= 1, "borg was never seen running");
 
     // The restic CLI reads what agex wrote to the bucket, every byte.
     run(
@@ -172,13 +193,17 @@ fn rclone_remote_configured_by_env_secret_reaches_s3() {
         c.output().unwrap()
     };
     assert_ok(&agex(&["repo", "init", "offsite-restic"]));
-    assert_ok(&agex(&[
-        "backup",
-        "--service",
-        "testapp",
-        "--repo",
-        "offsite-restic",
-    ]));
+    // rclone gets the remote's credentials through its environment, never its argv.
+    let mut backup =
+        s.agex_command(&["backup", "--service", "testapp", "--repo", "offsite-restic"]);
+    backup.env_remove("AWS_CA_BUNDLE");
+    let restic_pass = String::from_utf8(s.fx.decrypt("restic-password")).unwrap();
+    let (out, children) = output_watching_argv(
+        &mut backup,
+        &[S3_SECRET_KEY.to_string(), restic_pass.trim().to_string()],
+    );
+    assert_ok(&out);
+    assert!(children >= 1, "rclone was never seen running");
     // Through rclone into the bucket: the restic CLI reads it over S3 directly.
     let url = weed.url("agex-rclone", "bunk");
     run(
@@ -194,14 +219,36 @@ fn rclone_remote_configured_by_env_secret_reaches_s3() {
     ]));
 }
 
+/// Which repositories of an [`ssh_setup_over`] reach the test's sshd (the others are
+/// local paths in the test's temp dir).
+#[derive(Clone, Copy, PartialEq)]
+enum Over {
+    Both,
+    SftpOnly,
+    BorgOnly,
+}
+
 /// sshd with the borg key authorized and its host key pinned for both repositories,
 /// restic over sftp and borg over ssh, and a policy with `big` bytes of data.
 fn ssh_setup(test: &str, tmp: &Path, big: usize) -> Option<(Setup, Sshd)> {
+    ssh_setup_over(test, tmp, big, Over::Both)
+}
+
+/// [`ssh_setup`] with only the repositories `over` names on the server.
+fn ssh_setup_over(test: &str, tmp: &Path, big: usize, over: Over) -> Option<(Setup, Sshd)> {
     if !have_tool("restic", test) || !have_tool("sqlite3", test) {
         return None;
     }
     let sshd = Sshd::start(test)?;
-    let s = Setup::new(&sshd.sftp_url("restic"), &sshd.url("borg"), true);
+    let restic_url = match over {
+        Over::BorgOnly => tmp.join("restic").display().to_string(),
+        _ => sshd.sftp_url("restic"),
+    };
+    let borg_url = match over {
+        Over::SftpOnly => tmp.join("borg").display().to_string(),
+        _ => sshd.url("borg"),
+    };
+    let s = Setup::new(&restic_url, &borg_url, over != Over::SftpOnly);
     // A key and passphrases of this test only: a scan that finds them found ours.
     let key = tmp.join("client");
     ssh_keygen(&key);
@@ -214,9 +261,13 @@ fn ssh_setup(test: &str, tmp: &Path, big: usize) -> Option<(Setup, Sshd)> {
         "restic-password",
         unique_secret("resticpass").as_bytes(),
     );
-    repo_line(&s, "offsite-restic", "ssh_key_secret = \"borg-ssh-key\"");
-    s.pin_host_key("offsite-restic", &sshd);
-    s.pin_host_key("offsite-borg", &sshd);
+    if over != Over::BorgOnly {
+        repo_line(&s, "offsite-restic", "ssh_key_secret = \"borg-ssh-key\"");
+        s.pin_host_key("offsite-restic", &sshd);
+    }
+    if over != Over::SftpOnly {
+        s.pin_host_key("offsite-borg", &sshd);
+    }
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, big);
     Some((s, sshd))
@@ -484,4 +535,618 @@ fn s3_server_dying_mid_backup_fails_that_repository_and_the_next_run_completes()
         restic_s3(&s, &weed, &url).args(["check", "--read-data"]),
         "restic check --read-data after the server came back",
     );
+}
+
+#[test]
+fn check_requires_the_keys_the_scheme_needs_and_warns_about_unknown_ones() {
+    // The example: offsite-restic on B2's S3 endpoint, env_secret `b2-credentials`.
+    let fx = Fixture::bunk();
+    let check = |admin: bool| {
+        if admin {
+            fx.run_admin(&["check"])
+        } else {
+            fx.run(&["check"])
+        }
+    };
+    let out = check(true);
+    assert_ok(&out);
+    assert!(!stdout(&out).contains("env_secret"), "{}", stdout(&out));
+
+    // A typo in a required key: the check fails at the env_secret line, naming the
+    // repository, the secret and the missing key; the typo is warned about.
+    set_fixture_secret(
+        &fx,
+        "b2-credentials",
+        b"AWS_ACCESS_KEY_ID=0031234567890ab0000000001\nAWS_SECRET_KEY=K003-typo-value\n",
+    );
+    let out = check(true);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("error: agex.toml:20:")
+            && text.contains("env_secret `b2-credentials` lacks AWS_SECRET_ACCESS_KEY"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: agex.toml:20:")
+            && text.contains("has key AWS_SECRET_KEY, which a s3 repository does not read"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("K003-typo-value"),
+        "a value is shown: {text}"
+    );
+    assert!(text.contains("check failed"), "{text}");
+
+    // Everything needed, plus a key nothing reads: a warning, the check passes.
+    set_fixture_secret(
+        &fx,
+        "b2-credentials",
+        b"AWS_ACCESS_KEY_ID=a\nAWS_SECRET_ACCESS_KEY=b\nAWS_PROFILE=backup\n",
+    );
+    let out = check(true);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(text.contains("has key AWS_PROFILE"), "{text}");
+    assert!(text.contains("check passed"), "{text}");
+
+    // Without an identity that opens it, the secret is reported unchecked, not failed.
+    let out = check(false);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("env_secret `b2-credentials` not checked"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a real server that resets the next connections
+/// it is told to (once the client has sent its request), as a flaky network or an
+/// overloaded load balancer does; all others it forwards.
+struct FlakyProxy {
+    port: u16,
+    fail: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlakyProxy {
+    fn start(target: u16) -> FlakyProxy {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let fail = Arc::new(AtomicUsize::new(0));
+        let resets = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, r, st) = (fail.clone(), resets.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let failing = f
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if failing {
+                    let r = r.clone();
+                    std::thread::spawn(move || {
+                        use std::io::Read;
+                        // One byte of the request read, the rest left unread: closing
+                        // now makes the kernel answer with a reset.
+                        let mut c = client;
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut one = [0u8; 1];
+                        let _ = c.read(&mut one);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        drop(c);
+                    });
+                    continue;
+                }
+                std::thread::spawn(move || {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                        return;
+                    };
+                    let (mut c_in, mut s_out) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let pump = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_in, &mut s_out);
+                        let _ = s_out.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut s_in, mut c_out) = (server, client);
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                    let _ = pump.join();
+                });
+            }
+        });
+        FlakyProxy {
+            port,
+            fail,
+            resets,
+            stop,
+        }
+    }
+
+    /// Resets the next `n` connections.
+    fn fail_next(&self, n: usize) {
+        self.fail.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections it has reset.
+    fn resets(&self) -> usize {
+        self.resets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for FlakyProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the stop.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// The record `agex --json backup` printed, and its result for `repo`.
+fn result_of(out: &std::process::Output, repo: &str) -> serde_json::Value {
+    let record: serde_json::Value = serde_json::from_str(&stdout(out))
+        .unwrap_or_else(|e| panic!("backup --json: {e}: {}\n{}", stdout(out), stderr(out)));
+    record["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["repo"] == repo)
+        .cloned()
+        .unwrap_or_else(|| panic!("no result for {repo}: {record}"))
+}
+
+#[test]
+fn transient_s3_errors_are_retried_a_bounded_number_of_times_and_counted() {
+    let test = "transient_s3_errors_are_retried_a_bounded_number_of_times_and_counted";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let Some(weed) = SeaweedFs::start(test) else {
+        return;
+    };
+    let proxy = FlakyProxy::start(weed.port());
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("s3:http://127.0.0.1:{}/agex-flaky/bunk", proxy.port);
+    let s = Setup::new(&url, &tmp.path().join("borg").display().to_string(), false);
+    repo_line(&s, "offsite-restic", "env_secret = \"b2-credentials\"");
+    set_secret(&s, "b2-credentials", weed.env_secret().as_bytes());
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 1 << 20);
+    s.init_repos();
+
+    // Two connections reset: two retries, the run completes and its record says so.
+    proxy.fail_next(2);
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_ok(&out);
+    assert_eq!(proxy.resets(), 2);
+    let restic = result_of(&out, "offsite-restic");
+    assert_eq!(restic["result"], "ok", "{restic}");
+    assert_eq!(restic["retries"], 2, "{restic}");
+    assert_eq!(result_of(&out, "offsite-borg")["retries"], 0);
+
+    // The run's output says it too.
+    proxy.fail_next(1);
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.lines()
+            .any(|l| l.contains("testapp → offsite-restic: ok") && l.contains("1 retry)")),
+        "{err}"
+    );
+    run(
+        restic_s3(&s, &weed, &weed.url("agex-flaky", "bunk")).args(["check", "--read-data"]),
+        "restic check --read-data after retried writes",
+    );
+
+    // A server that keeps resetting: each operation gives up after 5 retries, the
+    // repository fails (named, saying how many retries it took), borg completes.
+    proxy.fail_next(usize::MAX);
+    let t = Instant::now();
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let restic = result_of(&out, "offsite-restic");
+    assert_eq!(restic["result"], "failed", "{restic}");
+    let retries = restic["retries"].as_u64().unwrap();
+    assert!(retries >= 5 && retries.is_multiple_of(5), "{restic}");
+    assert_eq!(result_of(&out, "offsite-borg")["result"], "ok");
+    assert!(t.elapsed() < Duration::from_secs(180), "{:?}", t.elapsed());
+    proxy.fail_next(0);
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+}
+
+/// `restic` (the real CLI) for the sftp repository of [`ssh_setup`], through an ssh
+/// that checks the pinned host key and logs in with the repository's key.
+fn restic_sftp(s: &Setup, sshd: &Sshd, tmp: &Path) -> Command {
+    let key = s.secret_file("borg-ssh-key");
+    let known = tmp.join("known_hosts");
+    fs::write(&known, format!("{}\n", sshd.known_hosts_line())).unwrap();
+    let ssh_cmd = format!(
+        "ssh -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -p {} {}@127.0.0.1 -s sftp",
+        key.display(),
+        known.display(),
+        sshd.port(),
+        sshd.user()
+    );
+    let mut c = s.restic(&sshd.sftp_url("restic"));
+    c.arg("-o").arg(format!("sftp.command={ssh_cmd}"));
+    c
+}
+
+/// `borg` (the real CLI) for the repository at `url` on [`ssh_setup`]'s sshd.
+fn borg_ssh(s: &Setup, sshd: &Sshd) -> Command {
+    let key = s.secret_file("borg-ssh-key");
+    s.borg(Some(sshd.borg_rsh(&key)))
+}
+
+/// Starts `agex backup --service testapp` in the background.
+fn backup_in_background(s: &Setup) -> std::process::Child {
+    s.agex_command(&["backup", "--service", "testapp"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the sshd serves a session (ssh connected, logged in).
+fn wait_for_session(sshd: &Sshd) {
+    let t = Instant::now();
+    while sshd.signal_sessions(0) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no ssh session came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sftp_server_dying_mid_backup_fails_that_repository_and_the_next_run_completes() {
+    let test = "sftp_server_dying_mid_backup_fails_that_repository_and_the_next_run_completes";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((s, mut sshd)) = ssh_setup_over(test, tmp.path(), 8 << 20, Over::SftpOnly) else {
+        return;
+    };
+    s.init_repos();
+    // Another host key answers: that repository fails, named, saying how to trust the
+    // server; the other completes (exit 3).
+    let pinned = sshd.known_hosts_line();
+    let other_pub = ssh_keygen(&tmp.path().join("otherhost"));
+    let mut words = other_pub.split_whitespace();
+    let fake = format!(
+        "[127.0.0.1]:{} {} {}",
+        sshd.port(),
+        words.next().unwrap(),
+        words.next().unwrap()
+    );
+    s.fx.edit_config(&pinned, &fake);
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("repository `offsite-restic`"), "{err}");
+    assert!(err.contains("agex repo trust"), "{err}");
+    assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
+    s.fx.edit_config(&fake, &pinned);
+
+    // Slow uploads, so the server can die while the backup writes to it.
+    repo_line(&s, "offsite-restic", "limit_upload = \"1 MiB/s\"");
+    let child = backup_in_background(&s);
+    wait_for_session(&sshd);
+    std::thread::sleep(Duration::from_secs(2));
+    sshd.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("testapp → offsite-restic: FAILED"), "{err}");
+    assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
+
+    // The server is back: the next run completes and the restic CLI finds the
+    // repository whole, over sftp.
+    sshd.restart();
+    s.fx.edit_config("limit_upload = \"1 MiB/s\"\n", "");
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    run(
+        restic_sftp(&s, &sshd, tmp.path()).args(["check", "--read-data"]),
+        "restic check --read-data over sftp after the server came back",
+    );
+}
+
+#[test]
+fn borg_ssh_server_dying_mid_backup_fails_that_repository_and_the_next_run_completes() {
+    let test = "borg_ssh_server_dying_mid_backup_fails_that_repository_and_the_next_run_completes";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((s, mut sshd)) = ssh_setup_over(test, tmp.path(), 8 << 20, Over::BorgOnly) else {
+        return;
+    };
+    s.init_repos();
+    repo_line(&s, "offsite-borg", "limit_upload = \"1 MiB/s\"");
+    let child = backup_in_background(&s);
+    wait_for_session(&sshd);
+    std::thread::sleep(Duration::from_secs(2));
+    sshd.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("testapp → offsite-borg: FAILED"), "{err}");
+    assert!(err.contains("testapp → offsite-restic: ok"), "{err}");
+
+    sshd.restart();
+    s.fx.edit_config("limit_upload = \"1 MiB/s\"\n", "");
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+    run(
+        borg_ssh(&s, &sshd).arg("check").arg(sshd.url("borg")),
+        "borg check after the server came back",
+    );
+}
+
+/// A database whose dump (48 MiB) is much larger than what the tee, the pipes and TCP
+/// hold in between: a repository that stops taking it holds the other one up.
+fn big_dump(s: &Setup) {
+    run(
+        Command::new("sqlite3").arg(s.host("/srv/app/app.db")).arg(
+            "CREATE TABLE blobs(b BLOB); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
+             SELECT x+1 FROM c WHERE x < 12000) INSERT INTO blobs SELECT randomblob(4096) FROM c;",
+        ),
+        "sqlite3",
+    );
+}
+
+#[test]
+fn a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes() {
+    let test = "a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    // S3: the whole server stops (SIGSTOP) while the backup writes to it.
+    if let Some(weed) = SeaweedFs::start(test) {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = weed.url("agex-hang", "bunk");
+        let s = Setup::new(&url, &tmp.path().join("borg").display().to_string(), false);
+        repo_line(&s, "offsite-restic", "env_secret = \"b2-credentials\"");
+        set_secret(&s, "b2-credentials", weed.env_secret().as_bytes());
+        s.fx.edit_config("lock_wait = 5", "lock_wait = 5\nstall_timeout = 3");
+        s.policy("testapp", SQLITE_POLICY);
+        app_data(&s, 0);
+        big_dump(&s);
+        s.init_repos();
+        let t = Instant::now();
+        let child = backup_in_background(&s);
+        std::thread::sleep(Duration::from_secs(1));
+        weed.signal(libc::SIGSTOP);
+        let out = child.wait_with_output().unwrap();
+        weed.signal(libc::SIGCONT);
+        let err = assert_fails(&out, 3);
+        assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
+        assert!(err.contains("testapp → offsite-restic: FAILED"), "{err}");
+        assert!(err.contains("left behind"), "{err}");
+        eprintln!("S3 hang: the run ended after {:?}", t.elapsed());
+    }
+    // sftp: the session's server processes stop.
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((s, sshd)) = ssh_setup_over(test, tmp.path(), 0, Over::SftpOnly) else {
+        return;
+    };
+    big_dump(&s);
+    s.fx.edit_config("lock_wait = 5", "lock_wait = 5\nstall_timeout = 3");
+    s.init_repos();
+    let t = Instant::now();
+    let child = backup_in_background(&s);
+    wait_for_session(&sshd);
+    sshd.signal_sessions(libc::SIGSTOP);
+    let out = child.wait_with_output().unwrap();
+    sshd.signal_sessions(libc::SIGCONT);
+    let err = assert_fails(&out, 3);
+    assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
+    assert!(err.contains("testapp → offsite-restic: FAILED"), "{err}");
+    assert!(err.contains("left behind"), "{err}");
+    eprintln!("sftp hang: the run ended after {:?}", t.elapsed());
+}
+
+/// The fenced block of the recovery kit whose first line is `# kit: <title>`.
+fn kit_block(kit: &str, title: &str) -> String {
+    let marker = format!("# kit: {title}\n");
+    let start = kit
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no block `{title}` in the kit:\n{kit}"));
+    let body = &kit[start..];
+    let end = body.find("```").expect("block end");
+    body[..end].to_string()
+}
+
+/// Runs a kit block with bash, only the documented placeholders substituted, in a
+/// clean environment (no agex, no credentials, a private HOME).
+fn follow(block: &str, subst: &[(&str, &Path)], home: &Path) -> std::process::Output {
+    let mut script = block.to_string();
+    for (name, value) in subst {
+        script = script.replace(name, value.to_str().unwrap());
+    }
+    assert!(
+        !script.contains("agex "),
+        "the kit must not need agex:\n{script}"
+    );
+    Command::new("bash")
+        .args(["-e", "-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HOME", home)
+        .current_dir(home)
+        .output()
+        .unwrap()
+}
+
+/// Every command a user runs on a Restic repository, on `offsite-restic` (remote),
+/// each checked by its effect; then the recovery kit's blocks for it, followed
+/// literally with age and restic alone. `restic` is the restic CLI for the repository.
+fn walk_the_commands(s: &Setup, tmp: &Path, restic: &dyn Fn() -> Command) {
+    let repo = "offsite-restic";
+    s.policy(
+        "testapp",
+        &format!("{SQLITE_POLICY}\n[retention]\nkeep_last = 1\n"),
+    );
+    for _ in 0..2 {
+        assert_ok(&s.agex(&["backup", "--service", "testapp", "--repo", repo]));
+    }
+    let snaps = s.agex(&["--json", "snapshots", "--repo", repo]);
+    assert_ok(&snaps);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&snaps)).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_ok(&s.agex(&["forget", "--service", "testapp", "--repo", repo, "--prune"]));
+    // restic's own view after the prune: one snapshot, every pack whole.
+    let peer = stdout(&run(
+        restic().args(["snapshots", "--json"]),
+        "restic snapshots",
+    ));
+    let peer: serde_json::Value = serde_json::from_str(&peer).unwrap();
+    assert_eq!(peer.as_array().unwrap().len(), 1, "{peer}");
+    run(
+        restic().args(["check", "--read-data"]),
+        "restic check after prune",
+    );
+
+    assert_ok(&s.agex(&["repo", "unlock", repo]));
+    let old = s.fx.decrypt("restic-password");
+    assert_ok(&s.agex(&["repo", "rotate-password", repo]));
+    assert_ne!(s.fx.decrypt("restic-password"), old);
+    // The restic CLI opens it with the new password (read from the secret again).
+    run(
+        restic().arg("snapshots"),
+        "restic snapshots with the new password",
+    );
+    assert_ok(&s.agex(&["repo", "check", repo]));
+    assert_ok(&s.agex(&["drill", "--service", "testapp", "--repo", repo]));
+    let status = s.agex(&["--json", "status"]);
+    assert_ok(&status);
+    assert!(stdout(&status).contains(repo), "{}", stdout(&status));
+
+    let kit_path = tmp.join("kit.txt");
+    assert_ok(&s.agex(&["recovery", "kit", "--out", kit_path.to_str().unwrap()]));
+    let kit = fs::read_to_string(&kit_path).unwrap();
+    for secret in ["restic-password", "b2-credentials", "borg-ssh-key"] {
+        let plain = s.fx.decrypt(secret);
+        for line in String::from_utf8_lossy(&plain)
+            .lines()
+            .filter(|l| l.len() > 12 && !l.starts_with('#') && !l.starts_with("-----"))
+        {
+            assert!(!kit.contains(line), "the kit leaks {secret}");
+        }
+    }
+    let home = tmp.join("kit-home");
+    fs::create_dir_all(&home).unwrap();
+    let key = s.fx.key("recovery.txt");
+    let config = s.fx.dir();
+    let listed = follow(
+        &kit_block(&kit, &format!("{repo} list")),
+        &[("RECOVERY_KEY", &key), ("CONFIG", &config)],
+        &home,
+    );
+    assert_ok(&listed);
+    assert!(stdout(&listed).contains("testapp"), "{}", stdout(&listed));
+    let target = tmp.join("kit-restored");
+    fs::create_dir_all(&target).unwrap();
+    let out = follow(
+        &kit_block(&kit, &format!("{repo} restore testapp")),
+        &[
+            ("RECOVERY_KEY", &key),
+            ("CONFIG", &config),
+            ("TARGET", &target),
+        ],
+        &home,
+    );
+    assert_ok(&out);
+    assert_eq!(
+        fs::read(target.join("srv/app/files/big.bin")).unwrap(),
+        fs::read(s.host("/srv/app/files/big.bin")).unwrap()
+    );
+    let left: Vec<_> = fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("agex-kit"))
+        .collect();
+    assert!(left.is_empty(), "the kit left {left:?} in /dev/shm");
+}
+
+#[test]
+fn every_command_and_the_recovery_kit_work_over_s3() {
+    let test = "every_command_and_the_recovery_kit_work_over_s3";
+    if !have_tool("restic", test)
+        || !have_tool("borg", test)
+        || !have_tool("sqlite3", test)
+        || !have_tool("age", test)
+    {
+        return;
+    }
+    let Some(weed) = SeaweedFs::start(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = weed.url("agex-walk", "bunk");
+    let s = Setup::new(&url, &tmp.path().join("borg").display().to_string(), false);
+    repo_line(&s, "offsite-restic", "env_secret = \"b2-credentials\"");
+    set_secret(&s, "b2-credentials", weed.env_secret().as_bytes());
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 1 << 20);
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    walk_the_commands(&s, tmp.path(), &|| restic_s3(&s, &weed, &url));
+}
+
+#[test]
+fn every_command_and_the_recovery_kit_work_over_sftp() {
+    let test = "every_command_and_the_recovery_kit_work_over_sftp";
+    if !have_tool("age", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((s, sshd)) = ssh_setup_over(test, tmp.path(), 1 << 20, Over::SftpOnly) else {
+        return;
+    };
+    assert_ok(&s.agex(&["repo", "init", "offsite-restic"]));
+    walk_the_commands(&s, tmp.path(), &|| restic_sftp(&s, &sshd, tmp.path()));
+}
+
+/// Runs `cmd` to its end while checking, every 20 ms, that no process's argv holds one
+/// of `needles` (passwords, keys, credentials); returns its output and how many
+/// processes it saw that `cmd` started (so the caller knows children were watched).
+fn output_watching_argv(cmd: &mut Command, needles: &[String]) -> (std::process::Output, usize) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let needles = needles.to_vec();
+    let watcher = std::thread::spawn(move || {
+        let parent_of = |p: i32| -> Option<i32> {
+            let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            stat[stat.rfind(')')? + 1..]
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        let mut children = std::collections::BTreeSet::new();
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            for (p, line) in all_cmdlines() {
+                for n in &needles {
+                    assert!(
+                        !line.contains(n.as_str()),
+                        "process {p}'s argv holds a secret: {line}"
+                    );
+                }
+                if parent_of(p) == Some(pid) {
+                    children.insert(p);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        children.len()
+    });
+    let out = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.join().expect("a secret was seen in an argv");
+    (out, seen)
 }

@@ -490,6 +490,27 @@ impl Sshd {
         ours.len() - 1
     }
 
+    /// The server dies: every session it serves killed (SIGKILL), then the listener.
+    pub fn kill(&mut self) {
+        self.signal_sessions(libc::SIGKILL);
+        self.stop();
+    }
+
+    /// Starts sshd again on the same port, host key and authorized keys.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port;
+        let mut last_err = String::new();
+        for _ in 0..PORT_RETRIES {
+            match self.try_spawn(port) {
+                Ok(()) => return,
+                Err(e) => last_err = e,
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("sshd did not start again on port {port}: {last_err}");
+    }
+
     /// Stops sshd (by the pid in its PidFile) and waits for it; idempotent.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -1065,6 +1086,14 @@ impl SeaweedFs {
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
+        }
+    }
+
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`) to the server we started.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on the pid we started (and have not reaped).
+            unsafe { libc::kill(c.id() as i32, signal) };
         }
     }
 

@@ -1,5 +1,8 @@
 //! A repository's credentials, decrypted in memory from its age secrets.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
 use agex_core::{Project, Repository};
 use agex_secrets::{secret_file, Identities};
 use zeroize::Zeroizing;
@@ -16,6 +19,9 @@ pub struct RepoAccess {
     pub ssh_key: Option<Zeroizing<Vec<u8>>>,
     /// The `KEY=VALUE` lines of the repository's `env_secret`, in order.
     pub env: Vec<(String, Zeroizing<String>)>,
+    /// Transient storage errors retried so far through this access (see
+    /// [`crate::backend`]); shared by every backend opened with it.
+    pub retries: Arc<AtomicU64>,
 }
 
 /// Longest repository password agex hands to borg through a pipe (a pipe under memory
@@ -120,18 +126,37 @@ pub fn policy<'a>(project: &'a Project, name: &str) -> Result<&'a agex_core::Pol
         })
 }
 
+/// Decrypts secret `name` with `ids`.
+fn open_secret(
+    project: &Project,
+    name: &str,
+    ids: &Identities,
+) -> Result<Zeroizing<Vec<u8>>, BackupError> {
+    let rule = project.rules.secrets.get(name).ok_or_else(|| {
+        BackupError::Secrets(agex_secrets::SecretsError::Invalid {
+            name: name.to_string(),
+            reason: "has no rule in secrets.toml".into(),
+        })
+    })?;
+    Ok(secret_file::open(project, rule, ids)?)
+}
+
+/// The `KEY=VALUE` lines of `repo`'s env secret, decrypted with `ids` (none without one).
+pub fn env_lines(
+    project: &Project,
+    repo: &Repository,
+    ids: &Identities,
+) -> Result<Vec<(String, Zeroizing<String>)>, BackupError> {
+    match &repo.env_secret {
+        Some(e) => parse_env(e.get_ref(), &open_secret(project, e.get_ref(), ids)?),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// Decrypts the password (and ssh key) of a repository with `ids`.
 pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAccess, BackupError> {
     let repo = repository(project, name)?.clone();
-    let secret = |secret_name: &str| -> Result<Zeroizing<Vec<u8>>, BackupError> {
-        let rule = project.rules.secrets.get(secret_name).ok_or_else(|| {
-            BackupError::Secrets(agex_secrets::SecretsError::Invalid {
-                name: secret_name.to_string(),
-                reason: "has no rule in secrets.toml".into(),
-            })
-        })?;
-        Ok(secret_file::open(project, rule, ids)?)
-    };
+    let secret = |secret_name: &str| open_secret(project, secret_name, ids);
     let raw = secret(repo.password_secret.get_ref())?;
     // Borrowed, not copied: a `FromUtf8Error` would carry the bytes away unwiped.
     let text = std::str::from_utf8(&raw).map_err(|_| {
@@ -151,10 +176,7 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
         Some(k) => Some(secret(k.get_ref())?),
         None => None,
     };
-    let env = match &repo.env_secret {
-        Some(e) => parse_env(e.get_ref(), &secret(e.get_ref())?)?,
-        None => Vec::new(),
-    };
+    let env = env_lines(project, &repo, ids)?;
     // An interrupted password rotation may have left the repository on the new
     // password, which only the pending file holds.
     crate::rotate::during_rotation(
@@ -165,6 +187,7 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
             password,
             ssh_key,
             env,
+            retries: Arc::default(),
         },
     )
 }

@@ -2,17 +2,20 @@
 //! local paths and `rest:` through rustic_backend, `s3:` and `opendal:` through
 //! opendal (credentials as in-process options), `sftp:` through agex's ssh plumbing
 //! ([`crate::sftp`]), `rclone:` through `rclone serve restic` ([`crate::rclone`]). Every
-//! backend is wrapped at its boundary with the repository's bandwidth limits.
+//! backend is wrapped at its boundary, where transient errors are retried with backoff
+//! (a bounded number of times, counted for the run's record) and the repository's
+//! bandwidth limits apply.
 
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agex_core::RepoUrl;
 use bytes::Bytes;
-use rustic_backend::{LocalBackend, OpenDALBackend, RestBackend};
-use rustic_core::{BytesList, FileType, Id, ReadBackend, RusticResult, WriteBackend};
+use rustic_backend::{LocalBackend, RestBackend};
+use rustic_core::{BytesList, FileType, Id, ReadBackend, RusticError, RusticResult, WriteBackend};
 
 use crate::access::RepoAccess;
 use crate::error::BackupError;
@@ -79,6 +82,109 @@ pub fn unknown_env_keys<'a>(url: &RepoUrl, keys: impl Iterator<Item = &'a str>) 
     .collect()
 }
 
+/// One thing `agex check` found in a repository's env secret.
+pub struct EnvFinding {
+    /// Whether the backend cannot work this way (else a warning).
+    pub error: bool,
+    /// What, pointing at the repository's `env_secret` line.
+    pub diagnostic: agex_core::Diagnostic,
+}
+
+/// Checks every repository's env secret against what its backend reads: a key the
+/// scheme needs and the secret lacks is an error, a key nothing reads (a typo, most
+/// likely) a warning. A secret `ids` cannot open (or no `ids`) is a warning that it was
+/// not checked. Values never appear in a finding.
+pub fn check_env_secrets(
+    project: &agex_core::Project,
+    ids: Option<&agex_secrets::Identities>,
+) -> Vec<EnvFinding> {
+    let mut out = Vec::new();
+    for repo in project.config.repositories.values() {
+        let Some(secret) = &repo.env_secret else {
+            continue;
+        };
+        let at = |error: bool, message: String| EnvFinding {
+            error,
+            diagnostic: project.config.source.error(Some(secret.span()), message),
+        };
+        let lines = match ids.map(|ids| crate::access::env_lines(project, repo, ids)) {
+            Some(Ok(lines)) => lines,
+            Some(Err(e)) => {
+                out.push(at(
+                    false,
+                    format!(
+                        "repository `{}`: env_secret `{}` not checked: {e}",
+                        repo.name,
+                        secret.get_ref()
+                    ),
+                ));
+                continue;
+            }
+            None => {
+                out.push(at(
+                    false,
+                    format!(
+                        "repository `{}`: env_secret `{}` not checked: no identity to decrypt it (give -i)",
+                        repo.name,
+                        secret.get_ref()
+                    ),
+                ));
+                continue;
+            }
+        };
+        // Borg hands the whole secret to borg's environment: any variable may be meant.
+        if repo.kind == agex_core::RepositoryKind::Borg {
+            continue;
+        }
+        let keys = env_keys(&repo.location);
+        let missing: Vec<&str> = keys
+            .required
+            .iter()
+            .copied()
+            .filter(|k| !lines.iter().any(|(have, _)| have == k))
+            .collect();
+        if !missing.is_empty() {
+            out.push(at(
+                true,
+                format!(
+                    "repository `{}`: env_secret `{}` lacks {} (a {} repository needs it)",
+                    repo.name,
+                    secret.get_ref(),
+                    missing.join(", "),
+                    repo.location.scheme()
+                ),
+            ));
+        }
+        let unknown = unknown_env_keys(&repo.location, lines.iter().map(|(k, _)| k.as_str()));
+        if !unknown.is_empty() {
+            let mut known: Vec<String> = keys
+                .required
+                .iter()
+                .chain(keys.optional)
+                .map(|k| k.to_string())
+                .collect();
+            known.extend(keys.prefixes.iter().map(|p| format!("{p}*")));
+            let accepted = if known.is_empty() {
+                "no variables".to_string()
+            } else {
+                known.join(", ")
+            };
+            out.push(at(
+                false,
+                format!(
+                    "repository `{}`: env_secret `{}` has {} {}, which a {} repository does not read (it reads {accepted})",
+                    repo.name,
+                    secret.get_ref(),
+                    if unknown.len() == 1 { "key" } else { "keys" },
+                    unknown.join(", "),
+                    repo.location.scheme()
+                ),
+            ));
+        }
+    }
+    out
+}
+
 /// Opens the storage of a Restic repository.
 pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
     let repo = &access.repo;
@@ -127,10 +233,7 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
                 _ => zeroize::Zeroizing::new(url.clone()),
             };
             BackendPieces {
-                backend: Arc::new(
-                    RestBackend::new(url.as_str(), Vec::<(String, String)>::new())
-                        .map_err(rustic)?,
-                ),
+                backend: Arc::new(RestBackend::new(url.as_str(), rest_options()).map_err(rustic)?),
                 guard: None,
             }
         }
@@ -158,7 +261,7 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
             o.insert("disable_config_load".into(), "true".into());
             o.insert("disable_ec2_metadata".into(), "true".into());
             BackendPieces {
-                backend: Arc::new(OpenDALBackend::new("s3", o).map_err(rustic)?),
+                backend: Arc::new(crate::object_store::ObjectStore::new("s3", o).map_err(fail)?),
                 guard: None,
             }
         }
@@ -168,7 +271,7 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
                 o.insert(k.to_ascii_lowercase(), v.to_string());
             }
             BackendPieces {
-                backend: Arc::new(OpenDALBackend::new(service, o).map_err(rustic)?),
+                backend: Arc::new(crate::object_store::ObjectStore::new(service, o).map_err(fail)?),
                 guard: None,
             }
         }
@@ -188,11 +291,61 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
         }
     };
     Ok(Arc::new(Boundary {
+        repo: repo.name.clone(),
         inner: pieces.backend,
         up: repo.limit_upload.map(Limit::new),
         down: repo.limit_download.map(Limit::new),
+        retries: Arc::clone(&access.retries),
         _guard: pieces.guard,
     }))
+}
+
+/// Options of a REST backend (also rclone's): no retries of its own, so that every
+/// retry happens, and is counted, at the boundary.
+pub(crate) fn rest_options() -> Vec<(String, String)> {
+    vec![("retry".into(), "false".into())]
+}
+
+/// How often an operation that failed with a transient error is tried again.
+pub const RETRIES: u32 = 5;
+/// The pause before the first retry; each next one doubles, up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
+/// The longest pause between two tries.
+const MAX_PAUSE: Duration = Duration::from_secs(8);
+/// No retry starts once an operation has taken this long (its tries timed out, say):
+/// a server that hangs fails the repository in minutes, not in hours.
+const RETRY_WINDOW: Duration = Duration::from_secs(60);
+
+/// Whether an error of the storage may go away by itself (a reset or refused
+/// connection, a timeout, a 5xx or 429 answer), judged by the error that caused it.
+/// Everything else (a refused login, a missing file, a full disk) fails at once.
+fn transient(e: &RusticError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(o) = c.downcast_ref::<opendal::Error>() {
+            return o.is_temporary() || o.kind() == opendal::ErrorKind::RateLimited;
+        }
+        if let Some(r) = c.downcast_ref::<reqwest::Error>() {
+            return match r.status() {
+                Some(s) => s.is_server_error() || s.as_u16() == 429 || s.as_u16() == 408,
+                None => !r.is_builder() && !r.is_redirect(),
+            };
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return matches!(
+                io.kind(),
+                K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::ConnectionRefused
+                    | K::TimedOut
+                    | K::BrokenPipe
+                    | K::UnexpectedEof
+            );
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// `url` with `user:password@` inserted after its scheme, percent-encoded.
@@ -242,11 +395,14 @@ impl Limit {
     }
 }
 
-/// The backend as agex uses it: the limits applied, the guard kept alive.
+/// The backend as agex uses it: transient errors retried (and counted), the limits
+/// applied, the guard kept alive.
 struct Boundary {
+    repo: String,
     inner: Arc<dyn WriteBackend>,
     up: Option<Limit>,
     down: Option<Limit>,
+    retries: Arc<AtomicU64>,
     _guard: Option<Box<dyn Any + Send + Sync>>,
 }
 
@@ -259,6 +415,38 @@ impl std::fmt::Debug for Boundary {
 }
 
 impl Boundary {
+    /// Runs `op` until it succeeds, fails for good, or failed transiently [`RETRIES`]
+    /// times more, pausing longer (with jitter) before each retry.
+    fn retrying<T>(&self, what: &str, op: impl Fn() -> RusticResult<T>) -> RusticResult<T> {
+        let mut pause = FIRST_PAUSE;
+        let mut retry = 0;
+        let start = Instant::now();
+        loop {
+            match op() {
+                Err(e)
+                    if retry < RETRIES
+                        && transient(&e)
+                        && start.elapsed() < RETRY_WINDOW
+                        && !crate::cancel::interrupted() =>
+                {
+                    retry += 1;
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    let jitter = rand::random::<f64>() * 0.25;
+                    let wait = pause.mul_f64(1.0 + jitter);
+                    tracing::info!(
+                        "repository `{}`: {what} failed ({}); retry {retry} of {RETRIES} in {:.1} s",
+                        self.repo,
+                        e.display_log().trim_start_matches("Error: "),
+                        wait.as_secs_f64()
+                    );
+                    std::thread::sleep(wait);
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn downloaded(&self, b: RusticResult<Bytes>) -> RusticResult<Bytes> {
         if let (Ok(bytes), Some(l)) = (&b, &self.down) {
             l.take(bytes.len());
@@ -272,13 +460,13 @@ impl ReadBackend for Boundary {
         self.inner.location()
     }
     fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
-        self.inner.list_with_size(tpe)
+        self.retrying("listing", || self.inner.list_with_size(tpe))
     }
     fn list(&self, tpe: FileType) -> RusticResult<Vec<Id>> {
-        self.inner.list(tpe)
+        self.retrying("listing", || self.inner.list(tpe))
     }
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
-        self.downloaded(self.inner.read_full(tpe, id))
+        self.downloaded(self.retrying("reading", || self.inner.read_full(tpe, id)))
     }
     fn read_partial(
         &self,
@@ -288,7 +476,9 @@ impl ReadBackend for Boundary {
         offset: u32,
         length: u32,
     ) -> RusticResult<Bytes> {
-        self.downloaded(self.inner.read_partial(tpe, id, cacheable, offset, length))
+        self.downloaded(self.retrying("reading", || {
+            self.inner.read_partial(tpe, id, cacheable, offset, length)
+        }))
     }
     fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
         self.inner.warmup_path(tpe, id)
@@ -303,7 +493,7 @@ impl ReadBackend for Boundary {
 
 impl WriteBackend for Boundary {
     fn create(&self) -> RusticResult<()> {
-        self.inner.create()
+        self.retrying("creating the repository", || self.inner.create())
     }
     fn write_bytes(
         &self,
@@ -315,10 +505,13 @@ impl WriteBackend for Boundary {
         if let Some(l) = &self.up {
             l.take(content.size());
         }
-        self.inner.write_bytes(tpe, id, cacheable, content)
+        // A retry sends the same bytes again (the list holds them by reference count).
+        self.retrying("writing", || {
+            self.inner.write_bytes(tpe, id, cacheable, content.clone())
+        })
     }
     fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
-        self.inner.remove(tpe, id, cacheable)
+        self.retrying("removing", || self.inner.remove(tpe, id, cacheable))
     }
 }
 

@@ -13,6 +13,7 @@ pub mod kit;
 pub mod lock;
 pub mod manifest;
 pub mod manifest_stream;
+pub mod object_store;
 pub mod peak;
 pub mod pg;
 pub mod postgres;

@@ -122,7 +122,7 @@ pub fn start(
         child: Mutex::new(child),
     };
     let rest_url = zeroize::Zeroizing::new(format!("http://{user}:{}@{hostpath}", pass.as_str()));
-    let rest = RestBackend::new(rest_url.as_str(), Vec::<(String, String)>::new())
+    let rest = RestBackend::new(rest_url.as_str(), crate::backend::rest_options())
         .map_err(|e| fail(format!("rclone's REST server: {}", e.display_log())))?;
     Ok(BackendPieces {
         backend: Arc::new(rest),

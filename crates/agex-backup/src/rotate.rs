@@ -87,6 +87,7 @@ fn with_password(access: &RepoAccess, password: &str) -> RepoAccess {
         password: Zeroizing::new(password.to_string()),
         ssh_key: access.ssh_key.clone(),
         env: access.env.clone(),
+        retries: std::sync::Arc::clone(&access.retries),
     }
 }
 

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use agex_core::systemctl::Systemctl;
@@ -115,6 +115,10 @@ pub struct RepoResult {
     /// Things that went wrong without failing the backup (retention, say).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Storage operations retried after a transient error (a reset connection, a 5xx):
+    /// a run that needed many completed, but the network or the provider is ailing.
+    #[serde(default)]
+    pub retries: u64,
 }
 
 impl RepoResult {
@@ -128,6 +132,7 @@ impl RepoResult {
             duration_seconds: secs,
             bytes_added: None,
             warnings: vec![],
+            retries: 0,
         }
     }
 
@@ -183,6 +188,8 @@ struct Env<'a> {
     /// Master keys of the Restic repositories this run writes, derived once each (in the
     /// background from the start of the run, while paths are walked and databases dumped).
     restic_keys: BTreeMap<String, OnceLock<Option<MasterKey>>>,
+    /// Per repository, the retries already reported in an earlier result of this run.
+    retries_reported: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Runs a planned backup. Repository credentials were decrypted by the caller; a
@@ -211,6 +218,7 @@ pub fn execute(
             )
             .map(|r| (r.clone(), OnceLock::new()))
             .collect(),
+        retries_reported: Mutex::default(),
     };
     // Reached without following a symlink: the dumps, records and locks stay below the
     // root.
@@ -586,6 +594,7 @@ fn backup_service(
                     duration_seconds: secs,
                     bytes_added: added,
                     warnings,
+                    retries: 0,
                 };
                 // A retention with its own schedule runs as a separate forget job.
                 let inline = policy.forget_schedule.is_none();
@@ -610,9 +619,23 @@ fn backup_service(
                 None => RepoResult::failed(service, name, e, secs),
             },
         };
+        let mut result = result;
+        result.retries = new_retries(env, access);
         results.push(result);
     }
     (results, dump_entries)
+}
+
+/// The retries of `access`'s repository not reported yet in this run: those of this
+/// service's backup and retention, and of opening the repository early for its key.
+fn new_retries(env: &Env<'_>, access: &RepoAccess) -> u64 {
+    let now = access.retries.load(Ordering::Relaxed);
+    let mut seen = env
+        .retries_reported
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let before = seen.insert(access.repo.name.clone(), now).unwrap_or(0);
+    now.saturating_sub(before)
 }
 
 /// Removes a snapshot or archive written although a stream of it failed (the gate on the

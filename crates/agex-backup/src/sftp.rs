@@ -10,6 +10,7 @@
 use std::io::SeekFrom;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -25,6 +26,14 @@ use crate::ssh::SshAccess;
 
 /// How many of ssh's last stderr lines are kept for error messages.
 const STDERR_LINES: usize = 8;
+
+/// How long a request without data may wait for the server.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`REQUEST_TIMEOUT`] plus the time `bytes` take at 64 KiB/s (a slow uplink).
+fn budget(bytes: usize) -> Duration {
+    REQUEST_TIMEOUT + Duration::from_secs_f64(bytes as f64 / 65536.0)
+}
 
 /// A restic repository on an sftp server.
 pub struct SftpBackend {
@@ -105,7 +114,23 @@ impl SftpBackend {
                 }
             }
         });
-        let opened = rt.block_on(Sftp::new(stdin, stdout, SftpOptions::default()));
+        let opened = rt.block_on(async {
+            tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                Sftp::new(stdin, stdout, SftpOptions::default()),
+            )
+            .await
+        });
+        let opened = match opened {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => {
+                let _ = child.start_kill();
+                Err(format!(
+                    "no answer from the server for {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                ))
+            }
+        };
         let sftp = match opened {
             Ok(s) => s,
             Err(e) => {
@@ -120,11 +145,7 @@ impl SftpBackend {
                 if let Some(m) = ssh.explain(&text) {
                     return Err(BackupError::HostKey(m));
                 }
-                let why = if text.trim().is_empty() {
-                    e.to_string()
-                } else {
-                    text
-                };
+                let why = if text.trim().is_empty() { e } else { text };
                 return Err(fail(format!(
                     "sftp to {} failed: {why}",
                     ssh.endpoint().destination()
@@ -141,6 +162,26 @@ impl SftpBackend {
             sftp,
             child: Mutex::new(child),
             _ssh: ssh,
+        })
+    }
+
+    /// Runs one request on the session, given `budget` to finish: a server that stopped
+    /// answering (a hung host, a link gone silent) fails the request instead of
+    /// holding the backup for ever.
+    fn run<T>(
+        &self,
+        what: &str,
+        budget: Duration,
+        fut: impl std::future::Future<Output = RusticResult<T>>,
+    ) -> RusticResult<T> {
+        self.rt.block_on(async {
+            match tokio::time::timeout(budget, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(backend_err(
+                    what,
+                    format!("no answer from the server for {} s", budget.as_secs()),
+                )),
+            }
         })
     }
 
@@ -199,7 +240,13 @@ impl ReadBackend for SftpBackend {
     }
 
     fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
-        self.rt.block_on(async {
+        // The data directories are 256: each may take a request's time.
+        let limit = if tpe == FileType::Pack {
+            REQUEST_TIMEOUT * 256
+        } else {
+            REQUEST_TIMEOUT
+        };
+        self.run(&format!("listing {}", tpe.dirname()), limit, async {
             if tpe == FileType::Config {
                 let mut fs = self.sftp.fs();
                 let path = format!("{}/config", self.root);
@@ -232,7 +279,8 @@ impl ReadBackend for SftpBackend {
 
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
         let path = self.path(tpe, id);
-        self.rt.block_on(async {
+        // Full reads are of small files (config, keys, index, snapshots).
+        self.run(&format!("reading {path}"), budget(1 << 20), async {
             let mut fs = self.sftp.fs();
             fs.read(&path)
                 .await
@@ -250,7 +298,8 @@ impl ReadBackend for SftpBackend {
         length: u32,
     ) -> RusticResult<Bytes> {
         let path = self.path(tpe, id);
-        self.rt.block_on(async {
+        let what = format!("reading {path}");
+        self.run(&what, budget(length as usize), async {
             let err = |e: &dyn std::fmt::Display| backend_err(&format!("reading {path}"), e);
             let file = self.sftp.open(&path).await.map_err(|e| err(&e))?;
             let mut file = Box::pin(openssh_sftp_client::file::TokioCompatFile::new(file));
@@ -266,7 +315,7 @@ impl ReadBackend for SftpBackend {
 
 impl WriteBackend for SftpBackend {
     fn create(&self) -> RusticResult<()> {
-        self.rt.block_on(async {
+        self.run("creating the repository", REQUEST_TIMEOUT * 8, async {
             // The repository directory's parents too, like `restic init`.
             let mut prefix = String::new();
             for part in self.root.split('/') {
@@ -308,7 +357,8 @@ impl WriteBackend for SftpBackend {
         // Written under a temporary name and renamed: a reader never sees half a file,
         // and a write cut off leaves only a temp file, which listing skips.
         let tmp = format!("{path}.tmp-{:016x}", rand::random::<u64>());
-        self.rt.block_on(async {
+        let what = format!("writing {path}");
+        self.run(&what, budget(content.size()), async {
             let err = |e: &dyn std::fmt::Display| backend_err(&format!("writing {path}"), e);
             let mut file = self
                 .sftp
@@ -331,7 +381,7 @@ impl WriteBackend for SftpBackend {
 
     fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
         let path = self.path(tpe, id);
-        self.rt.block_on(async {
+        self.run(&format!("removing {path}"), REQUEST_TIMEOUT, async {
             let mut fs = self.sftp.fs();
             match fs.remove_file(&path).await {
                 Ok(()) => Ok(()),

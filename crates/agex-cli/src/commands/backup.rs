@@ -161,22 +161,24 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
             (Some(s), _) if r.ok() => lines.push((
                 Level::INFO,
                 format!(
-                    "{} → {}: ok, snapshot {s} ({:.1} s{})",
+                    "{} → {}: ok, snapshot {s} ({:.1} s{}{})",
                     r.service,
                     r.repo,
                     r.duration_seconds,
                     r.bytes_added
                         .map(|b| format!(", {b} bytes added"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    retries_note(r.retries, ", ")
                 ),
             )),
             (_, e) => lines.push((
                 Level::ERROR,
                 format!(
-                    "{} → {}: FAILED: {}",
+                    "{} → {}: FAILED: {}{}",
                     r.service,
                     r.repo,
-                    e.as_deref().unwrap_or("unknown error")
+                    e.as_deref().unwrap_or("unknown error"),
+                    retries_note(r.retries, "; after ")
                 ),
             )),
         }
@@ -222,6 +224,15 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
     }
     crate::commands::schedule::job_done(run, code, &log);
     Ok(code)
+}
+
+/// "N retries" after `lead` when a repository needed any, else nothing.
+fn retries_note(retries: u64, lead: &str) -> String {
+    match retries {
+        0 => String::new(),
+        1 => format!("{lead}1 retry"),
+        n => format!("{lead}{n} retries"),
+    }
 }
 
 /// Passwords of the PostgreSQL roles the planned services dump with, by secret name.

@@ -175,6 +175,11 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let report = agex_secrets::check::check(&project);
     let host_keys = unverifiable_servers(&project);
+    // The env secrets are read only with an identity that opens them; without one
+    // they are reported unchecked, not failed.
+    let ids = ctx.identities(&project).ok();
+    let env = agex_backup::backend::check_env_secrets(&project, ids.as_ref());
+    let env_errors = env.iter().filter(|f| f.error).count();
     if ctx.global.json {
         output::json(&report)?;
     } else {
@@ -199,6 +204,10 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
         for d in &host_keys {
             println!("error: {d}");
         }
+        for f in &env {
+            let level = if f.error { "error" } else { "warning" };
+            println!("{level}: {}", f.diagnostic);
+        }
         let ok = report
             .secrets
             .iter()
@@ -206,7 +215,7 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
             .count();
         println!(
             "{}: {} secrets, {} ok, {} need attention; {} keys, {} groups, {} hosts, {} repositories, {} backup policies",
-            if report.has_findings() || !host_keys.is_empty() { "check failed" } else { "check passed" },
+            if report.has_findings() || !host_keys.is_empty() || env_errors > 0 { "check failed" } else { "check passed" },
             report.secrets.len(),
             ok,
             report.secrets.len() - ok,
@@ -217,11 +226,13 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
             project.policies.len(),
         );
     }
-    Ok(if report.has_findings() || !host_keys.is_empty() {
-        FAILURE
-    } else {
-        OK
-    })
+    Ok(
+        if report.has_findings() || !host_keys.is_empty() || env_errors > 0 {
+            FAILURE
+        } else {
+            OK
+        },
+    )
 }
 
 /// Repositories reached over ssh whose server's host key agex could not check: none
