@@ -17,8 +17,10 @@
 # (user+sys) and peak RSS come from /usr/bin/time. Repositories are local directories,
 # compression zstd level 3 on both sides (borg `zstd,3`, restic's default `auto`).
 # The last lines are the ratios the issues ask for, from first+second wall times;
-# `ratio s3` compares `restic backup` and `agex backup` against a local SeaweedFS. Needs root (a private PostgreSQL cluster run as `postgres`); borgmatic is
-# installed into a venv under ~/.cache/agex-bench on first use (pinned to 2.0.13 so runs compare).
+# `ratio s3` compares `restic backup` and `agex backup` against a local SeaweedFS, and
+# `rss s3` their peak RSS (ONLY=s3 runs that case alone). Needs root (a private
+# PostgreSQL cluster run as `postgres`); borgmatic is installed into a venv under
+# ~/.cache/agex-bench on first use (pinned to 2.0.13 so runs compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench/backup.sh needs root (PostgreSQL cluster as postgres)" >&2; exit 2; }
@@ -31,7 +33,7 @@ LARGE="${LARGE:-3}"          # large files, LARGE_MB each
 LARGE_MB="${LARGE_MB:-80}"
 
 venv="$HOME/.cache/agex-bench/venv"
-if ! "$venv/bin/borgmatic" --version 2> /dev/null | grep -qx 2.0.13; then
+if [ "${ONLY:-}" != s3 ] && ! "$venv/bin/borgmatic" --version 2> /dev/null | grep -qx 2.0.13; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q 'borgmatic==2.0.13'
 fi
@@ -207,6 +209,8 @@ twice() { # $1 = label, rest = command
 }
 agex_cmd="'$AGEX' -C '$work/cfg' --root '$root' --host bench -i '$work/admin.txt' backup --service bench"
 
+# ONLY=s3 measures the S3 case alone (restic vs agex against SeaweedFS).
+if [ "${ONLY:-}" != s3 ]; then
 init_restic restic-alone
 twice "restic alone" "restic_run restic-alone"
 init_borg borg-alone
@@ -225,6 +229,7 @@ write_config agex-both-restic agex-both-borg
 agex repo init bench-restic > /dev/null
 agex repo init bench-borg > /dev/null
 twice "agex both" "$agex_cmd"
+fi
 
 # S3: the same tree to a local SeaweedFS (scripts/install-deps.sh installs `weed`),
 # the restic binary against `agex backup --repo bench-s3`.
@@ -280,19 +285,24 @@ fi
 
 sum() { echo "${WALL[$1/1]} + ${WALL[$1/2]}" | bc -l; }
 printf '\n%-18s %9s %9s %9s %9s %9s\n' "" "1st wall" "1st CPU" "2nd wall" "2nd CPU" "RSS MiB"
-labels=("restic alone" "agex restic-only" "borg alone" "agex borg-only" "restic+borg" "borgmatic+restic" "agex both")
+labels=()
+[ "${ONLY:-}" != s3 ] && labels+=("restic alone" "agex restic-only" "borg alone" "agex borg-only" "restic+borg" "borgmatic+restic" "agex both")
 [ -n "$s3" ] && labels+=("restic s3" "agex s3")
 for l in "${labels[@]}"; do
   rss=$(( (${RSS[$l/1]} > ${RSS[$l/2]} ? ${RSS[$l/1]} : ${RSS[$l/2]}) / 1024 ))
   printf '%-18s %8.2fs %8.2fs %8.2fs %8.2fs %9d\n' "$l" "${WALL[$l/1]}" "${CPU[$l/1]}" "${WALL[$l/2]}" "${CPU[$l/2]}" "$rss"
 done
+if [ "${ONLY:-}" != s3 ]; then
 floor="$(echo "(${CPU[restic alone/1]} + ${CPU[borg alone/1]}) / $(nproc)" | bc -l)"
 printf '\nfloor for agex both, 1st backup: (CPU restic + CPU borg) / %d cores = %.2fs\n' "$(nproc)" "$floor"
 printf 'ratio restic: %.2f\n' "$(echo "$(sum "restic alone") / $(sum "agex restic-only")" | bc -l)"
 printf 'ratio dual: %.2f\n' "$(echo "$(sum "restic+borg") / $(sum "agex both")" | bc -l)"
 printf 'ratio peers: %.2f\n' "$(echo "$(sum "borgmatic+restic") / $(sum "agex both")" | bc -l)"
+fi
+peak() { echo $(( (${RSS[$1/1]} > ${RSS[$1/2]} ? ${RSS[$1/1]} : ${RSS[$1/2]}) / 1024 )); }
 if [ -n "$s3" ]; then
   printf 'ratio s3: %.2f\n' "$(echo "$(sum "restic s3") / $(sum "agex s3")" | bc -l)"
+  printf 'rss s3: restic %d MiB, agex %d MiB\n' "$(peak "restic s3")" "$(peak "agex s3")"
 else
   echo "ratio s3: skipped (no SeaweedFS \`weed\`: run scripts/install-deps.sh)"
 fi
