@@ -33,7 +33,27 @@ trap 'rm -rf "$work" "$pass"' EXIT
 cfg="$work/config" root="$work/root"
 mkdir -p "$cfg/policies" "$root/srv/huge" "$root/srv/files"
 cp -r agex.toml secrets examples "$cfg/"
-sed -i "s|sftp:u123@storagebox.example:/restic|$work/restic|; s|ssh://u456@borg.example/./repo|$work/borg|; /ssh_key_secret/d" "$cfg/agex.toml"
+# Both repositories become local directories; what only a remote one needs (credentials,
+# pinned host keys, upload limits) and the example's healthchecks ping go.
+python3 - "$cfg/agex.toml" "$work" <<'PY'
+import re, sys
+path, work = sys.argv[1], sys.argv[2]
+out, section = [], ""
+for line in open(path).read().splitlines():
+    t = line.strip()
+    if t.startswith("["):
+        section = t.strip("[]")
+    key = re.split(r"[ =]", t, maxsplit=1)[0]
+    if section in ("repositories.offsite-restic", "repositories.offsite-borg"):
+        if key == "url":
+            line = f'url = "{work}/{section.split("-")[-1]}"'
+        elif key in ("env_secret", "known_hosts", "limit_upload", "limit_download", "ssh_key_secret"):
+            continue
+    if section == "notify" and key == "healthchecks":
+        continue
+    out.append(line)
+open(path, "w").write("\n".join(out) + "\n")
+PY
 printf '\n[backup]\nlock_wait = 5\n' >> "$cfg/agex.toml"
 for svc in huge files; do
   printf 'paths = ["/srv/%s"]\nschedule = "*-*-* 03:00:00"\n' "$svc" > "$cfg/policies/$svc.toml"
