@@ -10,7 +10,7 @@ need_root() {
 
 packages=(age restic borgbackup rclone openssh-server openssh-client postgresql sqlite3
           systemd coreutils procps psmisc ca-certificates curl git build-essential pkg-config
-          time bc nix-bin)
+          time bc nix-bin man-db groff-base chromium fonts-dejavu-core)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -138,6 +138,13 @@ impl Borg {
     /// Turns a failed borg's ssh complaint about the server's host key into a message
     /// that says which repository and how to trust the server.
     pub fn explain(&self, e: BackupError) -> BackupError {
+        if let BackupError::Tool { stderr, .. } = &e {
+            if no_repository(stderr) {
+                return BackupError::NotInitialised {
+                    repo: self.name.clone(),
+                };
+            }
+        }
         let hint = match (&e, &self.ssh) {
             (BackupError::Tool { stderr, .. }, Some(ssh)) => {
                 ssh.diagnose(&self.known_hosts, stderr)
@@ -337,5 +344,15 @@ pub fn lock_timed_out(log: &str) -> bool {
             .ok()
             .and_then(|v| v.get("msgid").and_then(|m| m.as_str()).map(str::to_string))
             .is_some_and(|m| m == "LockTimeout" || m == "LockFailed")
+    })
+}
+
+/// Whether borg's stderr says there is no repository at the URL (never `borg init`ed).
+fn no_repository(stderr: &str) -> bool {
+    stderr.lines().any(|l| {
+        let l = l.trim();
+        l.starts_with("Repository ")
+            && (l.ends_with("does not exist.")
+                || l.ends_with("is not a valid repository. Check repo config."))
     })
 }

@@ -122,6 +122,12 @@ pub enum BackupError {
         /// What is wrong.
         message: String,
     },
+    /// A repository that has not been created yet (nothing at its URL).
+    #[error("repository `{repo}` is not initialised (no repository at its URL): run `agex repo init {repo}`")]
+    NotInitialised {
+        /// The repository.
+        repo: String,
+    },
     /// The command was asked for something it cannot do as given (exit 2).
     #[error("{0}")]
     Usage(String),

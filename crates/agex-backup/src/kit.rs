@@ -231,11 +231,21 @@ pub fn render(project: &Project, generated: &str) -> String {
             }
         }
     }
+    // The example path is one of this configuration's own.
+    let example = project
+        .policies
+        .values()
+        .flat_map(|p| p.paths.iter())
+        .next()
+        .map_or_else(
+            || "/var/lib/SERVICE".to_string(),
+            |p| p.display().to_string(),
+        );
     let _ = writeln!(
         w,
         "\nAfter a restore\n---------------\n\
-         Files are below TARGET at their host paths (TARGET/var/lib/immich/... for\n\
-         /var/lib/immich/...). Copy them back with their owners (cp -a, rsync -a).\n\
+         Files are below TARGET at their host paths (TARGET{example}/... for\n\
+         {example}/...). Copy them back with their owners (cp -a, rsync -a).\n\
          SQLite: check TARGET{dumps}/<service>/db/<name>.sqlite3 with\n\
          `sqlite3 FILE 'PRAGMA integrity_check'`, stop the service, remove the live file's\n\
          -wal and -shm files and copy the dump over the live database.\n\

@@ -19,6 +19,23 @@ pub fn describe(cmd: &Command) -> String {
     parts.join(" ")
 }
 
+/// A command as an error names it: the program's file name and its subcommand
+/// (`borg create`, `pg_dump`). The whole command line is a `-v` (debug) log line.
+pub fn short(shown: &str) -> String {
+    let mut words = shown.split(' ');
+    let program = words
+        .next()
+        .map(|p| p.rsplit('/').next().unwrap_or(p))
+        .unwrap_or_default();
+    let is_tool = matches!(program, "borg" | "restic" | "systemctl");
+    let sub = words
+        .find(|w| !w.starts_with('-') && w.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
+    match sub {
+        Some(sub) if is_tool => format!("{program} {sub}"),
+        _ => program.to_owned(),
+    }
+}
+
 /// Runs a command to completion, capturing stdout and stderr; non-zero exit is an error.
 pub fn run(cmd: &mut Command) -> Result<Output, BackupError> {
     run_to(cmd, Stdio::piped())
@@ -68,7 +85,7 @@ pub fn run_reading<T>(
             detail: format!("reading its output failed: {e}"),
         }),
         Ok(_) if !status.success() => Err(BackupError::Tool {
-            tool: shown,
+            tool: short(&shown),
             status: status_text(&status),
             stderr: tail(&stderr),
         }),
@@ -123,7 +140,7 @@ pub fn check(shown: &str, out: Output) -> Result<Output, BackupError> {
         return Ok(out);
     }
     Err(BackupError::Tool {
-        tool: shown.to_string(),
+        tool: short(shown),
         status: status_text(&out.status),
         stderr: tail(&String::from_utf8_lossy(&out.stderr)),
     })

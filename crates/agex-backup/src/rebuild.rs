@@ -231,7 +231,10 @@ fn steps(
             let plan = host_rekey::plan(&copy, host, &public).map_err(|e| e.to_string())?;
             let done = host_rekey::execute(&plan, admin).map_err(|e| e.to_string())?;
             scratch_project = Some(Project::load(s_config).map_err(|e| e.to_string())?);
-            Ok(format!("{} secret(s) re-encrypted", done.rekeyed.len()))
+            Ok(format!(
+                "{} re-encrypted",
+                agex_core::human::count(done.rekeyed.len(), "secret")
+            ))
         },
     );
     let Some(scratch_project) = scratch_project.filter(|_| ok) else {

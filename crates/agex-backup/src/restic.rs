@@ -59,14 +59,17 @@ pub struct SnapshotInfo {
 /// Turns a rustic_core error into agex's, naming the repository and keeping the
 /// first line of what rustic_core said.
 pub(crate) fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
-    move |e| BackupError::Restic {
-        repo: repo.to_string(),
-        message: e
-            .display_log()
-            .lines()
-            .next()
-            .unwrap_or("error")
-            .to_string(),
+    move |e| {
+        let said = e.display_log();
+        if said.contains("No repository config file found") {
+            return BackupError::NotInitialised {
+                repo: repo.to_string(),
+            };
+        }
+        BackupError::Restic {
+            repo: repo.to_string(),
+            message: said.lines().next().unwrap_or("error").to_string(),
+        }
     }
 }
 

@@ -40,6 +40,18 @@ pub enum Step {
 }
 
 impl Step {
+    /// What was done, for a person: `new password saved (pending)`, …
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::Pending => "new password saved encrypted next to the secret (.pending)",
+            Step::KeyAdded => "new key added to the repository beside the old one",
+            Step::Changed => "repository passphrase changed",
+            Step::Verified => "repository opens with the new password",
+            Step::Stored => "new password stored in the secret",
+            Step::OldKeyRemoved => "old key removed from the repository",
+        }
+    }
+
     /// The step's name (`AGEX_TEST_PAUSE_AT` takes these).
     pub fn as_str(self) -> &'static str {
         match self {

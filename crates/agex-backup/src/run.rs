@@ -828,6 +828,7 @@ fn borg_side(
     cmd.arg(borg.archive_url(archive));
     cmd.args(&args);
     let shown = process::describe(&cmd);
+    tracing::debug!("running {shown}");
     let child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

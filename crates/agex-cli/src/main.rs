@@ -18,7 +18,9 @@ use cli::{
 };
 use commands::activate;
 use commands::backup;
+use commands::docs;
 use commands::recovery;
+use commands::report;
 use commands::schedule;
 use commands::secrets;
 use context::Context;
@@ -64,6 +66,9 @@ fn holds_plaintext(command: &Command) -> bool {
             | Command::Systemd { .. }
             | Command::Daemon
             | Command::Notify { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. }
+            | Command::Report { .. }
     )
 }
 
@@ -73,41 +78,58 @@ fn own_signal_handling(command: &Command) -> bool {
 }
 
 fn run(cli: Cli) -> Result<i32, Failure> {
+    // Jobs whose results the HTML report shows bring it up to date, whatever their outcome.
+    let refreshes_report = matches!(
+        cli.command,
+        Command::Backup { dry_run: false, .. }
+            | Command::Drill(_)
+            | Command::Repo {
+                command: RepoCommand::Check { .. }
+            }
+    );
     let ctx = Context { global: cli.global };
-    match cli.command {
-        Command::Init { dir, key } => secrets::cmd_init(&ctx, dir, key),
+    let result = dispatch(&ctx, cli.command);
+    if refreshes_report {
+        report::refresh(&ctx);
+    }
+    result
+}
+
+fn dispatch(ctx: &Context, command: Command) -> Result<i32, Failure> {
+    match command {
+        Command::Init { dir, key } => secrets::cmd_init(ctx, dir, key),
         Command::Edit {
             file,
             unsafe_tmpdir,
-        } => secrets::cmd_edit(&ctx, &file, unsafe_tmpdir),
-        Command::Decrypt { file, force } => secrets::cmd_decrypt(&ctx, &file, force),
-        Command::Encrypt { file } => secrets::cmd_encrypt(&ctx, &file),
+        } => secrets::cmd_edit(ctx, &file, unsafe_tmpdir),
+        Command::Decrypt { file, force } => secrets::cmd_decrypt(ctx, &file, force),
+        Command::Encrypt { file } => secrets::cmd_encrypt(ctx, &file),
         Command::Rekey {
             files,
             force,
             dry_run,
-        } => secrets::cmd_rekey(&ctx, &files, force, dry_run),
-        Command::Check => secrets::cmd_check(&ctx),
-        Command::Generate { files } => secrets::cmd_generate(&ctx, &files),
+        } => secrets::cmd_rekey(ctx, &files, force, dry_run),
+        Command::Check => secrets::cmd_check(ctx),
+        Command::Generate { files } => secrets::cmd_generate(ctx, &files),
         Command::Secrets {
             command: SecretsCommand::List,
-        } => secrets::cmd_secrets_list(&ctx),
-        Command::Build => activate::cmd_build(&ctx),
+        } => secrets::cmd_secrets_list(ctx),
+        Command::Build => activate::cmd_build(ctx),
         Command::Activate {
             generation,
             switch,
             dry_run,
-        } => activate::cmd_activate(&ctx, generation.as_deref(), &switch, dry_run),
-        Command::Rollback { to, switch } => activate::cmd_rollback(&ctx, to, &switch),
-        Command::Generations => activate::cmd_generations(&ctx),
-        Command::Diff { a, b } => activate::cmd_diff(&ctx, a.as_deref(), b.as_deref()),
+        } => activate::cmd_activate(ctx, generation.as_deref(), &switch, dry_run),
+        Command::Rollback { to, switch } => activate::cmd_rollback(ctx, to, &switch),
+        Command::Generations => activate::cmd_generations(ctx),
+        Command::Diff { a, b } => activate::cmd_diff(ctx, a.as_deref(), b.as_deref()),
         Command::Backup {
             service,
             repo,
             dry_run,
             systemctl,
         } => backup::cmd_backup(
-            &ctx,
+            ctx,
             backup::BackupArgs {
                 service: service.as_deref(),
                 repo: repo.as_deref(),
@@ -116,45 +138,45 @@ fn run(cli: Cli) -> Result<i32, Failure> {
             },
         ),
         Command::Snapshots { service, repo } => {
-            backup::cmd_snapshots(&ctx, service.as_deref(), repo.as_deref())
+            backup::cmd_snapshots(ctx, service.as_deref(), repo.as_deref())
         }
         Command::Forget {
             service,
             repo,
             prune,
             dry_run,
-        } => backup::cmd_forget(&ctx, service.as_deref(), repo.as_deref(), prune, dry_run),
-        Command::Status { max_age: None } => backup::cmd_status(&ctx),
-        Command::Status { max_age: Some(m) } => schedule::cmd_overdue(&ctx, &m),
+        } => backup::cmd_forget(ctx, service.as_deref(), repo.as_deref(), prune, dry_run),
+        Command::Status { max_age: None } => backup::cmd_status(ctx),
+        Command::Status { max_age: Some(m) } => schedule::cmd_overdue(ctx, &m),
         Command::Repo { command } => match command {
-            RepoCommand::Init { repo } => backup::cmd_repo_init(&ctx, &repo),
+            RepoCommand::Init { repo } => backup::cmd_repo_init(ctx, &repo),
             RepoCommand::Check {
                 repo,
                 read_data_subset,
-            } => backup::cmd_repo_check(&ctx, repo.as_deref(), read_data_subset.as_deref()),
-            RepoCommand::Unlock { repo } => backup::cmd_repo_unlock(&ctx, &repo),
-            RepoCommand::Trust { repo, yes } => backup::cmd_repo_trust(&ctx, &repo, yes),
-            RepoCommand::RotatePassword { repo } => recovery::cmd_rotate_password(&ctx, &repo),
+            } => backup::cmd_repo_check(ctx, repo.as_deref(), read_data_subset.as_deref()),
+            RepoCommand::Unlock { repo } => backup::cmd_repo_unlock(ctx, &repo),
+            RepoCommand::Trust { repo, yes } => backup::cmd_repo_trust(ctx, &repo, yes),
+            RepoCommand::RotatePassword { repo } => recovery::cmd_rotate_password(ctx, &repo),
         },
-        Command::Schedule => schedule::cmd_schedule(&ctx),
+        Command::Schedule => schedule::cmd_schedule(ctx),
         Command::Systemd { command } => match command {
             SystemdCommand::Generate { out, agex } => {
-                schedule::cmd_systemd_generate(&ctx, &out, agex)
+                schedule::cmd_systemd_generate(ctx, &out, agex)
             }
             SystemdCommand::Install {
                 agex,
                 dry_run,
                 systemctl,
-            } => schedule::cmd_systemd_install(&ctx, agex, dry_run, systemctl.as_deref()),
+            } => schedule::cmd_systemd_install(ctx, agex, dry_run, systemctl.as_deref()),
         },
-        Command::Daemon => schedule::cmd_daemon(&ctx),
-        Command::Notify { failed_unit } => schedule::cmd_notify_failed_unit(&ctx, &failed_unit),
-        Command::Restore(args) => recovery::cmd_restore(&ctx, &args),
+        Command::Daemon => schedule::cmd_daemon(ctx),
+        Command::Notify { failed_unit } => schedule::cmd_notify_failed_unit(ctx, &failed_unit),
+        Command::Restore(args) => recovery::cmd_restore(ctx, &args),
         Command::Drill(args) => match &args.command {
             Some(DrillCommand::Rebuild {
                 allow_secrets_on_disk,
-            }) => recovery::cmd_drill_rebuild(&ctx, *allow_secrets_on_disk),
-            None => recovery::cmd_drill(&ctx, &args),
+            }) => recovery::cmd_drill_rebuild(ctx, *allow_secrets_on_disk),
+            None => recovery::cmd_drill(ctx, &args),
         },
         Command::Host {
             command:
@@ -165,7 +187,7 @@ fn run(cli: Cli) -> Result<i32, Failure> {
                     keyscan,
                 },
         } => recovery::cmd_host_rekey(
-            &ctx,
+            ctx,
             &host,
             key.as_deref(),
             key_file.as_deref(),
@@ -173,6 +195,9 @@ fn run(cli: Cli) -> Result<i32, Failure> {
         ),
         Command::Recovery {
             command: RecoveryCommand::Kit { out },
-        } => recovery::cmd_recovery_kit(&ctx, out.as_deref()),
+        } => recovery::cmd_recovery_kit(ctx, out.as_deref()),
+        Command::Completions { shell } => docs::cmd_completions(shell),
+        Command::Man { out } => docs::cmd_man(&out),
+        Command::Report { html } => report::cmd_report(ctx, html.as_deref()),
     }
 }

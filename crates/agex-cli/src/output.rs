@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+pub use agex_core::human::{count, short_id, size, when, when_ago};
+
 use crate::error::{Failure, FAILURE};
 
 /// Prints a value as pretty JSON.

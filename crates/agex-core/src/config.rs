@@ -33,6 +33,21 @@ struct RawConfig {
     backup: BackupSettings,
     #[serde(default)]
     schedule: RawScheduleSettings,
+    #[serde(default)]
+    report: RawReport,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReport {
+    html: Option<Spanned<String>>,
+}
+
+/// `[report]`: the HTML status report kept up to date after every backup, drill and check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportSettings {
+    /// Host path of the report file; none writes no report.
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -402,6 +417,8 @@ pub struct Config {
     pub backup: BackupSettings,
     /// Schedule settings.
     pub schedule: ScheduleSettings,
+    /// HTML report settings.
+    pub report: ReportSettings,
 }
 
 impl Config {
@@ -602,6 +619,18 @@ impl Config {
                 ));
             }
         }
+        let report = ReportSettings {
+            html: raw.report.html.as_ref().and_then(|p| {
+                crate::names::host_path(p.get_ref())
+                    .map_err(|why| {
+                        diags.push(source.error(
+                            Some(p.span()),
+                            format!("[report] html `{}`: {why}", p.get_ref()),
+                        ))
+                    })
+                    .ok()
+            }),
+        };
         for (what, v) in raw.notify.all_urls() {
             if let Err(why) = check_notify_url(v.get_ref()) {
                 diags.push(source.error(Some(v.span()), format!("[notify] {what}: {why}")));
@@ -618,6 +647,7 @@ impl Config {
             notify: raw.notify,
             backup: raw.backup,
             schedule,
+            report,
         })
     }
 

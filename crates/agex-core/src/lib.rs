@@ -6,6 +6,7 @@ pub mod beneath;
 pub mod config;
 pub mod diagnostic;
 pub mod error;
+pub mod human;
 pub mod lock;
 pub mod names;
 pub mod policy;

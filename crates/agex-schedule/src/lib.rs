@@ -12,6 +12,7 @@ pub mod job_run;
 pub mod notify;
 pub mod overdue;
 pub mod record;
+pub mod report;
 pub mod results;
 pub mod units;
 

@@ -56,6 +56,9 @@ pub struct Overdue {
     /// For one that never succeeded: since when it has been known (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub known_since: Option<String>,
+    /// For one that was tried but never succeeded: why its last backup failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl Overdue {
@@ -68,6 +71,12 @@ impl Overdue {
                 self.service,
                 self.repo,
                 crate::duration::show(Duration::from_secs(age))
+            ),
+            _ if self.last_error.is_some() => format!(
+                "{} → {}: every backup so far FAILED, the last with: {}",
+                self.service,
+                self.repo,
+                self.last_error.as_deref().unwrap_or_default()
             ),
             _ => format!(
                 "{} → {}: never backed up successfully (known since {}, allowed {allowed})",
@@ -119,10 +128,10 @@ pub fn find(
     for (service, policy) in &project.policies {
         let limit = allowed(project, service, max_age);
         for repo in &policy.repositories {
-            let last = statuses
+            let tried = statuses
                 .iter()
-                .find(|s| &s.service == service && &s.repo == repo)
-                .and_then(|s| s.last_success.clone());
+                .find(|s| &s.service == service && &s.repo == repo);
+            let last = tried.and_then(|s| s.last_success.clone());
             let age_of = |t: DateTime<Utc>| (now - t).num_seconds().max(0) as u64;
             let age = last
                 .as_deref()
@@ -135,10 +144,20 @@ pub fn find(
                 max_age_seconds: limit.as_secs(),
                 age_seconds: age,
                 known_since: None,
+                last_error: None,
             };
             match age {
                 Some(a) if a > limit.as_secs() => out.overdue.push(item),
                 Some(_) => {}
+                // Tried and never succeeded: failing now, not waiting for a first run.
+                None if tried.is_some() => {
+                    item.last_error = Some(
+                        tried
+                            .and_then(|s| s.error.clone())
+                            .unwrap_or_else(|| "unknown error".into()),
+                    );
+                    out.overdue.push(item);
+                }
                 None if first_seen.is_none() => out.overdue.push(item),
                 None => {
                     let since = first_seen

@@ -127,6 +127,12 @@ pub enum SecretsError {
     /// Refusing to print plaintext to a terminal.
     #[error("refusing to print a secret to a terminal; redirect stdout or pass --force")]
     Terminal,
+    /// `agex init` found a configuration where it would write one.
+    #[error("{}: a configuration already exists here; agex init never overwrites one (edit it, or init another directory)", path.display())]
+    AlreadyInitialised {
+        /// The existing agex.toml.
+        path: PathBuf,
+    },
     /// A secret's plaintext is not valid for its use.
     #[error("secret `{name}`: {reason}")]
     Invalid {
@@ -197,6 +203,7 @@ impl SecretsError {
                 | SecretsError::UnknownSecret { .. }
                 | SecretsError::OutsideSecrets { .. }
                 | SecretsError::HostKey { .. }
+                | SecretsError::AlreadyInitialised { .. }
         )
     }
 }

@@ -178,13 +178,43 @@ pub fn keyscan(target: &str) -> Result<String, SecretsError> {
         })
         .next()
         .ok_or_else(|| {
+            // ssh-keyscan says nothing when it cannot connect: find out why ourselves.
+            if let Err(why) = reachable(host, port.unwrap_or(22)) {
+                return fail(why);
+            }
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             fail(if err.is_empty() {
-                "no ssh-ed25519 host key offered".into()
+                "the server offered no ssh-ed25519 host key".into()
             } else {
-                format!("no ssh-ed25519 host key offered ({err})")
+                format!("the server offered no ssh-ed25519 host key ({err})")
             })
         })
+}
+
+/// Whether a TCP connection to `host:port` opens, else why not (`connection refused`).
+fn reachable(host: &str, port: u16) -> Result<(), String> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, std::time::Duration::from_secs(10)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!(
+                "cannot connect to {host} port {port}: connection refused (is sshd running there?)"
+            )
+        }
+        Some(e) => format!("cannot connect to {host} port {port}: {e}"),
+        None => format!("{host} resolves to no address"),
+    })
 }
 
 /// Reads a public key file (`.pub`): its first non-comment line.

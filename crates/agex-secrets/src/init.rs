@@ -17,6 +17,32 @@ pub struct InitOutcome {
     pub admin_key: Option<(String, RecipientKey)>,
 }
 
+/// A policy to copy: one service's paths and databases, where they go, how long kept.
+/// Named `.disabled` so it is not read until the user renames it to `<service>.toml`.
+const POLICY_EXAMPLE: &str = "\
+# A backup policy: rename to policies/<service>.toml (e.g. vikunja.toml) to enable it.
+repositories = [\"offsite-restic\", \"offsite-borg\"]   # names from [repositories.*] in agex.toml
+paths        = [\"/var/lib/vikunja/files\"]
+exclude      = [\"/var/lib/vikunja/files/cache\"]
+schedule     = \"*-*-* 03:10:00\"                     # systemd OnCalendar; `daily` works too
+stop_units   = []                                    # units stopped while it is backed up (none: live)
+
+[[databases]]
+kind = \"sqlite\"
+path = \"/var/lib/vikunja/vikunja.db\"
+
+# [[databases]]
+# kind     = \"postgres\"
+# database = \"vikunja\"
+# socket   = \"/run/postgresql\"
+# user     = \"postgres\"
+
+[retention]
+keep_daily   = 7
+keep_weekly  = 4
+keep_monthly = 6
+";
+
 /// Writes `agex.toml`, `secrets/secrets.toml`, `secrets/secrets.lock` and `policies/`
 /// into `dir`. Refuses if `agex.toml` already exists. `admin` is the first admin key.
 pub fn init(
@@ -25,10 +51,7 @@ pub fn init(
 ) -> Result<InitOutcome, SecretsError> {
     let config = dir.join(CONFIG_FILE);
     if config.exists() {
-        return Err(SecretsError::Invalid {
-            name: config.display().to_string(),
-            reason: "already exists; agex init never overwrites a configuration".into(),
-        });
+        return Err(SecretsError::AlreadyInitialised { path: config });
     }
     let keys = match &admin {
         Some((name, key)) => format!("{name} = \"{key}\"\n"),
@@ -45,6 +68,18 @@ pub fn init(
          \n[groups]\n{admins}# recovery = [\"paper\"]\n\
          \n# [hosts.myhost]\n# key      = \"ssh-ed25519 AAAA... root@myhost\"   # ssh-keyscan -t ed25519 myhost\n\
          # identity = \"/etc/ssh/ssh_host_ed25519_key\"\n\
+         \n# Backups go to two independent repositories; each has its password in a secret.\n\
+         # [repositories.offsite-restic]\n\
+         # kind            = \"restic\"\n\
+         # url             = \"s3:https://s3.eu-central-003.backblazeb2.com/my-bucket/restic\"   # or sftp:user@host:/path, rest:…, /local/path\n\
+         # password_secret = \"restic-password\"\n\
+         # env_secret      = \"b2-credentials\"   # AWS_ACCESS_KEY_ID=… and AWS_SECRET_ACCESS_KEY=… lines\n\
+         #\n\
+         # [repositories.offsite-borg]\n\
+         # kind            = \"borg\"\n\
+         # url             = \"ssh://u123@u123.your-storagebox.de:23/./borg\"\n\
+         # password_secret = \"borg-passphrase\"\n\
+         # ssh_key_secret  = \"borg-ssh-key\"     # then pin the server: agex repo trust offsite-borg\n\
          \n[activation]\nkeep = 5\n"
     );
     let rules = "# One table per secret. The file defaults to secrets/<name>.age.\n\
@@ -65,6 +100,7 @@ pub fn init(
         Ok(())
     };
     write(RULES_FILE, rules)?;
+    write("policies/example.toml.disabled", POLICY_EXAMPLE)?;
     let lock = Lock::new()
         .to_toml()
         .map_err(SecretsError::io(PathBuf::from(LOCK_FILE)))?;

@@ -90,8 +90,8 @@ pub fn cmd_activate(
         let plan = Plan::new(&manifest, &layout, &UserDb::for_layout(&layout)?)?;
         print!("{plan}");
         println!(
-            "{} files for host `{}`; owners from {}; nothing changed (--dry-run)",
-            plan.files.len(),
+            "{} for host `{}`; owners from {}; nothing changed (--dry-run)",
+            output::count(plan.files.len(), "file"),
             manifest.host,
             plan.users
         );
@@ -185,10 +185,10 @@ fn report(a: Activation) -> Result<i32, Failure> {
         .filter(|p| *p != a.number)
         .map_or(String::new(), |p| format!(" (was {p})"));
     println!(
-        "{how} generation {} ({}): {} files in {}{previous}",
+        "{how} generation {} ({}): {} in {}{previous}",
         a.number,
         a.hash,
-        a.files,
+        output::count(a.files, "file"),
         a.dir.display()
     );
     if !a.pruned.is_empty() {
@@ -284,11 +284,9 @@ pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
         .into_iter()
         .map(|l| GenerationRow {
             number: l.number,
-            date: l.created.map(|t| {
-                chrono::DateTime::<chrono::Local>::from(t)
-                    .format("%Y-%m-%d %H:%M:%S")
-                    .to_string()
-            }),
+            date: l
+                .created
+                .map(|t| chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()),
             hash: l.hash,
             active: active == Some(l.number),
             kept: agex_activate::activate::Marker::read(&layout.generation_dir(l.number)).is_some(),
@@ -312,7 +310,7 @@ pub fn cmd_generations(ctx: &Context) -> Result<i32, Failure> {
             .map(|r| {
                 vec![
                     r.number.to_string(),
-                    r.date.clone().unwrap_or_default(),
+                    r.date.as_deref().map(output::when_ago).unwrap_or_default(),
                     r.hash.clone(),
                     yes(r.kept),
                     state_cell(r.active, &r.state),

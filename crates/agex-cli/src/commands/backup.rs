@@ -161,12 +161,13 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
             (Some(s), _) if r.ok() => lines.push((
                 Level::INFO,
                 format!(
-                    "{} → {}: ok, snapshot {s} ({:.1} s{}{})",
+                    "{} → {}: ok, snapshot {} ({:.1} s{}{})",
                     r.service,
                     r.repo,
+                    output::short_id(s),
                     r.duration_seconds,
                     r.bytes_added
-                        .map(|b| format!(", {b} bytes added"))
+                        .map(|b| format!(", {} added", output::size(b)))
                         .unwrap_or_default(),
                     retries_note(r.retries, ", ")
                 ),
@@ -289,16 +290,18 @@ pub fn cmd_snapshots(
     } else {
         let table: Vec<Vec<String>> = rows
             .iter()
-            .map(|s| vec![s.repo.clone(), s.service.clone(), time_of(s), s.id.clone()])
+            .map(|s| {
+                vec![
+                    s.repo.clone(),
+                    s.service.clone(),
+                    output::when(&s.time),
+                    output::short_id(&s.id),
+                ]
+            })
             .collect();
         output::table(&["REPOSITORY", "SERVICE", "TIME", "ID"], &table);
     }
     report_errors(&errors, !rows.is_empty())
-}
-
-/// A snapshot's time as shown: RFC 3339 in UTC, to the second, the same for both engines.
-fn time_of(s: &restore::Snapshot) -> String {
-    s.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Exit 0 when nothing failed, 3 when something else succeeded, 1 otherwise.
@@ -397,10 +400,12 @@ pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
                 s.service.clone(),
                 s.repo.clone(),
                 s.result.clone(),
-                s.last_run.clone(),
-                s.last_success.clone().unwrap_or_else(|| "never".into()),
+                output::when_ago(&s.last_run),
+                s.last_success
+                    .as_deref()
+                    .map_or_else(|| "never".into(), output::when_ago),
                 format!("{:.1}s", s.duration_seconds),
-                s.bytes_added.map(|b| b.to_string()).unwrap_or_default(),
+                s.bytes_added.map(output::size).unwrap_or_default(),
                 s.error.clone().unwrap_or_default(),
             ]
         })

@@ -2,6 +2,8 @@
 
 pub mod activate;
 pub mod backup;
+pub mod docs;
 pub mod recovery;
+pub mod report;
 pub mod schedule;
 pub mod secrets;

@@ -18,21 +18,6 @@ use crate::output;
 
 use super::backup::{state_dir, unlock_all};
 
-fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", units[i])
-    }
-}
-
 pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let policy = access::policy(&project, &args.service)?;
@@ -135,7 +120,7 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         args.service,
         snap.repo,
         snap.id,
-        snap.time.to_rfc3339()
+        output::when(&snap.time)
     );
     let job = restore::RestoreJob {
         access: a,
@@ -161,11 +146,28 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     tracing::info!(
         "restored {}: {files} files, {} into {where_to}; verified {} files and {} database dump(s) against the manifest; {:.1} s",
         report.service,
-        human_bytes(bytes),
+        output::size(bytes),
         report.verified.files,
         report.verified.databases,
         report.seconds
     );
+    if let (Some(dir), None) = (&args.to, &report.applied) {
+        for db in &policy.databases {
+            let rel = agex_backup::manifest::dump_path(&report.service, &db.dump_file());
+            let at = dir.join(rel.strip_prefix("/").unwrap_or(&rel));
+            if at.is_file() {
+                let how = match db {
+                    agex_core::policy::Database::Sqlite { path, .. } => {
+                        format!("a copy of {}", path.display())
+                    }
+                    agex_core::policy::Database::Postgres { .. } => {
+                        "pg_restore it, or restore --in-place [--as NAME]".into()
+                    }
+                };
+                tracing::info!("  database {}: {} ({how})", db.name(), at.display());
+            }
+        }
+    }
     if let Some(a) = &report.applied {
         if args.delete {
             tracing::info!("  deleted {} entries the snapshot lacks", a.deleted);
@@ -189,7 +191,7 @@ fn confirm(
         ctx.global.root.display(),
         snap.repo,
         snap.id,
-        snap.time.to_rfc3339(),
+        output::when(&snap.time),
         if delete {
             ", and removes what the snapshot lacks below its paths"
         } else {
@@ -259,12 +261,12 @@ fn print_drill(results: &[drill::DrillResult]) {
                     .map(|s| format!("{s:.0}s"))
                     .unwrap_or_else(|| "-".into()),
                 format!("{:.1}s", r.rto_seconds),
-                human_bytes(r.bytes),
+                output::size(r.bytes),
                 r.peak_memory_bytes
-                    .map(human_bytes)
+                    .map(output::size)
                     .unwrap_or_else(|| "-".into()),
                 r.scratch_bytes
-                    .map(human_bytes)
+                    .map(output::size)
                     .unwrap_or_else(|| "-".into()),
                 r.snapshot.clone().unwrap_or_default(),
             ]
@@ -331,8 +333,10 @@ pub fn print_drill_statuses(statuses: &[drill::DrillStatus]) {
                 s.service.clone(),
                 s.repo.clone(),
                 s.result.clone(),
-                s.last_drill.clone(),
-                s.last_success.clone().unwrap_or_else(|| "never".into()),
+                output::when_ago(&s.last_drill),
+                s.last_success
+                    .as_deref()
+                    .map_or_else(|| "never".into(), output::when_ago),
                 s.rpo_seconds
                     .map(|v| format!("{v:.0}s"))
                     .unwrap_or_default(),
@@ -409,7 +413,7 @@ pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
     // For the tests that kill a rotation at each step: stop there until killed.
     let pause_at = std::env::var("AGEX_TEST_PAUSE_AT").ok();
     let mut on_step = |step: rotate::Step| {
-        tracing::info!("{name}: {} done", step.as_str());
+        tracing::info!("{name}: {}", step.describe());
         if pause_at.as_deref() == Some(step.as_str()) {
             tracing::info!("{name}: paused at {} (AGEX_TEST_PAUSE_AT)", step.as_str());
             loop {
@@ -558,10 +562,10 @@ pub fn cmd_host_rekey(
     let ids = ctx.identities(&project)?;
     let outcome = host_rekey::execute(&plan, &ids)?;
     println!(
-        "{host}: key {} → {}; re-encrypted {} secret(s){}",
+        "{host}: key {} → {}; re-encrypted {}{}",
         plan.old_key.fingerprint(),
         plan.new_key.fingerprint(),
-        outcome.rekeyed.len(),
+        output::count(outcome.rekeyed.len(), "secret"),
         if outcome.unverified.is_empty() {
             String::new()
         } else {

@@ -90,16 +90,22 @@ struct JobRow {
 fn last_result(
     job: &Job,
     statuses: &[status::Status],
+    drills: &[agex_backup::drill::DrillRecord],
+    pairs: usize,
     states: &[&State],
 ) -> (Option<String>, Option<String>) {
+    // A manual `agex repo check` of every repository ran each repository's check job.
+    let names: Vec<&str> = match &job.kind {
+        JobKind::Check { .. } => vec![job.name.as_str(), "check"],
+        _ => vec![job.name.as_str()],
+    };
     let from_daemon = states
         .iter()
-        .filter_map(|st| {
-            st.jobs.get(&job.name).and_then(|s| {
-                s.result
-                    .as_ref()
-                    .map(|r| (s.last_run.to_rfc3339(), r.clone()))
-            })
+        .flat_map(|st| names.iter().filter_map(|n| st.jobs.get(*n)))
+        .filter_map(|s| {
+            s.result
+                .as_ref()
+                .map(|r| (s.last_run.to_rfc3339(), r.clone()))
         })
         .max();
     let from_records = match &job.kind {
@@ -115,6 +121,20 @@ fn last_result(
                 (t, r.to_string())
             })
         }
+        // The newest drill of every pair (`agex drill`, `--all`), whoever ran it.
+        JobKind::Drill => drills
+            .iter()
+            .rev()
+            .find(|d| pairs > 0 && d.results.len() >= pairs)
+            .map(|d| {
+                let failed = d.results.iter().filter(|r| !r.ok()).count();
+                let r = match failed {
+                    0 => "ok",
+                    n if n == d.results.len() => "failed",
+                    _ => "partial",
+                };
+                (d.started.clone(), r.to_string())
+            }),
         _ => None,
     };
     let newest = match (from_daemon, from_records) {
@@ -132,11 +152,18 @@ pub fn cmd_schedule(ctx: &Context) -> Result<i32, Failure> {
     let statuses = status::summarize(&run::records(&ctx.global.root)?);
     let state = State::load(&ctx.global.root)?;
     let recorded = agex_schedule::results::load(&ctx.global.root)?;
+    let drills = agex_backup::drill::records(&ctx.global.root)?;
+    let pairs: usize = project
+        .policies
+        .values()
+        .map(|p| p.repositories.len())
+        .sum();
     let now = chrono::Local::now();
     let rows: Vec<JobRow> = job::jobs(&project)
         .into_iter()
         .map(|j| {
-            let (last_run, last_result) = last_result(&j, &statuses, &[&state, &recorded]);
+            let (last_run, last_result) =
+                last_result(&j, &statuses, &drills, pairs, &[&state, &recorded]);
             JobRow {
                 on_calendar: j.schedule.on_calendar().to_string(),
                 next: j
@@ -165,13 +192,13 @@ pub fn cmd_schedule(ctx: &Context) -> Result<i32, Failure> {
                     .iter()
                     .map(|t| {
                         chrono::DateTime::parse_from_rfc3339(t)
-                            .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+                            .map(|d| output::when(&d))
                             .unwrap_or_else(|_| t.clone())
                     })
                     .collect::<Vec<_>>()
                     .join(", "),
                 match (&r.last_result, &r.last_run) {
-                    (Some(res), Some(t)) => format!("{res} {t}"),
+                    (Some(res), Some(t)) => format!("{res} {}", output::when_ago(t)),
                     _ => "never".into(),
                 },
             ]

@@ -44,6 +44,15 @@ pub fn cmd_init(ctx: &Context, dir: Option<PathBuf>, key: Option<String>) -> Res
             "no admin key found: add yours under [keys] in agex.toml and to the `admins` group"
         ),
     }
+    let cfg = dir.display();
+    println!(
+        "\nnext steps:\n\
+         \x20 1. add this machine under [hosts.NAME] in {cfg}/agex.toml (its key: ssh-keyscan -t ed25519 localhost)\n\
+         \x20 2. describe secrets in {cfg}/secrets/secrets.toml, then `agex generate` or `agex edit NAME`\n\
+         \x20 3. add two [repositories.*] (commented in agex.toml) and a policy ({cfg}/policies/example.toml.disabled),\n\
+         \x20    then `agex repo init NAME` for each repository\n\
+         \x20 4. agex check && agex activate && agex backup && agex drill"
+    );
     Ok(OK)
 }
 
@@ -147,7 +156,10 @@ pub fn cmd_rekey(
         return Ok(OK);
     }
     if plan.items.is_empty() {
-        println!("all {} secrets up to date", plan.up_to_date);
+        println!(
+            "all {} up to date",
+            output::count(plan.up_to_date, "secret")
+        );
         return Ok(OK);
     }
     let ids = ctx.identities(&project)?;
@@ -164,8 +176,8 @@ pub fn cmd_rekey(
         tracing::info!("note: {name}: none of your identities is a recipient any more; verified the header only");
     }
     println!(
-        "re-encrypted {} secrets in {:.3}s",
-        outcome.rekeyed.len(),
+        "re-encrypted {} in {:.3}s",
+        output::count(outcome.rekeyed.len(), "secret"),
         started.elapsed().as_secs_f64()
     );
     Ok(OK)
@@ -214,16 +226,20 @@ pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
             .filter(|s| s.status == Status::Ok)
             .count();
         println!(
-            "{}: {} secrets, {} ok, {} need attention; {} keys, {} groups, {} hosts, {} repositories, {} backup policies",
-            if report.has_findings() || !host_keys.is_empty() || env_errors > 0 { "check failed" } else { "check passed" },
-            report.secrets.len(),
+            "{}: {}, {} ok, {} need attention; {}, {}, {}, {}, {}",
+            if report.has_findings() || !host_keys.is_empty() || env_errors > 0 {
+                "check failed"
+            } else {
+                "check passed"
+            },
+            output::count(report.secrets.len(), "secret"),
             ok,
             report.secrets.len() - ok,
-            project.config.keys.len(),
-            project.config.groups.len(),
-            project.config.hosts.len(),
-            project.config.repositories.len(),
-            project.policies.len(),
+            output::count(project.config.keys.len(), "key"),
+            output::count(project.config.groups.len(), "group"),
+            output::count(project.config.hosts.len(), "host"),
+            output::count(project.config.repositories.len(), "repository"),
+            output::count(project.policies.len(), "backup policy"),
         );
     }
     Ok(
