@@ -59,8 +59,9 @@ fn init_then_encrypt_then_decrypt_round_trips() {
         assert!(fx.dir().join(f).is_file(), "{f} missing after init");
     }
     assert!(fx.dir().join("policies").is_dir());
+    // A configuration is already there: a usage error (2), nothing overwritten.
     let again = fx.run(&["init"]);
-    assert_fails(&again, 1);
+    assert_fails(&again, 2);
 
     add_rule(&fx, "\n[secrets.db]\nrecipients = [\"admins\"]\n");
     encrypt_stdin(&fx, "secrets/db.age", b"hunter2\n");

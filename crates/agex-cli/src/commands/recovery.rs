@@ -343,8 +343,8 @@ pub fn print_drill_statuses(statuses: &[drill::DrillStatus]) {
                 s.rto_seconds
                     .map(|v| format!("{v:.1}s"))
                     .unwrap_or_default(),
-                s.peak_memory_bytes.map(human_bytes).unwrap_or_default(),
-                s.scratch_bytes.map(human_bytes).unwrap_or_default(),
+                s.peak_memory_bytes.map(output::size).unwrap_or_default(),
+                s.scratch_bytes.map(output::size).unwrap_or_default(),
                 s.error.clone().unwrap_or_default(),
             ]
         })
