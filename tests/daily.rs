@@ -321,7 +321,18 @@ fn the_html_report_shows_every_pair_and_its_failures_in_a_real_browser() {
     // The Borg repository disappears: its next backup and its drill fail, Restic's pass.
     fs::rename(&borg_dir, tmp.path().join("borg-gone")).unwrap();
     assert_fails(&s.agex(&["backup", "--service", "testapp"]), 3);
-    assert_fails(&s.agex(&["drill", "--service", "testapp"]), 3);
+    let drill = s.agex(&["drill", "--service", "testapp"]);
+    assert_fails(&drill, 3);
+    // The drill table says why in the failed row, not only somewhere above it.
+    let table = stdout(&drill);
+    let row = table
+        .lines()
+        .find(|l| l.contains("offsite-borg"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("FAILED") && row.contains("not initialised"),
+        "{table}"
+    );
 
     let page = tmp.path().join("report.html");
     let out = s.agex(&["--host", "bunk", "report", "--html", page.to_str().unwrap()]);

@@ -1317,7 +1317,6 @@ fn rebuild_drill_without_root_refuses_unless_secrets_on_disk_are_allowed() {
         &gone.join("borg").display().to_string(),
         false,
     );
-    fx.edit_config("healthchecks = \"secret:healthchecks-url\"\n", "");
     let root = fx.root();
     // nobody owns the whole test tree (and may read the config and keys in it).
     fs::set_permissions(fx.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();

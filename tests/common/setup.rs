@@ -23,8 +23,6 @@ impl Setup {
         let cfg = fx.dir().join("agex.toml");
         fx.retarget_repositories(restic_url, borg_url, borg_over_ssh);
         let mut text = fs::read_to_string(&cfg).unwrap();
-        // Tests talk to 127.0.0.1 only: no ping to the example's healthchecks URL.
-        text = text.replace("healthchecks = \"secret:healthchecks-url\"\n", "");
         text.push_str("\n[backup]\nlock_wait = 5\nmetrics_dir = \"/var/lib/node-exporter\"\n");
         fs::write(&cfg, text).unwrap();
         let root = fx.root();

@@ -268,7 +268,17 @@ fn print_drill(results: &[drill::DrillResult]) {
                 r.scratch_bytes
                     .map(output::size)
                     .unwrap_or_else(|| "-".into()),
-                r.snapshot.clone().unwrap_or_default(),
+                r.snapshot
+                    .as_deref()
+                    .map(output::short_id)
+                    .unwrap_or_default(),
+                // Why it failed, in the row: the first problem (all are logged below).
+                r.problems
+                    .first()
+                    .or(r.error.as_ref())
+                    .filter(|_| !r.ok())
+                    .map(|why| why.lines().next().unwrap_or_default().to_owned())
+                    .unwrap_or_default(),
             ]
         })
         .collect();
@@ -283,6 +293,7 @@ fn print_drill(results: &[drill::DrillResult]) {
             "PEAK MEM",
             "SCRATCH",
             "SNAPSHOT",
+            "REASON",
         ],
         &rows,
     );
