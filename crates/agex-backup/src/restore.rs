@@ -595,22 +595,33 @@ impl Drop for ScratchRestore {
 
 /// Creates the scratch database for `entry` and starts `pg_restore` into it, reading
 /// the dump from [`ScratchRestore::input`].
-pub(crate) fn pg_restore_start(
+/// A connection to the server of the policy's database `entry` was dumped from, and an
+/// empty scratch database on it (an old one of the same name, left by a killed drill, is
+/// dropped first).
+fn fresh_scratch(
     pg: &PgScratch<'_>,
     entry: &manifest::DumpEntry,
-) -> Result<ScratchRestore, BackupError> {
+) -> Result<(PgConn, String), BackupError> {
     let db = policy_database(pg.policy, entry).ok_or_else(|| {
-            BackupError::Usage(format!(
-                "policies/{}.toml names no PostgreSQL database `{}` whose server could take a scratch restore",
-                pg.policy.service, entry.name
-            ))
-        })?;
+        BackupError::Usage(format!(
+            "policies/{}.toml names no PostgreSQL database `{}` whose server could take a scratch restore",
+            pg.policy.service, entry.name
+        ))
+    })?;
     let conn = connect(db, pg.root, pg.passwords)?.ok_or_else(|| {
         BackupError::Usage(format!("database `{}` is not PostgreSQL", entry.name))
     })?;
     let scratch = (pg.name)(&entry.name);
     conn.drop_database(&scratch)?;
     conn.create_database(&scratch)?;
+    Ok((conn, scratch))
+}
+
+pub(crate) fn pg_restore_start(
+    pg: &PgScratch<'_>,
+    entry: &manifest::DumpEntry,
+) -> Result<ScratchRestore, BackupError> {
+    let (conn, scratch) = fresh_scratch(pg, entry)?;
     let mut started = ScratchRestore {
         conn,
         scratch,
@@ -629,18 +640,7 @@ fn pg_check(
     entry: &manifest::DumpEntry,
     problems: &mut Vec<String>,
 ) -> Result<(), BackupError> {
-    let db = policy_database(pg.policy, entry).ok_or_else(|| {
-            BackupError::Usage(format!(
-                "policies/{}.toml names no PostgreSQL database `{}` whose server could take a scratch restore",
-                pg.policy.service, entry.name
-            ))
-        })?;
-    let conn = connect(db, pg.root, pg.passwords)?.ok_or_else(|| {
-        BackupError::Usage(format!("database `{}` is not PostgreSQL", entry.name))
-    })?;
-    let scratch = (pg.name)(&entry.name);
-    conn.drop_database(&scratch)?;
-    conn.create_database(&scratch)?;
+    let (conn, scratch) = fresh_scratch(pg, entry)?;
     let result = conn
         .restore(
             dump,

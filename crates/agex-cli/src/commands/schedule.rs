@@ -113,12 +113,7 @@ fn last_result(
             let mine: Vec<_> = statuses.iter().filter(|s| &s.service == service).collect();
             mine.iter().map(|s| s.last_run.clone()).max().map(|t| {
                 let failed = mine.iter().filter(|s| s.result != "ok").count();
-                let r = match failed {
-                    0 => "ok",
-                    n if n == mine.len() => "failed",
-                    _ => "partial",
-                };
-                (t, r.to_string())
+                (t, verdict(failed, mine.len()).to_string())
             })
         }
         // The newest drill of every pair (`agex drill`, `--all`), whoever ran it.
@@ -128,12 +123,10 @@ fn last_result(
             .find(|d| pairs > 0 && d.results.len() >= pairs)
             .map(|d| {
                 let failed = d.results.iter().filter(|r| !r.ok()).count();
-                let r = match failed {
-                    0 => "ok",
-                    n if n == d.results.len() => "failed",
-                    _ => "partial",
-                };
-                (d.started.clone(), r.to_string())
+                (
+                    d.started.clone(),
+                    verdict(failed, d.results.len()).to_string(),
+                )
             }),
         _ => None,
     };
@@ -144,6 +137,15 @@ fn last_result(
     match newest {
         Some((t, r)) => (Some(t), Some(r)),
         None => (None, None),
+    }
+}
+
+/// A run's result from how many of its pairs failed: `ok`, `failed` (all) or `partial`.
+fn verdict(failed: usize, total: usize) -> &'static str {
+    match failed {
+        0 => "ok",
+        n if n == total => "failed",
+        _ => "partial",
     }
 }
 
