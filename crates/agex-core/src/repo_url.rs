@@ -140,20 +140,21 @@ pub fn parse_restic(url: &str) -> Result<RepoUrl, String> {
             }
             _ => Err(format!("`{url}`: rclone: needs remote:path")),
         },
-        "opendal"
-            if !rest.is_empty()
-                && rest
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
-        {
-            Ok(RepoUrl::OpenDal(rest.to_string()))
-        }
+        "opendal" if OPENDAL_SERVICES.contains(&rest) => Ok(RepoUrl::OpenDal(rest.to_string())),
+        "opendal" if !rest.is_empty() => Err(format!(
+            "`{url}`: this agex is built with the opendal services {} only (not `{rest}`)",
+            OPENDAL_SERVICES.join(", ")
+        )),
         "opendal" => Err(format!(
             "`{url}`: opendal: needs a service name (opendal:s3, opendal:b2, …)"
         )),
         other => Err(format!("unknown backend `{other}:`")),
     }
 }
+
+/// The opendal services compiled in (the features of vendor/rustic_backend's opendal
+/// dependency; keep the two in step).
+pub const OPENDAL_SERVICES: &[&str] = &["s3", "b2", "azblob", "gcs", "swift", "webdav"];
 
 /// Parses a Borg repository URL: a path, `file://`, `ssh://` or scp-style `user@host:path`.
 pub fn parse_borg(url: &str) -> Result<RepoUrl, String> {
