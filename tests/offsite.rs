@@ -602,11 +602,14 @@ fn check_requires_the_keys_the_scheme_needs_and_warns_about_unknown_ones() {
 
 /// A TCP proxy on 127.0.0.1 in front of a real server that resets the next connections
 /// it is told to (once the client has sent its request), as a flaky network or an
-/// overloaded load balancer does; all others it forwards.
+/// overloaded load balancer does, or cuts one connection in the middle of a transfer
+/// (a link that drops); all others it forwards.
 struct FlakyProxy {
     port: u16,
     fail: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -620,7 +623,10 @@ impl FlakyProxy {
         let fail = Arc::new(AtomicUsize::new(0));
         let resets = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicUsize::new(0));
+        let cuts = Arc::new(AtomicUsize::new(0));
         let (f, r, st) = (fail.clone(), resets.clone(), stop.clone());
+        let (cut_w, cuts_w) = (cut.clone(), cuts.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
@@ -645,6 +651,10 @@ impl FlakyProxy {
                     });
                     continue;
                 }
+                // The first connection the client sends this many bytes through is cut
+                // (0: none).
+                let cut_after = cut_w.load(Ordering::SeqCst);
+                let (cut, cuts) = (cut_w.clone(), cuts_w.clone());
                 std::thread::spawn(move || {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                         return;
@@ -652,7 +662,36 @@ impl FlakyProxy {
                     let (mut c_in, mut s_out) =
                         (client.try_clone().unwrap(), server.try_clone().unwrap());
                     let pump = std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut c_in, &mut s_out);
+                        if cut_after == 0 {
+                            let _ = std::io::copy(&mut c_in, &mut s_out);
+                            let _ = s_out.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        use std::io::{Read, Write};
+                        let mut passed = 0;
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n @ 1..) = c_in.read(&mut buf) {
+                            if s_out.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                            passed += n;
+                            if passed >= cut_after
+                                && cut
+                                    .compare_exchange(
+                                        cut_after,
+                                        0,
+                                        Ordering::SeqCst,
+                                        Ordering::SeqCst,
+                                    )
+                                    .is_ok()
+                            {
+                                // The link drops: both ends lose the connection at once.
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                                let _ = s_out.shutdown(std::net::Shutdown::Both);
+                                let _ = c_in.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                        }
                         let _ = s_out.shutdown(std::net::Shutdown::Write);
                     });
                     let (mut s_in, mut c_out) = (server, client);
@@ -666,8 +705,20 @@ impl FlakyProxy {
             port,
             fail,
             resets,
+            cut,
+            cuts,
             stop,
         }
+    }
+
+    /// Cuts the first connection through which the client sends `bytes` from now on.
+    fn cut_next_after(&self, bytes: usize) {
+        self.cut.store(bytes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections it has cut.
+    fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Resets the next `n` connections.
@@ -779,6 +830,87 @@ fn restic_sftp(s: &Setup, sshd: &Sshd, tmp: &Path) -> Command {
     let mut c = s.restic(&sshd.sftp_url("restic"));
     c.arg("-o").arg(format!("sftp.command={ssh_cmd}"));
     c
+}
+
+/// Points every URL and pinned host key of agex.toml at `port` instead of the sshd's.
+fn through_port(s: &Setup, sshd: &Sshd, port: u16) {
+    let cfg = s.fx.dir().join("agex.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    let text = text
+        .replace(
+            &format!("127.0.0.1:{}/", sshd.port()),
+            &format!("127.0.0.1:{port}/"),
+        )
+        .replace(
+            &format!("[127.0.0.1]:{} ", sshd.port()),
+            &format!("[127.0.0.1]:{port} "),
+        );
+    fs::write(&cfg, text).unwrap();
+}
+
+/// A line of the run's output for `repo` that ended `ok` after `retries` retries.
+fn ok_after_retries(out: &std::process::Output, repo: &str) -> String {
+    let err = stderr(out);
+    err.lines()
+        .find(|l| l.contains(&format!("testapp → {repo}: ok")) && l.contains("retr"))
+        .unwrap_or_else(|| panic!("no `{repo}: ok (… retries)` line: {err}"))
+        .to_string()
+}
+
+#[test]
+fn transient_sftp_errors_reconnect_and_are_retried_and_counted() {
+    let test = "transient_sftp_errors_reconnect_and_are_retried_and_counted";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((s, sshd)) = ssh_setup_over(test, tmp.path(), 4 << 20, Over::SftpOnly) else {
+        return;
+    };
+    let proxy = FlakyProxy::start(sshd.port());
+    through_port(&s, &sshd, proxy.port);
+    s.init_repos();
+
+    // Two connections reset before ssh logs in: two retries, counted and shown.
+    proxy.fail_next(2);
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_ok(&out);
+    assert_eq!(proxy.resets(), 2);
+    let restic = result_of(&out, "offsite-restic");
+    assert_eq!(restic["result"], "ok", "{restic}");
+    assert_eq!(restic["retries"], 2, "{restic}");
+
+    // The connection drops in the middle of an upload: agex connects again, the
+    // writes that broke are retried, the run completes and says so.
+    fs::write(s.host("/srv/app/files/new.bin"), pseudo_random(4 << 20, 13)).unwrap();
+    proxy.cut_next_after(1 << 20);
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    assert_eq!(proxy.cuts(), 1);
+    ok_after_retries(&out, "offsite-restic");
+    run(
+        restic_sftp(&s, &sshd, tmp.path()).args(["check", "--read-data"]),
+        "restic check --read-data over sftp after a reconnect",
+    );
+    assert_ok(&s.agex(&["drill", "--service", "testapp"]));
+
+    // A host key that does not match is not a network failure: no retry.
+    let other_pub = ssh_keygen(&tmp.path().join("otherhost"));
+    let mut words = other_pub.split_whitespace();
+    let (kind, key) = (words.next().unwrap(), words.next().unwrap());
+    let pinned = sshd.known_hosts_line();
+    let real = pinned.split_whitespace().nth(2).unwrap();
+    s.fx.edit_config(real, key);
+    let t = Instant::now();
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let restic = result_of(&out, "offsite-restic");
+    assert_eq!(restic["retries"], 0, "{restic} ({kind})");
+    assert!(
+        restic["error"]
+            .as_str()
+            .unwrap()
+            .contains("agex repo trust"),
+        "{restic}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
 }
 
 /// `borg` (the real CLI) for the repository at `url` on [`ssh_setup`]'s sshd.

@@ -279,7 +279,12 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
             let ssh = crate::ssh::SshAccess::new(repo, access.ssh_key.as_deref().map(|k| &k[..]))?
                 .ok_or_else(|| fail("sftp without an ssh server".into()))?;
             BackendPieces {
-                backend: Arc::new(crate::sftp::SftpBackend::connect(&repo.name, ssh, path)?),
+                backend: Arc::new(crate::sftp::SftpBackend::connect(
+                    &repo.name,
+                    ssh,
+                    path,
+                    &access.retries,
+                )?),
                 guard: None,
             }
         }
@@ -312,9 +317,72 @@ pub const RETRIES: u32 = 5;
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
 /// The longest pause between two tries.
 const MAX_PAUSE: Duration = Duration::from_secs(8);
-/// No retry starts once an operation has taken this long (its tries timed out, say):
-/// a server that hangs fails the repository in minutes, not in hours.
+/// No retry of a storage request starts once it has taken this long (its tries timed
+/// out, say): a server that hangs fails the repository in minutes, not in hours.
 const RETRY_WINDOW: Duration = Duration::from_secs(60);
+
+/// How an operation is retried after a transient failure: up to [`RETRIES`] times,
+/// pausing 0.5 s, 1 s, 2 s, ... (at most [`MAX_PAUSE`], with jitter) in between.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// No retry starts once this much time has passed since the first try (None: any
+    /// time; for a whole `borg create`, which may rightly take hours).
+    pub window: Option<Duration>,
+}
+
+impl Retry {
+    /// The policy of storage requests (seconds each).
+    pub const REQUEST: Retry = Retry {
+        window: Some(RETRY_WINDOW),
+    };
+    /// The policy of whole commands (a `borg create`).
+    pub const COMMAND: Retry = Retry { window: None };
+
+    /// Runs `op` until it succeeds, fails for good, or failed transiently [`RETRIES`]
+    /// times more. `transient` judges an error: Some(what happened, one line) when it
+    /// may go away by itself. Each retry is added to `counter` (the run's "N retries")
+    /// and logged.
+    pub fn run<T, E>(
+        self,
+        repo: &str,
+        what: &str,
+        counter: &AtomicU64,
+        mut op: impl FnMut() -> Result<T, E>,
+        transient: impl Fn(&E) -> Option<String>,
+    ) -> Result<T, E> {
+        let mut pause = FIRST_PAUSE;
+        let mut retry = 0;
+        let start = Instant::now();
+        loop {
+            let r = op();
+            let why = match &r {
+                Err(e)
+                    if retry < RETRIES
+                        && self.window.is_none_or(|w| start.elapsed() < w)
+                        && !crate::cancel::interrupted() =>
+                {
+                    transient(e)
+                }
+                _ => None,
+            };
+            match why {
+                Some(why) => {
+                    retry += 1;
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let jitter = rand::random::<f64>() * 0.25;
+                    let wait = pause.mul_f64(1.0 + jitter);
+                    tracing::info!(
+                        "repository `{repo}`: {what} failed ({why}); retry {retry} of {RETRIES} in {:.1} s",
+                        wait.as_secs_f64()
+                    );
+                    std::thread::sleep(wait);
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                None => return r,
+            }
+        }
+    }
+}
 
 /// Whether an error of the storage may go away by itself (a reset or refused
 /// connection, a timeout, a 5xx or 429 answer), judged by the error that caused it.
@@ -415,36 +483,18 @@ impl std::fmt::Debug for Boundary {
 }
 
 impl Boundary {
-    /// Runs `op` until it succeeds, fails for good, or failed transiently [`RETRIES`]
-    /// times more, pausing longer (with jitter) before each retry.
+    /// Runs `op` under [`Retry::REQUEST`], counting its retries into the run's.
     fn retrying<T>(&self, what: &str, op: impl Fn() -> RusticResult<T>) -> RusticResult<T> {
-        let mut pause = FIRST_PAUSE;
-        let mut retry = 0;
-        let start = Instant::now();
-        loop {
-            match op() {
-                Err(e)
-                    if retry < RETRIES
-                        && transient(&e)
-                        && start.elapsed() < RETRY_WINDOW
-                        && !crate::cancel::interrupted() =>
-                {
-                    retry += 1;
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    let jitter = rand::random::<f64>() * 0.25;
-                    let wait = pause.mul_f64(1.0 + jitter);
-                    tracing::info!(
-                        "repository `{}`: {what} failed ({}); retry {retry} of {RETRIES} in {:.1} s",
-                        self.repo,
-                        e.display_log().trim_start_matches("Error: "),
-                        wait.as_secs_f64()
-                    );
-                    std::thread::sleep(wait);
-                    pause = (pause * 2).min(MAX_PAUSE);
-                }
-                r => return r,
-            }
-        }
+        Retry::REQUEST.run(&self.repo, what, &self.retries, op, |e| {
+            transient(e).then(|| {
+                e.display_log()
+                    .trim_start_matches("Error: ")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+        })
     }
 
     fn downloaded(&self, b: RusticResult<Bytes>) -> RusticResult<Bytes> {

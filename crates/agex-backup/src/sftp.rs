@@ -9,6 +9,7 @@
 
 use std::io::SeekFrom;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,14 +36,49 @@ fn budget(bytes: usize) -> Duration {
     REQUEST_TIMEOUT + Duration::from_secs_f64(bytes as f64 / 65536.0)
 }
 
-/// A restic repository on an sftp server.
+/// One ssh connection and the sftp session over it.
+struct Session {
+    /// Which connection of the backend this is (a failure ends only its own).
+    id: u64,
+    sftp: Sftp,
+    child: Mutex<tokio::process::Child>,
+}
+
+impl Session {
+    /// Whether ssh has exited (the connection is gone).
+    fn ended(&self) -> bool {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        !matches!(c.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut c = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = c.start_kill();
+    }
+}
+
+/// Why ssh and sftp could not be started.
+struct Refused {
+    message: String,
+    /// ssh refused the server's host key: a [`BackupError::HostKey`].
+    host_key: bool,
+    /// The network failed (reset, refused, timed out): it may work on another try.
+    transient: bool,
+}
+
+/// A restic repository on an sftp server. A connection that breaks (a reset, a server
+/// restarted, a link that dropped) is replaced by a new one on the next request; the
+/// request that failed with it fails transiently, and the backend boundary
+/// ([`crate::backend`]) retries it, counted.
 pub struct SftpBackend {
     location: String,
     root: String,
     // Dropped in this order: the session and ssh before the runtime they run on.
-    sftp: Sftp,
-    child: Mutex<tokio::process::Child>,
-    _ssh: SshAccess,
+    session: Mutex<Option<Arc<Session>>>,
+    sessions: AtomicU64,
+    ssh: SshAccess,
     rt: tokio::runtime::Runtime,
 }
 
@@ -54,27 +90,85 @@ impl std::fmt::Debug for SftpBackend {
     }
 }
 
-impl Drop for SftpBackend {
-    fn drop(&mut self) {
-        if let Ok(mut c) = self.child.lock() {
-            let _ = c.start_kill();
-        }
-    }
-}
-
 fn backend_err(what: &str, e: impl std::fmt::Display) -> Box<RusticError> {
     RusticError::new(ErrorKind::Backend, "sftp: {what}: {error}")
         .attach_context("what", what.to_string())
         .attach_context("error", e.to_string())
 }
 
+/// An error of a session that broke: transient (its source is an I/O error of `kind`,
+/// which the backend boundary retries).
+fn lost_err(what: &str, kind: std::io::ErrorKind, e: impl std::fmt::Display) -> Box<RusticError> {
+    let text = e.to_string();
+    RusticError::with_source(
+        ErrorKind::Backend,
+        "sftp: {what}: {error}",
+        std::io::Error::new(kind, text.clone()),
+    )
+    .attach_context("what", what.to_string())
+    .attach_context("error", text)
+}
+
 fn not_found(e: &SftpError) -> bool {
     matches!(e, SftpError::SftpError(SftpErrorKind::NoSuchFile, _))
 }
 
+/// Whether `e` is the server's answer to a request (the session still works), not a
+/// failure of the session itself.
+fn answered(e: &SftpError) -> bool {
+    matches!(e, SftpError::SftpError(..))
+}
+
+/// A failed request: the server's answer, or the session breaking under it.
+enum Failure {
+    Sftp(SftpError),
+    Io(std::io::Error),
+}
+
+impl From<SftpError> for Failure {
+    fn from(e: SftpError) -> Failure {
+        Failure::Sftp(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Failure {
+        Failure::Io(e)
+    }
+}
+
+impl Failure {
+    /// Whether the server answered (the session is fine, the request failed).
+    fn answered(&self) -> bool {
+        match self {
+            Failure::Sftp(e) => answered(e),
+            // The file adapter wraps the session's errors into I/O errors.
+            Failure::Io(e) => e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<SftpError>())
+                .is_some_and(answered),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Sftp(e) => e.fmt(f),
+            Failure::Io(e) => e.fmt(f),
+        }
+    }
+}
+
 impl SftpBackend {
-    /// Starts ssh and the sftp session to the repository at `path` on the server.
-    pub fn connect(repo: &str, ssh: SshAccess, path: &str) -> Result<SftpBackend, BackupError> {
+    /// Starts ssh and the sftp session to the repository at `path` on the server; a
+    /// network failure is retried like a request's, counted into `retries`.
+    pub fn connect(
+        repo: &str,
+        ssh: SshAccess,
+        path: &str,
+        retries: &AtomicU64,
+    ) -> Result<SftpBackend, BackupError> {
         let fail = |message: String| BackupError::Backend {
             repo: repo.to_string(),
             message,
@@ -84,7 +178,41 @@ impl SftpBackend {
             .enable_all()
             .build()
             .map_err(|e| fail(format!("starting the sftp runtime: {e}")))?;
-        let mut std_cmd = ssh.sftp_command();
+        let root = path.trim_end_matches('/').to_string();
+        let location = format!("sftp:{}:{}", ssh.endpoint().destination(), root);
+        let backend = SftpBackend {
+            location,
+            root: if root.is_empty() { ".".into() } else { root },
+            session: Mutex::new(None),
+            sessions: AtomicU64::new(0),
+            ssh,
+            rt,
+        };
+        let first = crate::backend::Retry::REQUEST.run(
+            repo,
+            "connecting",
+            retries,
+            || backend.open_session(),
+            |r: &Refused| r.transient.then(|| r.message.clone()),
+        );
+        match first {
+            Ok(s) => {
+                *backend.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s));
+                Ok(backend)
+            }
+            Err(r) if r.host_key => Err(BackupError::HostKey(r.message)),
+            Err(r) => Err(fail(r.message)),
+        }
+    }
+
+    /// Starts ssh and an sftp session over it.
+    fn open_session(&self) -> Result<Session, Refused> {
+        let refused = |message: String, transient: bool| Refused {
+            message,
+            host_key: false,
+            transient,
+        };
+        let mut std_cmd = self.ssh.sftp_command();
         crate::process::die_with_agex(&mut std_cmd);
         std_cmd
             .stdin(Stdio::piped())
@@ -92,14 +220,15 @@ impl SftpBackend {
             .stderr(Stdio::piped());
         let mut cmd = tokio::process::Command::from(std_cmd);
         cmd.kill_on_drop(true);
+        let rt = &self.rt;
         let guard = rt.enter();
         let mut child = cmd
             .spawn()
-            .map_err(|e| fail(format!("cannot run ssh: {e}")))?;
+            .map_err(|e| refused(format!("cannot run ssh: {e}"), false))?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
-            return Err(fail("ssh started without its pipes".into()));
+            return Err(refused("ssh started without its pipes".into(), false));
         };
         let said: Arc<Mutex<Vec<String>>> = Arc::default();
         let said_w = Arc::clone(&said);
@@ -142,47 +271,100 @@ impl SftpBackend {
                     tokio::time::timeout(std::time::Duration::from_secs(2), stderr_task).await
                 });
                 let text = said.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
-                if let Some(m) = ssh.explain(&text) {
-                    return Err(BackupError::HostKey(m));
+                if let Some(m) = self.ssh.explain(&text) {
+                    return Err(Refused {
+                        message: m,
+                        host_key: true,
+                        transient: false,
+                    });
                 }
                 let why = if text.trim().is_empty() { e } else { text };
-                return Err(fail(format!(
-                    "sftp to {} failed: {why}",
-                    ssh.endpoint().destination()
-                )));
+                let transient = crate::ssh::network_failure(&why);
+                return Err(refused(
+                    format!(
+                        "sftp to {} failed: {why}",
+                        self.ssh.endpoint().destination()
+                    ),
+                    transient,
+                ));
             }
         };
         drop(guard);
-        let root = path.trim_end_matches('/').to_string();
-        let location = format!("sftp:{}:{}", ssh.endpoint().destination(), root);
-        Ok(SftpBackend {
-            location,
-            root: if root.is_empty() { ".".into() } else { root },
-            rt,
+        Ok(Session {
+            id: self.sessions.fetch_add(1, Ordering::Relaxed),
             sftp,
             child: Mutex::new(child),
-            _ssh: ssh,
         })
     }
 
-    /// Runs one request on the session, given `budget` to finish: a server that stopped
-    /// answering (a hung host, a link gone silent) fails the request instead of
-    /// holding the backup for ever.
-    fn run<T>(
+    /// The session requests go over: the current one, or a new one when it broke.
+    fn session(&self) -> RusticResult<Arc<Session>> {
+        // Held while connecting: threads that find the session broken wait for the one
+        // new connection instead of each making their own.
+        let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = current.as_ref().filter(|s| !s.ended()) {
+            return Ok(Arc::clone(s));
+        }
+        *current = None;
+        match self.open_session() {
+            Ok(s) => {
+                let s = Arc::new(s);
+                *current = Some(Arc::clone(&s));
+                Ok(s)
+            }
+            Err(r) if r.transient => Err(lost_err(
+                "connecting",
+                std::io::ErrorKind::ConnectionRefused,
+                r.message,
+            )),
+            Err(r) => Err(backend_err("connecting", r.message)),
+        }
+    }
+
+    /// Ends session `id` (when it is still the current one): the next request connects
+    /// anew.
+    fn drop_session(&self, id: u64) {
+        let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|s| s.id == id) {
+            *current = None;
+        }
+    }
+
+    /// Runs one request on a working session, given `budget` to finish: a server that
+    /// stopped answering (a hung host, a link gone silent) fails the request instead of
+    /// holding the backup for ever. A failure that is not the server's answer (the
+    /// connection broke, or the time ran out) ends the session and is transient.
+    fn run<T, F>(
         &self,
         what: &str,
         budget: Duration,
-        fut: impl std::future::Future<Output = RusticResult<T>>,
-    ) -> RusticResult<T> {
-        self.rt.block_on(async {
-            match tokio::time::timeout(budget, fut).await {
-                Ok(r) => r,
-                Err(_) => Err(backend_err(
-                    what,
-                    format!("no answer from the server for {} s", budget.as_secs()),
-                )),
+        op: impl FnOnce(Arc<Session>) -> F,
+    ) -> RusticResult<T>
+    where
+        F: std::future::Future<Output = Result<T, Failure>>,
+    {
+        let session = self.session()?;
+        let id = session.id;
+        let fut = op(Arc::clone(&session));
+        let r = self
+            .rt
+            .block_on(async { tokio::time::timeout(budget, fut).await });
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.answered() && !session.ended() => Err(backend_err(what, e)),
+            Ok(Err(e)) => {
+                self.drop_session(id);
+                Err(lost_err(what, std::io::ErrorKind::ConnectionAborted, e))
             }
-        })
+            Err(_) => {
+                self.drop_session(id);
+                Err(lost_err(
+                    what,
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from the server for {} s", budget.as_secs()),
+                ))
+            }
+        }
     }
 
     fn dir(&self, tpe: FileType) -> String {
@@ -197,40 +379,43 @@ impl SftpBackend {
             _ => format!("{}/{}", self.dir(tpe), &*hex),
         }
     }
+}
 
-    async fn list_dir(&self, dir: &str) -> RusticResult<Vec<(Id, u32)>> {
-        let mut fs = self.sftp.fs();
-        let d = match fs.open_dir(dir).await {
-            Ok(d) => d,
-            Err(e) if not_found(&e) => return Ok(Vec::new()),
-            Err(e) => return Err(backend_err(&format!("listing {dir}"), e)),
+/// The entries of `dir` that are repository files, with their sizes; none when it does
+/// not exist.
+async fn list_dir(sftp: &Sftp, dir: &str) -> Result<Vec<(Id, u32)>, Failure> {
+    let mut fs = sftp.fs();
+    let d = match fs.open_dir(dir).await {
+        Ok(d) => d,
+        Err(e) if not_found(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut entries = Box::pin(d.read_dir());
+    let mut out = Vec::new();
+    while let Some(entry) = entries.next().await {
+        let entry = entry?;
+        let name = entry.filename().to_string_lossy().into_owned();
+        // Names that are not ids (".", "..", a temp file of an interrupted write)
+        // are not repository files.
+        let Ok(id) = name.parse::<Id>() else {
+            continue;
         };
-        let mut entries = Box::pin(d.read_dir());
-        let mut out = Vec::new();
-        while let Some(entry) = entries.next().await {
-            let entry = entry.map_err(|e| backend_err(&format!("listing {dir}"), e))?;
-            let name = entry.filename().to_string_lossy().into_owned();
-            // Names that are not ids (".", "..", a temp file of an interrupted write)
-            // are not repository files.
-            let Ok(id) = name.parse::<Id>() else {
-                continue;
-            };
-            let size = entry.metadata().len().unwrap_or(0);
-            out.push((id, u32::try_from(size).unwrap_or(u32::MAX)));
-        }
-        Ok(out)
+        let size = entry.metadata().len().unwrap_or(0);
+        out.push((id, u32::try_from(size).unwrap_or(u32::MAX)));
     }
+    Ok(out)
+}
 
-    async fn mkdir(&self, dir: &str) -> RusticResult<()> {
-        let mut fs = self.sftp.fs();
-        match fs.create_dir(dir).await {
-            Ok(()) => Ok(()),
-            // Already there (a server answers "failure" for an existing directory).
-            Err(e) => match fs.metadata(dir).await {
-                Ok(_) => Ok(()),
-                Err(_) => Err(backend_err(&format!("creating {dir}"), e)),
-            },
-        }
+/// Creates `dir`; one that exists already is fine.
+async fn mkdir(sftp: &Sftp, dir: &str) -> Result<(), Failure> {
+    let mut fs = sftp.fs();
+    match fs.create_dir(dir).await {
+        Ok(()) => Ok(()),
+        // Already there (a server answers "failure" for an existing directory).
+        Err(e) => match fs.metadata(dir).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(e.into()),
+        },
     }
 }
 
@@ -246,31 +431,33 @@ impl ReadBackend for SftpBackend {
         } else {
             REQUEST_TIMEOUT
         };
-        self.run(&format!("listing {}", tpe.dirname()), limit, async {
-            if tpe == FileType::Config {
-                let mut fs = self.sftp.fs();
-                let path = format!("{}/config", self.root);
-                return match fs.metadata(&path).await {
-                    Ok(m) => Ok(vec![(
-                        Id::default(),
-                        u32::try_from(m.len().unwrap_or(0)).unwrap_or(u32::MAX),
-                    )]),
-                    Err(e) if not_found(&e) => Ok(Vec::new()),
-                    Err(e) => Err(backend_err("reading config", e)),
-                };
-            }
-            if tpe == FileType::Pack {
-                let mut all = Vec::new();
-                for i in 0..=255u8 {
-                    all.extend(
-                        self.list_dir(&format!("{}/data/{i:02x}", self.root))
-                            .await?,
-                    );
+        let root = self.root.clone();
+        let dir = self.dir(tpe);
+        self.run(
+            &format!("listing {}", tpe.dirname()),
+            limit,
+            |s| async move {
+                if tpe == FileType::Config {
+                    let mut fs = s.sftp.fs();
+                    return match fs.metadata(format!("{root}/config")).await {
+                        Ok(m) => Ok(vec![(
+                            Id::default(),
+                            u32::try_from(m.len().unwrap_or(0)).unwrap_or(u32::MAX),
+                        )]),
+                        Err(e) if not_found(&e) => Ok(Vec::new()),
+                        Err(e) => Err(e.into()),
+                    };
                 }
-                return Ok(all);
-            }
-            self.list_dir(&self.dir(tpe)).await
-        })
+                if tpe == FileType::Pack {
+                    let mut all = Vec::new();
+                    for i in 0..=255u8 {
+                        all.extend(list_dir(&s.sftp, &format!("{root}/data/{i:02x}")).await?);
+                    }
+                    return Ok(all);
+                }
+                list_dir(&s.sftp, &dir).await
+            },
+        )
     }
 
     fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
@@ -280,13 +467,14 @@ impl ReadBackend for SftpBackend {
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
         let path = self.path(tpe, id);
         // Full reads are of small files (config, keys, index, snapshots).
-        self.run(&format!("reading {path}"), budget(1 << 20), async {
-            let mut fs = self.sftp.fs();
-            fs.read(&path)
-                .await
-                .map(BytesMut::freeze)
-                .map_err(|e| backend_err(&format!("reading {path}"), e))
-        })
+        self.run(
+            &format!("reading {path}"),
+            budget(1 << 20),
+            |s| async move {
+                let mut fs = s.sftp.fs();
+                Ok(fs.read(&path).await.map(BytesMut::freeze)?)
+            },
+        )
     }
 
     fn read_partial(
@@ -299,15 +487,12 @@ impl ReadBackend for SftpBackend {
     ) -> RusticResult<Bytes> {
         let path = self.path(tpe, id);
         let what = format!("reading {path}");
-        self.run(&what, budget(length as usize), async {
-            let err = |e: &dyn std::fmt::Display| backend_err(&format!("reading {path}"), e);
-            let file = self.sftp.open(&path).await.map_err(|e| err(&e))?;
+        self.run(&what, budget(length as usize), |s| async move {
+            let file = s.sftp.open(&path).await?;
             let mut file = Box::pin(openssh_sftp_client::file::TokioCompatFile::new(file));
-            file.seek(SeekFrom::Start(u64::from(offset)))
-                .await
-                .map_err(|e| err(&e))?;
+            file.seek(SeekFrom::Start(u64::from(offset))).await?;
             let mut buf = vec![0u8; length as usize];
-            file.read_exact(&mut buf).await.map_err(|e| err(&e))?;
+            file.read_exact(&mut buf).await?;
             Ok(Bytes::from(buf))
         })
     }
@@ -315,35 +500,45 @@ impl ReadBackend for SftpBackend {
 
 impl WriteBackend for SftpBackend {
     fn create(&self) -> RusticResult<()> {
-        self.run("creating the repository", REQUEST_TIMEOUT * 8, async {
-            // The repository directory's parents too, like `restic init`.
-            let mut prefix = String::new();
-            for part in self.root.split('/') {
-                if part.is_empty() {
+        let root = self.root.clone();
+        let dirs: Vec<String> = [
+            FileType::Key,
+            FileType::Snapshot,
+            FileType::Index,
+            FileType::Pack,
+        ]
+        .into_iter()
+        .map(|tpe| self.dir(tpe))
+        .collect();
+        self.run(
+            "creating the repository",
+            REQUEST_TIMEOUT * 8,
+            |s| async move {
+                // The repository directory's parents too, like `restic init`.
+                let mut prefix = String::new();
+                for part in root.split('/') {
+                    if part.is_empty() {
+                        prefix.push('/');
+                        continue;
+                    }
+                    prefix.push_str(part);
+                    if part != "." && part != ".." {
+                        mkdir(&s.sftp, &prefix).await?;
+                    }
                     prefix.push('/');
-                    continue;
                 }
-                prefix.push_str(part);
-                if part != "." && part != ".." {
-                    self.mkdir(&prefix).await?;
+                for dir in &dirs {
+                    mkdir(&s.sftp, dir).await?;
                 }
-                prefix.push('/');
-            }
-            for tpe in [
-                FileType::Key,
-                FileType::Snapshot,
-                FileType::Index,
-                FileType::Pack,
-            ] {
-                self.mkdir(&self.dir(tpe)).await?;
-            }
-            // rustic_core writes no locks, restic does: its directory is part of a repository.
-            self.mkdir(&format!("{}/locks", self.root)).await?;
-            for i in 0..=255u8 {
-                self.mkdir(&format!("{}/data/{i:02x}", self.root)).await?;
-            }
-            Ok(())
-        })
+                // rustic_core writes no locks, restic does: its directory is part of a
+                // repository.
+                mkdir(&s.sftp, &format!("{root}/locks")).await?;
+                for i in 0..=255u8 {
+                    mkdir(&s.sftp, &format!("{root}/data/{i:02x}")).await?;
+                }
+                Ok(())
+            },
+        )
     }
 
     fn write_bytes(
@@ -358,36 +553,37 @@ impl WriteBackend for SftpBackend {
         // and a write cut off leaves only a temp file, which listing skips.
         let tmp = format!("{path}.tmp-{:016x}", rand::random::<u64>());
         let what = format!("writing {path}");
-        self.run(&what, budget(content.size()), async {
-            let err = |e: &dyn std::fmt::Display| backend_err(&format!("writing {path}"), e);
-            let mut file = self
+        let size = content.size();
+        self.run(&what, budget(size), |s| async move {
+            let mut file = s
                 .sftp
                 .options()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .open(&tmp)
-                .await
-                .map_err(|e| err(&e))?;
+                .await?;
             let mut parts: Vec<Bytes> = content.into_vec();
-            file.write_all_zero_copy(&mut parts)
-                .await
-                .map_err(|e| err(&e))?;
-            file.close().await.map_err(|e| err(&e))?;
-            let mut fs = self.sftp.fs();
-            fs.rename(&tmp, &path).await.map_err(|e| err(&e))
+            file.write_all_zero_copy(&mut parts).await?;
+            file.close().await?;
+            let mut fs = s.sftp.fs();
+            Ok(fs.rename(&tmp, &path).await?)
         })
     }
 
     fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
         let path = self.path(tpe, id);
-        self.run(&format!("removing {path}"), REQUEST_TIMEOUT, async {
-            let mut fs = self.sftp.fs();
-            match fs.remove_file(&path).await {
-                Ok(()) => Ok(()),
-                Err(e) if not_found(&e) => Ok(()),
-                Err(e) => Err(backend_err(&format!("removing {path}"), e)),
-            }
-        })
+        self.run(
+            &format!("removing {path}"),
+            REQUEST_TIMEOUT,
+            |s| async move {
+                let mut fs = s.sftp.fs();
+                match fs.remove_file(&path).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if not_found(&e) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            },
+        )
     }
 }

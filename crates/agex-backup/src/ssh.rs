@@ -222,6 +222,34 @@ impl SshAccess {
     }
 }
 
+/// Whether what ssh (or a tool relaying it) said is a failure of the network that may
+/// go away by itself: a connection reset, refused or timed out, a server that stopped
+/// answering. A refused host key or login, or a missing program on the server, is not.
+pub fn network_failure(said: &str) -> bool {
+    const NETWORK: &[&str] = &[
+        "Connection reset",
+        "Connection refused",
+        "Connection timed out",
+        "Operation timed out",
+        "Broken pipe",
+        "Network is unreachable",
+        "No route to host",
+        "kex_exchange_identification",
+        "Temporary failure in name resolution",
+        "not responding",
+        "no answer from the server",
+    ];
+    const REFUSAL: &[&str] = &[
+        "Host key verification failed",
+        "REMOTE HOST IDENTIFICATION HAS CHANGED",
+        "host key is known for",
+        "Permission denied",
+        "command not found",
+        "No such file or directory",
+    ];
+    NETWORK.iter().any(|p| said.contains(p)) && !REFUSAL.iter().any(|p| said.contains(p))
+}
+
 /// See [`SshAccess::explain`].
 pub fn explain_host_key(
     repo: &str,
@@ -327,4 +355,29 @@ pub fn user_knows(endpoint: &SshEndpoint) -> bool {
         .output()
         .map(|o| o.status.success() && !o.stdout.is_empty())
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_failures_are_told_from_refusals() {
+        for said in [
+            "kex_exchange_identification: read: Connection reset by peer",
+            "ssh: connect to host 127.0.0.1 port 2222: Connection refused",
+            "Timeout, server 127.0.0.1 not responding.",
+            "Remote: client_loop: send disconnect: Broken pipe",
+        ] {
+            assert!(network_failure(said), "{said}");
+        }
+        for said in [
+            "Host key verification failed.\nConnection reset by peer",
+            "u@127.0.0.1: Permission denied (publickey).",
+            "Remote: sh: 1: borg: command not found",
+            "passphrase supplied in BORG_PASSPHRASE_FD is incorrect",
+        ] {
+            assert!(!network_failure(said), "{said}");
+        }
+    }
 }
