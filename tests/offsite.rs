@@ -913,6 +913,71 @@ fn transient_sftp_errors_reconnect_and_are_retried_and_counted() {
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
 }
 
+#[test]
+fn borg_network_failures_are_retried_and_counted_other_failures_are_not() {
+    let test = "borg_network_failures_are_retried_and_counted_other_failures_are_not";
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((s, sshd)) = ssh_setup_over(test, tmp.path(), 1 << 20, Over::BorgOnly) else {
+        return;
+    };
+    let proxy = FlakyProxy::start(sshd.port());
+    through_port(&s, &sshd, proxy.port);
+    s.init_repos();
+
+    // Two connections reset before ssh logs in: borg runs again twice, the archive is
+    // written, the record counts both retries and the output says so.
+    proxy.fail_next(2);
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_ok(&out);
+    assert_eq!(proxy.resets(), 2);
+    let borg = result_of(&out, "offsite-borg");
+    assert_eq!(borg["result"], "ok", "{borg}");
+    assert_eq!(borg["retries"], 2, "{borg}");
+    assert_eq!(result_of(&out, "offsite-restic")["retries"], 0);
+    proxy.fail_next(1);
+    let out = s.agex(&["backup", "--service", "testapp"]);
+    assert_ok(&out);
+    assert!(ok_after_retries(&out, "offsite-borg").contains("1 retry"));
+    run(
+        borg_ssh(&s, &sshd).arg("check").arg(sshd.url("borg")),
+        "borg check after retried runs",
+    );
+    let list = borg_ssh(&s, &sshd)
+        .args(["list", "--short"])
+        .arg(sshd.url("borg"))
+        .output()
+        .unwrap();
+    assert_ok(&list);
+    assert_eq!(stdout(&list).lines().count(), 2, "{}", stdout(&list));
+
+    // A server that keeps resetting: borg gives up after 5 retries, named, and the
+    // other repository completes.
+    proxy.fail_next(usize::MAX);
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let borg = result_of(&out, "offsite-borg");
+    assert_eq!(borg["result"], "failed", "{borg}");
+    assert_eq!(borg["retries"], 5, "{borg}");
+    assert_eq!(result_of(&out, "offsite-restic")["result"], "ok");
+    proxy.fail_next(0);
+
+    // A wrong passphrase is not a network failure: it fails at once, no retry.
+    set_secret(&s, "borg-passphrase", b"not-the-passphrase");
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let borg = result_of(&out, "offsite-borg");
+    assert_eq!(borg["result"], "failed", "{borg}");
+    assert_eq!(borg["retries"], 0, "{borg}");
+
+    // Nor is a repository that is not there.
+    s.fx.edit_config("/borg\"", "/missing\"");
+    let out = s.agex(&["--json", "backup", "--service", "testapp"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let borg = result_of(&out, "offsite-borg");
+    assert_eq!(borg["retries"], 0, "{borg}");
+    assert_eq!(proxy.resets(), 2 + 1 + 6);
+}
+
 /// `borg` (the real CLI) for the repository at `url` on [`ssh_setup`]'s sshd.
 fn borg_ssh(s: &Setup, sshd: &Sshd) -> Command {
     let key = s.secret_file("borg-ssh-key");

@@ -9,6 +9,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use agex_core::Retention;
 use serde::Deserialize;
@@ -30,7 +32,9 @@ pub struct Borg {
     ssh: Option<SshAccess>,
     known_hosts: Vec<String>,
     upload_limit: Option<u64>,
+    retries: Arc<AtomicU64>,
 }
+
 /// One archive as `borg list --json` reports it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ArchiveInfo {
@@ -73,6 +77,7 @@ impl Borg {
             ssh,
             known_hosts: access.repo.known_hosts.clone(),
             upload_limit: access.repo.limit_upload,
+            retries: Arc::clone(&access.retries),
         })
     }
 
@@ -144,6 +149,10 @@ impl Borg {
                     repo: self.name.clone(),
                 };
             }
+            // The network failed: asking the server for its keys would only fail too.
+            if crate::ssh::network_failure(stderr) {
+                return e;
+            }
         }
         let hint = match (&e, &self.ssh) {
             (BackupError::Tool { stderr, .. }, Some(ssh)) => {
@@ -157,33 +166,50 @@ impl Borg {
         }
     }
 
-    fn run(&self, cmd: &mut Command) -> Result<std::process::Output, BackupError> {
-        process::run(cmd).map_err(|e| self.explain(e))
+    /// Runs the borg command `build` makes; when the network to the server fails (ssh's
+    /// connection reset, refused, timed out), a new one is run after a pause, a bounded
+    /// number of times, each counted into the run's retries.
+    fn run(
+        &self,
+        what: &str,
+        build: impl Fn() -> Command,
+    ) -> Result<std::process::Output, BackupError> {
+        crate::backend::Retry::COMMAND.run(
+            &self.name,
+            what,
+            &self.retries,
+            || process::run(&mut build()).map_err(|e| self.explain(e)),
+            transient,
+        )
     }
 
     /// `borg init --encryption=repokey-blake2`.
     pub fn init(&self) -> Result<(), BackupError> {
-        self.run(
-            self.command()
-                .args([
-                    "init",
-                    "--log-json",
-                    "--encryption=repokey-blake2",
-                    "--make-parent-dirs",
-                ])
-                .arg(&self.url),
-        )?;
+        self.run("borg init", || {
+            let mut cmd = self.command();
+            cmd.args([
+                "init",
+                "--log-json",
+                "--encryption=repokey-blake2",
+                "--make-parent-dirs",
+            ])
+            .arg(&self.url);
+            cmd
+        })?;
         Ok(())
     }
 
     /// Archives in the repository, oldest first; `prefix` filters by name.
     pub fn list(&self, prefix: Option<&str>) -> Result<Vec<ArchiveInfo>, BackupError> {
-        let mut cmd = self.command();
-        cmd.args(["list", "--json", "--log-json"]);
-        if let Some(p) = prefix {
-            cmd.arg("--glob-archives").arg(format!("{p}*"));
-        }
-        let out = self.run(cmd.arg(&self.url))?;
+        let out = self.run("borg list", || {
+            let mut cmd = self.command();
+            cmd.args(["list", "--json", "--log-json"]);
+            if let Some(p) = prefix {
+                cmd.arg("--glob-archives").arg(format!("{p}*"));
+            }
+            cmd.arg(&self.url);
+            cmd
+        })?;
         let parsed: ListOutput =
             serde_json::from_slice(&out.stdout).map_err(|e| BackupError::Output {
                 tool: "borg list".into(),
@@ -194,23 +220,27 @@ impl Borg {
 
     /// Deletes one archive (used to discard an archive whose dump failed).
     pub fn delete(&self, archive: &str) -> Result<(), BackupError> {
-        self.run(
-            self.command()
-                .args(["delete", "--log-json"])
-                .arg(format!("{}::{archive}", self.url)),
-        )?;
+        self.run("borg delete", || {
+            let mut cmd = self.command();
+            cmd.args(["delete", "--log-json"])
+                .arg(format!("{}::{archive}", self.url));
+            cmd
+        })?;
         Ok(())
     }
 
     /// `borg check` of the repository and the archives' metadata; with `verify_data`,
     /// every chunk is read and authenticated too.
     pub fn check(&self, verify_data: bool) -> Result<(), BackupError> {
-        let mut cmd = self.command();
-        cmd.args(["check", "--log-json"]);
-        if verify_data {
-            cmd.arg("--verify-data");
-        }
-        self.run(cmd.arg(&self.url))?;
+        self.run("borg check", || {
+            let mut cmd = self.command();
+            cmd.args(["check", "--log-json"]);
+            if verify_data {
+                cmd.arg("--verify-data");
+            }
+            cmd.arg(&self.url);
+            cmd
+        })?;
         Ok(())
     }
 
@@ -223,25 +253,28 @@ impl Borg {
         compact: bool,
         dry_run: bool,
     ) -> Result<Vec<String>, BackupError> {
-        let mut cmd = self.command();
-        cmd.args(["prune", "--list", "--log-json", "--glob-archives"])
-            .arg(format!("{service}-*"));
-        for (flag, n) in [
-            ("--keep-last", retention.keep_last),
-            ("--keep-hourly", retention.keep_hourly),
-            ("--keep-daily", retention.keep_daily),
-            ("--keep-weekly", retention.keep_weekly),
-            ("--keep-monthly", retention.keep_monthly),
-            ("--keep-yearly", retention.keep_yearly),
-        ] {
-            if n > 0 {
-                cmd.arg(format!("{flag}={n}"));
+        let out = self.run("borg prune", || {
+            let mut cmd = self.command();
+            cmd.args(["prune", "--list", "--log-json", "--glob-archives"])
+                .arg(format!("{service}-*"));
+            for (flag, n) in [
+                ("--keep-last", retention.keep_last),
+                ("--keep-hourly", retention.keep_hourly),
+                ("--keep-daily", retention.keep_daily),
+                ("--keep-weekly", retention.keep_weekly),
+                ("--keep-monthly", retention.keep_monthly),
+                ("--keep-yearly", retention.keep_yearly),
+            ] {
+                if n > 0 {
+                    cmd.arg(format!("{flag}={n}"));
+                }
             }
-        }
-        if dry_run {
-            cmd.arg("--dry-run");
-        }
-        let out = self.run(cmd.arg(&self.url))?;
+            if dry_run {
+                cmd.arg("--dry-run");
+            }
+            cmd.arg(&self.url);
+            cmd
+        })?;
         // `--list --log-json` reports each decision as a log line: "Pruning archive: …"
         // or "Would prune: …".
         let pruned = String::from_utf8_lossy(&out.stderr)
@@ -262,28 +295,46 @@ impl Borg {
             })
             .collect();
         if compact && !dry_run {
-            self.run(
-                self.command()
-                    .args(["compact", "--log-json"])
-                    .arg(&self.url),
-            )?;
+            self.run("borg compact", || {
+                let mut cmd = self.command();
+                cmd.args(["compact", "--log-json"]).arg(&self.url);
+                cmd
+            })?;
         }
         Ok(pruned)
     }
 
     /// Removes a stale lock left by a dead borg process.
     pub fn break_lock(&self) -> Result<(), BackupError> {
-        self.run(
-            self.command()
-                .args(["break-lock", "--log-json"])
-                .arg(&self.url),
-        )?;
+        self.run("borg break-lock", || {
+            let mut cmd = self.command();
+            cmd.args(["break-lock", "--log-json"]).arg(&self.url);
+            cmd
+        })?;
         Ok(())
     }
 
     /// The URL of an archive.
     pub fn archive_url(&self, archive: &str) -> String {
         format!("{}::{archive}", self.url)
+    }
+}
+
+/// Whether borg failed because the network to its server did (see
+/// [`crate::ssh::network_failure`]): Some(what it said last) when it may work on
+/// another try. A wrong passphrase, a missing repository or a refused host key is not.
+pub fn transient(e: &BackupError) -> Option<String> {
+    match e {
+        BackupError::Tool { stderr, .. } if crate::ssh::network_failure(stderr) => Some(
+            stderr
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        _ => None,
     }
 }
 

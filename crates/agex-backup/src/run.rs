@@ -502,19 +502,48 @@ fn backup_service(
                                     meter.as_ref(),
                                 )
                             };
-                            let r = match attempt(streams) {
+                            // The streams of a borg that never opened any of them, for
+                            // another attempt; gone once one was read.
+                            let unread = std::cell::RefCell::new(Some(streams));
+                            let tried = crate::backend::Retry::COMMAND.run(
+                                &access.repo.name,
+                                "borg create",
+                                &access.retries,
+                                || {
+                                    let Some(streams) = unread.borrow_mut().take() else {
+                                        return Err(BackupError::Output {
+                                            tool: "borg create".into(),
+                                            detail: "its streams were read already".into(),
+                                        });
+                                    };
+                                    attempt(streams).map_err(|(e, left)| {
+                                        *unread.borrow_mut() = left;
+                                        e
+                                    })
+                                },
+                                // The network failed before borg read a stream: borg
+                                // runs again (it resumes from what reached the server).
+                                |e| {
+                                    unread
+                                        .borrow()
+                                        .is_some()
+                                        .then(|| crate::borg::transient(e))
+                                        .flatten()
+                                },
+                            );
+                            let r = match (tried, unread.into_inner()) {
                                 // borg gave up on the lock before reading any stream: a
                                 // stale lock is broken and borg tries once more with them.
-                                Err((e @ BackupError::Locked { .. }, Some(unread))) => {
+                                (Err(e @ BackupError::Locked { .. }), Some(streams)) => {
                                     match break_stale_lock(env, access) {
                                         Some(w) => {
                                             warnings.push(w);
-                                            attempt(unread).map_err(|(e, _)| e)
+                                            attempt(streams).map_err(|(e, _)| e)
                                         }
                                         None => Err(e),
                                     }
                                 }
-                                other => other.map_err(|(e, _)| e),
+                                (r, _) => r,
                             };
                             r.map(|(id, added)| (id, added, None))
                         }
@@ -748,7 +777,8 @@ fn restic_side(
 }
 
 /// A borg side that failed, with its streams when borg never opened any of them (it gave
-/// up on the repository lock first), so they can go to another attempt.
+/// up on the repository lock, or lost its connection, first), so they can go to another
+/// attempt.
 type BorgFailure = (BackupError, Option<Vec<Stream>>);
 
 /// Borg reads each stream (dumps, manifest) from a named pipe at its place under the
@@ -910,7 +940,7 @@ fn borg_side(
             return Err((locked, unread));
         }
         return Err(match process::check(&shown, out) {
-            Err(e) => (borg.explain(e), None),
+            Err(e) => (borg.explain(e), unread),
             Ok(_) => (
                 BackupError::Output {
                     tool: shown,
