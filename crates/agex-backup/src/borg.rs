@@ -140,8 +140,10 @@ impl Borg {
         cmd
     }
 
-    /// Turns a failed borg's ssh complaint about the server's host key into a message
-    /// that says which repository and how to trust the server.
+    /// Turns a failed borg's complaint into the error it means: no repository, no space,
+    /// or (from ssh) a host key not trusted, with a message that says which repository
+    /// and how to trust the server. A failure that may be the network's is left as it
+    /// is, to be retried; [`Borg::settle`] looks closer once no retry is left.
     pub fn explain(&self, e: BackupError) -> BackupError {
         if let BackupError::Tool { stderr, .. } = &e {
             if no_repository(stderr) {
@@ -149,11 +151,27 @@ impl Borg {
                     repo: self.name.clone(),
                 };
             }
-            // The network failed: asking the server for its keys would only fail too.
-            if crate::ssh::network_failure(stderr) {
+            if let Some(detail) = no_space(stderr) {
+                return BackupError::NoSpace {
+                    repo: self.name.clone(),
+                    detail,
+                };
+            }
+            if let Some(message) = self.ssh.as_ref().and_then(|ssh| ssh.explain(stderr)) {
+                return BackupError::HostKey(message);
+            }
+            // Asking the server for its keys now would only meet the same network.
+            if transient(&e).is_some() {
                 return e;
             }
         }
+        self.settle(e)
+    }
+
+    /// The error a borg command ended with, once it is not tried again: when ssh's
+    /// connection ended without a reason borg relayed, the server is asked for its keys,
+    /// so that a host key nobody trusts is named as such.
+    pub fn settle(&self, e: BackupError) -> BackupError {
         let hint = match (&e, &self.ssh) {
             (BackupError::Tool { stderr, .. }, Some(ssh)) => {
                 ssh.diagnose(&self.known_hosts, stderr)
@@ -174,13 +192,15 @@ impl Borg {
         what: &str,
         build: impl Fn() -> Command,
     ) -> Result<std::process::Output, BackupError> {
-        crate::backend::Retry::COMMAND.run(
-            &self.name,
-            what,
-            &self.retries,
-            || process::run(&mut build()).map_err(|e| self.explain(e)),
-            transient,
-        )
+        crate::backend::Retry::COMMAND
+            .run(
+                &self.name,
+                what,
+                &self.retries,
+                || process::run(&mut build()).map_err(|e| self.explain(e)),
+                transient,
+            )
+            .map_err(|e| self.settle(e))
     }
 
     /// `borg init --encryption=repokey-blake2`.
@@ -320,20 +340,28 @@ impl Borg {
     }
 }
 
-/// Whether borg failed because the network to its server did (see
+/// Whether borg failed because the network to its server may have (see
 /// [`crate::ssh::network_failure`]): Some(what it said last) when it may work on
-/// another try. A wrong passphrase, a missing repository or a refused host key is not.
+/// another try. borg's "Connection closed by remote host" counts when nothing says
+/// why (ssh's own reason reaches borg's log only now and then). A wrong passphrase, a
+/// missing repository, a refused host key or login is not.
 pub fn transient(e: &BackupError) -> Option<String> {
     match e {
-        BackupError::Tool { stderr, .. } if crate::ssh::network_failure(stderr) => Some(
-            stderr
-                .lines()
-                .rev()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .unwrap_or_default()
-                .to_string(),
-        ),
+        BackupError::Tool { stderr, .. }
+            if crate::ssh::network_failure(stderr)
+                || stderr.contains("Connection closed by remote host")
+                    && !crate::ssh::refusal(stderr) =>
+        {
+            Some(
+                stderr
+                    .lines()
+                    .rev()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
         _ => None,
     }
 }
@@ -396,6 +424,24 @@ pub fn lock_timed_out(log: &str) -> bool {
             .and_then(|v| v.get("msgid").and_then(|m| m.as_str()).map(str::to_string))
             .is_some_and(|m| m == "LockTimeout" || m == "LockFailed")
     })
+}
+
+/// What borg said about its storage being full (a full disk, a quota, borg's own
+/// free-space check), if it did.
+fn no_space(stderr: &str) -> Option<String> {
+    stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| {
+            [
+                "No space left on device",
+                "Disk quota exceeded",
+                "Insufficient free space",
+            ]
+            .iter()
+            .any(|p| l.contains(p))
+        })
+        .map(str::to_string)
 }
 
 /// Whether borg's stderr says there is no repository at the URL (never `borg init`ed).

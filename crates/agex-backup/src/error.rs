@@ -122,6 +122,14 @@ pub enum BackupError {
         /// What is wrong.
         message: String,
     },
+    /// The repository's storage is full (a full disk or a quota on its server).
+    #[error("repository `{repo}`: no space left on its server ({detail}); free space or raise the quota there, and the next run goes on from what is stored")]
+    NoSpace {
+        /// The repository.
+        repo: String,
+        /// What the server or tool said.
+        detail: String,
+    },
     /// A repository that has not been created yet (nothing at its URL).
     #[error("repository `{repo}` is not initialised (no repository at its URL): run `agex repo init {repo}`")]
     NotInitialised {

@@ -531,6 +531,10 @@ fn backup_service(
                                         .flatten()
                                 },
                             );
+                            let tried = tried.map_err(|e| match Borg::new(access, &env.state) {
+                                Ok(b) => b.settle(e),
+                                Err(_) => e,
+                            });
                             let r = match (tried, unread.into_inner()) {
                                 // borg gave up on the lock before reading any stream: a
                                 // stale lock is broken and borg tries once more with them.

@@ -123,6 +123,11 @@ fn answered(e: &SftpError) -> bool {
 enum Failure {
     Sftp(SftpError),
     Io(std::io::Error),
+    /// The server refused a write and its filesystem is (nearly) full.
+    Full {
+        free: u64,
+        needed: u64,
+    },
 }
 
 impl From<SftpError> for Failure {
@@ -141,6 +146,7 @@ impl Failure {
     /// Whether the server answered (the session is fine, the request failed).
     fn answered(&self) -> bool {
         match self {
+            Failure::Full { .. } => true,
             Failure::Sftp(e) => answered(e),
             // The file adapter wraps the session's errors into I/O errors.
             Failure::Io(e) => e
@@ -156,6 +162,12 @@ impl std::fmt::Display for Failure {
         match self {
             Failure::Sftp(e) => e.fmt(f),
             Failure::Io(e) => e.fmt(f),
+            Failure::Full { free, needed } => write!(
+                f,
+                "no space left on the server: its filesystem has {free} bytes free for a \
+                 {needed}-byte file (free space or raise the quota there; the next run \
+                 goes on from what is stored)"
+            ),
         }
     }
 }
@@ -554,18 +566,44 @@ impl WriteBackend for SftpBackend {
         let tmp = format!("{path}.tmp-{:016x}", rand::random::<u64>());
         let what = format!("writing {path}");
         let size = content.size();
+        let root = self.root.clone();
         self.run(&what, budget(size), |s| async move {
-            let mut file = s
-                .sftp
-                .options()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .await?;
-            let mut parts: Vec<Bytes> = content.into_vec();
-            file.write_all_zero_copy(&mut parts).await?;
-            file.close().await?;
+            let written = async {
+                let mut file = s
+                    .sftp
+                    .options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)
+                    .await?;
+                let mut parts: Vec<Bytes> = content.into_vec();
+                file.write_all_zero_copy(&mut parts).await?;
+                file.close().await?;
+                Ok::<(), Failure>(())
+            }
+            .await;
+            if let Err(e) = written {
+                if e.answered() {
+                    // The server refused the write (sftp says only "failure" for a
+                    // full disk or quota): its free space tells, before the part
+                    // written is removed.
+                    let mut fs = s.sftp.fs();
+                    let full = match fs.statvfs(&root).await {
+                        Ok(v) => {
+                            let free = v.bavail.saturating_mul(v.frsize);
+                            (free < size as u64).then_some(Failure::Full {
+                                free,
+                                needed: size as u64,
+                            })
+                        }
+                        Err(_) => None,
+                    };
+                    let _ = fs.remove_file(&tmp).await;
+                    return Err(full.unwrap_or(e));
+                }
+                return Err(e);
+            }
             let mut fs = s.sftp.fs();
             Ok(fs.rename(&tmp, &path).await?)
         })

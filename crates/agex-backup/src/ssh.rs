@@ -239,6 +239,12 @@ pub fn network_failure(said: &str) -> bool {
         "not responding",
         "no answer from the server",
     ];
+    NETWORK.iter().any(|p| said.contains(p)) && !refusal(said)
+}
+
+/// Whether what ssh (or a tool relaying it) said is a refusal: a host key not
+/// trusted, a login refused, a program or path missing on the server.
+pub fn refusal(said: &str) -> bool {
     const REFUSAL: &[&str] = &[
         "Host key verification failed",
         "REMOTE HOST IDENTIFICATION HAS CHANGED",
@@ -247,7 +253,7 @@ pub fn network_failure(said: &str) -> bool {
         "command not found",
         "No such file or directory",
     ];
-    NETWORK.iter().any(|p| said.contains(p)) && !REFUSAL.iter().any(|p| said.contains(p))
+    REFUSAL.iter().any(|p| said.contains(p))
 }
 
 /// See [`SshAccess::explain`].
