@@ -1068,7 +1068,7 @@ fn a_full_disk_on_the_server_fails_that_repository_clearly_and_the_next_run_comp
         .lines()
         .find(|l| l.contains("testapp → offsite-borg: FAILED"))
         .unwrap_or_else(|| panic!("{err}"));
-    assert!(line.contains("no space left"), "{err}");
+    assert!(line.contains("no space left on its server"), "{err}");
     assert!(err.contains("testapp → offsite-restic: ok"), "{err}");
     // Space freed: the repository is whole and the next run completes.
     borg_disk.free();
@@ -1091,7 +1091,7 @@ fn a_full_disk_on_the_server_fails_that_repository_clearly_and_the_next_run_comp
         .lines()
         .find(|l| l.contains("testapp → offsite-restic: FAILED"))
         .unwrap_or_else(|| panic!("{err}"));
-    assert!(line.contains("no space left"), "{err}");
+    assert!(line.contains("no space left on the server"), "{err}");
     assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
     restic_disk.free();
     run(

@@ -152,8 +152,16 @@ impl Borg {
                 };
             }
             if let Some(detail) = no_space(stderr) {
+                // The traceback of `borg serve` comes with its "Borg server:" lines.
+                let remote = stderr.contains("Borg server:") || stderr.contains("in serve");
                 return BackupError::NoSpace {
                     repo: self.name.clone(),
+                    place: if remote {
+                        "on its server"
+                    } else {
+                        "on this host"
+                    }
+                    .into(),
                     detail,
                 };
             }

@@ -122,11 +122,14 @@ pub enum BackupError {
         /// What is wrong.
         message: String,
     },
-    /// The repository's storage is full (a full disk or a quota on its server).
-    #[error("repository `{repo}`: no space left on its server ({detail}); free space or raise the quota there, and the next run goes on from what is stored")]
+    /// The repository's storage is full (a full disk or a quota), or the disk of
+    /// this host that the tool writes its cache to.
+    #[error("repository `{repo}`: no space left {place} ({detail}); free space or raise the quota there, and the next run goes on from what is stored")]
     NoSpace {
         /// The repository.
         repo: String,
+        /// Where: "on its server" or "on this host".
+        place: String,
         /// What the server or tool said.
         detail: String,
     },
