@@ -397,6 +397,21 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
         "{drop_in}"
     );
     assert!(drop_in.contains("ProtectHome=yes"), "{drop_in}");
+    // Its repositories are remote: the job waits for the network (the template alone,
+    // for local repositories, does not).
+    for line in ["Wants=network-online.target", "After=network-online.target"] {
+        assert!(drop_in.contains(line), "{line} missing:\n{drop_in}");
+        assert!(
+            !service.contains(line),
+            "{line} in the template:\n{service}"
+        );
+    }
+    for check in ["offsite-restic", "offsite-borg"] {
+        let drop_in =
+            fs::read_to_string(out_dir.join(format!("agex-check@{check}.service.d/agex.conf")))
+                .unwrap();
+        assert!(drop_in.contains("After=network-online.target"), "{drop_in}");
+    }
     // With local repositories and nothing under /home, home is hidden and the
     // repository is writable.
     let local = Setup::new("");
@@ -405,6 +420,8 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
     let drop_in =
         fs::read_to_string(local_out.join("agex-backup@testapp.service.d/agex.conf")).unwrap();
     assert!(drop_in.contains("ProtectHome=yes"), "{drop_in}");
+    // Nothing to wait for: no network ordering.
+    assert!(!drop_in.contains("network-online"), "{drop_in}");
     let repo = local.fx.tmp.path().join("repo-restic");
     assert!(
         drop_in.contains(&format!("ReadWritePaths=-{}", repo.display())),

@@ -182,10 +182,19 @@ fn drop_in(project: &Project, job: &Job, config_dir: &Path) -> Result<String, Sc
     };
     write.sort();
     write.dedup();
-    let mut text = format!(
-        "{MARKER}\n# What job `{}` may write besides /var/lib/agex.\n[Service]\nProtectHome={protect_home}\n",
+    let mut text = format!("{MARKER}\n");
+    if needs_network(project, job) {
+        // Not before the network is up (at boot, a timer that was missed fires at once).
+        text.push_str(&format!(
+            "# Job `{}` reaches a repository or a notification target over the network.\n\
+             [Unit]\nWants=network-online.target\nAfter=network-online.target\n",
+            job.name
+        ));
+    }
+    text.push_str(&format!(
+        "# What job `{}` may write besides /var/lib/agex.\n[Service]\nProtectHome={protect_home}\n",
         job.name
-    );
+    ));
     for w in write {
         // `-`: a path that does not exist yet does not stop the job from starting.
         text.push_str(&format!(
@@ -194,6 +203,25 @@ fn drop_in(project: &Project, job: &Job, config_dir: &Path) -> Result<String, Sc
         ));
     }
     Ok(text)
+}
+
+/// Whether `job` talks to the network: a repository of it is remote
+/// ([`agex_core::RepoUrl::is_remote`]), or results are sent somewhere.
+fn needs_network(project: &Project, job: &Job) -> bool {
+    let n = &project.config.notify;
+    let notifies = n.webhook.is_some()
+        || n.healthchecks.is_some()
+        || n.ntfy.is_some()
+        || n.uptime_kuma.is_some()
+        || !n.jobs.is_empty();
+    notifies
+        || job.repositories.iter().any(|r| {
+            project
+                .config
+                .repositories
+                .get(r)
+                .is_some_and(|repo| repo.location.is_remote())
+        })
 }
 
 /// The local directory of a repository URL, if it is one.
