@@ -1,5 +1,6 @@
 //! A repository's credentials, decrypted in memory from its age secrets.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -179,7 +180,7 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
     let env = env_lines(project, &repo, ids)?;
     // An interrupted password rotation may have left the repository on the new
     // password, which only the pending file holds.
-    crate::rotate::during_rotation(
+    crate::pending::during_rotation(
         project,
         ids,
         RepoAccess {
@@ -190,6 +191,24 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
             retries: Arc::default(),
         },
     )
+}
+
+/// Decrypts the credentials of each named repository; a repository whose secrets fail
+/// to open is reported, not fatal, so the other can still run.
+pub fn unlock_all(
+    project: &Project,
+    ids: &Identities,
+    names: &[String],
+) -> BTreeMap<String, Result<RepoAccess, String>> {
+    names
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                unlock(project, n, ids).map_err(|e| e.to_string()),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

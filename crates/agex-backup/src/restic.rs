@@ -58,7 +58,7 @@ pub struct SnapshotInfo {
 
 /// Turns a rustic_core error into agex's, naming the repository and keeping the
 /// first line of what rustic_core said.
-pub(crate) fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
+pub fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> BackupError + '_ {
     move |e| {
         let said = e.display_log();
         if said.contains("No repository config file found") {
@@ -405,12 +405,12 @@ impl Restic {
     }
 
     /// The rustic_core repository, for key rotation.
-    pub(crate) fn inner(&self) -> &Repository<OpenStatus> {
+    pub fn inner(&self) -> &Repository<OpenStatus> {
         &self.repo
     }
 
     /// The rustic_core repository, consumed (restore needs it indexed).
-    pub(crate) fn into_inner(self) -> Repository<OpenStatus> {
+    pub fn into_inner(self) -> Repository<OpenStatus> {
         self.repo
     }
 

@@ -45,6 +45,12 @@ impl Context {
         self.global.root.join(p.strip_prefix("/").unwrap_or(p))
     }
 
+    /// agex's state directory (`/var/lib/agex`: locks, borg's cache and security
+    /// state) under `--root`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.host_path(Path::new(agex_backup::run::STATE_DIR))
+    }
+
     /// Identities: `-i`, else the user's defaults plus the identity of the host this
     /// runs as (`--host`, else the hostname) when it is configured and readable.
     pub fn identities(&self, project: &Project) -> Result<Identities, Failure> {

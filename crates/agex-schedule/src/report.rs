@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use agex_backup::drill::{DrillRecord, DrillStatus};
+use agex_backup::drill_records::{DrillRecord, DrillStatus};
 use agex_backup::run::RunRecord;
 use agex_backup::status;
 use agex_core::human::{ago, size, when};
@@ -143,7 +143,7 @@ pub fn build(
         .into_iter()
         .map(|o| (o.service, o.repo))
         .collect();
-    let drill_statuses = agex_backup::drill::summarize(drills);
+    let drill_statuses = agex_backup::drill_records::summarize(drills);
     let today = now.date_naive();
     let first_day = today - chrono::Duration::days(DAYS - 1);
     let window_start = first_day.and_hms_opt(0, 0, 0).map(|t| t.and_utc());

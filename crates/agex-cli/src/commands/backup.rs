@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use agex_backup::access::{self, RepoAccess};
 use agex_backup::borg::Borg;
+use agex_backup::drill_records::{self, DrillStatus};
 use agex_backup::restic::Restic;
-use agex_backup::restore;
-use agex_backup::run::{self, RunOptions, STATE_DIR};
+use agex_backup::run::{self, RunOptions};
 use agex_backup::units::UnitsError;
 use agex_backup::{status, BackupError};
 use agex_core::systemctl::Systemctl;
 use agex_core::{Project, RepositoryKind};
+use agex_recovery::restore;
 use agex_secrets::Identities;
 use tracing::Level;
 use zeroize::Zeroizing;
@@ -33,28 +34,6 @@ impl From<BackupError> for Failure {
             other => Failure::new(FAILURE, other.to_string()),
         }
     }
-}
-
-pub(crate) fn state_dir(ctx: &Context) -> std::path::PathBuf {
-    ctx.host_path(std::path::Path::new(STATE_DIR))
-}
-
-/// Decrypts the credentials of each named repository; a repository whose secrets fail
-/// to open is reported, not fatal, so the other can still run.
-pub(crate) fn unlock_all(
-    project: &Project,
-    ids: &Identities,
-    names: &[String],
-) -> BTreeMap<String, Result<RepoAccess, String>> {
-    names
-        .iter()
-        .map(|n| {
-            (
-                n.clone(),
-                access::unlock(project, n, ids).map_err(|e| e.to_string()),
-            )
-        })
-        .collect()
 }
 
 fn unlock_one(ctx: &Context, project: &Project, name: &str) -> Result<RepoAccess, Failure> {
@@ -124,7 +103,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
         .collect();
     repo_names.sort();
     repo_names.dedup();
-    let access = unlock_all(&project, &ids, &repo_names);
+    let access = access::unlock_all(&project, &ids, &repo_names);
     let db_passwords = database_passwords(&project, &ids, &planned)?;
     crate::interrupt::undo_on_termination("backup", "stopping without committing");
     let job = args
@@ -276,7 +255,7 @@ pub fn cmd_snapshots(
     let mut errors = Vec::new();
     for name in selected_repos(&project, repo)? {
         let listed = access::unlock(&project, &name, &ids)
-            .and_then(|a| restore::all_snapshots(&a, &state_dir(ctx)));
+            .and_then(|a| restore::all_snapshots(&a, &ctx.state_dir()));
         match listed {
             Ok(list) => rows.extend(
                 list.into_iter()
@@ -358,7 +337,7 @@ pub fn cmd_forget(
                 }
             };
             let prune = prune || retention.prune;
-            match run::forget(a, &state_dir(ctx), &p.service, retention, prune, dry_run) {
+            match run::forget(a, &ctx.state_dir(), &p.service, retention, prune, dry_run) {
                 Ok(gone) => {
                     done += 1;
                     let verb = if dry_run { "would forget" } else { "forgot" };
@@ -377,13 +356,13 @@ pub fn cmd_forget(
 pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
     let records = run::records(&ctx.global.root)?;
     let statuses = status::summarize(&records);
-    let drills = crate::commands::recovery::drill_statuses(ctx)?;
+    let drills = drill_statuses(ctx)?;
     if ctx.global.json {
-        output::json(&crate::commands::recovery::with_drills(&statuses, &drills)?)?;
+        output::json(&with_drills(&statuses, &drills)?)?;
         return Ok(OK);
     }
     if statuses.is_empty() && !drills.is_empty() {
-        crate::commands::recovery::print_drill_statuses(&drills);
+        print_drill_statuses(&drills);
         return Ok(OK);
     }
     if statuses.is_empty() {
@@ -423,7 +402,7 @@ pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
         ],
         &rows,
     );
-    crate::commands::recovery::print_drill_statuses(&drills);
+    print_drill_statuses(&drills);
     Ok(OK)
 }
 
@@ -434,7 +413,7 @@ pub fn cmd_repo_init(ctx: &Context, name: &str) -> Result<i32, Failure> {
         RepositoryKind::Restic => {
             Restic::init(&a)?;
         }
-        RepositoryKind::Borg => Borg::new(&a, &state_dir(ctx))?.init()?,
+        RepositoryKind::Borg => Borg::new(&a, &ctx.state_dir())?.init()?,
     }
     println!(
         "initialized {} repository `{name}` at {}",
@@ -460,7 +439,7 @@ pub fn cmd_repo_check(
     for r in repos {
         let checked = access::unlock(&project, &r, &ids).and_then(|a| match a.repo.kind {
             RepositoryKind::Restic => Restic::open(&a)?.check(read_data),
-            RepositoryKind::Borg => Borg::new(&a, &state_dir(ctx))?.check(read_data.is_some()),
+            RepositoryKind::Borg => Borg::new(&a, &ctx.state_dir())?.check(read_data.is_some()),
         });
         match checked {
             Ok(()) => {
@@ -491,8 +470,8 @@ pub fn cmd_repo_unlock(ctx: &Context, name: &str) -> Result<i32, Failure> {
         RepositoryKind::Borg => {
             // break-lock removes every lock, live ones too: refuse while an agex run on
             // this host holds the repository.
-            let _held = agex_backup::lock::acquire(&state_dir(ctx), name, Duration::ZERO)?;
-            Borg::new(&a, &state_dir(ctx))?.break_lock()?;
+            let _held = agex_backup::lock::acquire(&ctx.state_dir(), name, Duration::ZERO)?;
+            Borg::new(&a, &ctx.state_dir())?.break_lock()?;
             println!("{name}: borg locks removed");
         }
     }
@@ -550,4 +529,96 @@ fn kind(a: &RepoAccess) -> &'static str {
         RepositoryKind::Restic => "restic",
         RepositoryKind::Borg => "borg",
     }
+}
+
+/// The drill rows `agex status` shows after the backup rows.
+pub fn drill_statuses(ctx: &Context) -> Result<Vec<DrillStatus>, Failure> {
+    Ok(drill_records::summarize(&drill_records::records(
+        &ctx.global.root,
+    )?))
+}
+
+/// Prints the drill table of `agex status`.
+pub fn print_drill_statuses(statuses: &[DrillStatus]) {
+    if statuses.is_empty() {
+        return;
+    }
+    println!();
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.service.clone(),
+                s.repo.clone(),
+                s.result.clone(),
+                output::when_ago(&s.last_drill),
+                s.last_success
+                    .as_deref()
+                    .map_or_else(|| "never".into(), output::when_ago),
+                s.rpo_seconds
+                    .map(|v| format!("{v:.0}s"))
+                    .unwrap_or_default(),
+                s.rto_seconds
+                    .map(|v| format!("{v:.1}s"))
+                    .unwrap_or_default(),
+                s.peak_memory_bytes.map(output::size).unwrap_or_default(),
+                s.scratch_bytes.map(output::size).unwrap_or_default(),
+                s.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "DRILL",
+            "REPOSITORY",
+            "RESULT",
+            "LAST DRILL",
+            "LAST PASSED",
+            "RPO",
+            "RTO",
+            "PEAK MEM",
+            "SCRATCH",
+            "ERROR",
+        ],
+        &rows,
+    );
+}
+
+/// The backup statuses of `agex --json status`, each with its latest drill (`drill`:
+/// null when none ran); drills of pairs with no backup record come last.
+pub fn with_drills(
+    statuses: &[agex_backup::status::Status],
+    drills: &[DrillStatus],
+) -> Result<Vec<serde_json::Value>, Failure> {
+    fn value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, Failure> {
+        serde_json::to_value(v).map_err(|e| Failure::new(FAILURE, format!("json: {e}")))
+    }
+    let mut out = Vec::new();
+    let mut used = vec![false; drills.len()];
+    for s in statuses {
+        let mut v = value(s)?;
+        let d = match drills
+            .iter()
+            .position(|d| d.service == s.service && d.repo == s.repo)
+        {
+            Some(i) => {
+                used[i] = true;
+                value(&drills[i])?
+            }
+            None => serde_json::Value::Null,
+        };
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("drill".into(), d);
+        }
+        out.push(v);
+    }
+    for (d, _) in drills.iter().zip(&used).filter(|(_, u)| !**u) {
+        out.push(serde_json::json!({
+            "service": d.service,
+            "repo": d.repo,
+            "result": null,
+            "drill": value(d)?,
+        }));
+    }
+    Ok(out)
 }

@@ -6,17 +6,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use agex_backup::access;
-use agex_backup::drill::{self, DrillEnv, DrillOptions};
-use agex_backup::restore::{self, InPlaceOptions, Target};
 use agex_core::systemctl::Systemctl;
 use agex_core::Project;
+use agex_recovery::drill::{self, DrillEnv, DrillOptions};
+use agex_recovery::restore::{self, InPlaceOptions, Target};
 
 use crate::cli::{DrillArgs, RestoreArgs};
 use crate::context::Context;
 use crate::error::{Failure, CONFIG, FAILURE, OK, PARTIAL};
 use crate::output;
-
-use super::backup::{state_dir, unlock_all};
 
 pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     let project = ctx.project()?;
@@ -65,8 +63,8 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
         None => policy.repositories.clone(),
     };
     let ids = ctx.identities(&project)?;
-    let state = state_dir(ctx);
-    let accesses = unlock_all(&project, &ids, &repos);
+    let state = ctx.state_dir();
+    let accesses = agex_backup::access::unlock_all(&project, &ids, &repos);
     let mut lists = Vec::new();
     let mut errors = Vec::new();
     for (name, a) in &accesses {
@@ -225,7 +223,7 @@ pub fn cmd_drill(ctx: &Context, args: &DrillArgs) -> Result<i32, Failure> {
     let mut names: Vec<String> = pairs.iter().map(|(_, r)| r.clone()).collect();
     names.sort();
     names.dedup();
-    let accesses = unlock_all(&project, &ids, &names);
+    let accesses = agex_backup::access::unlock_all(&project, &ids, &names);
     let env = DrillEnv {
         project: &project,
         root: &ctx.global.root,
@@ -326,98 +324,8 @@ fn exit_for(failed: usize, total: usize, what: &str) -> i32 {
     }
 }
 
-/// The drill rows `agex status` shows after the backup rows.
-pub fn drill_statuses(ctx: &Context) -> Result<Vec<drill::DrillStatus>, Failure> {
-    Ok(drill::summarize(&drill::records(&ctx.global.root)?))
-}
-
-/// Prints the drill table of `agex status`.
-pub fn print_drill_statuses(statuses: &[drill::DrillStatus]) {
-    if statuses.is_empty() {
-        return;
-    }
-    println!();
-    let rows: Vec<Vec<String>> = statuses
-        .iter()
-        .map(|s| {
-            vec![
-                s.service.clone(),
-                s.repo.clone(),
-                s.result.clone(),
-                output::when_ago(&s.last_drill),
-                s.last_success
-                    .as_deref()
-                    .map_or_else(|| "never".into(), output::when_ago),
-                s.rpo_seconds
-                    .map(|v| format!("{v:.0}s"))
-                    .unwrap_or_default(),
-                s.rto_seconds
-                    .map(|v| format!("{v:.1}s"))
-                    .unwrap_or_default(),
-                s.peak_memory_bytes.map(output::size).unwrap_or_default(),
-                s.scratch_bytes.map(output::size).unwrap_or_default(),
-                s.error.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    output::table(
-        &[
-            "DRILL",
-            "REPOSITORY",
-            "RESULT",
-            "LAST DRILL",
-            "LAST PASSED",
-            "RPO",
-            "RTO",
-            "PEAK MEM",
-            "SCRATCH",
-            "ERROR",
-        ],
-        &rows,
-    );
-}
-
-/// The backup statuses of `agex --json status`, each with its latest drill (`drill`:
-/// null when none ran); drills of pairs with no backup record come last.
-pub fn with_drills(
-    statuses: &[agex_backup::status::Status],
-    drills: &[drill::DrillStatus],
-) -> Result<Vec<serde_json::Value>, Failure> {
-    fn value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, Failure> {
-        serde_json::to_value(v).map_err(|e| Failure::new(FAILURE, format!("json: {e}")))
-    }
-    let mut out = Vec::new();
-    let mut used = vec![false; drills.len()];
-    for s in statuses {
-        let mut v = value(s)?;
-        let d = match drills
-            .iter()
-            .position(|d| d.service == s.service && d.repo == s.repo)
-        {
-            Some(i) => {
-                used[i] = true;
-                value(&drills[i])?
-            }
-            None => serde_json::Value::Null,
-        };
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("drill".into(), d);
-        }
-        out.push(v);
-    }
-    for (d, _) in drills.iter().zip(&used).filter(|(_, u)| !**u) {
-        out.push(serde_json::json!({
-            "service": d.service,
-            "repo": d.repo,
-            "result": null,
-            "drill": value(d)?,
-        }));
-    }
-    Ok(out)
-}
-
 pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
-    use agex_backup::rotate;
+    use agex_recovery::rotate;
     let project = ctx.project()?;
     access::repository(&project, name)?;
     let ids = ctx.identities(&project)?;
@@ -432,7 +340,7 @@ pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
             }
         }
     };
-    let out = rotate::rotate(&project, &ids, name, &state_dir(ctx), &mut on_step)?;
+    let out = rotate::rotate(&project, &ids, name, &ctx.state_dir(), &mut on_step)?;
     if out.finished_interrupted {
         tracing::info!("{name}: an interrupted rotation was finished first");
     }
@@ -448,9 +356,9 @@ pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
 
 pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i32, Failure> {
     use agex_activate::{store, ActivateOptions, Layout, Manifest, StateLock};
-    let on_disk = agex_backup::rebuild::secrets_on_disk(
-        agex_backup::rebuild::is_root(),
-        &agex_backup::rebuild::RebuildOptions {
+    let on_disk = agex_recovery::rebuild::secrets_on_disk(
+        agex_recovery::rebuild::is_root(),
+        &agex_recovery::rebuild::RebuildOptions {
             secrets_on_disk: allow_secrets_on_disk,
         },
     )?;
@@ -489,7 +397,7 @@ pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i
             }
         };
     let report =
-        agex_backup::rebuild::run(&project, &ctx.global.root, host, &admin, &mut activate)?;
+        agex_recovery::rebuild::run(&project, &ctx.global.root, host, &admin, &mut activate)?;
     if ctx.global.json {
         output::json(&report)?;
     } else {
@@ -593,7 +501,7 @@ pub fn cmd_host_rekey(
 pub fn cmd_recovery_kit(ctx: &Context, out: Option<&Path>) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let generated = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let text = agex_backup::kit::render(&project, &generated);
+    let text = agex_recovery::kit::render(&project, &generated);
     match out {
         Some(path) => {
             agex_core::atomic::write_atomic(path, text.as_bytes(), 0o600)

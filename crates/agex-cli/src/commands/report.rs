@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agex_backup::{drill, run};
+use agex_backup::{drill_records as drill, run};
 use agex_schedule::report;
 
 use crate::context::Context;

@@ -90,7 +90,7 @@ struct JobRow {
 fn last_result(
     job: &Job,
     statuses: &[status::Status],
-    drills: &[agex_backup::drill::DrillRecord],
+    drills: &[agex_backup::drill_records::DrillRecord],
     pairs: usize,
     states: &[&State],
 ) -> (Option<String>, Option<String>) {
@@ -154,7 +154,7 @@ pub fn cmd_schedule(ctx: &Context) -> Result<i32, Failure> {
     let statuses = status::summarize(&run::records(&ctx.global.root)?);
     let state = State::load(&ctx.global.root)?;
     let recorded = agex_schedule::results::load(&ctx.global.root)?;
-    let drills = agex_backup::drill::records(&ctx.global.root)?;
+    let drills = agex_backup::drill_records::records(&ctx.global.root)?;
     let pairs: usize = project
         .policies
         .values()

@@ -16,15 +16,15 @@ use rustic_core::{LocalDestination, LsOptions, RestoreOptions};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::access::RepoAccess;
-use crate::borg::Borg;
-use crate::error::BackupError;
-use crate::manifest::{self, host_path, under, DumpKind, HostPath, Manifest};
 use crate::pg::PgConn;
-use crate::process;
-use crate::progress::{Meter, Progress};
-use crate::restic::{restic_err, Restic};
-use crate::units::StoppedUnits;
+use agex_backup::access::RepoAccess;
+use agex_backup::borg::Borg;
+use agex_backup::error::BackupError;
+use agex_backup::manifest::{self, host_path, under, DumpKind, HostPath, Manifest};
+use agex_backup::process;
+use agex_backup::progress::{Meter, Progress};
+use agex_backup::restic::{restic_err, Restic};
+use agex_backup::units::StoppedUnits;
 
 /// One snapshot (Restic) or archive (Borg) of a service.
 #[derive(Debug, Clone, Serialize)]
@@ -111,7 +111,9 @@ pub fn all_snapshots(access: &RepoAccess, state: &Path) -> Result<Vec<Snapshot>,
                     Some(Snapshot {
                         repo: repo.clone(),
                         service,
-                        late_changed: crate::manifest_stream::late_marks(s.description.as_deref()),
+                        late_changed: agex_backup::manifest_stream::late_marks(
+                            s.description.as_deref(),
+                        ),
                         id: s.id,
                         run_id,
                         time,
@@ -552,7 +554,7 @@ pub fn sqlite_check(path: &Path) -> Result<BTreeMap<String, u64>, String> {
         return Err(format!("integrity_check says: {result}"));
     }
     drop(conn);
-    crate::dump::sqlite_row_counts(path).map_err(|e| e.to_string())
+    agex_backup::dump::sqlite_row_counts(path).map_err(|e| e.to_string())
 }
 
 /// A dump being restored into a drill's scratch database from a stream.
@@ -890,7 +892,7 @@ fn delete_extras(
     policy: &Policy,
     root: &Path,
 ) -> Result<u64, BackupError> {
-    let selection = crate::manifest::Selection::new(policy)?;
+    let selection = agex_backup::manifest::Selection::new(policy)?;
     let listed: std::collections::HashSet<&Path> =
         manifest.files.iter().map(|f| f.path.as_path()).collect();
     let mut removed = 0;
@@ -1177,7 +1179,7 @@ pub fn restore(
         ref progress,
     } = *job;
     let started = Instant::now();
-    let _lock = crate::lock::acquire(state, &snap.repo, lock_wait)?;
+    let _lock = agex_backup::lock::acquire(state, &snap.repo, lock_wait)?;
     let staging;
     let held;
     let dir = match &target {

@@ -7,20 +7,23 @@
 //! - Borg has one passphrase per repository, so between `borg key change-passphrase`
 //!   and storing the secret only the pending file opens it; that file exists from
 //!   before the change until after the secret is stored, every agex command opening
-//!   the repository meanwhile uses whichever of the two works ([`during_rotation`]),
+//!   the repository meanwhile uses whichever of the two works ([`agex_backup::pending::during_rotation`]),
 //!   and the next rotation finishes an interrupted one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use agex_core::{Generator, Project, RepositoryKind, SecretRule};
 use agex_secrets::{secret_file, Identities};
 use zeroize::Zeroizing;
 
-use crate::access::{self, RepoAccess};
-use crate::borg::Borg;
-use crate::error::BackupError;
-use crate::process;
-use crate::restic::{restic_err, Restic};
+use agex_backup::access::{self, RepoAccess};
+use agex_backup::borg::Borg;
+use agex_backup::error::BackupError;
+use agex_backup::pending::{
+    opens, password_rule, pending_password, pending_path, utf8, with_password,
+};
+use agex_backup::process;
+use agex_backup::restic::{restic_err, Restic};
 
 /// A point of the rotation, reported to the caller as soon as it is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,43 +77,6 @@ pub struct Rotated {
     pub old_key_left: Option<String>,
 }
 
-/// The file holding a rotation's new password until the secret holds it.
-pub fn pending_path(project: &Project, rule: &SecretRule) -> PathBuf {
-    let mut p = project.path(&rule.file).into_os_string();
-    p.push(".pending");
-    PathBuf::from(p)
-}
-
-fn password_rule<'a>(
-    project: &'a Project,
-    access: &RepoAccess,
-) -> Result<&'a SecretRule, BackupError> {
-    let name = access.repo.password_secret.get_ref();
-    project.rules.secrets.get(name).ok_or_else(|| {
-        BackupError::Usage(format!(
-            "password_secret `{name}` has no rule in secrets.toml"
-        ))
-    })
-}
-
-fn with_password(access: &RepoAccess, password: &str) -> RepoAccess {
-    RepoAccess {
-        repo: access.repo.clone(),
-        password: Zeroizing::new(password.to_string()),
-        ssh_key: access.ssh_key.clone(),
-        env: access.env.clone(),
-        retries: std::sync::Arc::clone(&access.retries),
-    }
-}
-
-/// Whether the repository opens with `access`'s password.
-fn opens(access: &RepoAccess, state: &Path) -> Result<(), BackupError> {
-    match access.repo.kind {
-        RepositoryKind::Restic => Restic::open(access).map(|_| ()),
-        RepositoryKind::Borg => Borg::new(access, state)?.list(None).map(|_| ()),
-    }
-}
-
 fn store(project: &Project, rule: &SecretRule, password: &str) -> Result<(), BackupError> {
     let entry = secret_file::write(project, rule, password.as_bytes())?;
     // The lock is re-read: this project's copy may predate a step of this rotation.
@@ -137,56 +103,6 @@ fn remove_pending(path: &Path) -> Result<(), BackupError> {
         agex_core::atomic::sync_dir(dir).map_err(BackupError::io(dir))?;
     }
     Ok(())
-}
-
-/// The plaintext of a rotation's pending file.
-fn pending_password(
-    project: &Project,
-    ids: &Identities,
-    rule: &SecretRule,
-    pending: &Path,
-) -> Result<Zeroizing<String>, BackupError> {
-    let bytes = std::fs::read(pending).map_err(BackupError::io(pending))?;
-    let shown = project.display(&rule.file);
-    let plain = agex_secrets::crypt::decrypt(&shown, &bytes, ids, &rule.recipients)?;
-    Ok(Zeroizing::new(
-        utf8(&plain, &rule.name)?.trim_end().to_string(),
-    ))
-}
-
-/// While a rotation is unfinished (its pending file exists), the repository may already
-/// take only the new password: use whichever of the two opens it. Nothing is written;
-/// without a pending file this costs nothing.
-pub fn during_rotation(
-    project: &Project,
-    ids: &Identities,
-    access: RepoAccess,
-) -> Result<RepoAccess, BackupError> {
-    let Some(rule) = project
-        .rules
-        .secrets
-        .get(access.repo.password_secret.get_ref())
-    else {
-        return Ok(access);
-    };
-    let pending = pending_path(project, rule);
-    if !pending.exists() {
-        return Ok(access);
-    }
-    // Probes get their own borg state: the caller's root is not known here.
-    let probe = tempfile::tempdir().map_err(BackupError::io(std::env::temp_dir()))?;
-    if opens(&access, probe.path()).is_ok() {
-        return Ok(access);
-    }
-    let Ok(text) = pending_password(project, ids, rule, &pending) else {
-        return Ok(access);
-    };
-    let candidate = with_password(&access, &text);
-    if opens(&candidate, probe.path()).is_ok() {
-        Ok(candidate)
-    } else {
-        Ok(access)
-    }
 }
 
 /// Finishes an interrupted rotation: when the pending password opens the repository it
@@ -232,7 +148,7 @@ pub fn rotate(
     on_step: &mut dyn FnMut(Step),
 ) -> Result<Rotated, BackupError> {
     let mut access = access::unlock(project, name, ids)?;
-    let _lock = crate::lock::acquire(
+    let _lock = agex_backup::lock::acquire(
         state,
         name,
         std::time::Duration::from_secs(project.config.backup.lock_wait),
@@ -297,15 +213,4 @@ pub fn rotate(
         }
     }
     Ok(out)
-}
-
-/// A password as text, borrowed: a lossy conversion would make an unwiped copy of
-/// invalid input, and an error would carry it.
-fn utf8<'a>(bytes: &'a [u8], name: &str) -> Result<&'a str, BackupError> {
-    std::str::from_utf8(bytes).map_err(|_| {
-        BackupError::Secrets(agex_secrets::SecretsError::Invalid {
-            name: name.to_string(),
-            reason: "a repository password must be UTF-8 text".into(),
-        })
-    })
 }

@@ -15,14 +15,14 @@ use agex_core::RepositoryKind;
 use rustic_core::{IndexedFullStatus, LsOptions, Repository};
 use sha2::{Digest, Sha256};
 
-use crate::access::RepoAccess;
-use crate::borg::Borg;
-use crate::error::BackupError;
-use crate::manifest::{self, DumpKind, Manifest};
-use crate::process;
-use crate::restic::{restic_err, Restic};
 use crate::restore::{self, PgScratch, Snapshot, Verified};
 use crate::tar_stream;
+use agex_backup::access::RepoAccess;
+use agex_backup::borg::Borg;
+use agex_backup::error::BackupError;
+use agex_backup::manifest::{self, DumpKind, Manifest};
+use agex_backup::process;
+use agex_backup::restic::{restic_err, Restic};
 
 /// What a streamed verification found and read.
 #[derive(Debug, Default)]

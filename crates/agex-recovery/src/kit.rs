@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 
 use agex_core::{Database, Project, RepositoryKind};
 
-use crate::manifest;
+use agex_backup::manifest;
 
 /// The name the kit's commands give the private RAM directory that holds a decrypted
 /// ssh key while they run (`/dev/shm/<prefix>.XXXXXX`).

@@ -21,11 +21,11 @@ use agex_secrets::ramdir::{self, RamDir};
 use agex_secrets::{host_rekey, Identities};
 use serde::Serialize;
 
-use crate::access;
 use crate::drill::{self, DrillEnv, DrillOptions, DrillResult};
-use crate::error::BackupError;
-use crate::manifest::under;
-use crate::run::STATE_DIR;
+use agex_backup::access;
+use agex_backup::error::BackupError;
+use agex_backup::manifest::under;
+use agex_backup::run::STATE_DIR;
 
 /// One step of the rebuild drill.
 #[derive(Debug, Clone, Serialize)]
@@ -279,7 +279,7 @@ fn steps(
     let lock_wait = std::time::Duration::from_secs(project.config.backup.lock_wait);
     let _locks = names
         .iter()
-        .map(|n| crate::lock::acquire(&real_state, n, lock_wait))
+        .map(|n| agex_backup::lock::acquire(&real_state, n, lock_wait))
         .collect::<Result<Vec<_>, _>>()?;
     let env = DrillEnv {
         project: &scratch_project,
@@ -329,7 +329,7 @@ fn unmount_below(dir: &Path) {
         .unwrap_or_default();
     mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for m in mounts {
-        let _ = crate::process::run(std::process::Command::new("umount").arg("-l").arg(&m));
+        let _ = agex_backup::process::run(std::process::Command::new("umount").arg("-l").arg(&m));
     }
 }
 

@@ -1,4 +1,4 @@
-//! PostgreSQL for restores and drills, on top of [`crate::postgres::Connection`] (the
+//! PostgreSQL for restores and drills, on top of [`agex_backup::postgres::Connection`] (the
 //! one way agex reaches a policy's server): scratch databases created and dropped,
 //! dumps fed to `pg_restore` on stdin, row counts read back.
 
@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 use agex_core::Database;
 use zeroize::Zeroizing;
 
-use crate::error::BackupError;
-use crate::postgres::Connection;
-use crate::process;
+use agex_backup::error::BackupError;
+use agex_backup::postgres::Connection;
+use agex_backup::process;
 
 /// A policy database's server, for restores.
 pub struct PgConn {
