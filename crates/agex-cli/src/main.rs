@@ -32,6 +32,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    return_large_buffers_to_the_system();
     let cli = Cli::parse();
     if let Err(f) = log::init(cli.global.verbose, cli.global.quiet) {
         log::always(tracing::Level::ERROR, &f.message);
@@ -199,5 +200,19 @@ fn dispatch(ctx: &Context, command: Command) -> Result<i32, Failure> {
         Command::Completions { shell } => docs::cmd_completions(shell),
         Command::Man { out } => docs::cmd_man(&out),
         Command::Report { html } => report::cmd_report(ctx, html.as_deref()),
+    }
+}
+
+/// Large buffers (pack ranges, decompressed blobs, chunks: 256 KiB to tens of MiB) get
+/// their own mappings, given back to the system when freed. glibc's default raises its
+/// mmap threshold each time such a buffer is freed (up to 32 MiB), after which they come
+/// from the per-thread arenas of the restorer's and archiver's many threads, and each
+/// arena keeps its high-water mark: a restore's resident memory then grew with the number
+/// of threads that had ever held a big buffer, not with what is held at once.
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
