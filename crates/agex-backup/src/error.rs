@@ -36,10 +36,11 @@ pub enum BackupError {
         /// Its last stderr lines.
         stderr: String,
     },
-    /// An external tool could not be started.
-    #[error("cannot run {tool}: {source}")]
+    /// An external tool could not be started (named short: `borg create`, `pg_dump`;
+    /// the whole command line is a `-v` line).
+    #[error("cannot run {}: {source}", crate::process::short(.tool))]
     Spawn {
-        /// The program.
+        /// The command line.
         tool: String,
         /// The cause.
         source: std::io::Error,

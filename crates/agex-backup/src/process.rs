@@ -181,3 +181,20 @@ pub fn tail(stderr: &str) -> String {
         text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_that_cannot_start_is_named_without_its_command_line() {
+        let mut cmd = Command::new("/nonexistent/borg");
+        cmd.args(["create", "--log-json", "/srv/repo::svc-1", "/var/lib/svc"]);
+        let err = run(&mut cmd)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("cannot run borg create: "), "{err}");
+        assert!(!err.contains("/srv/repo"), "{err}");
+    }
+}
