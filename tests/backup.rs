@@ -106,9 +106,7 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, restic_url, borg_url) = Setup::local(tmp.path());
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     s.init_repos();
@@ -232,9 +230,7 @@ fn a_symlinked_metrics_or_dumps_directory_redirects_nothing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, _, _) = Setup::local(tmp.path());
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     s.init_repos();
@@ -458,9 +454,7 @@ fn a_failed_dump_keeps_no_snapshot_and_a_wrong_password_fails_only_its_repositor
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, restic_url, borg_url) = Setup::local(tmp.path());
     // pg_dump cannot connect: there is no server behind this socket directory.
     fs::create_dir_all(s.host("/run/nothing")).unwrap();
     s.policy(
@@ -533,9 +527,7 @@ fn a_dump_that_breaks_off_mid_stream_keeps_no_snapshot_in_either_repository() {
          INSERT INTO blobs SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 300000) g;",
     );
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, restic_url, borg_url) = Setup::local(tmp.path());
     s.link_postgres(&pg);
     s.policy("testapp", &sqlite_and_postgres_policy(&pg));
     app_data(&s, 1 << 20);
@@ -664,9 +656,7 @@ fn retention_keeps_what_the_policy_says_in_both_repositories() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, restic_url, borg_url) = Setup::local(tmp.path());
     s.policy(
         "testapp",
         &format!("{SQLITE_POLICY}\n[retention]\nkeep_last = 2\n"),
@@ -717,9 +707,7 @@ fn kill_9_mid_backup_leaves_both_repositories_healthy() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, restic_url, borg_url) = Setup::local(tmp.path());
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 24 << 20);
     s.init_repos();
@@ -804,9 +792,7 @@ fn stop_units_are_stopped_for_the_snapshot_and_started_on_every_path() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, _, _) = Setup::local(tmp.path());
     let (systemctl, log) = fake_systemctl(tmp.path());
     // The before hook proves the units are down while the snapshot is taken.
     let policy = format!(
@@ -866,9 +852,7 @@ fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, _, borg_url) = Setup::local(tmp.path());
     s.fx.edit_config("lock_wait = 5", "lock_wait = 1\nstale_lock_age = 2");
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);

@@ -101,9 +101,7 @@ fn a_repository_never_initialised_says_agex_repo_init_and_hides_command_lines() 
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, _, borg_url) = Setup::local(tmp.path());
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     let out = s.agex(&["backup", "--service", "testapp"]);
@@ -174,9 +172,7 @@ fn schedule_last_counts_a_manual_check_of_all_repositories_and_a_full_drill() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, _, _) = Setup::local(tmp.path());
     // Only testapp: the example's other services would make the drill fail (no snapshots).
     for e in fs::read_dir(s.fx.dir().join("policies")).unwrap() {
         fs::remove_file(e.unwrap().path()).unwrap();

@@ -22,13 +22,6 @@ use common::{assert_ok, have_tool, is_root, stderr, stdout};
 
 const BIG: usize = 4 << 20;
 
-fn local_setup(tmp: &Path) -> (Setup, String, String) {
-    let restic_url = tmp.join("restic").display().to_string();
-    let borg_url = tmp.join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
-    (s, restic_url, borg_url)
-}
-
 fn tools(test: &str) -> bool {
     have_tool("restic", test) && have_tool("borg", test) && have_tool("sqlite3", test)
 }
@@ -54,7 +47,7 @@ fn a_backup_during_writes_warns_with_the_changed_files_and_both_drills_pass() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (s, _, _) = local_setup(tmp.path());
+    let (s, _, _) = Setup::local(tmp.path());
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     let files = s.host("/srv/app/files");
@@ -388,7 +381,7 @@ fn every_kind_of_file_under_any_name_round_trips_through_both_repositories() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (s, restic_url, borg_url) = local_setup(tmp.path());
+    let (s, restic_url, borg_url) = Setup::local(tmp.path());
     s.policy("odd", ODD_POLICY);
     let src = s.host("/srv/odd");
     odd_tree(&src);
@@ -513,7 +506,7 @@ fn an_unreadable_file_is_a_warning_and_the_drills_pass() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (s, _, _) = local_setup(tmp.path());
+    let (s, _, _) = Setup::local(tmp.path());
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     let secret = s.host("/srv/app/files/sub/locked.key");

@@ -1554,9 +1554,7 @@ fn drill_of_a_large_database_and_file_passes_in_bounded_memory_and_scratch() {
            FROM generate_series(1, 1000000) g; \
          CREATE TABLE notes (id int); INSERT INTO notes SELECT generate_series(1, 77);",
     );
-    let restic_url = tmp.path().join("restic").display().to_string();
-    let borg_url = tmp.path().join("borg").display().to_string();
-    let s = Setup::new(&restic_url, &borg_url, false);
+    let (s, restic_url, _) = Setup::local(tmp.path());
     s.link_postgres(&pg);
     s.policy("testapp", &sqlite_and_postgres_policy(&pg));
     app_data(&s, 0);

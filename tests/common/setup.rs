@@ -18,6 +18,15 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// The bunk example with both repositories in directories of `dir` (`restic`,
+    /// `borg`); returns the setup and the two URLs.
+    pub fn local(dir: &Path) -> (Setup, String, String) {
+        let restic_url = dir.join("restic").display().to_string();
+        let borg_url = dir.join("borg").display().to_string();
+        let s = Setup::new(&restic_url, &borg_url, false);
+        (s, restic_url, borg_url)
+    }
+
     pub fn new(restic_url: &str, borg_url: &str, borg_over_ssh: bool) -> Setup {
         let fx = Fixture::bunk();
         let cfg = fx.dir().join("agex.toml");
