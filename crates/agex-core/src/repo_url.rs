@@ -154,7 +154,7 @@ pub fn parse_restic(url: &str) -> Result<RepoUrl, String> {
 
 /// The opendal services compiled in (the features of vendor/rustic_backend's opendal
 /// dependency; keep the two in step).
-pub const OPENDAL_SERVICES: &[&str] = &["s3", "b2", "azblob", "gcs", "swift", "webdav"];
+pub const OPENDAL_SERVICES: &[&str] = &["s3", "b2", "azblob"];
 
 /// Parses a Borg repository URL: a path, `file://`, `ssh://` or scp-style `user@host:path`.
 pub fn parse_borg(url: &str) -> Result<RepoUrl, String> {
