@@ -7,7 +7,6 @@
 //! to this machine's NSS.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -70,7 +69,7 @@ impl UserDb {
     /// The uid of a user name, if it exists.
     pub fn uid(&self, name: &str) -> Result<Option<u32>, ActivateError> {
         match self {
-            UserDb::Nss => nss_lookup(name, true).map_err(|e| self.failed(e)),
+            UserDb::Nss => agex_core::users::user_id(name).map_err(|e| self.failed(e)),
             UserDb::Files { users, .. } => Ok(users.get(name).copied()),
         }
     }
@@ -78,7 +77,7 @@ impl UserDb {
     /// The gid of a group name, if it exists.
     pub fn gid(&self, name: &str) -> Result<Option<u32>, ActivateError> {
         match self {
-            UserDb::Nss => nss_lookup(name, false).map_err(|e| self.failed(e)),
+            UserDb::Nss => agex_core::users::group_id(name).map_err(|e| self.failed(e)),
             UserDb::Files { groups, .. } => Ok(groups.get(name).copied()),
         }
     }
@@ -117,63 +116,6 @@ fn parse_db(path: &Path, passwd: bool) -> Result<BTreeMap<String, u32>, Activate
     Ok(out)
 }
 
-/// `getpwnam_r`/`getgrnam_r`, growing the buffer as NSS asks.
-fn nss_lookup(name: &str, user: bool) -> Result<Option<u32>, std::io::Error> {
-    let Ok(cname) = CString::new(name) else {
-        return Ok(None);
-    };
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        let mut found = false;
-        let mut id = 0u32;
-        // SAFETY: every pointer is valid for the call; the buffer's length is passed with
-        // it; the result pointer is only read when the call reports success.
-        let rc = unsafe {
-            if user {
-                let mut pwd: libc::passwd = std::mem::zeroed();
-                let mut result: *mut libc::passwd = std::ptr::null_mut();
-                let rc = libc::getpwnam_r(
-                    cname.as_ptr(),
-                    &mut pwd,
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                    &mut result,
-                );
-                if rc == 0 && !result.is_null() {
-                    found = true;
-                    id = pwd.pw_uid;
-                }
-                rc
-            } else {
-                let mut grp: libc::group = std::mem::zeroed();
-                let mut result: *mut libc::group = std::ptr::null_mut();
-                let rc = libc::getgrnam_r(
-                    cname.as_ptr(),
-                    &mut grp,
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                    &mut result,
-                );
-                if rc == 0 && !result.is_null() {
-                    found = true;
-                    id = grp.gr_gid;
-                }
-                rc
-            }
-        };
-        match rc {
-            0 => return Ok(found.then_some(id)),
-            libc::ERANGE if buf.len() < (1 << 22) => {
-                let n = buf.len() * 2;
-                buf.resize(n, 0);
-            }
-            // "Not found" as some NSS modules report it.
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
-            other => return Err(std::io::Error::from_raw_os_error(other)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,7 +142,10 @@ mod tests {
 
     #[test]
     fn nss_knows_root() {
-        assert_eq!(nss_lookup("root", true).unwrap(), Some(0));
-        assert_eq!(nss_lookup("agex-no-such-user-x", true).unwrap(), None);
+        assert_eq!(agex_core::users::user_id("root").unwrap(), Some(0));
+        assert_eq!(
+            agex_core::users::user_id("agex-no-such-user-x").unwrap(),
+            None
+        );
     }
 }

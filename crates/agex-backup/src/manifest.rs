@@ -264,7 +264,7 @@ impl SpecialEntry {
             Mode::from_raw_mode(self.mode & 0o7777),
             rustix::fs::AtFlags::empty(),
         )?;
-        if rustix::process::geteuid().is_root() {
+        if agex_core::users::is_root() {
             let _ = std::os::unix::fs::lchown(at, Some(self.uid), Some(self.gid));
         }
         let times = Timestamps {

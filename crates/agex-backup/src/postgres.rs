@@ -73,7 +73,7 @@ impl Connection {
                     .map_err(BackupError::io("PostgreSQL password (memfd)"))?;
                 // A child that runs as the role's OS user (peer authentication as root)
                 // must be able to open it.
-                if socket.is_some() && is_root() {
+                if socket.is_some() && agex_core::users::is_root() {
                     if let Some(uid) = user_id(user) {
                         fd.chown(uid)
                             .map_err(BackupError::io("PostgreSQL password (memfd)"))?;
@@ -115,7 +115,10 @@ impl Connection {
     /// connection's host, port, role and password file, connected to `database`. As root
     /// over a unix socket it runs as the role's OS user, for peer authentication.
     pub fn command(&self, program: &str, database: &str) -> Command {
-        let mut cmd = if self.socket.is_some() && is_root() && user_exists(&self.user) {
+        let mut cmd = if self.socket.is_some()
+            && agex_core::users::is_root()
+            && user_id(&self.user).is_some()
+        {
             let mut c = Command::new("runuser");
             c.args(["-u", &self.user, "--", program]);
             c
@@ -303,10 +306,6 @@ impl Drop for Session {
     }
 }
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
 /// A `.pgpass` line for any host, port, database and role: the password up to its first
 /// newline, with `:` and `\\` escaped, in a buffer sized for the worst case up front.
 fn pgpass_line(pw: &[u8]) -> Zeroizing<Vec<u8>> {
@@ -330,21 +329,10 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The uid of a local user; a failed lookup counts as no such user (the dump then runs
+/// as agex's own user and PostgreSQL says why it refuses).
 fn user_id(name: &str) -> Option<u32> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let mut fields = l.split(':');
-        if fields.next() != Some(name) {
-            return None;
-        }
-        fields.nth(1)?.parse().ok()
-    })
-}
-
-fn user_exists(name: &str) -> bool {
-    std::fs::read_to_string("/etc/passwd")
-        .map(|t| t.lines().any(|l| l.split(':').next() == Some(name)))
-        .unwrap_or(false)
+    agex_core::users::user_id(name).ok().flatten()
 }
 
 #[cfg(test)]

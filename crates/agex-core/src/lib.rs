@@ -17,6 +17,7 @@ pub mod rules;
 pub mod schedule;
 pub mod systemctl;
 pub mod template;
+pub mod users;
 
 pub use config::{BackupSettings, Config, Host, Repository, RepositoryKind};
 pub use config::{Notify, NotifyTargets, ScheduleSettings};

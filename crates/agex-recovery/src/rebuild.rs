@@ -376,8 +376,3 @@ fn sweep_dead(base: &Path) {
         ));
     }
 }
-
-/// Whether agex runs as root (only root can mount the scratch root's secrets filesystem).
-pub fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}

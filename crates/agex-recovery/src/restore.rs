@@ -1024,7 +1024,7 @@ fn restore_tree_shape(staged: &Path, root: &Path, host: &Path) -> Result<u64, Ba
         let to = dir.path().to_path_buf();
         rustix::fs::fchmod(&dir, rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777))
             .map_err(|e| BackupError::io(&to)(e.into()))?;
-        if rustix::process::geteuid().is_root() {
+        if agex_core::users::is_root() {
             let _ = rustix::fs::fchown(
                 &dir,
                 Some(rustix::process::Uid::from_raw(meta.uid())),
@@ -1058,7 +1058,7 @@ fn replace_with(from: &Path, to: &Path) -> Result<u64, BackupError> {
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
         .map_err(BackupError::io(to))?;
-    if rustix::process::geteuid().is_root() {
+    if agex_core::users::is_root() {
         let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid()));
     }
     copy_xattrs(from, tmp.as_file()).map_err(BackupError::io(to))?;

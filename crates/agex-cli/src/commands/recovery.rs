@@ -357,7 +357,7 @@ pub fn cmd_rotate_password(ctx: &Context, name: &str) -> Result<i32, Failure> {
 pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i32, Failure> {
     use agex_activate::{store, ActivateOptions, Layout, Manifest, StateLock};
     let on_disk = agex_recovery::rebuild::secrets_on_disk(
-        agex_recovery::rebuild::is_root(),
+        agex_core::users::is_root(),
         &agex_recovery::rebuild::RebuildOptions {
             secrets_on_disk: allow_secrets_on_disk,
         },
