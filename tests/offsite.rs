@@ -1266,8 +1266,8 @@ fn a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes() {
         let err = assert_fails(&out, 3);
         assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
         hung_failure(&err);
-        eprintln!("S3 hang: the run ended after {:?}", t.elapsed());
-        assert!(t.elapsed() < Duration::from_secs(300), "{:?}", t.elapsed());
+        eprintln!("S3 hang: the run ended after {:?}:\n{err}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
     }
     // sftp: the session's server processes stop.
     let tmp = tempfile::tempdir().unwrap();
@@ -1286,8 +1286,8 @@ fn a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes() {
     let err = assert_fails(&out, 3);
     assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
     hung_failure(&err);
-    eprintln!("sftp hang: the run ended after {:?}", t.elapsed());
-    assert!(t.elapsed() < Duration::from_secs(300), "{:?}", t.elapsed());
+    eprintln!("sftp hang: the run ended after {:?}:\n{err}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
 }
 
 /// The fenced block of the recovery kit whose first line is `# kit: <title>`.

@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 use crate::error::BackupError;
 
 /// What it takes to open one repository: its config, password and optional ssh key.
+#[derive(Clone)]
 pub struct RepoAccess {
     /// The repository's entry in agex.toml.
     pub repo: Repository,

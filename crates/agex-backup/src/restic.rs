@@ -104,18 +104,83 @@ fn unopened(access: &RepoAccess, meter: Option<&Arc<Meter>>) -> Result<Unopened,
 }
 
 /// While a backup's streams are being read: how many there are and how many have ended
-/// complete. Unset, snapshots are written freely.
+/// complete (unset, snapshots are written freely); and, for a backup run, how its
+/// requests are watched ([`Gated::watched`]).
 #[derive(Clone, Default)]
-struct Gate(Arc<Mutex<Option<(Completion, usize)>>>);
+struct Gate(Arc<Mutex<GateState>>);
+
+#[derive(Default)]
+struct GateState {
+    streams: Option<(Completion, usize)>,
+    watch: Option<Watch>,
+}
+
+/// A backup run's watch over the requests of its repository.
+struct Watch {
+    /// Left behind by the run's streams: every request fails at once.
+    completion: Completion,
+    /// No request answered for this long while one waits: the server stopped answering.
+    stall: Option<std::time::Duration>,
+    /// When a request last ended (or the watch began).
+    last_done: std::time::Instant,
+    /// The stall was seen: every request fails at once.
+    stalled: bool,
+}
+
+/// Why a watched request failed without an answer.
+enum Unanswered {
+    LeftBehind,
+    Stalled(std::time::Duration),
+}
 
 impl Gate {
     fn set(&self, completion: Completion, streams: usize) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((completion, streams));
+        self.state().streams = Some((completion, streams));
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts watching requests for the run `completion` counts.
+    fn watch(&self, completion: Completion, stall: Option<std::time::Duration>) {
+        self.state().watch = Some(Watch {
+            completion,
+            stall,
+            last_done: std::time::Instant::now(),
+            stalled: false,
+        });
+    }
+
+    fn watching(&self) -> bool {
+        self.state().watch.is_some()
+    }
+
+    /// Why a request that began at `started` should be given up now, if it should.
+    fn given_up(&self, started: std::time::Instant) -> Option<Unanswered> {
+        let mut state = self.state();
+        let w = state.watch.as_mut()?;
+        if w.completion.left_behind() {
+            return Some(Unanswered::LeftBehind);
+        }
+        let stall = w.stall?;
+        if w.stalled || w.last_done.max(started).elapsed() >= stall {
+            w.stalled = true;
+            return Some(Unanswered::Stalled(stall));
+        }
+        None
+    }
+
+    /// A request ended (with an answer or an error of its own).
+    fn answered(&self) {
+        if let Some(w) = self.state().watch.as_mut() {
+            w.last_done = std::time::Instant::now();
+        }
     }
 
     /// Whether a snapshot may be written now: every stream of the backup ended complete.
     fn open(&self) -> bool {
-        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+        match &self.state().streams {
             Some((completion, streams)) => completion.count() >= *streams,
             None => true,
         }
@@ -131,18 +196,84 @@ struct Gated {
     gate: Gate,
 }
 
+impl Gated {
+    /// Runs `op` on the backend. During a backup run, the request runs on a thread of
+    /// its own, waited for until the run leaves this repository behind (its server
+    /// hangs: [`crate::tee`]) or no request of it was answered for the stall timeout
+    /// (the server stopped answering after it had taken the streams); from then on
+    /// every request fails at once, so rustic_core ends the backup now instead of after
+    /// one request timeout after another. A request given up ends on its own timeout,
+    /// unheard.
+    fn watched<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn WriteBackend) -> RusticResult<T> + Send + 'static,
+    ) -> RusticResult<T> {
+        if !self.gate.watching() {
+            return op(&*self.inner);
+        }
+        let unanswered = |why: Unanswered| {
+            match why {
+            Unanswered::LeftBehind => RusticError::new(
+                ErrorKind::Backend,
+                "left behind: it took no data for the stall timeout while the other repository waited",
+            ),
+            Unanswered::Stalled(d) => RusticError::new(
+                ErrorKind::Backend,
+                "left behind: its server answered no request for {seconds} s (`[backup] stall_timeout`)",
+            )
+            .attach_context("seconds", d.as_secs().to_string()),
+        }
+        };
+        let started = std::time::Instant::now();
+        if let Some(why) = self.gate.given_up(started) {
+            return Err(unanswered(why));
+        }
+        let inner = Arc::clone(&self.inner);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("agex-request".into())
+            .spawn(move || {
+                let _ = tx.send(op(&*inner));
+            })
+            .map_err(|e| {
+                RusticError::new(ErrorKind::Backend, "cannot start a request thread: {error}")
+                    .attach_context("error", e.to_string())
+            })?;
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(r) => {
+                    self.gate.answered();
+                    return r;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(why) = self.gate.given_up(started) {
+                        return Err(unanswered(why));
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(RusticError::new(
+                        ErrorKind::Backend,
+                        "a request thread died",
+                    ))
+                }
+            }
+        }
+    }
+}
+
 impl ReadBackend for Gated {
     fn location(&self) -> String {
         self.inner.location()
     }
     fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
-        self.inner.list_with_size(tpe)
+        self.watched(move |b| b.list_with_size(tpe))
     }
     fn list(&self, tpe: FileType) -> RusticResult<Vec<Id>> {
-        self.inner.list(tpe)
+        self.watched(move |b| b.list(tpe))
     }
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<bytes::Bytes> {
-        self.inner.read_full(tpe, id)
+        let id = *id;
+        self.watched(move |b| b.read_full(tpe, &id))
     }
     fn read_partial(
         &self,
@@ -152,7 +283,8 @@ impl ReadBackend for Gated {
         offset: u32,
         length: u32,
     ) -> RusticResult<bytes::Bytes> {
-        self.inner.read_partial(tpe, id, cacheable, offset, length)
+        let id = *id;
+        self.watched(move |b| b.read_partial(tpe, &id, cacheable, offset, length))
     }
     fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
         self.inner.warmup_path(tpe, id)
@@ -182,10 +314,12 @@ impl WriteBackend for Gated {
                 "a database dump or the manifest did not arrive whole; no snapshot was written",
             ));
         }
-        self.inner.write_bytes(tpe, id, cacheable, content)
+        let id = *id;
+        self.watched(move |b| b.write_bytes(tpe, &id, cacheable, content))
     }
     fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
-        self.inner.remove(tpe, id, cacheable)
+        let id = *id;
+        self.watched(move |b| b.remove(tpe, &id, cacheable))
     }
 }
 
@@ -274,6 +408,13 @@ impl Restic {
     /// The repository's name in agex.toml.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Watches this repository's requests for the backup run `completion` counts: once
+    /// the run leaves it behind, or no request was answered for `stall`, every request
+    /// fails at once.
+    pub fn watch(&self, completion: Completion, stall: Option<std::time::Duration>) {
+        self.gate.watch(completion, stall);
     }
 
     /// Every snapshot, oldest first.

@@ -187,7 +187,7 @@ struct Env<'a> {
     opts: &'a RunOptions,
     /// Master keys of the Restic repositories this run writes, derived once each (in the
     /// background from the start of the run, while paths are walked and databases dumped).
-    restic_keys: BTreeMap<String, OnceLock<Option<MasterKey>>>,
+    restic_keys: BTreeMap<String, Arc<OnceLock<Option<MasterKey>>>>,
     /// Per repository, the retries already reported in an earlier result of this run.
     retries_reported: Mutex<BTreeMap<String, u64>>,
 }
@@ -216,7 +216,7 @@ pub fn execute(
             .filter(
                 |r| matches!(access.get(*r), Some(Ok(a)) if a.repo.kind == RepositoryKind::Restic),
             )
-            .map(|r| (r.clone(), OnceLock::new()))
+            .map(|r| (r.clone(), Arc::default()))
             .collect(),
         retries_reported: Mutex::default(),
     };
@@ -225,12 +225,26 @@ pub fn execute(
     agex_core::beneath::Dir::open(root, Path::new(STATE_DIR), Some(0o755))?;
     let mut results = Vec::new();
     let mut dumps = Vec::new();
-    std::thread::scope(|scope| {
+    {
         // The password's key derivation (scrypt: most of a second) overlaps the walk
-        // and the dumps of the first service instead of delaying its snapshot.
-        for name in env.restic_keys.keys() {
-            let env = &env;
-            scope.spawn(move || restic_key(env, name));
+        // and the dumps of the first service instead of delaying its snapshot. It is
+        // not waited for at the end: a server that hangs while it is opened is left
+        // behind by the run, and the thread ends on its own request timeout, unheard.
+        for (name, cell) in &env.restic_keys {
+            let Some(Ok(access)) = env.access.get(name) else {
+                let _ = cell.set(None);
+                continue;
+            };
+            let (cell, access) = (Arc::clone(cell), access.clone());
+            let derive = std::thread::Builder::new().name("agex-key".into()).spawn({
+                let cell = Arc::clone(&cell);
+                move || {
+                    cell.get_or_init(|| Restic::open(&access).ok().map(|r| r.master_key()));
+                }
+            });
+            if derive.is_err() {
+                let _ = cell.set(None);
+            }
         }
         for item in planned {
             let Some(policy) = project.policies.get(&item.service) else {
@@ -240,7 +254,7 @@ pub fn execute(
             results.append(&mut r);
             dumps.append(&mut d);
         }
-    });
+    }
     let record = RunRecord {
         run_id: env.run_id.clone(),
         started: started.to_rfc3339(),
@@ -487,8 +501,9 @@ fn backup_service(
                             complete.clone(),
                             tags,
                             meter.as_ref(),
-                            restic_key(env, &access.repo.name),
+                            restic_key(env, &access.repo.name, complete),
                             (source, marks),
+                            env.opts.stall_timeout,
                         ),
                         RepositoryKind::Borg => {
                             let attempt = |streams| {
@@ -686,15 +701,20 @@ fn discard(access: &RepoAccess, state: &Path, snapshot: &str, why: &str) -> Stri
     }
 }
 
-/// The master key of a Restic repository of this run, derived from its password the
-/// first time it is asked for (later callers wait for that one derivation).
-fn restic_key(env: &Env<'_>, repo: &str) -> Option<MasterKey> {
+/// The master key of a Restic repository of this run, derived from its password once,
+/// at the start of the run; None when that failed, or when the run left the repository
+/// behind (`complete`) while it waited.
+fn restic_key(env: &Env<'_>, repo: &str, complete: &Completion) -> Option<MasterKey> {
     let cell = env.restic_keys.get(repo)?;
-    cell.get_or_init(|| match env.access.get(repo) {
-        Some(Ok(access)) => Restic::open(access).ok().map(|r| r.master_key()),
-        _ => None,
-    })
-    .clone()
+    loop {
+        if let Some(key) = cell.get() {
+            return key.clone();
+        }
+        if complete.left_behind() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// After borg gave up on a lock someone else holds: when that lock has been seen held
@@ -751,10 +771,12 @@ fn restic_side(
     meter: Option<&Arc<Meter>>,
     key: Option<MasterKey>,
     (source, marks): (&ManifestSource, &Marks),
+    stall: Option<Duration>,
 ) -> Result<ResticOutcome, BackupError> {
     // Without a key (its derivation failed) the password is tried again, so the error
     // reported is the repository's own.
     let restic = Restic::open_metered(access, meter, key)?;
+    restic.watch(complete.clone(), stall);
     let mut late = None;
     // The manifest was made at its place in path order; files read after it that
     // changed since agex read them are recorded before the snapshot counts as written.

@@ -234,8 +234,12 @@ impl SftpBackend {
         cmd.kill_on_drop(true);
         let rt = &self.rt;
         let guard = rt.enter();
-        let mut child = cmd
-            .spawn()
+        // Started from one of the runtime's threads, which live as long as this backend:
+        // ssh gets its death signal when the thread that started it ends (not only agex),
+        // and requests may come from threads that end sooner.
+        let mut child = rt
+            .block_on(rt.spawn(async move { cmd.spawn() }))
+            .map_err(|e| refused(format!("cannot run ssh: {e}"), false))?
             .map_err(|e| refused(format!("cannot run ssh: {e}"), false))?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
