@@ -508,31 +508,13 @@ fn populate(
     }
     let mut rendered: BTreeMap<String, Plaintext> = BTreeMap::new();
     for t in &manifest.templates {
-        // Sized before the first byte goes in: a buffer that grows leaves unwiped copies.
-        let size = t
-            .pieces
-            .iter()
-            .map(|piece| match piece {
-                Piece::Text(text) => text.len(),
-                Piece::Secret(name) => plaintexts.get(name).map_or(0, |p| trim_newlines(p).len()),
-            })
-            .sum();
-        let mut out = agex_secrets::plainbuf::with_capacity(size);
-        for piece in &t.pieces {
-            match piece {
-                Piece::Text(text) => out.extend_from_slice(text.as_bytes()),
-                Piece::Secret(name) => {
-                    let plain = plaintexts.get(name).ok_or_else(|| ActivateError::Invalid {
-                        path: generation.path.clone(),
-                        reason: format!(
-                            "template `{}` uses secret `{name}`, which is not in the generation",
-                            t.name
-                        ),
-                    })?;
-                    out.extend_from_slice(trim_newlines(plain));
-                }
-            }
-        }
+        let out = render(&t.pieces, &plaintexts).map_err(|name| ActivateError::Invalid {
+            path: generation.path.clone(),
+            reason: format!(
+                "template `{}` uses secret `{name}`, which is not in the generation",
+                t.name
+            ),
+        })?;
         rendered.insert(t.name.clone(), out);
     }
 
@@ -585,6 +567,33 @@ fn populate(
     write_private(&dir.join(MARKER_FILE), &marker_bytes, 0o644)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o751)).map_err(ActivateError::io(dir))?;
     Ok(digests)
+}
+
+/// A template's content with each secret's plaintext (trailing newlines removed) in
+/// place; `Err` names a secret `plaintexts` lacks.
+pub fn render(
+    pieces: &[Piece],
+    plaintexts: &BTreeMap<String, Plaintext>,
+) -> Result<Plaintext, String> {
+    // Sized before the first byte goes in: a buffer that grows leaves unwiped copies.
+    let size = pieces
+        .iter()
+        .map(|piece| match piece {
+            Piece::Text(text) => text.len(),
+            Piece::Secret(name) => plaintexts.get(name).map_or(0, |p| trim_newlines(p).len()),
+        })
+        .sum();
+    let mut out = agex_secrets::plainbuf::with_capacity(size);
+    for piece in pieces {
+        match piece {
+            Piece::Text(text) => out.extend_from_slice(text.as_bytes()),
+            Piece::Secret(name) => {
+                let plain = plaintexts.get(name).ok_or_else(|| name.clone())?;
+                out.extend_from_slice(trim_newlines(plain));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn trim_newlines(bytes: &[u8]) -> &[u8] {

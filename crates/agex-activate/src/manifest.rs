@@ -354,7 +354,8 @@ pub fn restarts(action: RestartAction) -> bool {
     action != RestartAction::None
 }
 
-fn pieces(t: &Template) -> Vec<Piece> {
+/// A parsed template as the manifest stores it.
+pub fn pieces(t: &Template) -> Vec<Piece> {
     t.segments
         .iter()
         .map(|s| match s {

@@ -238,12 +238,7 @@ impl Borg {
             cmd.arg(&self.url);
             cmd
         })?;
-        let parsed: ListOutput =
-            serde_json::from_slice(&out.stdout).map_err(|e| BackupError::Output {
-                tool: "borg list".into(),
-                detail: e.to_string(),
-            })?;
-        Ok(parsed.archives)
+        parse_list(&out.stdout)
     }
 
     /// Deletes one archive (used to discard an archive whose dump failed).
@@ -303,25 +298,7 @@ impl Borg {
             cmd.arg(&self.url);
             cmd
         })?;
-        // `--list --log-json` reports each decision as a log line: "Pruning archive: …"
-        // or "Would prune: …".
-        let pruned = String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| {
-                v.get("message")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-            .filter_map(|m| {
-                ["Pruning archive", "Would prune"]
-                    .iter()
-                    .find(|p| m.starts_with(*p))
-                    .and_then(|_| m.split(':').nth(1))
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .map(str::to_string)
-            })
-            .collect();
+        let pruned = pruned_archives(&out.stderr);
         if compact && !dry_run {
             self.run("borg compact", || {
                 let mut cmd = self.command();
@@ -372,6 +349,37 @@ pub fn transient(e: &BackupError) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The archives `borg prune --list --log-json` pruned (or would prune), from its stderr:
+/// each decision is a log line, "Pruning archive: …" or "Would prune: …".
+pub fn pruned_archives(stderr: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            v.get("message")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
+        .filter_map(|m| {
+            ["Pruning archive", "Would prune"]
+                .iter()
+                .find(|p| m.starts_with(*p))
+                .and_then(|_| m.split(':').nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// The archives of `borg list --json` output.
+pub fn parse_list(stdout: &[u8]) -> Result<Vec<ArchiveInfo>, BackupError> {
+    let parsed: ListOutput = serde_json::from_slice(stdout).map_err(|e| BackupError::Output {
+        tool: "borg list".into(),
+        detail: e.to_string(),
+    })?;
+    Ok(parsed.archives)
 }
 
 /// Reads the stats of `borg create --json`.

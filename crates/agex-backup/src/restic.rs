@@ -579,7 +579,8 @@ fn keep_options(r: &Retention) -> KeepOptions {
         .keep_yearly(n(r.keep_yearly))
 }
 
-fn info(s: &SnapshotFile) -> SnapshotInfo {
+/// What agex reads of a snapshot file (the fuzz target `restic_snapshot` drives this).
+pub fn info(s: &SnapshotFile) -> SnapshotInfo {
     SnapshotInfo {
         id: s.id.to_hex().as_str().to_string(),
         time: s.time.to_string(),

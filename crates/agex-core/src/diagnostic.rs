@@ -22,6 +22,26 @@ impl SourceFile {
         }
     }
 
+    /// A file's bytes as text; bytes that are not UTF-8 are an error at the first one.
+    pub fn decode(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, Diagnostics> {
+        let path = path.into();
+        match String::from_utf8(bytes) {
+            Ok(text) => Ok(SourceFile::new(path, text)),
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let bad = e.as_bytes().get(at).copied().unwrap_or_default();
+                let source =
+                    SourceFile::new(path, String::from_utf8_lossy(e.as_bytes()).into_owned());
+                // The lossy text has the same bytes up to `at`, so the span still points right.
+                let diag = source.error(
+                    Some(at..at + 1),
+                    format!("byte 0x{bad:02x} is not UTF-8: configuration files are UTF-8 text"),
+                );
+                Err(Diagnostics(vec![diag]))
+            }
+        }
+    }
+
     /// A diagnostic at a byte span of this file.
     pub fn error(&self, span: Option<Range<usize>>, message: impl Into<String>) -> Diagnostic {
         let message = message.into();

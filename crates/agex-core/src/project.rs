@@ -78,8 +78,38 @@ impl Project {
         });
         let (config, rules) = parsed?;
         let lock = lock?;
+        let policies = read_policies(dir)?;
+        Project::validate(dir, config, rules, lock, policies)
+    }
+
+    /// Parses and cross-validates configuration texts already read: what [`Project::load`]
+    /// does once the files are in memory (the fuzz target `config` drives this).
+    #[doc(hidden)]
+    pub fn from_sources(
+        dir: &Path,
+        config: SourceFile,
+        rules: SourceFile,
+        lock: Option<SourceFile>,
+        policies: Vec<(String, SourceFile)>,
+    ) -> Result<Project, ConfigError> {
+        let config = Config::parse(config).map_err(ConfigError::Invalid)?;
+        let rules = Rules::parse(rules, &config).map_err(ConfigError::Invalid)?;
+        let lock = match lock {
+            Some(source) => Lock::parse(&source).map_err(ConfigError::Invalid)?,
+            None => Lock::new(),
+        };
+        Project::validate(dir, config, rules, lock, policies)
+    }
+
+    fn validate(
+        dir: &Path,
+        config: Config,
+        rules: Rules,
+        lock: Lock,
+        policies: Vec<(String, SourceFile)>,
+    ) -> Result<Project, ConfigError> {
         check_repositories(&config, &rules).map_err(ConfigError::Invalid)?;
-        let policies = load_policies(dir, &config, &rules)?;
+        let policies = parse_policies(policies, &config, &rules)?;
         check_notify(&config, &rules, &policies).map_err(ConfigError::Invalid)?;
         Ok(Project {
             dir: dir.to_path_buf(),
@@ -141,12 +171,8 @@ fn shown(dir: &Path, rel: &Path, cwd: Option<&Path>) -> String {
     shown.display().to_string()
 }
 
-/// Every `policies/*.toml`, validated; all problems are reported together.
-fn load_policies(
-    dir: &Path,
-    config: &Config,
-    rules: &Rules,
-) -> Result<BTreeMap<String, Policy>, ConfigError> {
+/// Every `policies/*.toml`, read (sorted by service name).
+fn read_policies(dir: &Path) -> Result<Vec<(String, SourceFile)>, ConfigError> {
     let pdir = dir.join(POLICIES_DIR);
     let mut names: Vec<String> = match fs::read_dir(&pdir) {
         Ok(entries) => entries
@@ -160,10 +186,24 @@ fn load_policies(
         Err(source) => return Err(ConfigError::Io { path: pdir, source }),
     };
     names.sort();
+    names
+        .into_iter()
+        .map(|service| {
+            let source = read_source(dir, &format!("{POLICIES_DIR}/{service}.toml"))?;
+            Ok((service, source))
+        })
+        .collect()
+}
+
+/// Every policy, validated; all problems are reported together.
+fn parse_policies(
+    sources: Vec<(String, SourceFile)>,
+    config: &Config,
+    rules: &Rules,
+) -> Result<BTreeMap<String, Policy>, ConfigError> {
     let mut policies = BTreeMap::new();
     let mut diags = Diagnostics::default();
-    for service in names {
-        let source = read_source(dir, &format!("{POLICIES_DIR}/{service}.toml"))?;
+    for (service, source) in sources {
         match Policy::parse(&service, source, config, rules) {
             Ok(p) => {
                 policies.insert(service, p);
@@ -180,23 +220,7 @@ fn read_source(dir: &Path, rel: &str) -> Result<SourceFile, ConfigError> {
         path: PathBuf::from(display_path(dir, rel)),
         source,
     })?;
-    match String::from_utf8(bytes) {
-        Ok(text) => Ok(SourceFile::new(display_path(dir, rel), text)),
-        Err(e) => {
-            let at = e.utf8_error().valid_up_to();
-            let bad = e.as_bytes().get(at).copied().unwrap_or_default();
-            let source = SourceFile::new(
-                display_path(dir, rel),
-                String::from_utf8_lossy(e.as_bytes()).into_owned(),
-            );
-            // The lossy text has the same bytes up to `at`, so the span still points right.
-            let diag = source.error(
-                Some(at..at + 1),
-                format!("byte 0x{bad:02x} is not UTF-8: configuration files are UTF-8 text"),
-            );
-            Err(ConfigError::Invalid(Diagnostics(vec![diag])))
-        }
-    }
+    SourceFile::decode(display_path(dir, rel), bytes).map_err(ConfigError::Invalid)
 }
 
 /// Repository password and ssh key secrets must exist; passwords must be marked
