@@ -346,7 +346,7 @@ fn from_calendar(text: &str) -> Result<(String, String), String> {
                     p.split("..")
                         .map(|d| {
                             DAYS.iter()
-                                .find(|n| d.len() >= 3 && n.eq_ignore_ascii_case(&d[..3]))
+                                .find(|n| d.get(..3).is_some_and(|p| n.eq_ignore_ascii_case(p)))
                                 .map(|n| n.to_string())
                                 .ok_or_else(|| bad(&format!("unknown weekday `{d}`")))
                         })
@@ -495,6 +495,10 @@ mod tests {
             "*-*-* *:*/15:00",
             "0 3 * * */2",
             "2199-01-01 00:00:00",
+            // A multi-byte character inside a weekday's first three bytes (found by
+            // fuzz/ schedule: it panicked slicing the name).
+            "p0\u{5db}aily94 1 1",
+            "Mo\u{e9} 03:00",
         ] {
             assert!(bad.parse::<Schedule>().is_err(), "{bad} accepted");
         }
