@@ -1,7 +1,7 @@
 //! `borg export-tar` output as drills stream it (the tar reader of stream_verify).
 #![no_main]
 
-use agex_backup::tar_stream;
+use agex_recovery::tar_stream;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
