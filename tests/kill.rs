@@ -25,6 +25,7 @@ struct Trials {
     name: &'static str,
     count: usize,
     rng: StdRng,
+    runs: usize,
     killed: usize,
 }
 
@@ -43,6 +44,7 @@ impl Trials {
             name,
             count,
             rng: StdRng::seed_from_u64(seed),
+            runs: 0,
             killed: 0,
         }
     }
@@ -74,6 +76,7 @@ impl Trials {
             libc::kill(child.id() as i32, libc::SIGKILL);
         }
         let status = child.wait().expect("wait");
+        self.runs += 1;
         if running {
             self.killed += 1;
         }
@@ -98,8 +101,8 @@ impl Trials {
 
     fn report(&self) {
         eprintln!(
-            "{}: {} of {} trials killed agex while it ran, 0 violations",
-            self.name, self.killed, self.count
+            "{}: {} of {} runs killed while they ran, 0 violations",
+            self.name, self.killed, self.runs
         );
     }
 }
