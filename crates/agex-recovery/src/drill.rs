@@ -161,14 +161,11 @@ fn drill_one(
     let _lock = agex_backup::lock::acquire(state, repo, lock_wait)?;
     let snaps = restore::snapshots(access, state, service)?;
     let snap = restore::choose(service, &[(repo.to_string(), snaps)], None)?;
-    let scratch_base = state.join("drill");
-    std::fs::create_dir_all(&scratch_base).map_err(BackupError::io(&scratch_base))?;
-    sweep_dead(&scratch_base);
-    // Named after this process, so the next drill knows a killed one's scratch.
-    let scratch = tempfile::Builder::new()
-        .prefix(&format!("{}-{service}-{repo}-", std::process::id()))
-        .tempdir_in(&scratch_base)
-        .map_err(BackupError::io(&scratch_base))?;
+    let scratch = crate::rebuild::pid_scratch(
+        &state.join("drill"),
+        &format!("{service}-{repo}"),
+        "a drill",
+    )?;
     let passwords = restore::database_passwords(env.project, policy, env.ids)?;
     let name = |dump: &str| scratch_database(service, run_id, dump);
     let pg = PgScratch {
@@ -203,29 +200,6 @@ fn drill_one(
         peak_memory_bytes: None,
         scratch_bytes: Some(streamed.scratch_peak),
     })
-}
-
-/// Removes the scratch directories of drills whose process is gone (SIGKILLed before
-/// they could clean up: they may hold database dumps); one line each.
-fn sweep_dead(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if agex_secrets::ramdir::alive(pid) {
-            continue;
-        }
-        if std::fs::remove_dir_all(e.path()).is_ok() {
-            agex_secrets::ramdir::notice(&format!(
-                "removed {}, left behind by a drill (process {pid}) that did not finish",
-                e.path().display()
-            ));
-        }
-    }
 }
 
 /// Runs `f`, turning a panic inside the engine (rustic_core's worker threads on a

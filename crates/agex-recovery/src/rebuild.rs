@@ -110,14 +110,7 @@ pub fn run(
         ))
     })?;
     let state = under(root, Path::new(STATE_DIR));
-    let base = state.join("rebuild");
-    std::fs::create_dir_all(&base).map_err(BackupError::io(&base))?;
-    sweep_dead(&base);
-    // `<pid>-<host>-<random>`: the next drill knows whether its maker still runs.
-    let scratch = tempfile::Builder::new()
-        .prefix(&format!("{}-{host}-", std::process::id()))
-        .tempdir_in(&base)
-        .map_err(BackupError::io(&base))?;
+    let scratch = pid_scratch(&state.join("rebuild"), host, "a rebuild drill")?;
     let _wiped_on_signal = ramdir::Registration::tree(scratch.path());
     let key_dir = RamDir::create(false)?;
     let s_root = scratch.path().join("root");
@@ -354,25 +347,34 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-/// Removes the scratch directories of drills whose process is gone (killed before they
-/// could clean up), unmounting what they mounted; one line each.
-fn sweep_dead(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if ramdir::alive(pid) {
-            continue;
+/// A fresh scratch directory `<base>/<pid>-<label>-<random>` for a drill (`what`), after
+/// removing those of drills whose process is gone (SIGKILLed before they could clean up:
+/// they may hold database dumps or mounts), unmounting what they mounted; one line each.
+pub(crate) fn pid_scratch(
+    base: &Path,
+    label: &str,
+    what: &str,
+) -> Result<tempfile::TempDir, BackupError> {
+    std::fs::create_dir_all(base).map_err(BackupError::io(base))?;
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            if ramdir::alive(pid) {
+                continue;
+            }
+            unmount_below(&e.path());
+            ramdir::wipe_tree(&e.path());
+            ramdir::notice(&format!(
+                "removed {}, left behind by {what} (process {pid}) that did not finish",
+                e.path().display()
+            ));
         }
-        unmount_below(&e.path());
-        ramdir::wipe_tree(&e.path());
-        ramdir::notice(&format!(
-            "removed {}, left behind by a rebuild drill (process {pid}) that did not finish",
-            e.path().display()
-        ));
     }
+    tempfile::Builder::new()
+        .prefix(&format!("{}-{label}-", std::process::id()))
+        .tempdir_in(base)
+        .map_err(BackupError::io(base))
 }
