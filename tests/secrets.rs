@@ -757,6 +757,82 @@ fn leftovers_of_a_killed_agex_are_wiped_by_the_next_one_with_a_note() {
 }
 
 #[test]
+fn check_removes_the_plaintext_of_an_edit_killed_with_sigkill() {
+    let fx = Fixture::bunk();
+    let file = "secrets/mealie-secret.age";
+    let before = fs::read(fx.dir().join(file)).unwrap();
+    let editor_pid = fx.tmp.path().join("editor-pid");
+    // The editor saves a value, then sleeps as a user would with the file open.
+    let slow = editor_script(
+        &fx,
+        &format!(
+            "printf 'typed-but-not-saved' > \"$f\"; echo $$ > {}.tmp; mv {0}.tmp {0}; exec sleep 30",
+            editor_pid.display()
+        ),
+    );
+    let mut child = fx
+        .agex()
+        .env("EDITOR", &slow)
+        .args(["-i", fx.key("admin.txt").to_str().unwrap(), "edit", file])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..400 {
+        if editor_pid.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(editor_pid.exists(), "editor never started");
+    let agex_pid = child.id();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let sleeper = fs::read_to_string(&editor_pid).unwrap();
+    Command::new("kill")
+        .args(["-KILL", sleeper.trim()])
+        .status()
+        .unwrap();
+    let leftover = fx
+        .runtime_leftovers()
+        .into_iter()
+        .find(|p| p.components().count() == 1)
+        .expect("the killed edit left its directory");
+    assert!(
+        leftover
+            .to_string_lossy()
+            .starts_with(&format!("agex-{agex_pid}-")),
+        "{leftover:?}"
+    );
+    assert!(
+        fx.runtime_leftovers().len() > 1,
+        "its plaintext file is inside: {:?}",
+        fx.runtime_leftovers()
+    );
+
+    let out = fx.run(&["check"]);
+    assert_ok(&out);
+    let err = common::stderr(&out);
+    let shown = fx.runtime().join(&leftover);
+    assert!(
+        err.lines().any(|l| l.starts_with("note: removed")
+            && l.contains(&shown.display().to_string())
+            && l.contains(&format!("agex process {agex_pid}"))),
+        "check did not name the leftover {}:\n{err}",
+        shown.display()
+    );
+    assert!(
+        fx.runtime_leftovers().is_empty(),
+        "{:?}",
+        fx.runtime_leftovers()
+    );
+    assert_eq!(fs::read(fx.dir().join(file)).unwrap(), before);
+    // Nothing left to remove: a second check says nothing of it.
+    let again = fx.run(&["check"]);
+    assert_ok(&again);
+    assert!(!common::stderr(&again).contains("note: removed"));
+}
+
+#[test]
 fn commands_holding_plaintext_cannot_dump_core() {
     let fx = Fixture::bunk();
     let marker = fx.tmp.path().join("editor-started");

@@ -324,11 +324,26 @@ fn zero_fill(base: BorrowedFd<'_>, name: &OsStr) {
     let _ = f.sync_data();
 }
 
+/// Removes what agex processes that are no longer running left under `base` (their
+/// plaintext directories, after a SIGKILL), saying so in one notice each; returns the
+/// paths removed. A `base` that cannot be opened holds nothing of ours to remove.
+pub fn sweep_leftovers(base: &Path) -> Vec<PathBuf> {
+    match rustix::fs::open(
+        base,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => sweep_dead(base, fd.as_fd()),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Removes `agex-<pid>-<hex>` directories in `base` whose process is gone (killed before
 /// it could wipe them) and that belong to this user; says so in one line each.
-fn sweep_dead(shown: &Path, base: BorrowedFd<'_>) {
+fn sweep_dead(shown: &Path, base: BorrowedFd<'_>) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
     let Ok(mut entries) = rustix::fs::Dir::read_from(base) else {
-        return;
+        return removed;
     };
     let me = rustix::process::geteuid().as_raw();
     let mut dead = Vec::new();
@@ -348,12 +363,15 @@ fn sweep_dead(shown: &Path, base: BorrowedFd<'_>) {
             .unwrap_or(false);
         if owned {
             wipe_entry(base, OsStr::new(&name));
+            let path = shown.join(&name);
             notice(&format!(
                 "removed {}, left behind by agex process {pid}, which is no longer running",
-                shown.join(&name).display()
+                path.display()
             ));
+            removed.push(path);
         }
     }
+    removed
 }
 
 /// The pid in a name `agex-<pid>-<16 hex digits>`.

@@ -185,6 +185,9 @@ pub fn cmd_rekey(
 
 pub fn cmd_check(ctx: &Context) -> Result<i32, Failure> {
     let project = ctx.project()?;
+    // A SIGKILLed `agex edit` left its plaintext on the RAM filesystem: check removes
+    // it as the next edit would, with the same notice.
+    agex_secrets::ramdir::sweep_leftovers(&agex_secrets::ramdir::runtime_base());
     let report = agex_secrets::check::check(&project);
     let host_keys = unverifiable_servers(&project);
     // The env secrets are read only with an identity that opens them; without one
