@@ -17,7 +17,7 @@ use common::setup::{
     app_data, dump_entry, fake_systemctl, pseudo_random, restored_manifest, run,
     sqlite_and_postgres_policy, sqlite_count, Setup, SQLITE_POLICY,
 };
-use common::{assert_fails, assert_ok, have_tool, stdout};
+use common::{assert_fails, assert_ok, have_tool, stderr, stdout, wrapped};
 
 /// `YYYY-MM-DDTHH:MM:SS…`: digits where RFC 3339 has them.
 fn chrono_like(t: &str) -> bool {
@@ -900,4 +900,98 @@ fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
         "borg list",
     ));
     assert_eq!(list.lines().count(), 1, "{list}");
+}
+
+/// The capabilities a generated unit grants: its template's `CapabilityBoundingSet=`
+/// lines and its drop-in's, merged as systemd merges them, in setpriv's spelling.
+fn unit_capabilities(units: &Path, template: &str, drop_in: &str) -> String {
+    let mut caps: Vec<String> = Vec::new();
+    for file in [units.join(template), units.join(drop_in)] {
+        for line in fs::read_to_string(&file).unwrap().lines() {
+            if let Some(list) = line.strip_prefix("CapabilityBoundingSet=") {
+                caps.extend(
+                    list.split_whitespace()
+                        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase())),
+                );
+            }
+        }
+    }
+    assert!(!caps.is_empty(), "no CapabilityBoundingSet in {template}");
+    format!("-all,{}", caps.join(","))
+}
+
+#[test]
+fn the_units_capabilities_suffice_to_back_up_and_drill_postgres_over_its_socket() {
+    let test = "the_units_capabilities_suffice_to_back_up_and_drill_postgres_over_its_socket";
+    if !have_tool("restic", test)
+        || !have_tool("borg", test)
+        || !have_tool("sqlite3", test)
+        || !have_tool("setpriv", test)
+    {
+        return;
+    }
+    let Some(pg) = Postgres::start(test) else {
+        return;
+    };
+    pg.create_db("app");
+    pg.psql(
+        "app",
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); \
+         INSERT INTO notes SELECT g, md5(g::text) FROM generate_series(1, 50) g;",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _, _) = Setup::local(tmp.path());
+    s.link_postgres(&pg);
+    s.policy("testapp", &sqlite_and_postgres_policy(&pg));
+    app_data(&s, 0);
+    s.init_repos();
+    let units = tmp.path().join("units");
+    assert_ok(&s.agex(&[
+        "--host",
+        "bunk",
+        "systemd",
+        "generate",
+        "--out",
+        units.to_str().unwrap(),
+    ]));
+    // As systemd would start them: root, but only the unit's capabilities (every child
+    // inherits the bounding set: runuser, pg_dump, borg) and no new privileges.
+    let as_unit = |caps: &str, args: &[&str]| {
+        wrapped(
+            "setpriv",
+            &["--bounding-set", caps, "--no-new-privs", "--"],
+            &s.agex_command(args),
+        )
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+    };
+    let backup = ["backup", "--service", "testapp"];
+    // The template alone cannot become the postgres user (so the check below can fail).
+    let template_only = unit_capabilities(&units, "agex-backup@.service", "agex-backup@.service");
+    let out = as_unit(&template_only, &backup);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("dump of app.pgdump failed") && err.contains("cannot set groups"),
+        "the failure names the database and the cause:\n{err}"
+    );
+
+    let caps = unit_capabilities(
+        &units,
+        "agex-backup@.service",
+        "agex-backup@testapp.service.d/agex.conf",
+    );
+    assert_ok(&as_unit(&caps, &backup));
+    let caps = unit_capabilities(
+        &units,
+        "agex-drill.service",
+        "agex-drill.service.d/agex.conf",
+    );
+    let out = as_unit(&caps, &["--json", "drill", "--service", "testapp"]);
+    assert_ok(&out);
+    let rec: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    for r in rec["results"].as_array().unwrap() {
+        assert_eq!(r["result"], "ok", "{rec}");
+    }
 }

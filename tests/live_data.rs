@@ -12,13 +12,12 @@ use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::setup::{app_data, pseudo_random, run, Setup, SQLITE_POLICY};
-use common::{assert_ok, have_tool, is_root, stderr, stdout};
+use common::{assert_ok, have_tool, is_root, stderr, stdout, wrapped};
 
 const BIG: usize = 4 << 20;
 
@@ -516,20 +515,11 @@ fn an_unreadable_file_is_a_warning_and_the_drills_pass() {
     // root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH meets permissions as a service
     // account's backup would (the engines too: they inherit the bounding set).
     let cmd = s.agex_command(&["backup", "--service", "testapp"]);
-    let mut dropped = Command::new("setpriv");
-    dropped
-        .args(["--bounding-set", "-dac_override,-dac_read_search", "--"])
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
-    if let Some(d) = cmd.get_current_dir() {
-        dropped.current_dir(d);
-    }
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => dropped.env(k, v),
-            None => dropped.env_remove(k),
-        };
-    }
+    let mut dropped = wrapped(
+        "setpriv",
+        &["--bounding-set", "-dac_override,-dac_read_search", "--"],
+        &cmd,
+    );
     let out = dropped.output().unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");

@@ -15,7 +15,8 @@ use common::setup::{
     sqlite_and_postgres_policy, sqlite_count, Setup, Unmount, SQLITE_POLICY,
 };
 use common::{
-    assert_fails, assert_ok, have_tool, is_root, stderr, stdout, tree_changes, tree_state, Fixture,
+    assert_fails, assert_ok, have_tool, is_root, stderr, stdout, tree_changes, tree_state, wrapped,
+    Fixture,
 };
 
 fn tools(test: &str) -> bool {
@@ -1328,26 +1329,21 @@ fn rebuild_drill_without_root_refuses_unless_secrets_on_disk_are_allowed() {
             .unwrap(),
     );
     let as_nobody = |extra: &[&str]| {
-        let base = fx.agex();
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(base.get_program())
-            .arg("-i")
+        let mut cmd = fx.agex();
+        cmd.arg("-i")
             .arg(fx.key("admin.txt"))
             .arg("--root")
             .arg(&root)
             .args(["--json", "drill", "rebuild", "--host", "bunk"])
             .args(extra);
-        if let Some(d) = base.get_current_dir() {
-            cmd.current_dir(d);
-        }
-        for (k, v) in base.get_envs() {
-            match v {
-                Some(v) => cmd.env(k, v),
-                None => cmd.env_remove(k),
-            };
-        }
-        cmd.stdin(std::process::Stdio::null()).output().unwrap()
+        wrapped(
+            "setpriv",
+            &["--reuid=65534", "--regid=65534", "--clear-groups"],
+            &cmd,
+        )
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
     };
     let rebuild = root.join("var/lib/agex/rebuild");
 

@@ -397,6 +397,26 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
         "{drop_in}"
     );
     assert!(drop_in.contains("ProtectHome=yes"), "{drop_in}");
+    // pg_dump runs as the role's OS user (runuser): this job may change user; jobs
+    // without such a database may not (the template does not grant it).
+    assert!(
+        drop_in.contains("CapabilityBoundingSet=CAP_SETUID CAP_SETGID"),
+        "{drop_in}"
+    );
+    assert!(!service.contains("CAP_SETUID"), "{service}");
+    let vikunja =
+        fs::read_to_string(out_dir.join("agex-backup@vikunja.service.d/agex.conf")).unwrap();
+    assert!(!vikunja.contains("CAP_SETUID"), "{vikunja}");
+    // Sockets: the template allows unix ones only, the drop-in of a job that reaches
+    // the network adds IP.
+    assert!(
+        service.contains("RestrictAddressFamilies=AF_UNIX\n"),
+        "{service}"
+    );
+    assert!(
+        drop_in.contains("RestrictAddressFamilies=AF_INET AF_INET6"),
+        "{drop_in}"
+    );
     // Its repositories are remote: the job waits for the network (the template alone,
     // for local repositories, does not).
     for line in ["Wants=network-online.target", "After=network-online.target"] {
@@ -420,8 +440,9 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
     let drop_in =
         fs::read_to_string(local_out.join("agex-backup@testapp.service.d/agex.conf")).unwrap();
     assert!(drop_in.contains("ProtectHome=yes"), "{drop_in}");
-    // Nothing to wait for: no network ordering.
+    // Nothing to wait for: no network ordering, and no IP sockets.
     assert!(!drop_in.contains("network-online"), "{drop_in}");
+    assert!(!drop_in.contains("AF_INET"), "{drop_in}");
     let repo = local.fx.tmp.path().join("repo-restic");
     assert!(
         drop_in.contains(&format!("ReadWritePaths=-{}", repo.display())),
@@ -440,6 +461,30 @@ fn systemd_units_for_bunk_pass_systemd_analyze_verify() {
     // A cron schedule is converted: actual.toml says "0 3 * * *".
     let actual = fs::read_to_string(out_dir.join("agex-backup-actual.timer")).unwrap();
     assert!(actual.contains("OnCalendar=*-*-* 3:0:00"), "{actual}");
+
+    // systemd's own sandbox review of every job unit (with its drop-in) rates it at most
+    // "OK" (4.x): everything read-only, few capabilities, no new privileges.
+    for unit in units.iter().filter(|u| u.ends_with(".service")) {
+        if unit.ends_with("agex-activate.service") {
+            // Activation writes /run, /etc and restarts services: it is not sandboxed.
+            continue;
+        }
+        let security = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(unit)
+            .current_dir(fx.tmp.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&security.stdout);
+        let level: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level for {unit}:\n{text}"));
+        assert!(level < 5.0, "{unit}: exposure {level}\n{text}");
+    }
 
     // A unit systemd rejects is caught the same way (the check can fail).
     let bad = fx.tmp.path().join("merged/agex-bad.timer");

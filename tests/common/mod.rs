@@ -326,6 +326,23 @@ pub fn copy_tree(src: &Path, dst: &Path) {
 }
 
 /// Asserts a command exited 0, showing its output otherwise.
+/// `cmd` run through `program prefix...` (setpriv, runuser, timeout): the same program,
+/// arguments, working directory and environment, behind the prefix.
+pub fn wrapped(program: &str, prefix: &[&str], cmd: &Command) -> Command {
+    let mut out = Command::new(program);
+    out.args(prefix).arg(cmd.get_program()).args(cmd.get_args());
+    if let Some(d) = cmd.get_current_dir() {
+        out.current_dir(d);
+    }
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => out.env(k, v),
+            None => out.env_remove(k),
+        };
+    }
+    out
+}
+
 pub fn assert_ok(out: &Output) {
     assert!(
         out.status.success(),

@@ -139,6 +139,27 @@ fn drop_in(project: &Project, job: &Job, config_dir: &Path) -> Result<String, Sc
     // ssh (sftp:, ssh://) without pinned known_hosts reads the user's known_hosts from
     // home, and rclone its rclone.conf; with pinned keys home stays hidden.
     let mut reads_home = false;
+    // pg_dump, psql and pg_restore reach a database over its unix socket as the role's
+    // OS user (peer authentication, [`agex_backup`]'s `runuser`), which needs the
+    // capabilities to change user and groups; only the jobs that do so get them.
+    // A database reached over TCP needs the internet address families.
+    let postgres = |over_socket: bool| {
+        let has = |service: &String| {
+            project.policies.get(service).is_some_and(|p| {
+                p.databases.iter().any(|d| match d {
+                    Database::Postgres { socket, .. } => socket.is_some() == over_socket,
+                    Database::Sqlite { .. } => false,
+                })
+            })
+        };
+        match &job.kind {
+            JobKind::Backup { service } => has(service),
+            JobKind::Drill => project.policies.keys().any(has),
+            _ => false,
+        }
+    };
+    let becomes_postgres_user = postgres(true);
+    let uses_inet = needs_network(project, job) || postgres(false);
     for r in &job.repositories {
         if let Some(repo) = project.config.repositories.get(r) {
             if let Some(p) = local_path(&repo.url) {
@@ -195,6 +216,17 @@ fn drop_in(project: &Project, job: &Job, config_dir: &Path) -> Result<String, Sc
         "# What job `{}` may write besides /var/lib/agex.\n[Service]\nProtectHome={protect_home}\n",
         job.name
     ));
+    if uses_inet {
+        // The template allows unix sockets only; address-family lines add up.
+        text.push_str("RestrictAddressFamilies=AF_INET AF_INET6\n");
+    }
+    if becomes_postgres_user {
+        // Bounding-set lines add up: these join the template's.
+        text.push_str(
+            "# runuser: pg_dump/pg_restore/psql connect as the database role's OS user.\n\
+             CapabilityBoundingSet=CAP_SETUID CAP_SETGID\n",
+        );
+    }
     for w in write {
         // `-`: a path that does not exist yet does not stop the job from starting.
         text.push_str(&format!(
