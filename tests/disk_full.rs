@@ -145,11 +145,13 @@ fn setup(tmp: &Path) -> Setup {
     s
 }
 
-/// `restore --to` a full filesystem: it fails naming the path, does not say it restored,
-/// and once there is space (and the partial target is emptied) the restore completes.
+/// `restore --to` a full filesystem: it fails naming the path and the full disk, does not
+/// say it restored, and removes every file it had written there (the directory too when
+/// the restore created it), so no half-restored file is left to be taken for a restored
+/// one; once there is space the restore into the same directory completes.
 #[test]
-fn restore_to_a_full_filesystem_fails_naming_the_path() {
-    let test = "restore_to_a_full_filesystem_fails_naming_the_path";
+fn restore_to_a_full_filesystem_fails_naming_the_path_and_leaves_nothing_partial() {
+    let test = "restore_to_a_full_filesystem_fails_naming_the_path_and_leaves_nothing_partial";
     if !backup_tools(test) {
         return;
     }
@@ -158,20 +160,38 @@ fn restore_to_a_full_filesystem_fails_naming_the_path() {
     assert_ok(&s.agex(&["backup", "--service", "testapp"]));
     let target = tmp.path().join("target");
     let fs = Tmpfs::mount(&target, "256k");
+    let fresh = target.join("new");
     for repo in ["offsite-restic", "offsite-borg"] {
-        let out = s.agex(&[
-            "restore",
-            "--service",
-            "testapp",
-            "--repo",
-            repo,
-            "--to",
-            target.to_str().unwrap(),
-        ]);
-        let said = failed_saying(&out, repo, &target);
-        assert!(!said.contains("restored testapp"), "{repo}: {said}");
-        for e in fs::read_dir(&target).unwrap().flatten() {
-            let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+        // Into the (empty) mount point, and into a directory the restore creates.
+        for dir in [&target, &fresh] {
+            let out = s.agex(&[
+                "restore",
+                "--service",
+                "testapp",
+                "--repo",
+                repo,
+                "--to",
+                dir.to_str().unwrap(),
+            ]);
+            let said = failed_saying(&out, repo, dir);
+            assert!(
+                said.contains(&format!("restore into {} failed", dir.display())),
+                "{repo}: the error does not name {}:\n{said}",
+                dir.display()
+            );
+            assert!(said.contains("No space left"), "{repo}: {said}");
+            assert!(said.contains("partial file"), "{repo}: {said}");
+            assert!(!said.contains("restored testapp"), "{repo}: {said}");
+            let left: Vec<_> = fs::read_dir(&target)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert!(
+                left.is_empty(),
+                "{repo} into {}: the failed restore left {left:?}:\n{said}",
+                dir.display()
+            );
         }
     }
     assert_ok(

@@ -143,6 +143,17 @@ pub enum BackupError {
     /// The command was asked for something it cannot do as given (exit 2).
     #[error("{0}")]
     Usage(String),
+    /// A restore into a directory that failed part-way (a full disk): what it had
+    /// written there is gone, or named when it could not be removed.
+    #[error("restore into {} failed: {source}; {cleanup}", .dir.display())]
+    RestoreIncomplete {
+        /// The `--to` directory.
+        dir: PathBuf,
+        /// What became of the partial files.
+        cleanup: String,
+        /// Why the restore failed.
+        source: Box<BackupError>,
+    },
 }
 
 impl BackupError {

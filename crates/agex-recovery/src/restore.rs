@@ -3,7 +3,8 @@
 //! manifest stored inside it, and — in place — put its files and databases back under
 //! `--root` with the policy's units stopped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1191,12 +1192,19 @@ pub fn restore(
     let _lock = agex_backup::lock::acquire(state, &snap.repo, lock_wait)?;
     let staging;
     let held;
+    let mut partial = None;
     let dir = match &target {
         // Created and held without following a symlink on its way, and extracted into
         // through the handle: a user owning one of its parents cannot redirect it.
         Target::Dir(d) => {
             let absolute = std::path::absolute(d).map_err(BackupError::io(d))?;
+            let existed = absolute.symlink_metadata().is_ok();
             held = agex_core::beneath::Dir::open(Path::new("/"), &absolute, Some(0o700))?;
+            partial = Some(Partial {
+                before: entries(&held.handle_path()).map_err(BackupError::io(&absolute))?,
+                existed,
+                shown: absolute,
+            });
             held.handle_path()
         }
         Target::InPlace(_) => {
@@ -1215,7 +1223,11 @@ pub fn restore(
         &snap,
         &dir,
         progress.as_ref().map(|p| (p, policy.service.as_str())),
-    )?;
+    )
+    .map_err(|e| match &partial {
+        Some(p) => p.undo(&dir, e),
+        None => e,
+    })?;
     let mut manifest =
         read_manifest(&dir, &policy.service).map_err(|p| BackupError::Verification {
             repo: snap.repo.clone(),
@@ -1247,11 +1259,142 @@ pub fn restore(
     })
 }
 
+/// What a `--to` directory held before the restore wrote into it, to take back exactly
+/// what this restore added when it fails part-way.
+struct Partial {
+    /// Its entries (names directly in it) before the restore.
+    before: BTreeSet<OsString>,
+    /// Whether the directory itself was there.
+    existed: bool,
+    /// As the user named it (made absolute).
+    shown: PathBuf,
+}
+
+impl Partial {
+    /// Removes what the failed restore added below `held` (the handle path of the
+    /// directory) and, if the restore created it, the directory itself; returns the
+    /// failure, saying what was removed and naming anything that could not be.
+    fn undo(&self, held: &Path, failure: BackupError) -> BackupError {
+        let mut files = 0u64;
+        let mut kept = Vec::new();
+        let added = entries(held)
+            .map(|now| now.difference(&self.before).cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        for name in added {
+            let at = held.join(&name);
+            files += walkdir::WalkDir::new(&at)
+                .follow_links(false)
+                .into_iter()
+                .flatten()
+                .filter(|e| !e.file_type().is_dir())
+                .count() as u64;
+            let gone = match at.symlink_metadata() {
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&at),
+                Ok(_) => std::fs::remove_file(&at),
+                Err(e) => Err(e),
+            };
+            if gone.is_err() && at.symlink_metadata().is_ok() {
+                kept.push(self.shown.join(&name));
+            }
+        }
+        if kept.is_empty() && !self.existed {
+            if let (Some(parent), Some(name)) = (self.shown.parent(), self.shown.file_name()) {
+                if let Ok(p) = agex_core::beneath::Dir::open(Path::new("/"), parent, None) {
+                    let _ = std::fs::remove_dir(p.handle_path().join(name));
+                }
+            }
+        }
+        let cleanup = if kept.is_empty() {
+            format!(
+                "removed the {} it had written there, so nothing in {} is a half-restored file",
+                count_of(files, "partial file"),
+                self.shown.display()
+            )
+        } else {
+            let names: Vec<String> = kept.iter().map(|k| k.display().to_string()).collect();
+            format!(
+                "could not remove what it had written there: {} hold partial files, do not use them",
+                names.join(", ")
+            )
+        };
+        BackupError::RestoreIncomplete {
+            dir: self.shown.clone(),
+            cleanup,
+            source: Box::new(failure),
+        }
+    }
+}
+
+fn count_of(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// The names directly in `dir`.
+fn entries(dir: &Path) -> std::io::Result<BTreeSet<OsString>> {
+    std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect()
+}
+
 /// Whether a directory is absent or empty (a `--to` target must not mix with old files).
 pub fn is_empty_dir(dir: &Path) -> Result<bool, BackupError> {
     match std::fs::read_dir(dir) {
         Ok(mut d) => Ok(d.next().is_none()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(BackupError::io(dir)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_restore_takes_back_only_what_it_wrote() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("to");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("there-before"), b"keep").unwrap();
+        let partial = Partial {
+            before: entries(&dir).unwrap(),
+            existed: true,
+            shown: dir.clone(),
+        };
+        std::fs::create_dir_all(dir.join("srv/app")).unwrap();
+        std::fs::write(dir.join("srv/app/half"), b"half").unwrap();
+        std::fs::write(dir.join("srv/app/whole"), b"whole").unwrap();
+        std::os::unix::fs::symlink(tmp.path(), dir.join("srv/link")).unwrap();
+        let err = partial.undo(&dir, BackupError::Usage("disk full".into()));
+        let shown = err.to_string();
+        assert!(shown.contains("disk full"), "{shown}");
+        assert!(shown.contains("removed the 3 partial files"), "{shown}");
+        assert_eq!(
+            entries(&dir).unwrap().into_iter().collect::<Vec<_>>(),
+            vec![OsString::from("there-before")]
+        );
+        assert_eq!(std::fs::read(dir.join("there-before")).unwrap(), b"keep");
+        assert!(tmp.path().join("to").exists(), "the link was not followed");
+    }
+
+    #[test]
+    fn a_failed_restore_removes_the_directory_it_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("new");
+        let partial = Partial {
+            before: BTreeSet::new(),
+            existed: false,
+            shown: dir.clone(),
+        };
+        std::fs::create_dir_all(dir.join("srv")).unwrap();
+        std::fs::write(dir.join("srv/half"), b"half").unwrap();
+        let shown = partial
+            .undo(&dir, BackupError::Usage("disk full".into()))
+            .to_string();
+        assert!(shown.contains("removed the 1 partial file "), "{shown}");
+        assert!(!dir.exists());
     }
 }
