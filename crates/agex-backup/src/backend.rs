@@ -387,11 +387,13 @@ impl Retry {
 /// Whether an error of the storage may go away by itself (a reset or refused
 /// connection, a timeout, a 5xx or 429 answer), judged by the error that caused it.
 /// Everything else (a refused login, a missing file, a full disk) fails at once.
-fn transient(e: &RusticError) -> bool {
+pub(crate) fn transient(e: &RusticError) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(c) = cause {
         if let Some(o) = c.downcast_ref::<opendal::Error>() {
-            return o.is_temporary() || o.kind() == opendal::ErrorKind::RateLimited;
+            // A full bucket stays full: retrying only delays the message.
+            return crate::object_store::out_of_space(o).is_none()
+                && (o.is_temporary() || o.kind() == opendal::ErrorKind::RateLimited);
         }
         if let Some(r) = c.downcast_ref::<reqwest::Error>() {
             return match r.status() {

@@ -42,9 +42,47 @@ pub struct ObjectStore {
 }
 
 fn err(what: &str, path: &str, e: opendal::Error) -> Box<RusticError> {
+    if let Some(answer) = out_of_space(&e) {
+        return RusticError::with_source(
+            ErrorKind::Backend,
+            "{what} `{path}` failed: no space left on the server (it answered {answer}: the \
+             bucket or the account is full or over its quota); free space or raise the quota \
+             there, and the next run goes on from what is stored",
+            e,
+        )
+        .attach_context("what", what.to_string())
+        .attach_context("path", path.to_string())
+        .attach_context("answer", answer.to_string());
+    }
     RusticError::with_source(ErrorKind::Backend, "{what} `{path}` failed", e)
         .attach_context("what", what.to_string())
         .attach_context("path", path.to_string())
+}
+
+/// How S3-compatible services say that a write was refused for want of space, and how
+/// agex names each answer: AWS and Wasabi's `QuotaExceeded`, MinIO's full disks and
+/// bucket quotas, B2's storage cap, HTTP 507. (SeaweedFS 4.48 answers an over-quota
+/// bucket with a generic 500 `InternalError`, which stays a transient error: restic
+/// cannot tell it either.)
+const OUT_OF_SPACE: &[(&str, &str)] = &[
+    ("\"QuotaExceeded\"", "QuotaExceeded"),
+    ("XMinioStorageFull", "XMinioStorageFull"),
+    (
+        "XMinioAdminBucketQuotaExceeded",
+        "XMinioAdminBucketQuotaExceeded",
+    ),
+    ("storage_cap_exceeded", "storage_cap_exceeded"),
+    ("InsufficientStorage", "InsufficientStorage"),
+    ("status: 507", "507 Insufficient Storage"),
+];
+
+/// The server's answer, named, when `e` says the store is out of space.
+pub(crate) fn out_of_space(e: &opendal::Error) -> Option<&'static str> {
+    let text = e.to_string();
+    OUT_OF_SPACE
+        .iter()
+        .find(|(sign, _)| text.contains(sign))
+        .map(|(_, name)| *name)
 }
 
 impl ObjectStore {
@@ -197,5 +235,43 @@ impl WriteBackend for ObjectStore {
     fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
         let path = Self::path(tpe, id);
         self.op.delete(&path).map_err(|e| err("removing", &path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s3_answer(kind: opendal::ErrorKind, code: &str) -> opendal::Error {
+        opendal::Error::new(
+            kind,
+            format!("S3Error {{ code: \"{code}\", message: \"...\", resource: \"\", request_id: \"1\" }}"),
+        )
+    }
+
+    #[test]
+    fn a_full_bucket_is_named_and_not_retried() {
+        let e = s3_answer(opendal::ErrorKind::PermissionDenied, "QuotaExceeded");
+        assert_eq!(out_of_space(&e), Some("QuotaExceeded"));
+        let said = err("writing", "data/ab/abcd", e).display_log();
+        let first = said.lines().next().unwrap_or_default();
+        assert!(
+            first.contains("writing `data/ab/abcd` failed: no space left on the server")
+                && first.contains("QuotaExceeded")
+                && first.contains("raise the quota"),
+            "{said}"
+        );
+        let minio = s3_answer(opendal::ErrorKind::Unexpected, "XMinioStorageFull").set_temporary();
+        assert_eq!(out_of_space(&minio), Some("XMinioStorageFull"));
+        assert!(!crate::backend::transient(&err("writing", "x", minio)));
+    }
+
+    #[test]
+    fn other_answers_keep_their_meaning() {
+        let e = s3_answer(opendal::ErrorKind::PermissionDenied, "AccessDenied");
+        assert_eq!(out_of_space(&e), None);
+        let busy = s3_answer(opendal::ErrorKind::Unexpected, "InternalError").set_temporary();
+        assert_eq!(out_of_space(&busy), None);
+        assert!(crate::backend::transient(&err("writing", "x", busy)));
     }
 }
