@@ -854,6 +854,80 @@ fn kill_9_during_activate_always_leaves_a_complete_generation() {
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
 
+/// The secrets filesystem full during an activation (issue 15 §5): the activation fails
+/// naming the path, `/run/agex` stays on the previous complete generation, no unit is
+/// restarted, no staging is left behind, and once there is room the next activate
+/// completes and restarts what changed.
+#[test]
+fn a_full_secrets_filesystem_fails_the_activation_and_keeps_the_previous_generation() {
+    let test = "a_full_secrets_filesystem_fails_the_activation_and_keeps_the_previous_generation";
+    if !common::is_root(test) {
+        return;
+    }
+    let host = TestHost::new();
+    let fs_dir = host.secrets_fs();
+    fs::create_dir_all(&fs_dir).unwrap();
+    // A tiny tmpfs where agex mounts its own: agex takes a RAM mount point it finds there.
+    assert_ok(
+        &Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0751", "tmpfs"])
+            .arg(&fs_dir)
+            .output()
+            .unwrap(),
+    );
+    let secrets = bunk_secrets(&host.fx);
+    let plain1 = plaintexts(&host.fx, &secrets);
+    assert_ok(&host.activate(&[]));
+    host.take_calls();
+    let target = host.active_target().unwrap();
+    host.set_secret("grafana-admin-password", b"disk-full-grafana-0123456789\n");
+    let mut plain2 = plain1.clone();
+    plain2.insert(
+        "grafana-admin-password".into(),
+        b"disk-full-grafana-0123456789\n".to_vec(),
+    );
+
+    let filler = fs_dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&filler).unwrap();
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(&[0]).is_ok() {}
+    }
+    for attempt in 0..2 {
+        let out = host.activate(&[]);
+        let err = assert_fails(&out, 1);
+        assert!(
+            err.contains(&format!(
+                "the secrets filesystem {} is full",
+                fs_dir.display()
+            )) && err.contains("No space left")
+                && err.contains("generation 1 stays active"),
+            "attempt {attempt}: the error does not say {} is full and generation 1 stays:\n{err}",
+            fs_dir.display()
+        );
+        eprintln!("attempt {attempt} on a full secrets filesystem said:\n{err}");
+        assert!(!stdout(&out).contains("activated"), "{}", stdout(&out));
+        assert_eq!(
+            host.active_target(),
+            Some(target.clone()),
+            "attempt {attempt}"
+        );
+        assert_generation(&host.active_dir(), &secrets, &plain1);
+        assert_eq!(host.take_calls(), Vec::<String>::new(), "attempt {attempt}");
+        assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+    }
+
+    fs::remove_file(&filler).unwrap();
+    let out = host.activate(&[]);
+    assert_ok(&out);
+    assert_ne!(host.active_target(), Some(target));
+    assert_generation(&host.active_dir(), &secrets, &plain2);
+    assert_eq!(host.take_calls(), vec!["try-restart grafana.service"]);
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
+
 /// Real users and a group created for the test with `useradd`/`groupadd`; removed on drop.
 struct RealUsers {
     users: Vec<String>,

@@ -293,7 +293,8 @@ fn switch_generation(
         Some(d) => d,
         None => {
             let identities = load_identities(layout, manifest, opts)?;
-            let staging = Staging::create(&fs_dir, number)?;
+            let full = |e| no_room(e, &fs_dir, previous);
+            let staging = Staging::create(&fs_dir, number).map_err(full)?;
             let host_identity = opts.identities.is_empty();
             let digests = populate(
                 &staging.path,
@@ -302,8 +303,9 @@ fn switch_generation(
                 &identities,
                 host_identity,
                 &key,
-            )?;
-            install(layout, &staging.path, &final_dir, previous == Some(number))?;
+            )
+            .map_err(full)?;
+            install(layout, &staging.path, &final_dir, previous == Some(number)).map_err(full)?;
             drop(staging);
             digests
         }
@@ -359,6 +361,27 @@ fn switch_generation(
         pruned,
         restarts,
     })
+}
+
+/// An error writing to the secrets filesystem because it is full, said as such, with the
+/// generation that stays active (nothing was switched yet).
+fn no_room(e: ActivateError, fs_dir: &Path, previous: Option<u64>) -> ActivateError {
+    match e {
+        ActivateError::Io { path, source }
+            if source.raw_os_error() == Some(libc::ENOSPC) && path.starts_with(fs_dir) =>
+        {
+            ActivateError::SecretsFsFull {
+                fs: fs_dir.to_path_buf(),
+                path,
+                source,
+                kept: match previous {
+                    Some(n) => format!("generation {n} stays active, unchanged"),
+                    None => "no generation was active and none is now".into(),
+                },
+            }
+        }
+        other => other,
+    }
 }
 
 /// The digests of a kept directory when it is this generation, complete, and its

@@ -22,6 +22,18 @@ pub enum ActivateError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The secrets filesystem has no room for the new generation's files.
+    #[error("the secrets filesystem {} is full (writing {}: {source}); {kept}; free space there and activate again", .fs.display(), .path.display())]
+    SecretsFsFull {
+        /// The secrets filesystem (`/run/agex.d` under the root).
+        fs: PathBuf,
+        /// The file that did not fit.
+        path: PathBuf,
+        /// The cause (ENOSPC).
+        source: std::io::Error,
+        /// What stays active.
+        kept: String,
+    },
     /// The host is not configured.
     #[error("host `{host}` is not in agex.toml (hosts: {known}); pass --host NAME")]
     UnknownHost {
