@@ -306,13 +306,25 @@ fn odd_tree(dir: &Path) {
         fs::write(dir.join(os(n)), pseudo_random(500 + i * 300, i as u64)).unwrap();
     }
     fs::write(dir.join("x".repeat(255)), "the longest name\n").unwrap();
-    // A deep path of about 3,000 bytes.
+    // A path as deep as Linux allows (PATH_MAX, 4,096 bytes with its NUL) wherever the
+    // tests put it back: the longest place is a drill's scratch directory, about 100
+    // bytes longer than the source.
     let mut deep = dir.join("deep");
-    for i in 0..14 {
-        deep = deep.join(format!("{i:02}{}", "d".repeat(200)));
+    let limit = 4095 - 100 - "/leaf".len();
+    for i in 0.. {
+        let left = limit.saturating_sub(deep.as_os_str().len() + 1);
+        if left < 3 {
+            break;
+        }
+        deep = deep.join(format!("{i:02}{}", "d".repeat(left.min(250) - 2)));
     }
     fs::create_dir_all(&deep).unwrap();
     fs::write(deep.join("leaf"), "deep down\n").unwrap();
+    assert!(
+        deep.join("leaf").as_os_str().len() > 3950,
+        "{}",
+        deep.display()
+    );
     fs::create_dir_all(dir.join("empty")).unwrap();
     std::os::unix::fs::symlink(os(b"caf\xe9"), dir.join("link")).unwrap();
     std::os::unix::fs::symlink("nowhere/at/all", dir.join("dangling")).unwrap();
