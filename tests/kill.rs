@@ -392,6 +392,146 @@ fn generate_killed_leaves_each_secret_missing_or_complete() {
     trials.report();
 }
 
+/// A new age identity file in `dir`; returns its path and public key.
+fn age_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(format!("{name}.txt"));
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&path)
+        .output()
+        .expect("age-keygen");
+    assert_ok(&out);
+    let public = stderr(&out)
+        .trim()
+        .trim_start_matches("Public key: ")
+        .to_string();
+    (path, public)
+}
+
+/// `host rekey` killed: every secret still decrypts to its value (its recipients are
+/// the old host key or the new one, never neither), `check` is clean or names the stale
+/// ones, and the next `host rekey` to the same key completes: `check` clean, and the
+/// host's secrets open with its new key.
+#[test]
+fn host_rekey_killed_leaves_every_secret_readable_and_the_next_run_completes() {
+    let test = "host_rekey_killed_leaves_every_secret_readable_and_the_next_run_completes";
+    if !have_tool("age-keygen", test) || !have_tool("age", test) {
+        return;
+    }
+    let fx = Fixture::bunk();
+    let before = plaintexts(&fx);
+    let keys = [
+        age_key(fx.tmp.path(), "host-a"),
+        age_key(fx.tmp.path(), "host-b"),
+    ];
+    let rekey = |public: &str| {
+        let mut c = fx.agex();
+        c.arg("-i")
+            .arg(fx.key("admin.txt"))
+            .args(["host", "rekey", "bunk", "--key", public]);
+        c
+    };
+    let span = measure(rekey(&keys[0].1));
+    let mut trials = Trials::new("host rekey");
+    for trial in 0..trials.count {
+        let (identity, public) = &keys[(trial + 1) % 2];
+        trials.kill(&mut rekey(public), span, trial);
+        for (name, value) in &before {
+            assert_eq!(
+                try_decrypt(&fx, name).as_ref(),
+                Some(value),
+                "host rekey trial {trial}: `{name}` no longer decrypts to its value"
+            );
+        }
+        let check = fx.run(&["check"]);
+        if !check.status.success() {
+            let text = format!("{}{}", stdout(&check), stderr(&check));
+            assert!(
+                text.contains("stale") && text.contains("rekey"),
+                "host rekey trial {trial}: check fails without naming stale secrets:\n{text}"
+            );
+        }
+        assert_ok(&rekey(public).output().unwrap());
+        assert_ok(&fx.run(&["check"]));
+        let out = Command::new("age")
+            .args(["-d", "-i"])
+            .arg(identity)
+            .arg(fx.dir().join("secrets/grafana-admin-password.age"))
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        assert_eq!(
+            &out.stdout, &before["grafana-admin-password"],
+            "host rekey trial {trial}: the host's new key"
+        );
+    }
+    trials.report();
+}
+
+/// `edit` killed while it saves (its `$EDITOR` writes a new value and exits at once):
+/// the secret decrypts to its old or its new value, never neither; the plaintext the
+/// dead agex left on the RAM filesystem is removed by the next `check`, which is clean or
+/// names the secret stale; the next `edit` completes.
+#[test]
+fn edit_killed_while_saving_leaves_the_old_or_the_new_value() {
+    let fx = Fixture::bunk();
+    let name = "grafana-admin-password";
+    let file = format!("secrets/{name}.age");
+    let editor = |value: &str| {
+        let path = fx.tmp.path().join("editor.sh");
+        fs::write(
+            &path,
+            format!("#!/bin/sh\nset -e\nprintf '%s' '{value}' > \"$1\"\n"),
+        )
+        .unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    };
+    let edit = |value: &str| {
+        let mut c = fx.agex();
+        c.env("EDITOR", editor(value))
+            .arg("-i")
+            .arg(fx.key("admin.txt"))
+            .args(["edit", &file]);
+        c
+    };
+    let span = measure(edit("measured"));
+    let mut old = b"measured".to_vec();
+    let mut trials = Trials::new("edit");
+    for trial in 0..trials.count {
+        let new = format!("edited-{trial}");
+        trials.kill(&mut edit(&new), span, trial);
+        let now = try_decrypt(&fx, name);
+        assert!(
+            now.as_ref() == Some(&old) || now.as_deref() == Some(new.as_bytes()),
+            "edit trial {trial}: `{name}` decrypts to {now:?}, neither old nor new"
+        );
+        let check = fx.run(&["check"]);
+        assert!(
+            fx.runtime_leftovers().is_empty(),
+            "edit trial {trial}: check left the dead edit's plaintext: {:?}",
+            fx.runtime_leftovers()
+        );
+        if !check.status.success() {
+            let text = stdout(&check);
+            assert!(
+                text.lines()
+                    .filter(|l| l.starts_with("stale"))
+                    .all(|l| l.contains(&file)),
+                "edit trial {trial}: check fails on more than `{name}`:\n{text}"
+            );
+            assert!(text.contains("agex rekey"), "edit trial {trial}:\n{text}");
+            assert_ok(&fx.run_admin(&["rekey"]));
+            assert_ok(&fx.run(&["check"]));
+        }
+        let next = format!("next-{trial}");
+        assert_ok(&edit(&next).output().unwrap());
+        assert_eq!(try_decrypt(&fx, name), Some(next.clone().into_bytes()));
+        old = next.into_bytes();
+    }
+    trials.report();
+}
+
 fn backup_tools(test: &str) -> bool {
     have_tool("restic", test) && have_tool("borg", test) && have_tool("sqlite3", test)
 }
