@@ -928,6 +928,88 @@ fn a_full_secrets_filesystem_fails_the_activation_and_keeps_the_previous_generat
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
 
+/// An activation SIGKILLed after its switch, as its systemctl restart starts: the next
+/// activate of the same (now active) generation restarts and reloads the units the dead
+/// one owed, once; a reboot's fresh filesystem would owe nothing.
+#[test]
+fn units_a_killed_activation_did_not_restart_are_restarted_by_the_next_run() {
+    let host = TestHost::new();
+    assert_ok(&host.activate(&[]));
+    host.take_calls();
+    let armed = host.fx.tmp.path().join("kill-agex-on-restart");
+    // The recording systemctl, which SIGKILLs its agex at the first restart while armed.
+    fs::write(
+        &host.sysctl,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in try-*) if [ -e '{armed}' ]; then rm '{armed}'; kill -KILL $PPID; exit 1; fi;; esac\necho \"$*\" >> '{calls}'\n",
+            armed = armed.display(),
+            calls = host.calls.display()
+        ),
+    )
+    .unwrap();
+    host.set_secret("grafana-admin-password", b"owed-grafana-0123456789\n");
+    host.set_secret("cloudflare-api-token", b"owed-cf-token-abcdefghijklmnop\n");
+    fs::write(&armed, b"").unwrap();
+    let out = host.activate(&[]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{}", stdout(&out));
+    assert_eq!(host.active_target(), Some(PathBuf::from("agex.d/2")));
+    assert_eq!(host.take_calls(), Vec::<String>::new());
+
+    let out = host.activate(&[]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("killed before it restarted"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        host.take_calls(),
+        vec![
+            "try-restart grafana.service",
+            "try-reload-or-restart caddy.service"
+        ]
+    );
+    assert_eq!(
+        host.read_active("grafana.service/grafana-admin-password"),
+        b"owed-grafana-0123456789\n"
+    );
+    // Paid once: the next run owes nothing.
+    let out = host.activate(&[]);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("nothing restarted"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(host.take_calls(), Vec::<String>::new());
+
+    // Killed the same way, then the next run switches on to a generation that differs
+    // only in another unit's secret: it restarts what the dead run owed as well.
+    host.set_secret("smtp-password", b"owed-smtp-0123456789\n");
+    fs::write(&armed, b"").unwrap();
+    let out = host.activate(&[]);
+    assert_eq!(out.status.signal(), Some(9), "{}", stdout(&out));
+    assert_eq!(host.active_target(), Some(PathBuf::from("agex.d/3")));
+    host.take_calls();
+    host.set_secret("grafana-admin-password", b"owed-grafana-again-0123456789\n");
+    assert_ok(&host.activate(&[]));
+    assert_eq!(host.active_target(), Some(PathBuf::from("agex.d/4")));
+    let calls = host.take_calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let restarted: BTreeSet<&str> = calls[0]
+        .strip_prefix("try-restart ")
+        .unwrap_or_else(|| panic!("{calls:?}"))
+        .split(' ')
+        .collect();
+    assert!(restarted.contains("grafana.service"), "{restarted:?}");
+    assert!(
+        restarted.contains("paperless-web.service"),
+        "smtp's units, owed by the killed run: {restarted:?}"
+    );
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
+
 /// Real users and a group created for the test with `useradd`/`groupadd`; removed on drop.
 struct RealUsers {
     users: Vec<String>,

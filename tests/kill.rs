@@ -894,9 +894,32 @@ fn active_generation(root: &Path) -> (u64, BTreeMap<PathBuf, Vec<u8>>) {
     (number, files)
 }
 
+/// The units restarted and reloaded in the recorded systemctl calls (the generation's
+/// timer installs left out), then forgets the calls.
+fn take_unit_calls(calls: &Path) -> (BTreeSet<String>, BTreeSet<String>) {
+    let text = fs::read_to_string(calls).unwrap_or_default();
+    let _ = fs::remove_file(calls);
+    let (mut restarted, mut reloaded) = (BTreeSet::new(), BTreeSet::new());
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let into = match words.next() {
+            Some("try-restart") => &mut restarted,
+            Some("try-reload-or-restart") => &mut reloaded,
+            _ => continue,
+        };
+        into.extend(
+            words
+                .filter(|u| !(u.starts_with("agex-") && u.ends_with(".timer")))
+                .map(str::to_string),
+        );
+    }
+    (restarted, reloaded)
+}
+
 /// `activate` and `rollback` killed: `run/agex` always points to a complete generation
-/// (its marker, and exactly the files of that generation with their content), and the
-/// next run completes.
+/// (its marker, and exactly the files of that generation with their content); the units
+/// whose secrets differ were restarted (and reloaded) all or none — none while the old
+/// generation is still the active one — and after the next run all of them.
 #[test]
 fn activate_and_rollback_killed_leave_run_agex_on_a_complete_generation() {
     let fx = Fixture::bunk();
@@ -908,7 +931,7 @@ fn activate_and_rollback_killed_leave_run_agex_on_a_complete_generation() {
     fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
     common::setup::bunk_user_db(&root);
     let _unmount = common::setup::Unmount(root.clone());
-    let (sysctl, _) = recording_systemctl(fx.tmp.path());
+    let (sysctl, calls) = recording_systemctl(fx.tmp.path());
     let privileged = common::is_root("activate_and_rollback_killed (runs unmounted instead)");
     let cmd = |args: &[&str]| {
         let mut c = fx.agex();
@@ -916,7 +939,7 @@ fn activate_and_rollback_killed_leave_run_agex_on_a_complete_generation() {
             .arg(&root)
             .args(["--host", "bunk"])
             .args(args);
-        c.arg("--systemctl").arg(&sysctl).arg("--no-restart");
+        c.arg("--systemctl").arg(&sysctl);
         if !privileged {
             c.arg("--allow-unmounted");
         }
@@ -925,34 +948,72 @@ fn activate_and_rollback_killed_leave_run_agex_on_a_complete_generation() {
     let mut expected = BTreeMap::new();
     assert_ok(&cmd(&["activate"]).output().unwrap());
     expected.insert(1, active_generation(&root).1);
-    assert_ok(
-        &encrypt_cmd(&fx, "grafana-admin-password", b"kill-test-grafana\n")
-            .wait_with_output()
-            .unwrap(),
-    );
+    // Units restarted (grafana, smtp's) and reloaded (caddy's token) between 1 and 2.
+    for (name, value) in [
+        ("grafana-admin-password", "kill-test-grafana\n"),
+        ("smtp-password", "kill-test-smtp\n"),
+        ("cloudflare-api-token", "kill-test-cloudflare\n"),
+    ] {
+        assert_ok(
+            &encrypt_cmd(&fx, name, value.as_bytes())
+                .wait_with_output()
+                .unwrap(),
+        );
+    }
+    take_unit_calls(&calls);
     let span_activate = measure(cmd(&["activate"]));
     let (two, files) = active_generation(&root);
     assert_eq!(two, 2);
     assert_ne!(files, expected[&1], "generation 2 differs from 1");
     expected.insert(2, files);
+    let units = take_unit_calls(&calls);
+    assert!(
+        units.0.len() > 1 && !units.1.is_empty(),
+        "1 -> 2 restarts several units and reloads one: {units:?}"
+    );
     let span_rollback = measure(cmd(&["rollback"]));
+    assert_eq!(take_unit_calls(&calls), units, "rollback 2 -> 1");
+    let none = (BTreeSet::new(), BTreeSet::new());
+    // After a killed switch from `from`: all or none of each kind, none unless switched;
+    // after the next run to the same generation, all.
+    let check_units = |what: &str, from: u64| {
+        let (n, files) = active_generation(&root);
+        assert_eq!(files, expected[&n], "{what}: generation {n} incomplete");
+        let after_kill = take_unit_calls(&calls);
+        for (done, all, verb) in [
+            (&after_kill.0, &units.0, "restarted"),
+            (&after_kill.1, &units.1, "reloaded"),
+        ] {
+            assert!(
+                done.is_empty() || done == all,
+                "{what}: {verb} {done:?}, neither none nor all of {all:?}"
+            );
+        }
+        if n == from {
+            assert_eq!(
+                after_kill, none,
+                "{what}: units restarted, nothing switched"
+            );
+        }
+        after_kill
+    };
     let mut trials = Trials::new("activate/rollback");
     for trial in 0..trials.count {
         // Generation 1 is active here: activate 2 (killed), then roll back (killed).
         trials.kill(&mut cmd(&["activate", "2"]), span_activate, trial);
-        let (n, files) = active_generation(&root);
-        assert_eq!(
-            files, expected[&n],
-            "activate trial {trial}: generation {n} incomplete"
-        );
+        let killed = check_units(&format!("activate trial {trial}"), 1);
         assert_ok(&cmd(&["activate", "2"]).output().unwrap());
+        let next = take_unit_calls(&calls);
+        let all = (&killed.0 | &next.0, &killed.1 | &next.1);
+        assert_eq!(all, units, "activate trial {trial}: after the next run");
+        assert_eq!(active_generation(&root).0, 2);
+
         trials.kill(&mut cmd(&["rollback"]), span_rollback, trial);
-        let (n, files) = active_generation(&root);
-        assert_eq!(
-            files, expected[&n],
-            "rollback trial {trial}: generation {n} incomplete"
-        );
+        let killed = check_units(&format!("rollback trial {trial}"), 2);
         assert_ok(&cmd(&["activate", "1"]).output().unwrap());
+        let next = take_unit_calls(&calls);
+        let all = (&killed.0 | &next.0, &killed.1 | &next.1);
+        assert_eq!(all, units, "rollback trial {trial}: after the next run");
         assert_eq!(active_generation(&root).0, 1);
     }
     trials.report();

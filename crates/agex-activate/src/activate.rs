@@ -31,7 +31,7 @@ use crate::manifest::{Manifest, Piece, SecretEntry};
 use crate::plan::{Plan, PlannedFile, Source};
 use crate::prune::{discard_dir, prune};
 use crate::ramfs::{self, SecretsFs};
-use crate::restart::{self, Restarts, Systemctl};
+use crate::restart::{self, Owed, Restarts, Systemctl};
 use crate::store::{self, StateLock, StoredGeneration};
 use crate::users::UserDb;
 
@@ -80,12 +80,14 @@ pub struct Activation {
 #[derive(Debug)]
 pub enum Switch {
     /// The generation asked for is the active one and its directory is complete: nothing
-    /// was decrypted, switched or restarted.
+    /// was decrypted or switched, and only what a killed run owed was restarted.
     AlreadyActive {
         /// The active generation.
         number: u64,
         /// Its hash.
         hash: String,
+        /// The restarts an activation killed after its switch still owed, done now.
+        owed: Option<Restarts>,
     },
     /// The generation was switched in.
     Activated(Box<Activation>),
@@ -239,9 +241,15 @@ fn switch_to(
             Path::new(CURRENT_LINK),
             Path::new(&format!("generations/{number}")),
         )?;
+        // The run that switched here was killed before it restarted the units.
+        let fs_dir = layout.secrets_fs();
+        let owed = Owed::load(&fs_dir)
+            .filter(|o| o.number == number)
+            .map(|o| pay(&fs_dir, o, opts));
         return Ok(Switch::AlreadyActive {
             number,
             hash: generation.hash,
+            owed,
         });
     }
     match switch_generation(lock, &generation, opts, reuse) {
@@ -311,6 +319,24 @@ fn switch_generation(
         }
     };
 
+    let (mut restart, mut reload) = changed_units(old_digests.as_ref(), &new_digests);
+    // A run killed after its switch and before systemctl left units running on the
+    // secrets of the generation it switched to, the one active now: they are owed too.
+    if let Some(owed) = Owed::load(&fs_dir).filter(|o| Some(o.number) == previous) {
+        (restart, reload) = owed.added_to(restart, reload);
+    }
+    let owed = Owed {
+        number,
+        restart,
+        reload,
+    };
+    if opts.no_restart || opts.systemctl.is_none() || owed.is_empty() {
+        Owed::clear(&fs_dir);
+    } else {
+        owed.save(&fs_dir)
+            .map_err(|e| no_room(e, &fs_dir, previous))?;
+    }
+
     link_paths(layout, &plan, old_marker.as_ref())?;
     switch_symlink(
         layout,
@@ -327,7 +353,26 @@ fn switch_generation(
 
     let pruned = prune(lock, manifest.keep, number)?;
 
-    let (restart, reload) = changed_units(old_digests.as_ref(), &new_digests);
+    let restarts = pay(&fs_dir, owed, opts);
+    Ok(Activation {
+        number,
+        hash: generation.hash.clone(),
+        previous,
+        dir: final_dir,
+        files: plan.files.len(),
+        fs: fs_kind,
+        reused,
+        pruned,
+        restarts,
+    })
+}
+
+/// Restarts and reloads what `owed` names (unless `--no-restart` or no systemctl) and
+/// forgets the debt once systemctl ran; a failed systemctl keeps it for the next run.
+fn pay(fs_dir: &Path, owed: Owed, opts: &ActivateOptions) -> Restarts {
+    let Owed {
+        restart, reload, ..
+    } = owed;
     let restarts = if restart.is_empty() && reload.is_empty() {
         Restarts::Done {
             commands: Vec::new(),
@@ -350,17 +395,10 @@ fn switch_generation(
             },
         }
     };
-    Ok(Activation {
-        number,
-        hash: generation.hash.clone(),
-        previous,
-        dir: final_dir,
-        files: plan.files.len(),
-        fs: fs_kind,
-        reused,
-        pruned,
-        restarts,
-    })
+    if !matches!(restarts, Restarts::Failed(_)) {
+        Owed::clear(fs_dir);
+    }
+    restarts
 }
 
 /// An error writing to the secrets filesystem because it is full, said as such, with the

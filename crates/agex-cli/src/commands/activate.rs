@@ -134,11 +134,40 @@ pub fn cmd_activate(
 /// Installs the generation's units and reports, unless nothing was switched.
 fn finish(ctx: &Context, switch: &SwitchArgs, done: Switch) -> Result<i32, Failure> {
     match done {
-        Switch::AlreadyActive { number, hash } => {
+        Switch::AlreadyActive {
+            number,
+            hash,
+            owed: None,
+        } => {
+            // A run killed after its switch may not have installed the units yet.
+            crate::commands::schedule::install_generation_units(
+                ctx,
+                number,
+                switch.systemctl.as_deref(),
+                switch.no_restart,
+                true,
+            )?;
             println!(
                 "generation {number} ({hash}) is already active and unchanged: nothing to do (nothing restarted)"
             );
             Ok(OK)
+        }
+        Switch::AlreadyActive {
+            number,
+            hash,
+            owed: Some(restarts),
+        } => {
+            crate::commands::schedule::install_generation_units(
+                ctx,
+                number,
+                switch.systemctl.as_deref(),
+                switch.no_restart,
+                true,
+            )?;
+            println!(
+                "generation {number} ({hash}) is already active; the activation that switched to it was killed before it restarted the units"
+            );
+            report_restarts(number, restarts)
         }
         Switch::Activated(activation) => {
             crate::commands::schedule::install_generation_units(
@@ -146,6 +175,7 @@ fn finish(ctx: &Context, switch: &SwitchArgs, done: Switch) -> Result<i32, Failu
                 activation.number,
                 switch.systemctl.as_deref(),
                 switch.no_restart,
+                false,
             )?;
             report(*activation)
         }
@@ -201,7 +231,11 @@ fn report(a: Activation) -> Result<i32, Failure> {
                 .join(", ")
         );
     }
-    match a.restarts {
+    report_restarts(a.number, a.restarts)
+}
+
+fn report_restarts(number: u64, restarts: Restarts) -> Result<i32, Failure> {
+    match restarts {
         Restarts::Done {
             commands,
             restart,
@@ -235,10 +269,7 @@ fn report(a: Activation) -> Result<i32, Failure> {
         }
         Restarts::Failed(e) => Err(Failure::new(
             FAILURE,
-            format!(
-                "switched to generation {}, but restarting its units failed: {e}",
-                a.number
-            ),
+            format!("switched to generation {number}, but restarting its units failed: {e}"),
         )),
     }
 }

@@ -516,12 +516,15 @@ pub fn carry(
 const UNITS_PREFIX: &str = "systemd/";
 
 /// Installs the units generation `number` carries (add, change, remove, daemon-reload,
-/// timers enabled). A generation built before it carried units leaves them alone.
+/// timers enabled). A generation built before it carried units leaves them alone. With
+/// `quiet_if_unchanged` (re-activating the active generation) it says nothing unless it
+/// had something to do.
 pub fn install_generation_units(
     ctx: &Context,
     number: u64,
     systemctl: Option<&str>,
     no_restart: bool,
+    quiet_if_unchanged: bool,
 ) -> Result<(), Failure> {
     let layout = agex_activate::Layout::new(&ctx.global.root);
     let generation = agex_activate::StoredGeneration::open(&layout, number)?;
@@ -542,7 +545,11 @@ pub fn install_generation_units(
         });
     }
     if files.is_empty() {
-        println!("generation {number} carries no systemd units; installed units left as they are");
+        if !quiet_if_unchanged {
+            println!(
+                "generation {number} carries no systemd units; installed units left as they are"
+            );
+        }
         return Ok(());
     }
     let root = &ctx.global.root;
@@ -554,8 +561,10 @@ pub fn install_generation_units(
         Systemctl::configured(systemctl, root)
     };
     let report = install::apply(root, &to, &plan, sc.as_ref())?;
-    if plan.is_noop() {
-        println!("systemd units unchanged");
+    if plan.is_noop() && report.commands.is_empty() {
+        if !quiet_if_unchanged {
+            println!("systemd units unchanged");
+        }
         return Ok(());
     }
     println!(
