@@ -2,11 +2,11 @@
 //! tails, prune decisions) and `--json` stdout (`create` stats, `list`).
 #![no_main]
 
-use agex_backup::{borg, process};
+use agex_backup::{engine::borg, process};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let kept = borg::read_log(data, None);
+    let kept = borg::read_log(data, |_| true);
     let _ = borg::lock_timed_out(&kept);
     let _ = process::tail(&kept);
     let _ = borg::pruned_archives(data);

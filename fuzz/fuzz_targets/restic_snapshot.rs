@@ -1,7 +1,7 @@
 //! A restic snapshot file's JSON (decrypted) as rustic_core reads it and agex shows it.
 #![no_main]
 
-use agex_backup::restic::info;
+use agex_backup::engine::restic::info;
 use libfuzzer_sys::fuzz_target;
 use rustic_core::repofile::SnapshotFile;
 

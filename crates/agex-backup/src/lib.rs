@@ -3,11 +3,11 @@
 
 pub mod access;
 pub mod backend;
-pub mod borg;
 pub mod cancel;
 mod digest_cache;
 pub mod drill_records;
 pub mod dump;
+pub mod engine;
 pub mod error;
 pub mod lock;
 pub mod manifest;
@@ -19,7 +19,6 @@ pub mod process;
 pub mod progress;
 pub mod rclone;
 pub mod records;
-pub mod restic;
 pub mod restic_key;
 pub mod run;
 pub mod sftp;

@@ -5,14 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use agex_core::{Project, RepositoryKind, SecretRule};
+use agex_core::{Project, SecretRule};
 use agex_secrets::Identities;
 use zeroize::Zeroizing;
 
 use crate::access::RepoAccess;
-use crate::borg::Borg;
+use crate::engine::Engine;
 use crate::error::BackupError;
-use crate::restic::Restic;
 
 /// The file holding a rotation's new password until the secret holds it.
 pub fn pending_path(project: &Project, rule: &SecretRule) -> PathBuf {
@@ -45,10 +44,7 @@ pub fn with_password(access: &RepoAccess, password: &str) -> RepoAccess {
 
 /// Whether the repository opens with `access`'s password.
 pub fn opens(access: &RepoAccess, state: &Path) -> Result<(), BackupError> {
-    match access.repo.kind {
-        RepositoryKind::Restic => Restic::open(access).map(|_| ()),
-        RepositoryKind::Borg => Borg::new(access, state)?.list(None).map(|_| ()),
-    }
+    Engine::open_verified(access, state).map(|_| ())
 }
 
 /// The plaintext of a rotation's pending file.

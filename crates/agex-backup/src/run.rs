@@ -4,10 +4,8 @@
 //! result.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -18,15 +16,16 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::access::RepoAccess;
-use crate::borg::Borg;
 use crate::dump;
+use crate::engine::borg::{Borg, Create, CreateFailure};
+use crate::engine::restic::{Restic, Stream};
+use crate::engine::Engine;
 use crate::error::BackupError;
 use crate::lock;
 use crate::manifest::{self, under, DumpEntry, DumpKind, HostPath, Selection, SpecialEntry};
 use crate::manifest_stream::{ManifestSource, Marks};
 use crate::process;
 use crate::progress::{Meter, Progress};
-use crate::restic::{Restic, Stream};
 use crate::tee::{self, Completion, Tee};
 use crate::units::StoppedUnits;
 
@@ -542,7 +541,7 @@ fn backup_service(
                                     unread
                                         .borrow()
                                         .is_some()
-                                        .then(|| crate::borg::transient(e))
+                                        .then(|| crate::engine::borg::transient(e))
                                         .flatten()
                                 },
                             );
@@ -689,10 +688,7 @@ fn new_retries(env: &Env<'_>, access: &RepoAccess) -> u64 {
 /// Removes a snapshot or archive written although a stream of it failed (the gate on the
 /// Restic side and stopping borg keep this from happening); returns the error to report.
 fn discard(access: &RepoAccess, state: &Path, snapshot: &str, why: &str) -> String {
-    let removed = match access.repo.kind {
-        RepositoryKind::Restic => Restic::open(access).and_then(|r| r.delete(&[snapshot.into()])),
-        RepositoryKind::Borg => Borg::new(access, state).and_then(|b| b.delete(snapshot)),
-    };
+    let removed = Engine::open(access, state).and_then(|e| e.delete(snapshot));
     match removed {
         Ok(()) => format!("{why}; the snapshot {snapshot} was written anyway and is removed"),
         Err(e) => format!(
@@ -750,10 +746,7 @@ pub fn forget(
     prune: bool,
     dry_run: bool,
 ) -> Result<Vec<String>, BackupError> {
-    match access.repo.kind {
-        RepositoryKind::Restic => Restic::open(access)?.forget(service, retention, prune, dry_run),
-        RepositoryKind::Borg => Borg::new(access, state)?.prune(service, retention, prune, dry_run),
-    }
+    Engine::open(access, state)?.forget(service, retention, prune, dry_run)
 }
 
 /// The Restic side's snapshot id, bytes added, and the files marked changed after its
@@ -802,15 +795,8 @@ fn restic_side(
     Ok((snap.id, snap.bytes_added, late))
 }
 
-/// A borg side that failed, with its streams when borg never opened any of them (it gave
-/// up on the repository lock, or lost its connection, first), so they can go to another
-/// attempt.
-type BorgFailure = (BackupError, Option<Vec<Stream>>);
-
-/// Borg reads each stream (dumps, manifest) from a named pipe at its place under the
-/// dumps directory, so the archive holds them at the same paths as the Restic snapshot
-/// does. Borg is given its paths and pipes in path order, the order the Restic side
-/// reads them too, so the two meet each dump at about the same time.
+/// Borg's side of a service backup: one `borg create` of the selection and the streams
+/// (see [`Borg::create`]).
 fn borg_side(
     access: &RepoAccess,
     env: &Env<'_>,
@@ -819,231 +805,17 @@ fn borg_side(
     complete: &Completion,
     archive: &str,
     meter: Option<&Arc<Meter>>,
-) -> Result<(String, Option<u64>), BorgFailure> {
+) -> Result<(String, Option<u64>), CreateFailure> {
     let borg = match Borg::new(access, &env.state) {
         Ok(b) => b,
         Err(e) => return Err((e, Some(streams))),
     };
-    let mut args: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
-    let mut fifos = Vec::new();
-    let fail = |fifos: &[PathBuf], e: BackupError, streams: Vec<Stream>| {
-        cleanup_fifos(fifos);
-        Err((e, Some(streams)))
+    let what = Create {
+        root: env.root,
+        selection,
+        specials,
+        archive,
+        lock_wait: env.opts.lock_wait,
     };
-    // The pipes' directories are held open and the pipes made, fed and removed through
-    // them: a symlink swapped into the dumps directory's parents cannot send a dump, or
-    // a removal, anywhere else.
-    let mut held = Vec::new();
-    for stream in &streams {
-        let path = &stream.path;
-        let (dir, name) = match agex_core::beneath::parent_of(env.root, path, Some(0o755)) {
-            Ok(d) => d,
-            Err(e) => return fail(&fifos, e.into(), streams),
-        };
-        if let Err(e) = dir.make_fifo(name, 0o600) {
-            return fail(&fifos, e.into(), streams);
-        }
-        let fifo = dir.handle_path().join(name);
-        held.push(dir);
-        args.push(rel(path));
-        crate::cancel::fifo_made(fifo.clone());
-        fifos.push(fifo);
-    }
-    // Borg reads the manifest last, after every file (crate::manifest_stream); the rest
-    // in path order, the order the Restic side reads them too, so the two meet each dump
-    // at about the same time.
-    let manifest_arg = args.pop();
-    args.sort();
-    args.extend(manifest_arg);
-    let mut cmd = borg.command();
-    cmd.current_dir(env.root).args([
-        "create",
-        "--json",
-        "--log-json",
-        "--compression",
-        "zstd,3",
-        "--read-special",
-        "--lock-wait",
-    ]);
-    cmd.arg(env.opts.lock_wait.as_secs().to_string());
-    if meter.is_some() {
-        cmd.arg("--progress");
-    }
-    for e in selection.excludes() {
-        cmd.arg("--exclude")
-            .arg(format!("sh:{}", rel(Path::new(e)).display()));
-    }
-    // `--read-special` (for agex's own pipes) would open a fifo or device of the paths
-    // and read it as content, or wait on it forever: borg is kept away from them (the
-    // Restic side stores them as what they are). Sockets borg skips by itself.
-    for special in specials {
-        let mut pattern = std::ffi::OsString::from("pf:");
-        pattern.push(rel(special.path.as_path()));
-        cmd.arg("--exclude").arg(pattern);
-    }
-    cmd.arg(borg.archive_url(archive));
-    cmd.args(&args);
-    let shown = process::describe(&cmd);
-    tracing::debug!("running {shown}");
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => {
-            crate::cancel::child_started(c.id());
-            c
-        }
-        Err(source) => {
-            return fail(
-                &fifos,
-                BackupError::Spawn {
-                    tool: shown,
-                    source,
-                },
-                streams,
-            )
-        }
-    };
-    let pid = child.id();
-    let borg_done = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = streams
-        .into_iter()
-        .zip(fifos.iter().cloned())
-        .map(|(stream, fifo)| {
-            let done = Arc::clone(&borg_done);
-            std::thread::spawn(move || feed_fifo(&fifo, stream, pid, &done))
-        })
-        .collect();
-    // stderr is read as it comes: borg's progress lines move the meter, the rest is kept
-    // for the error message.
-    let log = child.stderr.take().map(|e| {
-        let meter = meter.cloned();
-        std::thread::spawn(move || crate::borg::read_log(e, meter.as_deref()))
-    });
-    // A borg the dumps left behind (it took nothing for the stall timeout: its server
-    // hangs, say) is stopped: it would hold this run, and its lock, however long.
-    let watch = {
-        let (done, complete) = (Arc::clone(&borg_done), complete.clone());
-        std::thread::spawn(move || {
-            while !done.load(Ordering::SeqCst) {
-                if complete.left_behind() {
-                    stop_borg(pid, &done);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        })
-    };
-    let out = child.wait_with_output();
-    crate::cancel::child_done(pid);
-    let log = log.and_then(|t| t.join().ok()).unwrap_or_default();
-    borg_done.store(true, Ordering::SeqCst);
-    let _ = watch.join();
-    let unread: Option<Vec<Stream>> = writers
-        .into_iter()
-        .map(|w| w.join().ok().flatten())
-        .collect();
-    cleanup_fifos(&fifos);
-    let mut out = out.map_err(|source| {
-        (
-            BackupError::Spawn {
-                tool: shown.clone(),
-                source,
-            },
-            None,
-        )
-    })?;
-    out.stderr = log.into_bytes();
-    // borg exits 1 for warnings (e.g. a file changed while read): the archive exists.
-    if !(out.status.success() || out.status.code() == Some(1)) {
-        if crate::borg::lock_timed_out(&String::from_utf8_lossy(&out.stderr)) {
-            let locked = BackupError::Locked {
-                repo: access.repo.name.clone(),
-                message: process::tail(&String::from_utf8_lossy(&out.stderr)),
-            };
-            return Err((locked, unread));
-        }
-        return Err(match process::check(&shown, out) {
-            Err(e) => (borg.explain(e), unread),
-            Ok(_) => (
-                BackupError::Output {
-                    tool: shown,
-                    detail: "failed without an error".into(),
-                },
-                None,
-            ),
-        });
-    }
-    let stats = crate::borg::parse_create_stats(&out.stdout).map_err(|e| (e, None))?;
-    Ok((archive.to_string(), Some(stats.deduplicated_size)))
-}
-
-fn cleanup_fifos(fifos: &[PathBuf]) {
-    for f in fifos {
-        let _ = std::fs::remove_file(f);
-        crate::cancel::fifo_removed(f);
-    }
-}
-
-/// Copies a stream into its named pipe once borg opens it; returns the stream untouched
-/// if borg exited without opening the pipe. If the stream fails (its dump broke off),
-/// borg is stopped while the pipe is still open, so it never sees an end and never
-/// commits an archive with a torn dump. A write to a pipe borg closed fails with EPIPE
-/// (SIGPIPE is ignored by the backup commands), never kills the process.
-fn feed_fifo(fifo: &Path, stream: Stream, borg: u32, borg_done: &AtomicBool) -> Option<Stream> {
-    let file = loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-            .open(fifo)
-        {
-            Ok(f) => break f,
-            Err(_) if !borg_done.load(Ordering::SeqCst) => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(_) => return Some(stream),
-        }
-    };
-    if rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty()).is_err() {
-        return None;
-    }
-    let mut file = file;
-    let mut reader = stream.reader;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => return None,
-            Ok(n) => {
-                if file.write_all(&buf[..n]).is_err() {
-                    return None;
-                }
-            }
-            Err(_) => {
-                stop_borg(borg, borg_done);
-                return None;
-            }
-        }
-    }
-}
-
-/// Stops borg with SIGTERM (it exits without committing) and waits until it is gone;
-/// SIGKILL after 10 s (a borg whose server hangs may hang in its own cleanup).
-fn stop_borg(pid: u32, borg_done: &AtomicBool) {
-    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
-        return;
-    };
-    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !borg_done.load(Ordering::SeqCst) {
-        if Instant::now() > deadline {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn rel(p: &Path) -> PathBuf {
-    p.strip_prefix("/").unwrap_or(p).to_path_buf()
+    borg.create(&what, streams, complete, meter)
 }

@@ -89,6 +89,16 @@ pub enum RepositoryKind {
     Borg,
 }
 
+impl RepositoryKind {
+    /// The kind as agex.toml spells it: `restic` or `borg`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepositoryKind::Restic => "restic",
+            RepositoryKind::Borg => "borg",
+        }
+    }
+}
+
 /// One offsite backup repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Repository {

@@ -69,10 +69,7 @@ pub fn render(project: &Project, generated: &str) -> String {
             .map(|r| r.file.display().to_string())
             .unwrap_or_else(|| format!("secrets/{secret}.age"));
         let recovery = recovery_keys(project, secret);
-        let kind = match repo.kind {
-            RepositoryKind::Restic => "restic",
-            RepositoryKind::Borg => "borg",
-        };
+        let kind = repo.kind.as_str();
         let _ = writeln!(w, "\nRepository {} ({kind})", repo.name);
         let _ = writeln!(w, "{}", "-".repeat(repo.name.len() + kind.len() + 14));
         let _ = writeln!(w, "URL:          {}", repo.url);

@@ -11,21 +11,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agex_core::systemctl::Systemctl;
-use agex_core::{Database, Policy, Project, RepositoryKind};
+use agex_core::{Database, Policy, Project};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use rayon::prelude::*;
-use rustic_core::{LocalDestination, LsOptions, RestoreOptions};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::pg::PgConn;
 use agex_backup::access::RepoAccess;
-use agex_backup::borg::Borg;
+use agex_backup::engine::{self, Engine};
 use agex_backup::error::BackupError;
 use agex_backup::manifest::{self, host_path, under, DumpKind, HostPath, Manifest};
-use agex_backup::process;
-use agex_backup::progress::{Meter, Progress};
-use agex_backup::restic::{restic_err, Restic};
+use agex_backup::progress::Progress;
 use agex_backup::units::StoppedUnits;
 
 /// One snapshot (Restic) or archive (Borg) of a service.
@@ -90,60 +87,28 @@ pub fn snapshots(
 /// snapshot names its run, so both engines' snapshots of one run show the same time.
 pub fn all_snapshots(access: &RepoAccess, state: &Path) -> Result<Vec<Snapshot>, BackupError> {
     let repo = access.repo.name.clone();
-    let mut out: Vec<Snapshot> = match access.repo.kind {
-        RepositoryKind::Restic => {
-            let restic = Restic::open(access)?;
-            let key = Some(OpenedKey(restic.master_key()));
-            restic
-                .snapshots()?
-                .into_iter()
-                .filter_map(|s| {
-                    let tag = |prefix: &str| {
-                        s.tags
-                            .iter()
-                            .find_map(|t| t.strip_prefix(prefix))
-                            .map(str::to_string)
-                    };
-                    let service = tag("service=")?;
-                    let run_id = tag("run=");
-                    let time = run_id
-                        .as_deref()
-                        .and_then(parse_run_id)
-                        .or_else(|| parse_restic_time(&s.time))?;
-                    Some(Snapshot {
-                        repo: repo.clone(),
-                        service,
-                        late_changed: agex_backup::manifest_stream::late_marks(
-                            s.description.as_deref(),
-                        ),
-                        id: s.id,
-                        run_id,
-                        time,
-                        key: key.clone(),
-                    })
-                })
-                .collect()
-        }
-        RepositoryKind::Borg => Borg::new(access, state)?
-            .list(None)?
-            .into_iter()
-            .filter(|a| !a.name.ends_with(".checkpoint") && !a.name.contains(".checkpoint."))
-            .filter_map(|a| {
-                // `<service>-<run id>`; the run id has no `-`, a service name may.
-                let (service, run) = a.name.rsplit_once('-')?;
-                let time = parse_run_id(run)?;
-                Some(Snapshot {
-                    repo: repo.clone(),
-                    service: service.to_string(),
-                    id: a.name.clone(),
-                    run_id: Some(run.to_string()),
-                    time,
-                    key: None,
-                    late_changed: Vec::new(),
-                })
+    let engine = Engine::open(access, state)?;
+    let key = engine.master_key().map(OpenedKey);
+    let mut out: Vec<Snapshot> = engine
+        .snapshots()?
+        .into_iter()
+        .filter_map(|s| {
+            let time = s
+                .run_id
+                .as_deref()
+                .and_then(parse_run_id)
+                .or_else(|| s.time.as_deref().and_then(parse_restic_time))?;
+            Some(Snapshot {
+                repo: repo.clone(),
+                service: s.service,
+                late_changed: agex_backup::manifest_stream::late_marks(s.description.as_deref()),
+                id: s.id,
+                run_id: s.run_id,
+                time,
+                key: key.clone(),
             })
-            .collect(),
-    };
+        })
+        .collect();
     out.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
     Ok(out)
 }
@@ -226,163 +191,9 @@ pub fn extract(
     progress: Option<(&Arc<dyn Progress>, &str)>,
 ) -> Result<Extracted, BackupError> {
     std::fs::create_dir_all(dest).map_err(BackupError::io(dest))?;
-    let repo = access.repo.name.as_str();
-    let mut meter: Option<Arc<Meter>> = None;
-    let result = match access.repo.kind {
-        RepositoryKind::Restic => {
-            let mut key = snap.key.as_ref().map(|k| k.0.clone());
-            if let Some((sink, service)) = progress {
-                // The totals come from the snapshot's summary, read before the metered
-                // open (a meter announces its totals when it starts); every open after
-                // the first reuses its master key instead of the password's KDF.
-                let first = Restic::open_metered(access, None, key.clone())?;
-                key = Some(first.master_key());
-                let snapshot = first
-                    .into_inner()
-                    .get_snapshot_from_str(&snap.id, |_| true)
-                    .map_err(restic_err(repo))?;
-                let (bytes, files) = snapshot
-                    .summary
-                    .map(|s| (s.total_bytes_processed, s.total_files_processed))
-                    .unwrap_or_default();
-                let m = Meter::start(Arc::clone(sink), service, repo);
-                m.set_total(bytes, files);
-                meter = Some(m);
-            }
-            restic_extract(access, &snap.id, dest, meter.as_ref(), key)
-        }
-        RepositoryKind::Borg => borg_extract(access, state, snap, dest, progress, &mut meter),
-    };
-    if let Some(m) = &meter {
-        m.finish(result.is_ok());
-    }
-    result?;
+    let key = snap.key.as_ref().map(|k| k.0.clone());
+    engine::extract(access, state, &snap.id, key, dest, progress)?;
     count(dest)
-}
-
-/// `borg extract` in `dest`; with progress, its `--progress` JSON feeds a meter.
-fn borg_extract(
-    access: &RepoAccess,
-    state: &Path,
-    snap: &Snapshot,
-    dest: &Path,
-    progress: Option<(&Arc<dyn Progress>, &str)>,
-    meter: &mut Option<Arc<Meter>>,
-) -> Result<(), BackupError> {
-    use std::io::BufRead;
-    let borg = Borg::new(access, state)?;
-    let mut cmd = borg.command();
-    cmd.current_dir(dest).args(["extract", "--log-json"]);
-    if progress.is_some() {
-        cmd.arg("--progress");
-    }
-    cmd.arg(borg.archive_url(&snap.id));
-    let shown = process::describe(&cmd);
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|source| BackupError::Spawn {
-            tool: shown.clone(),
-            source,
-        })?;
-    let mut stderr = Vec::new();
-    if let Some(pipe) = child.stderr.take() {
-        for line in std::io::BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            let progressed = progress.and_then(|(sink, service)| {
-                let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-                if v.get("type")?.as_str()? != "progress_percent" {
-                    return None;
-                }
-                let total = v.get("total").and_then(|t| t.as_u64()).unwrap_or(0);
-                let current = v.get("current").and_then(|c| c.as_u64()).unwrap_or(0);
-                let m = meter.get_or_insert_with(|| {
-                    let m = Meter::start(Arc::clone(sink), service, &access.repo.name);
-                    m.set_total(total, 0);
-                    m
-                });
-                m.set(current, 0);
-                Some(())
-            });
-            if progressed.is_none() {
-                stderr.extend_from_slice(line.as_bytes());
-                stderr.push(b'\n');
-            }
-        }
-    }
-    let status = child.wait().map_err(|source| BackupError::Spawn {
-        tool: shown.clone(),
-        source,
-    })?;
-    process::check(
-        &shown,
-        std::process::Output {
-            status,
-            stdout: vec![],
-            stderr,
-        },
-    )
-    .map(|_| ())
-}
-
-fn restic_extract(
-    access: &RepoAccess,
-    id: &str,
-    dest: &Path,
-    meter: Option<&Arc<Meter>>,
-    key: Option<rustic_core::repofile::MasterKey>,
-) -> Result<(), BackupError> {
-    let name = access.repo.name.clone();
-    let err = restic_err(&access.repo.name);
-    let repo = Restic::open_metered(access, meter, key)?
-        .into_inner()
-        .to_indexed()
-        .map_err(&err)?;
-    let snap = repo.get_snapshot_from_str(id, |_| true).map_err(&err)?;
-    let node = repo.node_from_snapshot_and_path(&snap, "").map_err(&err)?;
-    let ls = repo.ls(&node, &LsOptions::default()).map_err(&err)?;
-    let mut target = dest.to_string_lossy().into_owned();
-    if !target.ends_with('/') {
-        target.push('/');
-    }
-    let dest = LocalDestination::new(&target, true, false).map_err(&err)?;
-    let opts = RestoreOptions::default();
-    let plan = repo
-        .prepare_restore(&opts, ls.clone(), &dest, false)
-        .map_err(&err)?;
-    // rustic_core 0.13 unwraps a pack that fails to decrypt inside its restore threads
-    // (the panic reaches this thread through rayon's scope): a damaged repository must
-    // fail this restore, not abort agex.
-    // The default hook would print the panic as if agex had crashed; the failure is
-    // reported as an error instead. Restores run one at a time, so swapping the
-    // process-wide hook for their duration is safe.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        repo.restore(plan, &opts, ls, &dest)
-    }));
-    std::panic::set_hook(hook);
-    match restored {
-        Ok(r) => r.map_err(&err),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown error");
-            let reason = if what.contains("MAC check failed") {
-                "data decryption failed (MAC check failed): the repository is damaged"
-            } else {
-                what
-            };
-            Err(BackupError::Restic {
-                repo: name,
-                message: format!("restore failed: {reason}"),
-            })
-        }
-    }
 }
 
 fn count(dir: &Path) -> Result<Extracted, BackupError> {

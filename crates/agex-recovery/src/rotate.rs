@@ -12,18 +12,16 @@
 
 use std::path::Path;
 
-use agex_core::{Generator, Project, RepositoryKind, SecretRule};
+use agex_core::{Generator, Project, SecretRule};
 use agex_secrets::{secret_file, Identities};
 use zeroize::Zeroizing;
 
 use agex_backup::access::{self, RepoAccess};
-use agex_backup::borg::Borg;
+use agex_backup::engine::{Engine, NewKey};
 use agex_backup::error::BackupError;
 use agex_backup::pending::{
     opens, password_rule, pending_password, pending_path, utf8, with_password,
 };
-use agex_backup::process;
-use agex_backup::restic::{restic_err, Restic};
 
 /// A point of the rotation, reported to the caller as soon as it is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,41 +174,21 @@ pub fn rotate(
         .map_err(BackupError::io(&pending))?;
     on_step(Step::Pending);
     let next = with_password(&access, &new);
-    match access.repo.kind {
-        RepositoryKind::Restic => {
-            let old = Restic::open(&access)?;
-            let old_id = *old.inner().key_id();
-            old.add_key(&new)?;
-            on_step(Step::KeyAdded);
-            let reopened = Restic::open(&next)?;
-            on_step(Step::Verified);
-            store(project, rule, &new)?;
-            remove_pending(&pending)?;
-            on_step(Step::Stored);
-            if let Some(id) = old_id {
-                if let Err(e) = reopened.inner().delete_key(&id) {
-                    out.old_key_left = Some(restic_err(name)(e).to_string());
-                }
-            }
-            on_step(Step::OldKeyRemoved);
+    let added = Engine::open(&access, state)?.rotate_key(&new)?;
+    on_step(match added {
+        NewKey::Added { .. } => Step::KeyAdded,
+        NewKey::Changed => Step::Changed,
+    });
+    let reopened = Engine::open_verified(&next, state)?;
+    on_step(Step::Verified);
+    store(project, rule, &new)?;
+    remove_pending(&pending)?;
+    on_step(Step::Stored);
+    if let NewKey::Added { .. } = added {
+        if let Err(e) = reopened.remove_old_key(added) {
+            out.old_key_left = Some(e.to_string());
         }
-        RepositoryKind::Borg => {
-            let borg = Borg::new(&access, state)?;
-            let mut cmd = borg.command();
-            // borg 1.2 reads a new passphrase only from BORG_NEW_PASSPHRASE, BORG_PASSPHRASE
-            // or a terminal; an environment variable (readable only by this user) is
-            // the one way that keeps it out of argv.
-            cmd.env("BORG_NEW_PASSPHRASE", new.as_str())
-                .args(["key", "change-passphrase", "--log-json"])
-                .arg(&access.repo.url);
-            process::run(&mut cmd)?;
-            on_step(Step::Changed);
-            opens(&next, state)?;
-            on_step(Step::Verified);
-            store(project, rule, &new)?;
-            remove_pending(&pending)?;
-            on_step(Step::Stored);
-        }
+        on_step(Step::OldKeyRemoved);
     }
     Ok(out)
 }

@@ -11,18 +11,18 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use agex_core::RepositoryKind;
 use rustic_core::{IndexedFullStatus, LsOptions, Repository};
 use sha2::{Digest, Sha256};
 
 use crate::restore::{self, PgScratch, Snapshot, Verified};
 use crate::tar_stream;
 use agex_backup::access::RepoAccess;
-use agex_backup::borg::Borg;
+use agex_backup::engine::borg::Borg;
+use agex_backup::engine::restic::restic_err;
+use agex_backup::engine::Engine;
 use agex_backup::error::BackupError;
 use agex_backup::manifest::{self, DumpKind, Manifest};
 use agex_backup::process;
-use agex_backup::restic::{restic_err, Restic};
 
 /// What a streamed verification found and read.
 #[derive(Debug, Default)]
@@ -98,14 +98,11 @@ enum Source {
 
 impl Source {
     fn open(access: &RepoAccess, state: &Path, snap: &Snapshot) -> Result<Source, BackupError> {
-        match access.repo.kind {
-            RepositoryKind::Restic => {
+        let key = snap.key.as_ref().map(|k| k.master().clone());
+        match Engine::open_keyed(access, state, key)? {
+            Engine::Restic(restic) => {
                 let err = restic_err(&access.repo.name);
-                let key = snap.key.as_ref().map(|k| k.master().clone());
-                let repo = Restic::open_metered(access, None, key)?
-                    .into_inner()
-                    .to_indexed()
-                    .map_err(&err)?;
+                let repo = (*restic).into_inner().to_indexed().map_err(&err)?;
                 let found = repo
                     .get_snapshot_from_str(&snap.id, |_| true)
                     .map_err(&err)?;
@@ -115,8 +112,8 @@ impl Source {
                     name: access.repo.name.clone(),
                 })
             }
-            RepositoryKind::Borg => Ok(Source::Borg {
-                borg: Box::new(Borg::new(access, state)?),
+            Engine::Borg(borg) => Ok(Source::Borg {
+                borg,
                 archive: snap.id.clone(),
             }),
         }

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agex_backup::access::{self, RepoAccess};
-use agex_backup::borg::Borg;
 use agex_backup::drill_records::{self, DrillStatus};
-use agex_backup::restic::Restic;
+use agex_backup::engine::borg::Borg;
+use agex_backup::engine::Engine;
 use agex_backup::run::{self, RunOptions};
 use agex_backup::units::UnitsError;
 use agex_backup::{status, BackupError};
@@ -409,15 +409,10 @@ pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
 pub fn cmd_repo_init(ctx: &Context, name: &str) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let a = unlock_one(ctx, &project, name)?;
-    match a.repo.kind {
-        RepositoryKind::Restic => {
-            Restic::init(&a)?;
-        }
-        RepositoryKind::Borg => Borg::new(&a, &ctx.state_dir())?.init()?,
-    }
+    Engine::init(&a, &ctx.state_dir())?;
     println!(
         "initialized {} repository `{name}` at {}",
-        kind(&a),
+        a.repo.kind.as_str(),
         a.repo.url
     );
     Ok(OK)
@@ -437,10 +432,8 @@ pub fn cmd_repo_check(
     let mut log = Vec::new();
     let mut ok = 0;
     for r in repos {
-        let checked = access::unlock(&project, &r, &ids).and_then(|a| match a.repo.kind {
-            RepositoryKind::Restic => Restic::open(&a)?.check(read_data),
-            RepositoryKind::Borg => Borg::new(&a, &ctx.state_dir())?.check(read_data.is_some()),
-        });
+        let checked = access::unlock(&project, &r, &ids)
+            .and_then(|a| Engine::open(&a, &ctx.state_dir())?.check(read_data));
         match checked {
             Ok(()) => {
                 ok += 1;
@@ -522,13 +515,6 @@ pub fn cmd_repo_trust(ctx: &Context, name: &str, yes: bool) -> Result<i32, Failu
         plan.server
     );
     Ok(OK)
-}
-
-fn kind(a: &RepoAccess) -> &'static str {
-    match a.repo.kind {
-        RepositoryKind::Restic => "restic",
-        RepositoryKind::Borg => "borg",
-    }
 }
 
 /// The drill rows `agex status` shows after the backup rows.

@@ -4,23 +4,28 @@
 //! in-memory files ([`crate::ssh`]), the env secret's variables through borg's
 //! environment. What has no name cannot be left behind when agex is killed.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agex_core::Retention;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
 use crate::access::RepoAccess;
+use crate::engine::restic::Stream;
 use crate::error::BackupError;
+use crate::manifest::{Selection, SpecialEntry};
 use crate::process;
-use crate::progress::Meter;
+use crate::progress::{Meter, Progress};
 use crate::ssh::SshAccess;
+use crate::tee::Completion;
 
 /// A Borg repository, ready for commands.
 pub struct Borg {
@@ -319,6 +324,74 @@ impl Borg {
         Ok(())
     }
 
+    /// `borg key change-passphrase` to `new`.
+    pub fn change_passphrase(&self, new: &str) -> Result<(), BackupError> {
+        let mut cmd = self.command();
+        // borg 1.2 reads a new passphrase only from BORG_NEW_PASSPHRASE, BORG_PASSPHRASE
+        // or a terminal; an environment variable (readable only by this user) is
+        // the one way that keeps it out of argv.
+        cmd.env("BORG_NEW_PASSPHRASE", new)
+            .args(["key", "change-passphrase", "--log-json"])
+            .arg(&self.url);
+        process::run(&mut cmd)?;
+        Ok(())
+    }
+
+    /// `borg extract` of `archive` in `dest`; with progress, its `--progress` JSON feeds
+    /// a meter, made in `meter` when borg first says its total.
+    pub fn extract(
+        &self,
+        archive: &str,
+        dest: &Path,
+        progress: Option<(&Arc<dyn Progress>, &str)>,
+        meter: &mut Option<Arc<Meter>>,
+    ) -> Result<(), BackupError> {
+        let mut cmd = self.command();
+        cmd.current_dir(dest).args(["extract", "--log-json"]);
+        if progress.is_some() {
+            cmd.arg("--progress");
+        }
+        cmd.arg(self.archive_url(archive));
+        let shown = process::describe(&cmd);
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|source| BackupError::Spawn {
+                tool: shown.clone(),
+                source,
+            })?;
+        let mut stderr = String::new();
+        if let Some(pipe) = child.stderr.take() {
+            stderr = read_log(pipe, |p| match (p, progress) {
+                (LogProgress::Percent { current, total }, Some((sink, service))) => {
+                    let m = meter.get_or_insert_with(|| {
+                        let m = Meter::start(Arc::clone(sink), service, &self.name);
+                        m.set_total(total, 0);
+                        m
+                    });
+                    m.set(current, 0);
+                    true
+                }
+                _ => false,
+            });
+        }
+        let status = child.wait().map_err(|source| BackupError::Spawn {
+            tool: shown.clone(),
+            source,
+        })?;
+        process::check(
+            &shown,
+            std::process::Output {
+                status,
+                stdout: vec![],
+                stderr: stderr.into_bytes(),
+            },
+        )
+        .map(|_| ())
+    }
+
     /// The URL of an archive.
     pub fn archive_url(&self, archive: &str) -> String {
         format!("{}::{archive}", self.url)
@@ -406,23 +479,38 @@ fn passphrase_pipe(password: &str) -> std::io::Result<std::io::PipeReader> {
     Ok(reader)
 }
 
-/// Reads borg's `--log-json` stderr to its end: `archive_progress` lines (from
-/// `--progress`) move `meter`; every other line is returned, for error messages.
-pub fn read_log(stderr: impl std::io::Read, meter: Option<&Meter>) -> String {
+/// A progress line of borg's `--log-json` stderr (from `--progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogProgress {
+    /// `archive_progress` (`borg create`): what the archive holds so far.
+    Archive {
+        /// Original bytes read.
+        bytes: Option<u64>,
+        /// Files read.
+        files: Option<u64>,
+    },
+    /// `progress_percent` (`borg extract`): how far through its total borg is.
+    Percent {
+        /// Done so far.
+        current: u64,
+        /// The total.
+        total: u64,
+    },
+}
+
+/// Reads borg's `--log-json` stderr to its end: each progress line goes to `progress`,
+/// which says whether it used it; every other line is returned, for error messages.
+pub fn read_log(
+    stderr: impl std::io::Read,
+    mut progress: impl FnMut(LogProgress) -> bool,
+) -> String {
     use std::io::BufRead;
     let mut kept = String::new();
     for line in std::io::BufReader::new(stderr).split(b'\n') {
         let Ok(line) = line else { break };
         let line = String::from_utf8_lossy(&line);
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v.get("type").and_then(|t| t.as_str()) == Some("archive_progress") {
-                if let (Some(m), Some(bytes), Some(files)) = (
-                    meter,
-                    v.get("original_size").and_then(|x| x.as_u64()),
-                    v.get("nfiles").and_then(|x| x.as_u64()),
-                ) {
-                    m.set(bytes, files);
-                }
+        if let Some(p) = progress_line(&line) {
+            if progress(p) {
                 continue;
             }
         }
@@ -430,6 +518,35 @@ pub fn read_log(stderr: impl std::io::Read, meter: Option<&Meter>) -> String {
         kept.push('\n');
     }
     kept
+}
+
+fn progress_line(line: &str) -> Option<LogProgress> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let number = |key: &str| v.get(key).and_then(|x| x.as_u64());
+    match v.get("type")?.as_str()? {
+        "archive_progress" => Some(LogProgress::Archive {
+            bytes: number("original_size"),
+            files: number("nfiles"),
+        }),
+        "progress_percent" => Some(LogProgress::Percent {
+            current: number("current").unwrap_or(0),
+            total: number("total").unwrap_or(0),
+        }),
+        _ => None,
+    }
+}
+
+/// `borg create`'s log: its progress moves `meter`.
+fn read_create_log(stderr: impl std::io::Read, meter: Option<&Meter>) -> String {
+    read_log(stderr, |p| match p {
+        LogProgress::Archive { bytes, files } => {
+            if let (Some(m), Some(bytes), Some(files)) = (meter, bytes, files) {
+                m.set(bytes, files);
+            }
+            true
+        }
+        LogProgress::Percent { .. } => false,
+    })
 }
 
 /// Whether borg's `--log-json` stderr says it gave up waiting for a lock.
@@ -468,4 +585,263 @@ fn no_repository(stderr: &str) -> bool {
             && (l.ends_with("does not exist.")
                 || l.ends_with("is not a valid repository. Check repo config."))
     })
+}
+
+/// A `borg create` that failed, with its streams when borg never opened any of them (it
+/// gave up on the repository lock, or lost its connection, first), so they can go to
+/// another attempt.
+pub type CreateFailure = (BackupError, Option<Vec<Stream>>);
+
+/// What one `borg create` archives besides its streams.
+pub struct Create<'a> {
+    /// `--root`: the paths are read below it, the pipes made below it.
+    pub root: &'a Path,
+    /// The policy's paths and excludes.
+    pub selection: &'a Selection,
+    /// Fifos and devices among the paths, kept away from borg.
+    pub specials: &'a [SpecialEntry],
+    /// The archive's name.
+    pub archive: &'a str,
+    /// How long borg waits for the repository lock.
+    pub lock_wait: Duration,
+}
+
+impl Borg {
+    /// Writes one archive of `what`'s paths plus `streams`; returns its name and the bytes
+    /// it added. Borg reads each stream (dumps, manifest) from a named pipe at its place
+    /// under the dumps directory, so the archive holds them at the same paths as the
+    /// Restic snapshot does. Borg is given its paths and pipes in path order, the order
+    /// the Restic side reads them too, so the two meet each dump at about the same time.
+    /// A borg that `complete` says the run left behind is stopped.
+    pub fn create(
+        &self,
+        what: &Create<'_>,
+        streams: Vec<Stream>,
+        complete: &Completion,
+        meter: Option<&Arc<Meter>>,
+    ) -> Result<(String, Option<u64>), CreateFailure> {
+        let (selection, specials, archive) = (what.selection, what.specials, what.archive);
+        let mut args: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
+        let mut fifos = Vec::new();
+        let fail = |fifos: &[PathBuf], e: BackupError, streams: Vec<Stream>| {
+            cleanup_fifos(fifos);
+            Err((e, Some(streams)))
+        };
+        // The pipes' directories are held open and the pipes made, fed and removed through
+        // them: a symlink swapped into the dumps directory's parents cannot send a dump, or
+        // a removal, anywhere else.
+        let mut held = Vec::new();
+        for stream in &streams {
+            let path = &stream.path;
+            let (dir, name) = match agex_core::beneath::parent_of(what.root, path, Some(0o755)) {
+                Ok(d) => d,
+                Err(e) => return fail(&fifos, e.into(), streams),
+            };
+            if let Err(e) = dir.make_fifo(name, 0o600) {
+                return fail(&fifos, e.into(), streams);
+            }
+            let fifo = dir.handle_path().join(name);
+            held.push(dir);
+            args.push(rel(path));
+            crate::cancel::fifo_made(fifo.clone());
+            fifos.push(fifo);
+        }
+        // Borg reads the manifest last, after every file (crate::manifest_stream); the rest
+        // in path order, the order the Restic side reads them too, so the two meet each dump
+        // at about the same time.
+        let manifest_arg = args.pop();
+        args.sort();
+        args.extend(manifest_arg);
+        let mut cmd = self.command();
+        cmd.current_dir(what.root).args([
+            "create",
+            "--json",
+            "--log-json",
+            "--compression",
+            "zstd,3",
+            "--read-special",
+            "--lock-wait",
+        ]);
+        cmd.arg(what.lock_wait.as_secs().to_string());
+        if meter.is_some() {
+            cmd.arg("--progress");
+        }
+        for e in selection.excludes() {
+            cmd.arg("--exclude")
+                .arg(format!("sh:{}", rel(Path::new(e)).display()));
+        }
+        // `--read-special` (for agex's own pipes) would open a fifo or device of the paths
+        // and read it as content, or wait on it forever: borg is kept away from them (the
+        // Restic side stores them as what they are). Sockets borg skips by itself.
+        for special in specials {
+            let mut pattern = std::ffi::OsString::from("pf:");
+            pattern.push(rel(special.path.as_path()));
+            cmd.arg("--exclude").arg(pattern);
+        }
+        cmd.arg(self.archive_url(archive));
+        cmd.args(&args);
+        let shown = process::describe(&cmd);
+        tracing::debug!("running {shown}");
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => {
+                crate::cancel::child_started(c.id());
+                c
+            }
+            Err(source) => {
+                return fail(
+                    &fifos,
+                    BackupError::Spawn {
+                        tool: shown,
+                        source,
+                    },
+                    streams,
+                )
+            }
+        };
+        let pid = child.id();
+        let borg_done = Arc::new(AtomicBool::new(false));
+        let writers: Vec<_> = streams
+            .into_iter()
+            .zip(fifos.iter().cloned())
+            .map(|(stream, fifo)| {
+                let done = Arc::clone(&borg_done);
+                std::thread::spawn(move || feed_fifo(&fifo, stream, pid, &done))
+            })
+            .collect();
+        // stderr is read as it comes: borg's progress lines move the meter, the rest is kept
+        // for the error message.
+        let log = child.stderr.take().map(|e| {
+            let meter = meter.cloned();
+            std::thread::spawn(move || read_create_log(e, meter.as_deref()))
+        });
+        // A borg the dumps left behind (it took nothing for the stall timeout: its server
+        // hangs, say) is stopped: it would hold this run, and its lock, however long.
+        let watch = {
+            let (done, complete) = (Arc::clone(&borg_done), complete.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    if complete.left_behind() {
+                        stop_borg(pid, &done);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let out = child.wait_with_output();
+        crate::cancel::child_done(pid);
+        let log = log.and_then(|t| t.join().ok()).unwrap_or_default();
+        borg_done.store(true, Ordering::SeqCst);
+        let _ = watch.join();
+        let unread: Option<Vec<Stream>> = writers
+            .into_iter()
+            .map(|w| w.join().ok().flatten())
+            .collect();
+        cleanup_fifos(&fifos);
+        let mut out = out.map_err(|source| {
+            (
+                BackupError::Spawn {
+                    tool: shown.clone(),
+                    source,
+                },
+                None,
+            )
+        })?;
+        out.stderr = log.into_bytes();
+        // borg exits 1 for warnings (e.g. a file changed while read): the archive exists.
+        if !(out.status.success() || out.status.code() == Some(1)) {
+            if lock_timed_out(&String::from_utf8_lossy(&out.stderr)) {
+                let locked = BackupError::Locked {
+                    repo: self.name.clone(),
+                    message: process::tail(&String::from_utf8_lossy(&out.stderr)),
+                };
+                return Err((locked, unread));
+            }
+            return Err(match process::check(&shown, out) {
+                Err(e) => (self.explain(e), unread),
+                Ok(_) => (
+                    BackupError::Output {
+                        tool: shown,
+                        detail: "failed without an error".into(),
+                    },
+                    None,
+                ),
+            });
+        }
+        let stats = parse_create_stats(&out.stdout).map_err(|e| (e, None))?;
+        Ok((archive.to_string(), Some(stats.deduplicated_size)))
+    }
+}
+
+fn cleanup_fifos(fifos: &[PathBuf]) {
+    for f in fifos {
+        let _ = std::fs::remove_file(f);
+        crate::cancel::fifo_removed(f);
+    }
+}
+
+/// Copies a stream into its named pipe once borg opens it; returns the stream untouched
+/// if borg exited without opening the pipe. If the stream fails (its dump broke off),
+/// borg is stopped while the pipe is still open, so it never sees an end and never
+/// commits an archive with a torn dump. A write to a pipe borg closed fails with EPIPE
+/// (SIGPIPE is ignored by the backup commands), never kills the process.
+fn feed_fifo(fifo: &Path, stream: Stream, borg: u32, borg_done: &AtomicBool) -> Option<Stream> {
+    let file = loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(fifo)
+        {
+            Ok(f) => break f,
+            Err(_) if !borg_done.load(Ordering::SeqCst) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => return Some(stream),
+        }
+    };
+    if rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty()).is_err() {
+        return None;
+    }
+    let mut file = file;
+    let mut reader = stream.reader;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => {
+                if file.write_all(&buf[..n]).is_err() {
+                    return None;
+                }
+            }
+            Err(_) => {
+                stop_borg(borg, borg_done);
+                return None;
+            }
+        }
+    }
+}
+
+/// Stops borg with SIGTERM (it exits without committing) and waits until it is gone;
+/// SIGKILL after 10 s (a borg whose server hangs may hang in its own cleanup).
+fn stop_borg(pid: u32, borg_done: &AtomicBool) {
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !borg_done.load(Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn rel(p: &Path) -> PathBuf {
+    p.strip_prefix("/").unwrap_or(p).to_path_buf()
 }

@@ -10,10 +10,10 @@ use agex_core::Retention;
 use rustic_core::repofile::{FileType, KeyId, MasterKey, SnapshotFile};
 use rustic_core::{
     BackupOptions, BytesList, CheckOptions, ConfigOptions, Credentials, ErrorKind, Id, KeepOptions,
-    KeyOptions, LocalSource, LocalSourceFilterOptions, LocalSourceSaveOptions, OpenStatus,
-    PruneOptions, ReadBackend, ReadSource, ReadSourceEntry, ReadSourceOpen, ReadSubsetOption,
-    Repository, RepositoryBackends, RepositoryOptions, RusticError, RusticResult, SnapshotOptions,
-    WriteBackend,
+    KeyOptions, LocalDestination, LocalSource, LocalSourceFilterOptions, LocalSourceSaveOptions,
+    LsOptions, OpenStatus, PruneOptions, ReadBackend, ReadSource, ReadSourceEntry, ReadSourceOpen,
+    ReadSubsetOption, Repository, RepositoryBackends, RepositoryOptions, RestoreOptions,
+    RusticError, RusticResult, SnapshotOptions, WriteBackend,
 };
 
 use crate::access::RepoAccess;
@@ -577,6 +577,66 @@ fn keep_options(r: &Retention) -> KeepOptions {
         .keep_weekly(n(r.keep_weekly))
         .keep_monthly(n(r.keep_monthly))
         .keep_yearly(n(r.keep_yearly))
+}
+
+/// Restores snapshot `id` into `dest` (see [`crate::engine::extract`]), counting into
+/// `meter`.
+pub fn extract(
+    access: &RepoAccess,
+    id: &str,
+    dest: &Path,
+    meter: Option<&Arc<Meter>>,
+    key: Option<MasterKey>,
+) -> Result<(), BackupError> {
+    let name = access.repo.name.clone();
+    let err = restic_err(&access.repo.name);
+    let repo = Restic::open_metered(access, meter, key)?
+        .into_inner()
+        .to_indexed()
+        .map_err(&err)?;
+    let snap = repo.get_snapshot_from_str(id, |_| true).map_err(&err)?;
+    let node = repo.node_from_snapshot_and_path(&snap, "").map_err(&err)?;
+    let ls = repo.ls(&node, &LsOptions::default()).map_err(&err)?;
+    let mut target = dest.to_string_lossy().into_owned();
+    if !target.ends_with('/') {
+        target.push('/');
+    }
+    let dest = LocalDestination::new(&target, true, false).map_err(&err)?;
+    let opts = RestoreOptions::default();
+    let plan = repo
+        .prepare_restore(&opts, ls.clone(), &dest, false)
+        .map_err(&err)?;
+    // rustic_core 0.13 unwraps a pack that fails to decrypt inside its restore threads
+    // (the panic reaches this thread through rayon's scope): a damaged repository must
+    // fail this restore, not abort agex.
+    // The default hook would print the panic as if agex had crashed; the failure is
+    // reported as an error instead. Restores run one at a time, so swapping the
+    // process-wide hook for their duration is safe.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        repo.restore(plan, &opts, ls, &dest)
+    }));
+    std::panic::set_hook(hook);
+    match restored {
+        Ok(r) => r.map_err(&err),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown error");
+            let reason = if what.contains("MAC check failed") {
+                "data decryption failed (MAC check failed): the repository is damaged"
+            } else {
+                what
+            };
+            Err(BackupError::Restic {
+                repo: name,
+                message: format!("restore failed: {reason}"),
+            })
+        }
+    }
 }
 
 /// What agex reads of a snapshot file (the fuzz target `restic_snapshot` drives this).
