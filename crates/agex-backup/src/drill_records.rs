@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::BackupError;
 use crate::status::{exposition, unix_seconds, write_prom, Gauge};
+use crate::verdict::Verdict;
 
 /// Where drill records are written, under `--root`.
 pub const DRILLS_DIR: &str = "/var/lib/agex/drills";
@@ -22,7 +23,7 @@ pub struct DrillResult {
     /// The repository.
     pub repo: String,
     /// `ok` or `failed`.
-    pub result: String,
+    pub result: Verdict,
     /// Why it failed (the first problem, or the error).
     pub error: Option<String>,
     /// Every difference from the manifest.
@@ -56,7 +57,7 @@ pub struct DrillResult {
 impl DrillResult {
     /// Whether it passed.
     pub fn ok(&self) -> bool {
-        self.result == "ok"
+        self.result.is_ok()
     }
 }
 
@@ -92,7 +93,7 @@ pub struct DrillStatus {
     /// When the last drill ended (RFC 3339).
     pub last_drill: String,
     /// `ok` or `failed`.
-    pub result: String,
+    pub result: Verdict,
     /// Why it failed.
     pub error: Option<String>,
     /// When a drill last passed (RFC 3339), if ever.
@@ -133,7 +134,7 @@ pub fn summarize(records: &[DrillRecord]) -> Vec<DrillStatus> {
                     service: r.service.clone(),
                     repo: r.repo.clone(),
                     last_drill: rec.finished.clone(),
-                    result: r.result.clone(),
+                    result: r.result,
                     error: r.error.clone(),
                     last_success,
                     rpo_seconds: rpo,
@@ -179,7 +180,7 @@ pub fn prometheus(statuses: &[DrillStatus]) -> String {
         (
             "agex_drill_result",
             "1 if the last drill passed, 0 if it failed",
-            |s| Some(if s.result == "ok" { 1.0 } else { 0.0 }),
+            |s| Some(if s.result.is_ok() { 1.0 } else { 0.0 }),
         ),
     ];
     exposition(&metrics, statuses, |s| (&s.service, &s.repo))

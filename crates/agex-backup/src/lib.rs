@@ -27,5 +27,6 @@ pub mod status;
 pub mod tee;
 pub mod trust;
 pub mod units;
+pub mod verdict;
 
 pub use error::BackupError;

@@ -28,6 +28,7 @@ use crate::process;
 use crate::progress::{Meter, Progress};
 use crate::tee::{self, Completion, Tee};
 use crate::units::StoppedUnits;
+use crate::verdict::Verdict;
 
 /// Where run records are written, under `--root`.
 pub const RUNS_DIR: &str = "/var/lib/agex/runs";
@@ -102,7 +103,7 @@ pub struct RepoResult {
     /// The repository.
     pub repo: String,
     /// `ok` or `failed`.
-    pub result: String,
+    pub result: Verdict,
     /// Why it failed.
     pub error: Option<String>,
     /// Snapshot id or archive name.
@@ -125,7 +126,7 @@ impl RepoResult {
         RepoResult {
             service: service.to_string(),
             repo: repo.to_string(),
-            result: "failed".into(),
+            result: Verdict::Failed,
             error: Some(why),
             snapshot: None,
             duration_seconds: secs,
@@ -137,7 +138,7 @@ impl RepoResult {
 
     /// Whether it succeeded.
     pub fn ok(&self) -> bool {
-        self.result == "ok"
+        self.result.is_ok()
     }
 }
 
@@ -635,7 +636,7 @@ fn backup_service(
                 let mut ok = RepoResult {
                     service: service.to_string(),
                     repo: (*name).clone(),
-                    result: "ok".into(),
+                    result: Verdict::Ok,
                     error: None,
                     snapshot: Some(snapshot),
                     duration_seconds: secs,
@@ -656,7 +657,7 @@ fn backup_service(
                 }
                 // The snapshot stands, but the service was left worse than found.
                 if let Some(e) = &after {
-                    ok.result = "failed".into();
+                    ok.result = Verdict::Failed;
                     ok.error = Some(format!("the snapshot was written, but {e}"));
                 }
                 ok

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::error::BackupError;
 use crate::run::RunRecord;
+use crate::verdict::Verdict;
 
 /// The latest state of one service in one repository.
 #[derive(Debug, Clone, Serialize)]
@@ -20,7 +21,7 @@ pub struct Status {
     /// When the last run of it ended (RFC 3339).
     pub last_run: String,
     /// `ok` or `failed`.
-    pub result: String,
+    pub result: Verdict,
     /// Why the last run failed.
     pub error: Option<String>,
     /// When it last succeeded (RFC 3339), if ever.
@@ -40,7 +41,7 @@ pub fn summarize(records: &[RunRecord]) -> Vec<Status> {
         for r in &rec.results {
             let key = (r.service.clone(), r.repo.clone());
             let prev = map.remove(&key);
-            let ok = r.result == "ok";
+            let ok = r.ok();
             let last_success = if ok {
                 Some(rec.finished.clone())
             } else {
@@ -58,7 +59,7 @@ pub fn summarize(records: &[RunRecord]) -> Vec<Status> {
                     service: r.service.clone(),
                     repo: r.repo.clone(),
                     last_run: rec.finished.clone(),
-                    result: r.result.clone(),
+                    result: r.result,
                     error: r.error.clone(),
                     last_success,
                     duration_seconds: r.duration_seconds,
@@ -137,7 +138,7 @@ pub fn prometheus(statuses: &[Status]) -> String {
         (
             "agex_backup_result",
             "1 if the last backup succeeded, 0 if it failed",
-            |s| Some(if s.result == "ok" { 1.0 } else { 0.0 }),
+            |s| Some(if s.result.is_ok() { 1.0 } else { 0.0 }),
         ),
     ];
     exposition(&metrics, statuses, |s| (&s.service, &s.repo))

@@ -20,6 +20,7 @@ pub use agex_backup::drill_records::{
 use agex_backup::error::BackupError;
 use agex_backup::manifest::under;
 use agex_backup::run::STATE_DIR;
+use agex_backup::verdict::Verdict;
 use agex_core::{Policy, Project};
 
 /// Which services and repositories a drill covers.
@@ -113,7 +114,7 @@ fn failed(service: &str, repo: &str, why: String) -> DrillResult {
     DrillResult {
         service: service.to_string(),
         repo: repo.to_string(),
-        result: "failed".into(),
+        result: Verdict::Failed,
         error: Some(why),
         problems: vec![],
         snapshot: None,
@@ -184,7 +185,7 @@ fn drill_one(
     Ok(DrillResult {
         service: service.to_string(),
         repo: repo.to_string(),
-        result: if ok { "ok" } else { "failed" }.into(),
+        result: Verdict::of(ok),
         error: verified
             .problems
             .first()

@@ -196,12 +196,12 @@ pub fn build(
                 .iter()
                 .find(|d| &d.service == service && &d.repo == repo)
                 .cloned();
-            let last_failed = status.is_some_and(|s| s.result != "ok");
+            let last_failed = status.is_some_and(|s| !s.result.is_ok());
             let standing = if overdue.iter().any(|(s, r)| s == service && r == repo) {
                 Standing::Overdue
             } else if last_failed {
                 Standing::Failed
-            } else if drill.as_ref().is_some_and(|d| d.result != "ok") {
+            } else if drill.as_ref().is_some_and(|d| !d.result.is_ok()) {
                 Standing::DrillFailed
             } else {
                 Standing::Ok
@@ -437,13 +437,13 @@ pub fn render(report: &Report) -> String {
                 let when_drilled = parse_time(&d.last_drill)
                     .map(|t| format!("{}<br>{}", when(&t), ago(&t, &now)))
                     .unwrap_or_else(|| esc(&d.last_drill));
-                let verdict = if d.result == "ok" { "passed" } else { "FAILED" };
+                let verdict = if d.result.is_ok() { "passed" } else { "FAILED" };
                 let _ = write!(
                     h,
                     "<td class=\"num drill {}\">{verdict} {when_drilled}",
-                    esc(&d.result)
+                    esc(d.result.as_str())
                 );
-                if let Some(e) = d.error.as_deref().filter(|_| d.result != "ok") {
+                if let Some(e) = d.error.as_deref().filter(|_| !d.result.is_ok()) {
                     let _ = write!(h, "<div class=\"err\">{}</div>", esc(e));
                 }
                 let _ = write!(

@@ -378,7 +378,7 @@ pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
             vec![
                 s.service.clone(),
                 s.repo.clone(),
-                s.result.clone(),
+                s.result.to_string(),
                 output::when_ago(&s.last_run),
                 s.last_success
                     .as_deref()
@@ -536,7 +536,7 @@ pub fn print_drill_statuses(statuses: &[DrillStatus]) {
             vec![
                 s.service.clone(),
                 s.repo.clone(),
-                s.result.clone(),
+                s.result.to_string(),
                 output::when_ago(&s.last_drill),
                 s.last_success
                     .as_deref()

@@ -112,7 +112,7 @@ fn last_result(
         JobKind::Backup { service } => {
             let mine: Vec<_> = statuses.iter().filter(|s| &s.service == service).collect();
             mine.iter().map(|s| s.last_run.clone()).max().map(|t| {
-                let failed = mine.iter().filter(|s| s.result != "ok").count();
+                let failed = mine.iter().filter(|s| !s.result.is_ok()).count();
                 (t, verdict(failed, mine.len()).to_string())
             })
         }
