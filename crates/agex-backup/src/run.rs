@@ -22,7 +22,9 @@ use crate::engine::restic::{Restic, Stream};
 use crate::engine::Engine;
 use crate::error::BackupError;
 use crate::lock;
-use crate::manifest::{self, under, DumpEntry, DumpKind, HostPath, Selection, SpecialEntry};
+use crate::manifest::{
+    self, under, DumpEntry, DumpKind, HostPath, Selection, SpecialEntry, Walked,
+};
 use crate::manifest_stream::{ManifestSource, Marks};
 use crate::process;
 use crate::progress::{Meter, Progress};
@@ -167,15 +169,12 @@ impl RunRecord {
     }
 }
 
-/// How one repository's side of a service backup ended: its index among the live
-/// repositories, the snapshot id (or archive) and bytes added or the error, wall seconds,
-/// warnings.
-type SideOutcome = (
-    usize,
-    Result<(String, Option<u64>), String>,
-    f64,
-    Vec<String>,
-);
+/// How one repository's side of a service backup ended: the snapshot id (or archive)
+/// and bytes added or the error, wall seconds, warnings.
+type SideOutcome = (Result<Written, String>, f64, Vec<String>);
+
+/// A snapshot id (or archive name) and the bytes it added, when the engine says.
+type Written = (String, Option<u64>);
 
 /// What a service backup needs besides its policy.
 struct Env<'a> {
@@ -329,18 +328,29 @@ fn produce(
     result
 }
 
-fn backup_service(
-    env: &Env<'_>,
-    policy: &Policy,
-    repos: &[String],
-) -> (Vec<RepoResult>, Vec<DumpEntry>) {
-    let service = policy.service.as_str();
+/// A repository a service backup writes to, locked by agex for the service's run.
+struct Live<'a> {
+    name: &'a str,
+    access: &'a RepoAccess,
+    _lock: lock::RepoLock,
+}
+
+/// Locks each repository whose credentials opened; the others fail at once.
+fn lock_repositories<'a>(
+    env: &Env<'a>,
+    service: &str,
+    repos: &'a [String],
+) -> (Vec<Live<'a>>, Vec<RepoResult>) {
     let mut results = Vec::new();
-    let mut live: Vec<(&String, &RepoAccess, lock::RepoLock)> = Vec::new();
+    let mut live = Vec::new();
     for r in repos {
         match env.access.get(r) {
-            Some(Ok(a)) => match lock::acquire(&env.state, r, env.opts.lock_wait) {
-                Ok(l) => live.push((r, a, l)),
+            Some(Ok(access)) => match lock::acquire(&env.state, r, env.opts.lock_wait) {
+                Ok(l) => live.push(Live {
+                    name: r,
+                    access,
+                    _lock: l,
+                }),
                 Err(e) => results.push(RepoResult::failed(service, r, e.to_string(), 0.0)),
             },
             Some(Err(e)) => results.push(RepoResult::failed(service, r, e.clone(), 0.0)),
@@ -352,22 +362,23 @@ fn backup_service(
             )),
         }
     }
-    if live.is_empty() {
-        return (results, vec![]);
-    }
-    let fail_live = |results: &mut Vec<RepoResult>, why: String| {
-        for (r, _, _) in &live {
-            results.push(RepoResult::failed(service, r, why.clone(), 0.0));
-        }
-    };
+    (live, results)
+}
 
-    let selection = match Selection::new(policy) {
-        Ok(s) => s,
-        Err(e) => {
-            fail_live(&mut results, e.to_string());
-            return (results, vec![]);
-        }
-    };
+/// A service made ready to be read: its units stopped, its `before` commands run, every
+/// file of its selection read once.
+struct Quiesced {
+    selection: Selection,
+    units: StoppedUnits,
+    walked: Walked,
+}
+
+/// Stops the policy's units, runs its `before` commands and reads its paths; on failure
+/// says why, after undoing what it did (the units start again, `after` runs once the
+/// `before` commands did).
+fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, String> {
+    let service = policy.service.as_str();
+    let selection = Selection::new(policy).map_err(|e| e.to_string())?;
     let cache = env.state.join("cache").join(format!("{service}.digests"));
     // The JSON cache of earlier versions, replaced by the compact one.
     let _ = std::fs::remove_file(
@@ -375,47 +386,66 @@ fn backup_service(
             .join("cache")
             .join(format!("{service}.digests.json")),
     );
-    let units = match stop_units(env, policy) {
-        Ok(u) => u,
-        Err(e) => {
-            fail_live(&mut results, e);
-            return (results, vec![]);
-        }
-    };
+    let units = stop_units(env, policy)?;
     if let Err(e) = run_hooks(&policy.before) {
         drop(units);
-        fail_live(&mut results, format!("before command failed: {e}"));
-        return (results, vec![]);
+        return Err(format!("before command failed: {e}"));
     }
     // agex reads every file first, after the units stopped and before any engine reads
     // one: a file an engine later finds as agex left it holds the bytes agex digested,
     // one that changed since is marked so in that repository's manifest
     // (crate::manifest_stream). With the digest cache, a nightly walk is mostly stats.
-    let walked = match selection.walk(env.root, Some(&cache)) {
-        Ok(w) => w,
+    match selection.walk(env.root, Some(&cache)) {
+        Ok(walked) => Ok(Quiesced {
+            selection,
+            units,
+            walked,
+        }),
         Err(e) => {
             let mut why = format!("reading the paths failed: {e}");
-            if let Err(e) = run_hooks(&policy.after) {
-                why.push_str(&format!("; after command failed: {e}"));
+            if let Some(after) = resume(policy, units) {
+                why.push_str(&format!("; {after}"));
             }
-            if let Err(e) = units.start() {
-                why.push_str(&format!("; {e}"));
-            }
-            fail_live(&mut results, why);
-            return (results, vec![]);
+            Err(why)
         }
-    };
-    let walk_warnings = walked.warnings.clone();
-    let specials = walked.specials.clone();
-    let (bytes, files) = (
-        walked.files.iter().map(|f| f.size).sum::<u64>(),
-        walked.files.len() as u64,
-    );
-    let source = ManifestSource::new(env.root.to_path_buf(), service, &env.run_id, walked);
-    // Each stream (every dump, then the manifest) reaches every live repository through
-    // its own tee; the engines read the dumps in path order, so they are taken in it.
-    let completions: Vec<Completion> = live.iter().map(|_| Completion::default()).collect();
-    let mut streams: Vec<Vec<Stream>> = live.iter().map(|_| Vec::new()).collect();
+    }
+}
+
+/// Runs the policy's `after` commands and starts its units again; says what failed.
+fn resume(policy: &Policy, units: StoppedUnits) -> Option<String> {
+    let mut after = Vec::new();
+    if let Err(e) = run_hooks(&policy.after) {
+        after.push(format!("after command failed: {e}"));
+    }
+    if let Err(e) = units.start() {
+        after.push(e.to_string());
+    }
+    (!after.is_empty()).then(|| after.join("; "))
+}
+
+/// Every stream of a service backup, fanned out to its repositories.
+struct Wiring<'p> {
+    /// Per repository, how much of its streams it has taken.
+    completions: Vec<Completion>,
+    /// Per repository, its streams in path order: every dump, then its manifest.
+    streams: Vec<Vec<Stream>>,
+    /// The database each tee is to be fed from, in the order the engines read them.
+    dumps: Vec<(&'p Database, Tee)>,
+    /// Per repository, the files its manifest marked changed.
+    marks: Vec<Marks>,
+}
+
+/// Each stream (every dump, then the manifest) reaches every live repository through
+/// its own tee; the engines read the dumps in path order, so they are taken in it.
+fn wire<'p>(
+    env: &Env<'_>,
+    policy: &'p Policy,
+    repos: usize,
+    source: &Arc<ManifestSource>,
+) -> Wiring<'p> {
+    let service = policy.service.as_str();
+    let completions: Vec<Completion> = (0..repos).map(|_| Completion::default()).collect();
+    let mut streams: Vec<Vec<Stream>> = (0..repos).map(|_| Vec::new()).collect();
     let mut add_stream = |path: PathBuf| {
         let (tee, readers) = tee::tee(&completions, env.opts.stall_timeout);
         for (list, reader) in streams.iter_mut().zip(readers) {
@@ -428,7 +458,7 @@ fn backup_service(
     };
     let mut databases: Vec<&Database> = policy.databases.iter().collect();
     databases.sort_by_key(|db| db.dump_file());
-    let dump_tees: Vec<(&Database, Tee)> = databases
+    let dumps: Vec<(&Database, Tee)> = databases
         .into_iter()
         .map(|db| {
             (
@@ -450,23 +480,300 @@ fn backup_service(
             marks
         })
         .collect();
+    Wiring {
+        completions,
+        streams,
+        dumps,
+        marks,
+    }
+}
+
+/// What every repository's side of one service backup shares.
+struct Shared<'a> {
+    selection: &'a Selection,
+    specials: &'a [SpecialEntry],
+    source: &'a ManifestSource,
+    tags: &'a [String],
+    archive: &'a str,
+    walk_warnings: &'a [String],
+}
+
+/// One repository's part of a service backup.
+struct Side<'a> {
+    access: &'a RepoAccess,
+    streams: Vec<Stream>,
+    complete: &'a Completion,
+    meter: Option<&'a Arc<Meter>>,
+    marks: &'a Marks,
+}
+
+/// Writes one repository's snapshot of a service; returns its id and bytes added (or why
+/// not), the wall seconds and the warnings for it.
+fn write_side(env: &Env<'_>, shared: &Shared<'_>, side: Side<'_>) -> SideOutcome {
+    let Side {
+        access,
+        streams,
+        complete,
+        meter,
+        marks,
+    } = side;
+    let t = Instant::now();
+    let mut warnings = Vec::new();
+    let r = match access.repo.kind {
+        RepositoryKind::Restic => restic_side(
+            access,
+            env.root,
+            shared.selection,
+            streams,
+            complete.clone(),
+            shared.tags,
+            meter,
+            restic_key(env, &access.repo.name, complete),
+            (shared.source, marks),
+            env.opts.stall_timeout,
+        ),
+        RepositoryKind::Borg => {
+            borg_with_retries(env, shared, access, streams, complete, meter, &mut warnings)
+                .map(|(id, added)| (id, added, None))
+        }
+    };
+    if r.is_ok() {
+        lock::foreign_lock_cleared(&env.state, &access.repo.name);
+        warnings.extend(shared.walk_warnings.iter().cloned());
+        let changed = match &r {
+            Ok((_, _, Some(late))) => {
+                let mut all = marks.get().unwrap_or_default();
+                all.extend(late.iter().cloned());
+                all.sort();
+                all.dedup();
+                all
+            }
+            _ => marks.get().unwrap_or_default(),
+        };
+        warnings.extend(manifest::changed_warning(&changed));
+    }
+    let r = r.map(|(id, added, _)| (id, added));
+    if let Some(m) = meter {
+        m.finish(r.is_ok());
+    }
+    let secs = t.elapsed().as_secs_f64();
+    (r.map_err(|e| e.to_string()), secs, warnings)
+}
+
+/// Borg's side: `borg create`, run again when the network failed before borg read a
+/// stream, and once more after breaking a stale lock that kept borg out (said in
+/// `warnings`).
+fn borg_with_retries(
+    env: &Env<'_>,
+    shared: &Shared<'_>,
+    access: &RepoAccess,
+    streams: Vec<Stream>,
+    complete: &Completion,
+    meter: Option<&Arc<Meter>>,
+    warnings: &mut Vec<String>,
+) -> Result<Written, BackupError> {
+    let attempt = |streams| {
+        borg_side(
+            access,
+            env,
+            (shared.selection, shared.specials),
+            streams,
+            complete,
+            shared.archive,
+            meter,
+        )
+    };
+    // The streams of a borg that never opened any of them, for another attempt; gone
+    // once one was read.
+    let unread = std::cell::RefCell::new(Some(streams));
+    let tried = crate::backend::Retry::COMMAND.run(
+        &access.repo.name,
+        "borg create",
+        &access.retries,
+        || {
+            let Some(streams) = unread.borrow_mut().take() else {
+                return Err(BackupError::Output {
+                    tool: "borg create".into(),
+                    detail: "its streams were read already".into(),
+                });
+            };
+            attempt(streams).map_err(|(e, left)| {
+                *unread.borrow_mut() = left;
+                e
+            })
+        },
+        // The network failed before borg read a stream: borg runs again (it resumes from
+        // what reached the server).
+        |e| {
+            unread
+                .borrow()
+                .is_some()
+                .then(|| crate::engine::borg::transient(e))
+                .flatten()
+        },
+    );
+    let tried = tried.map_err(|e| match Borg::new(access, &env.state) {
+        Ok(b) => b.settle(e),
+        Err(_) => e,
+    });
+    match (tried, unread.into_inner()) {
+        // borg gave up on the lock before reading any stream: a stale lock is broken and
+        // borg tries once more with them.
+        (Err(e @ BackupError::Locked { .. }), Some(streams)) => match break_stale_lock(env, access)
+        {
+            Some(w) => {
+                warnings.push(w);
+                attempt(streams).map_err(|(e, _)| e)
+            }
+            None => Err(e),
+        },
+        (r, _) => r,
+    }
+}
+
+/// How one repository's side came out, once the fate of the service's dumps is known.
+#[derive(Debug, PartialEq)]
+enum Judged {
+    /// A snapshot stands.
+    Written {
+        snapshot: String,
+        added: Option<u64>,
+    },
+    /// A snapshot was written although a dump failed: it is to be removed.
+    Unwanted { snapshot: String, why: String },
+    /// No snapshot was written.
+    Failed(String),
+}
+
+/// Judges a repository's side. A broken dump or manifest shut both engines out (no
+/// snapshot was written, no archive committed): that is said in the dump's words, not
+/// the engine's; a side the run left behind (`left_behind`, after `stall`) says so.
+fn judge(
+    side: Result<Written, String>,
+    left_behind: bool,
+    stall: Option<Duration>,
+    dump_failure: Option<&str>,
+) -> Judged {
+    match (side, dump_failure) {
+        (Err(_), _) if left_behind => Judged::Failed(format!(
+            "left behind: it took no data for {} s while the other repository waited \
+             (`[backup] stall_timeout`); no snapshot was written",
+            stall.unwrap_or_default().as_secs()
+        )),
+        (Err(_), Some(why)) => Judged::Failed(format!("{why}; no snapshot was written")),
+        (Ok((snapshot, _)), Some(why)) => Judged::Unwanted {
+            snapshot,
+            why: why.to_string(),
+        },
+        (Ok((snapshot, added)), None) => Judged::Written { snapshot, added },
+        (Err(e), None) => Judged::Failed(e),
+    }
+}
+
+/// The result of one service in one repository: `outcome` is the snapshot that stands
+/// (and bytes added) or why there is none; `after` is what went wrong once the backup
+/// was taken (an `after` command, starting the units), which fails it even though its
+/// snapshot stands: the service was left worse than found.
+fn classify(
+    service: &str,
+    repo: &str,
+    outcome: Result<Written, String>,
+    secs: f64,
+    warnings: Vec<String>,
+    after: Option<&str>,
+) -> RepoResult {
+    match outcome {
+        Ok((snapshot, added)) => RepoResult {
+            service: service.to_string(),
+            repo: repo.to_string(),
+            result: Verdict::of(after.is_none()),
+            error: after.map(|e| format!("the snapshot was written, but {e}")),
+            snapshot: Some(snapshot),
+            duration_seconds: secs,
+            bytes_added: added,
+            warnings,
+            retries: 0,
+        },
+        Err(e) => match after {
+            Some(a) => RepoResult::failed(service, repo, format!("{e}; {a}"), secs),
+            None => RepoResult::failed(service, repo, e, secs),
+        },
+    }
+}
+
+/// Applies the policy's retention right after its backup (a retention with its own
+/// schedule runs as a separate forget job instead); says why it failed, if it did.
+fn retain(env: &Env<'_>, policy: &Policy, access: &RepoAccess) -> Option<String> {
+    let inline = policy.forget_schedule.is_none();
+    let ret = policy
+        .retention
+        .as_ref()
+        .filter(|r| inline && r.keeps_something())?;
+    forget(access, &env.state, &policy.service, ret, ret.prune, false)
+        .err()
+        .map(|e| format!("retention failed: {e}"))
+}
+
+fn backup_service(
+    env: &Env<'_>,
+    policy: &Policy,
+    repos: &[String],
+) -> (Vec<RepoResult>, Vec<DumpEntry>) {
+    let service = policy.service.as_str();
+    let (live, mut results) = lock_repositories(env, service, repos);
+    if live.is_empty() {
+        return (results, vec![]);
+    }
+    let Quiesced {
+        selection,
+        units,
+        walked,
+    } = match quiesce(env, policy) {
+        Ok(q) => q,
+        Err(why) => {
+            for l in &live {
+                results.push(RepoResult::failed(service, l.name, why.clone(), 0.0));
+            }
+            return (results, vec![]);
+        }
+    };
+    let walk_warnings = walked.warnings.clone();
+    let specials = walked.specials.clone();
+    let (bytes, files) = (
+        walked.files.iter().map(|f| f.size).sum::<u64>(),
+        walked.files.len() as u64,
+    );
+    let source = ManifestSource::new(env.root.to_path_buf(), service, &env.run_id, walked);
+    let Wiring {
+        completions,
+        streams,
+        dumps,
+        marks,
+    } = wire(env, policy, live.len(), &source);
     let meters: Vec<Option<Arc<Meter>>> = live
         .iter()
-        .map(|(_, access, _)| {
+        .map(|l| {
             env.opts.progress.as_ref().map(|sink| {
-                let m = Meter::start(Arc::clone(sink), service, &access.repo.name);
+                let m = Meter::start(Arc::clone(sink), service, &l.access.repo.name);
                 m.set_total(bytes, files);
                 m
             })
         })
         .collect();
-
     let tags = vec![
         format!("service={service}"),
         format!("run={}", env.run_id),
         "agex".to_string(),
     ];
     let archive = format!("{service}-{}", env.run_id);
+    let shared = Shared {
+        selection: &selection,
+        specials: &specials,
+        source: &source,
+        tags: &tags,
+        archive: &archive,
+        walk_warnings: &walk_warnings,
+    };
     let (produced, outcomes) = std::thread::scope(|scope| {
         let producer = scope.spawn(|| {
             // Also if taking the dumps panics, no manifest waits for them forever.
@@ -478,125 +785,29 @@ fn backup_service(
                 }
             }
             let _unblock = Unblock(&source);
-            produce(env, service, dump_tees, &source)
+            produce(env, service, dumps, &source)
         });
         let joins: Vec<_> = live
             .iter()
             .zip(streams)
-            .zip(completions.iter().zip(&meters))
-            .enumerate()
-            .map(|(i, (((_, access, _), streams), (complete, meter)))| {
-                let (tags, archive, selection) = (&tags, &archive, &selection);
-                let (source, specials, marks) = (&*source, specials.as_slice(), &marks[i]);
-                let walk_warnings = &walk_warnings;
-                scope.spawn(move || {
-                    let t = Instant::now();
-                    let mut warnings = Vec::new();
-                    let r = match access.repo.kind {
-                        RepositoryKind::Restic => restic_side(
-                            access,
-                            env.root,
-                            selection,
-                            streams,
-                            complete.clone(),
-                            tags,
-                            meter.as_ref(),
-                            restic_key(env, &access.repo.name, complete),
-                            (source, marks),
-                            env.opts.stall_timeout,
-                        ),
-                        RepositoryKind::Borg => {
-                            let attempt = |streams| {
-                                borg_side(
-                                    access,
-                                    env,
-                                    (selection, specials),
-                                    streams,
-                                    complete,
-                                    archive,
-                                    meter.as_ref(),
-                                )
-                            };
-                            // The streams of a borg that never opened any of them, for
-                            // another attempt; gone once one was read.
-                            let unread = std::cell::RefCell::new(Some(streams));
-                            let tried = crate::backend::Retry::COMMAND.run(
-                                &access.repo.name,
-                                "borg create",
-                                &access.retries,
-                                || {
-                                    let Some(streams) = unread.borrow_mut().take() else {
-                                        return Err(BackupError::Output {
-                                            tool: "borg create".into(),
-                                            detail: "its streams were read already".into(),
-                                        });
-                                    };
-                                    attempt(streams).map_err(|(e, left)| {
-                                        *unread.borrow_mut() = left;
-                                        e
-                                    })
-                                },
-                                // The network failed before borg read a stream: borg
-                                // runs again (it resumes from what reached the server).
-                                |e| {
-                                    unread
-                                        .borrow()
-                                        .is_some()
-                                        .then(|| crate::engine::borg::transient(e))
-                                        .flatten()
-                                },
-                            );
-                            let tried = tried.map_err(|e| match Borg::new(access, &env.state) {
-                                Ok(b) => b.settle(e),
-                                Err(_) => e,
-                            });
-                            let r = match (tried, unread.into_inner()) {
-                                // borg gave up on the lock before reading any stream: a
-                                // stale lock is broken and borg tries once more with them.
-                                (Err(e @ BackupError::Locked { .. }), Some(streams)) => {
-                                    match break_stale_lock(env, access) {
-                                        Some(w) => {
-                                            warnings.push(w);
-                                            attempt(streams).map_err(|(e, _)| e)
-                                        }
-                                        None => Err(e),
-                                    }
-                                }
-                                (r, _) => r,
-                            };
-                            r.map(|(id, added)| (id, added, None))
-                        }
-                    };
-                    if r.is_ok() {
-                        lock::foreign_lock_cleared(&env.state, &access.repo.name);
-                        warnings.extend(walk_warnings.iter().cloned());
-                        let changed = match &r {
-                            Ok((_, _, Some(late))) => {
-                                let mut all = marks.get().unwrap_or_default();
-                                all.extend(late.iter().cloned());
-                                all.sort();
-                                all.dedup();
-                                all
-                            }
-                            _ => marks.get().unwrap_or_default(),
-                        };
-                        warnings.extend(manifest::changed_warning(&changed));
-                    }
-                    let r = r.map(|(id, added, _)| (id, added));
-                    if let Some(m) = meter {
-                        m.finish(r.is_ok());
-                    }
-                    let secs = t.elapsed().as_secs_f64();
-                    (i, r.map_err(|e| e.to_string()), secs, warnings)
-                })
+            .zip(completions.iter().zip(&meters).zip(&marks))
+            .map(|((l, streams), ((complete, meter), marks))| {
+                let side = Side {
+                    access: l.access,
+                    streams,
+                    complete,
+                    meter: meter.as_ref(),
+                    marks,
+                };
+                let shared = &shared;
+                scope.spawn(move || write_side(env, shared, side))
             })
             .collect();
         let outcomes: Vec<SideOutcome> = joins
             .into_iter()
-            .enumerate()
-            .map(|(i, j)| {
+            .map(|j| {
                 j.join()
-                    .unwrap_or_else(|_| (i, Err("the backup thread died".into()), 0.0, Vec::new()))
+                    .unwrap_or_else(|_| (Err("the backup thread died".into()), 0.0, Vec::new()))
             })
             .collect();
         let produced = producer
@@ -604,71 +815,31 @@ fn backup_service(
             .unwrap_or_else(|_| Err("the thread taking the dumps died".into()));
         (produced, outcomes)
     });
-    let mut after = Vec::new();
-    if let Err(e) = run_hooks(&policy.after) {
-        after.push(format!("after command failed: {e}"));
-    }
-    if let Err(e) = units.start() {
-        after.push(e.to_string());
-    }
-    let after = (!after.is_empty()).then(|| after.join("; "));
+    let after = resume(policy, units);
 
     let (dump_entries, dump_failure) = match produced {
         Ok(dumps) => (dumps, None),
         Err(why) => (Vec::new(), Some(why)),
     };
-    for (i, outcome, secs, warnings) in outcomes {
-        let (name, access, _) = &live[i];
-        // A broken dump or manifest shut both engines out (no snapshot was written, no
-        // archive committed): say why in the dump's words, not the engine's.
-        let outcome = match (outcome, &dump_failure) {
-            (Err(_), _) if completions[i].left_behind() => Err(format!(
-                "left behind: it took no data for {} s while the other repository waited \
-                 (`[backup] stall_timeout`); no snapshot was written",
-                env.opts.stall_timeout.unwrap_or_default().as_secs()
-            )),
-            (Err(_), Some(why)) => Err(format!("{why}; no snapshot was written")),
-            (Ok((snapshot, _)), Some(why)) => Err(discard(access, &env.state, &snapshot, why)),
-            (outcome, None) => outcome,
-        };
-        let result = match outcome {
-            Ok((snapshot, added)) => {
-                let mut ok = RepoResult {
-                    service: service.to_string(),
-                    repo: (*name).clone(),
-                    result: Verdict::Ok,
-                    error: None,
-                    snapshot: Some(snapshot),
-                    duration_seconds: secs,
-                    bytes_added: added,
-                    warnings,
-                    retries: 0,
-                };
-                // A retention with its own schedule runs as a separate forget job.
-                let inline = policy.forget_schedule.is_none();
-                if let Some(ret) = policy
-                    .retention
-                    .as_ref()
-                    .filter(|r| inline && r.keeps_something())
-                {
-                    if let Err(e) = forget(access, &env.state, service, ret, ret.prune, false) {
-                        ok.warnings.push(format!("retention failed: {e}"));
-                    }
-                }
-                // The snapshot stands, but the service was left worse than found.
-                if let Some(e) = &after {
-                    ok.result = Verdict::Failed;
-                    ok.error = Some(format!("the snapshot was written, but {e}"));
-                }
-                ok
+    for ((l, (side, secs, mut warnings)), complete) in live.iter().zip(outcomes).zip(&completions) {
+        let judged = judge(
+            side,
+            complete.left_behind(),
+            env.opts.stall_timeout,
+            dump_failure.as_deref(),
+        );
+        let outcome = match judged {
+            Judged::Written { snapshot, added } => {
+                warnings.extend(retain(env, policy, l.access));
+                Ok((snapshot, added))
             }
-            Err(e) => match &after {
-                Some(a) => RepoResult::failed(service, name, format!("{e}; {a}"), secs),
-                None => RepoResult::failed(service, name, e, secs),
-            },
+            Judged::Unwanted { snapshot, why } => {
+                Err(discard(l.access, &env.state, &snapshot, &why))
+            }
+            Judged::Failed(why) => Err(why),
         };
-        let mut result = result;
-        result.retries = new_retries(env, access);
+        let mut result = classify(service, l.name, outcome, secs, warnings, after.as_deref());
+        result.retries = new_retries(env, l.access);
         results.push(result);
     }
     (results, dump_entries)
@@ -819,4 +990,112 @@ fn borg_side(
         lock_wait: env.opts.lock_wait,
     };
     borg.create(&what, streams, complete, meter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written() -> Result<Written, String> {
+        Ok(("abc123".to_string(), Some(42)))
+    }
+
+    #[test]
+    fn a_snapshot_stands_only_when_every_dump_completed() {
+        assert_eq!(
+            judge(written(), false, None, None),
+            Judged::Written {
+                snapshot: "abc123".into(),
+                added: Some(42)
+            }
+        );
+        assert_eq!(
+            judge(written(), false, None, Some("dump of db.sql failed: boom")),
+            Judged::Unwanted {
+                snapshot: "abc123".into(),
+                why: "dump of db.sql failed: boom".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_side_says_why_in_the_words_of_what_broke_it() {
+        let engine = || Err("the engine's own error".to_string());
+        assert_eq!(
+            judge(engine(), false, None, None),
+            Judged::Failed("the engine's own error".into())
+        );
+        assert_eq!(
+            judge(engine(), false, None, Some("dump of db.sql failed: boom")),
+            Judged::Failed("dump of db.sql failed: boom; no snapshot was written".into())
+        );
+        // Left behind wins over a dump failure: the repository stalled first.
+        let Judged::Failed(why) = judge(
+            engine(),
+            true,
+            Some(Duration::from_secs(3)),
+            Some("dump failed"),
+        ) else {
+            panic!("a side left behind must fail");
+        };
+        assert!(
+            why.starts_with("left behind: it took no data for 3 s while"),
+            "{why}"
+        );
+        assert!(why.ends_with("no snapshot was written"), "{why}");
+        // A side that wrote its snapshot was not left behind, whatever the flag says.
+        assert!(matches!(
+            judge(written(), true, Some(Duration::from_secs(3)), None),
+            Judged::Written { .. }
+        ));
+    }
+
+    #[test]
+    fn classify_fails_a_written_snapshot_when_the_service_was_left_worse() {
+        let ok = classify("app", "r", written(), 1.5, vec!["w".into()], None);
+        assert!(ok.ok());
+        assert_eq!(ok.result, Verdict::Ok);
+        assert_eq!(ok.error, None);
+        assert_eq!(ok.snapshot.as_deref(), Some("abc123"));
+        assert_eq!(ok.bytes_added, Some(42));
+        assert_eq!(ok.warnings, vec!["w".to_string()]);
+        assert_eq!(ok.duration_seconds, 1.5);
+
+        let worse = classify(
+            "app",
+            "r",
+            written(),
+            1.5,
+            vec![],
+            Some("after command failed: x"),
+        );
+        assert_eq!(worse.result, Verdict::Failed);
+        assert_eq!(
+            worse.error.as_deref(),
+            Some("the snapshot was written, but after command failed: x")
+        );
+        assert_eq!(worse.snapshot.as_deref(), Some("abc123"));
+    }
+
+    #[test]
+    fn classify_joins_a_failure_with_what_went_wrong_after_it() {
+        let failed = classify(
+            "app",
+            "r",
+            Err("boom".into()),
+            2.0,
+            vec!["dropped".into()],
+            Some("after command failed: x"),
+        );
+        assert_eq!(failed.result, Verdict::Failed);
+        assert_eq!(
+            failed.error.as_deref(),
+            Some("boom; after command failed: x")
+        );
+        assert_eq!(failed.snapshot, None);
+        assert!(failed.warnings.is_empty());
+        let plain = classify("app", "r", Err("boom".into()), 2.0, vec![], None);
+        assert_eq!(plain.error.as_deref(), Some("boom"));
+        assert_eq!((plain.service.as_str(), plain.repo.as_str()), ("app", "r"));
+    }
 }
