@@ -50,9 +50,16 @@ pub enum BackupError {
     Restic {
         /// The repository.
         repo: String,
-        /// What rustic_core said.
+        /// What rustic_core said (its first line), or what agex found.
         message: String,
+        /// rustic_core's error, whole, when it raised one.
+        #[source]
+        source: Option<Box<rustic_core::RusticError>>,
     },
+    /// A database the command needs to be PostgreSQL is not (a policy that changed
+    /// under a command).
+    #[error("database `{0}` is not a PostgreSQL database")]
+    NotPostgres(String),
     /// A tool's machine output could not be read.
     #[error("{tool}: unexpected output: {detail}")]
     Output {

@@ -709,6 +709,22 @@ pub fn host_path(root: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// Why the manifest inside an extracted snapshot could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestUnreadable {
+    /// The snapshot holds no manifest where agex writes it.
+    #[error("the snapshot holds no manifest at {} ({source})", .path.display())]
+    Missing {
+        /// Where it should be, as a host path.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The manifest is not JSON agex reads.
+    #[error("the manifest does not parse: {0}")]
+    Parse(#[source] serde_json::Error),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,10 +61,7 @@ impl Connection {
             ..
         } = db
         else {
-            return Err(BackupError::Output {
-                tool: "psql".into(),
-                detail: format!("database `{}` is not a PostgreSQL database", db.name()),
-            });
+            return Err(BackupError::NotPostgres(db.name().to_string()));
         };
         let pgpass = match password {
             Some(pw) => {

@@ -46,8 +46,7 @@ pub fn plan(project: &Project, name: &str) -> Result<TrustPlan, BackupError> {
     };
     let keys = ssh::scan(endpoint)?;
     let lines: Vec<String> = keys.iter().map(|k| k.line.clone()).collect();
-    let config_text =
-        set_known_hosts(&project.config.source.text, name, &lines).map_err(BackupError::Usage)?;
+    let config_text = set_known_hosts(&project.config.source.text, name, &lines)?;
     Ok(TrustPlan {
         repo: name.to_string(),
         server: endpoint.known_hosts_name(),
@@ -69,16 +68,18 @@ pub fn execute(project: &Project, plan: &TrustPlan) -> Result<(), BackupError> {
 
 /// `text` with `[repositories.NAME] known_hosts` set to `lines`; everything else,
 /// comments included, stays as it was.
-pub fn set_known_hosts(text: &str, name: &str, lines: &[String]) -> Result<String, String> {
+pub fn set_known_hosts(text: &str, name: &str, lines: &[String]) -> Result<String, BackupError> {
     let mut doc: toml_edit::DocumentMut = text
         .parse()
-        .map_err(|e| format!("agex.toml does not parse: {e}"))?;
+        .map_err(|e| BackupError::Usage(format!("agex.toml does not parse: {e}")))?;
     let entry = doc
         .get_mut("repositories")
         .and_then(|r| r.as_table_like_mut())
         .and_then(|r| r.get_mut(name))
         .and_then(|r| r.as_table_like_mut())
-        .ok_or_else(|| format!("agex.toml has no [repositories.{name}] table"))?;
+        .ok_or_else(|| {
+            BackupError::Usage(format!("agex.toml has no [repositories.{name}] table"))
+        })?;
     let mut array = toml_edit::Array::new();
     for l in lines {
         let mut v = toml_edit::Value::from(l.as_str());

@@ -224,6 +224,7 @@ fn without_panics<T>(
         Err(BackupError::Restic {
             repo: repo.to_string(),
             message: format!("reading the snapshot failed: {what}"),
+            source: None,
         })
     })
 }

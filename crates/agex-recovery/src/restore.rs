@@ -21,7 +21,9 @@ use crate::pg::PgConn;
 use agex_backup::access::RepoAccess;
 use agex_backup::engine::{self, Engine};
 use agex_backup::error::BackupError;
-use agex_backup::manifest::{self, host_path, under, DumpKind, HostPath, Manifest};
+use agex_backup::manifest::{
+    self, host_path, under, DumpKind, HostPath, Manifest, ManifestUnreadable,
+};
 use agex_backup::progress::Progress;
 use agex_backup::units::StoppedUnits;
 
@@ -212,15 +214,13 @@ fn count(dir: &Path) -> Result<Extracted, BackupError> {
 }
 
 /// The manifest of `service` inside an extracted snapshot.
-pub fn read_manifest(dir: &Path, service: &str) -> Result<Manifest, String> {
+pub fn read_manifest(dir: &Path, service: &str) -> Result<Manifest, ManifestUnreadable> {
     let path = under(dir, &manifest::manifest_path(service));
-    let bytes = std::fs::read(&path).map_err(|e| {
-        format!(
-            "the snapshot holds no manifest at {} ({e})",
-            manifest::manifest_path(service).display()
-        )
+    let bytes = std::fs::read(&path).map_err(|source| ManifestUnreadable::Missing {
+        path: manifest::manifest_path(service),
+        source,
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("the manifest does not parse: {e}"))
+    serde_json::from_slice(&bytes).map_err(ManifestUnreadable::Parse)
 }
 
 /// What verifying an extracted snapshot found.
@@ -1043,7 +1043,7 @@ pub fn restore(
         read_manifest(&dir, &policy.service).map_err(|p| BackupError::Verification {
             repo: snap.repo.clone(),
             snapshot: snap.id.clone(),
-            problems: vec![p],
+            problems: vec![p.to_string()],
         })?;
     manifest.mark_changed(&snap.late_changed);
     let verified = verify(&dir, &manifest, None);

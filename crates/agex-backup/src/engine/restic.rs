@@ -69,6 +69,7 @@ pub fn restic_err(repo: &str) -> impl Fn(Box<rustic_core::RusticError>) -> Backu
         BackupError::Restic {
             repo: repo.to_string(),
             message: said.lines().next().unwrap_or("error").to_string(),
+            source: Some(e),
         }
     }
 }
@@ -367,6 +368,7 @@ impl Restic {
             BackupError::Restic {
                 repo: self.name.clone(),
                 message: format!("writing a repository key: {e}"),
+                source: None,
             }
         })
     }
@@ -542,6 +544,7 @@ impl Restic {
         Err(BackupError::Restic {
             repo: self.name.clone(),
             message: format!("check found errors: {}", findings.join("; ")),
+            source: None,
         })
     }
 
@@ -634,6 +637,7 @@ pub fn extract(
             Err(BackupError::Restic {
                 repo: name,
                 message: format!("restore failed: {reason}"),
+                source: None,
             })
         }
     }
