@@ -36,6 +36,44 @@ pub fn short(shown: &str) -> String {
     }
 }
 
+/// Starts a command with the given stdin, stdout and stderr, logging it (never its
+/// environment); a command that cannot start is a [`BackupError::Spawn`] naming the tool.
+pub fn start(
+    cmd: &mut Command,
+    stdin: Stdio,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<Child, BackupError> {
+    let shown = describe(cmd);
+    tracing::debug!("running {shown}");
+    cmd.stdin(stdin)
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|source| BackupError::Spawn {
+            tool: shown,
+            source,
+        })
+}
+
+/// Runs a command to completion with `stdin`, capturing stdout and stderr, and returns
+/// what it did whatever its exit status: for a caller that reads the status itself
+/// (borg's exit 1 is a warning).
+pub fn output(cmd: &mut Command, stdin: Stdio) -> Result<Output, BackupError> {
+    start(cmd, stdin, Stdio::piped(), Stdio::piped())?
+        .wait_with_output()
+        .map_err(|source| BackupError::Spawn {
+            tool: describe(cmd),
+            source,
+        })
+}
+
+/// [`run`] with `stdin` (a file, say) fed to the command.
+pub fn run_fed(cmd: &mut Command, stdin: Stdio) -> Result<Output, BackupError> {
+    let out = output(cmd, stdin)?;
+    check(&describe(cmd), out)
+}
+
 /// Runs a command to completion, capturing stdout and stderr; non-zero exit is an error.
 pub fn run(cmd: &mut Command) -> Result<Output, BackupError> {
     run_to(cmd, Stdio::piped())
@@ -99,16 +137,16 @@ pub fn spawn_piped(
     cmd: &mut Command,
     stdin: Stdio,
 ) -> Result<(Child, JoinHandle<String>), BackupError> {
-    tracing::debug!("running {}", describe(cmd));
-    let mut child = cmd
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| BackupError::Spawn {
-            tool: describe(cmd),
-            source,
-        })?;
+    spawn(cmd, stdin, Stdio::piped())
+}
+
+/// [`spawn_piped`] with stdout going to `stdout`.
+pub fn spawn(
+    cmd: &mut Command,
+    stdin: Stdio,
+    stdout: Stdio,
+) -> Result<(Child, JoinHandle<String>), BackupError> {
+    let mut child = start(cmd, stdin, stdout, Stdio::piped())?;
     let mut err = child.stderr.take();
     let stderr = std::thread::spawn(move || {
         let mut text = String::new();
@@ -196,5 +234,34 @@ mod tests {
             .unwrap_or_default();
         assert!(err.starts_with("cannot run borg create: "), "{err}");
         assert!(!err.contains("/srv/repo"), "{err}");
+    }
+
+    #[test]
+    fn output_hands_back_a_failed_command_and_run_fed_feeds_its_stdin() {
+        if !std::path::Path::new("/bin/sh").exists() {
+            eprintln!(
+                "SKIP output_hands_back_a_failed_command_and_run_fed_feeds_its_stdin: no /bin/sh"
+            );
+            return;
+        }
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "echo out; echo err >&2; exit 1"]);
+        let out = output(&mut cmd, Stdio::null()).expect("sh starts");
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+        let err = run_fed(&mut cmd, Stdio::null())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(err, "sh failed (exit status 1): err");
+
+        let (reader, mut writer) = std::io::pipe().expect("a pipe");
+        std::io::Write::write_all(&mut writer, b"fed\n").expect("pipe write");
+        drop(writer);
+        let mut cat = Command::new("/bin/sh");
+        cat.args(["-c", "cat"]);
+        let out = run_fed(&mut cat, Stdio::from(reader)).expect("cat succeeds");
+        assert_eq!(out.stdout, b"fed\n");
     }
 }

@@ -352,13 +352,9 @@ pub fn fingerprint(b64: &str) -> Option<String> {
 /// of the passwd entry, not `$HOME`) has a key for the server; for `agex check` on
 /// repositories that pin none.
 pub fn user_knows(endpoint: &SshEndpoint) -> bool {
-    Command::new("ssh-keygen")
-        .arg("-F")
-        .arg(endpoint.known_hosts_name())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .output()
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.arg("-F").arg(endpoint.known_hosts_name());
+    crate::process::output(&mut cmd, std::process::Stdio::null())
         .map(|o| o.status.success() && !o.stdout.is_empty())
         .unwrap_or(false)
 }

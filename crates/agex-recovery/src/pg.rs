@@ -72,17 +72,7 @@ impl PgConn {
         let input = File::open(dump).map_err(BackupError::io(dump))?;
         let mut cmd = self.conn.command("pg_restore", dbname);
         cmd.current_dir("/").args(options);
-        let shown = process::describe(&cmd);
-        let out = cmd
-            .stdin(Stdio::from(input))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|source| BackupError::Spawn {
-                tool: shown.clone(),
-                source,
-            })?;
-        process::check(&shown, out).map(|_| ())
+        process::run_fed(&mut cmd, Stdio::from(input)).map(|_| ())
     }
 
     /// `pg_restore` into `dbname`, reading the dump from the returned stream's input as
@@ -96,25 +86,8 @@ impl PgConn {
         let mut cmd = self.conn.command("pg_restore", dbname);
         cmd.current_dir("/").args(options);
         let shown = process::describe(&cmd);
-        tracing::debug!("running {shown}");
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| BackupError::Spawn {
-                tool: shown.clone(),
-                source,
-            })?;
+        let (mut child, stderr) = process::spawn(&mut cmd, Stdio::piped(), Stdio::null())?;
         let input = child.stdin.take();
-        let mut err = child.stderr.take();
-        let stderr = std::thread::spawn(move || {
-            let mut text = String::new();
-            if let Some(e) = err.as_mut() {
-                let _ = std::io::Read::read_to_string(e, &mut text);
-            }
-            text
-        });
         Ok(PgRestoreStream {
             child: Some(child),
             input,

@@ -141,13 +141,7 @@ impl Source {
                     .arg(borg.archive_url(archive))
                     .arg(rel);
                 let shown = process::describe(&cmd);
-                let out = cmd
-                    .stdin(std::process::Stdio::null())
-                    .output()
-                    .map_err(|source| BackupError::Spawn {
-                        tool: shown.clone(),
-                        source,
-                    })?;
+                let out = process::output(&mut cmd, std::process::Stdio::null())?;
                 // borg exits 1 (a warning) when the path matched nothing.
                 if out.status.code() == Some(1) && out.stdout.is_empty() {
                     return Ok(None);

@@ -353,15 +353,12 @@ impl Borg {
         }
         cmd.arg(self.archive_url(archive));
         let shown = process::describe(&cmd);
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|source| BackupError::Spawn {
-                tool: shown.clone(),
-                source,
-            })?;
+        let mut child = process::start(
+            &mut cmd,
+            std::process::Stdio::null(),
+            std::process::Stdio::null(),
+            std::process::Stdio::piped(),
+        )?;
         let mut stderr = String::new();
         if let Some(pipe) = child.stderr.take() {
             stderr = read_log(pipe, |p| match (p, progress) {
@@ -681,27 +678,18 @@ impl Borg {
         cmd.arg(self.archive_url(archive));
         cmd.args(&args);
         let shown = process::describe(&cmd);
-        tracing::debug!("running {shown}");
-        let child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn();
+        let child = process::start(
+            &mut cmd,
+            std::process::Stdio::null(),
+            std::process::Stdio::piped(),
+            std::process::Stdio::piped(),
+        );
         let mut child = match child {
             Ok(c) => {
                 crate::cancel::child_started(c.id());
                 c
             }
-            Err(source) => {
-                return fail(
-                    &fifos,
-                    BackupError::Spawn {
-                        tool: shown,
-                        source,
-                    },
-                    streams,
-                )
-            }
+            Err(e) => return fail(&fifos, e, streams),
         };
         let pid = child.id();
         let borg_done = Arc::new(AtomicBool::new(false));
