@@ -241,8 +241,10 @@ fn switch_to(
             Path::new(CURRENT_LINK),
             Path::new(&format!("generations/{number}")),
         )?;
-        // The run that switched here was killed before it restarted the units.
+        // A run killed while it staged another generation left its plaintext behind.
         let fs_dir = layout.secrets_fs();
+        clean_leftovers(&fs_dir);
+        // The run that switched here was killed before it restarted the units.
         let owed = Owed::load(&fs_dir)
             .filter(|o| o.number == number)
             .map(|o| pay(&fs_dir, o, opts));
