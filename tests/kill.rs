@@ -1018,3 +1018,132 @@ fn activate_and_rollback_killed_leave_run_agex_on_a_complete_generation() {
     }
     trials.report();
 }
+
+/// `systemd install` killed while it moves from one configuration's units to another's
+/// (a policy removed, one's schedule changed, one added): each unit file is the old or
+/// the new one, never a mix of the two in one file and never a stranger's; the next run
+/// leaves exactly the new units, and between the two runs every new timer was enabled,
+/// every changed one restarted, the removed one disabled and systemd reloaded after the
+/// last file was written — units all new, none left half-installed.
+#[test]
+fn systemd_install_killed_leaves_each_unit_old_or_new_and_the_next_run_finishes() {
+    let fx = Fixture::bunk();
+    let root = fx.root();
+    let (sysctl, calls) = recording_systemctl(fx.tmp.path());
+    let install = || {
+        let mut c = fx.agex();
+        c.arg("--root")
+            .arg(&root)
+            .args(["--host", "bunk", "systemd", "install", "--systemctl"])
+            .arg(&sysctl);
+        c
+    };
+    let unit_dir = root.join("etc/systemd/system");
+    let policies = fx.dir().join("policies");
+    let vikunja = fs::read(policies.join("vikunja.toml")).unwrap();
+    let immich = fs::read_to_string(policies.join("immich.toml")).unwrap();
+    let to_a = || {
+        fs::write(policies.join("vikunja.toml"), &vikunja).unwrap();
+        fs::write(policies.join("immich.toml"), &immich).unwrap();
+        let _ = fs::remove_file(policies.join("killtest.toml"));
+    };
+    let to_b = || {
+        fs::remove_file(policies.join("vikunja.toml")).unwrap();
+        fs::write(
+            policies.join("immich.toml"),
+            immich.replace("02:30:00", "02:45:00"),
+        )
+        .unwrap();
+        fs::write(
+            policies.join("killtest.toml"),
+            "paths = [\"/var/lib/killtest\"]\nschedule = \"*-*-* 04:10:00\"\n",
+        )
+        .unwrap();
+    };
+    let log = || fs::read_to_string(&calls).unwrap_or_default();
+    to_a();
+    assert_ok(&install().output().unwrap());
+    let a = common::snapshot(&unit_dir);
+    to_b();
+    let span = measure(install());
+    let b = common::snapshot(&unit_dir);
+    let timers = |m: &BTreeMap<PathBuf, Vec<u8>>| -> BTreeSet<String> {
+        m.keys()
+            .map(|p| p.to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".timer") && !n.contains('/'))
+            .collect()
+    };
+    let new_timers: BTreeSet<String> = &timers(&b) - &timers(&a);
+    let gone_timers: BTreeSet<String> = &timers(&a) - &timers(&b);
+    let changed_timers: BTreeSet<String> = timers(&a)
+        .intersection(&timers(&b))
+        .filter(|n| a[Path::new(n.as_str())] != b[Path::new(n.as_str())])
+        .cloned()
+        .collect();
+    assert_eq!(new_timers.len(), 1, "{new_timers:?}");
+    assert_eq!(gone_timers.len(), 1, "{gone_timers:?}");
+    assert_eq!(changed_timers.len(), 1, "{changed_timers:?}");
+    let mut trials = Trials::new("systemd install");
+    for trial in 0..trials.count {
+        to_a();
+        assert_ok(&install().output().unwrap());
+        assert!(common::snapshot(&unit_dir) == a, "trial {trial}: back to A");
+        let _ = fs::remove_file(&calls);
+        to_b();
+        trials.kill(&mut install(), span, trial);
+        // A dead writer's temp file (`.agex-<pid>-*.tmp`) is no unit (systemd loads only
+        // names with a unit type's suffix); the next run removes it, as the comparison
+        // with B after it proves.
+        let now: BTreeMap<PathBuf, Vec<u8>> = common::snapshot(&unit_dir)
+            .into_iter()
+            .filter(|(p, _)| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                !(name.starts_with(".agex-") && name.ends_with(".tmp"))
+            })
+            .collect();
+        let names: BTreeSet<&PathBuf> = a.keys().chain(b.keys()).chain(now.keys()).collect();
+        for name in names {
+            assert!(
+                now.get(name) == a.get(name) || now.get(name) == b.get(name),
+                "systemd install trial {trial}: {} is neither the old nor the new unit",
+                name.display()
+            );
+        }
+        let killed = log();
+        assert_ok(&install().output().unwrap());
+        assert!(
+            common::snapshot(&unit_dir) == b,
+            "systemd install trial {trial}: the next run did not leave exactly the new units"
+        );
+        let all = log();
+        let lines: Vec<&str> = all.lines().collect();
+        let with = |verb: &str, unit: &str| {
+            lines
+                .iter()
+                .any(|l| l.starts_with(verb) && l.split_whitespace().any(|w| w == unit))
+        };
+        for t in &new_timers {
+            assert!(
+                with("enable --now", t),
+                "systemd install trial {trial}: {t} never enabled (killed run: {killed:?}; both: {all:?})"
+            );
+        }
+        for t in &changed_timers {
+            assert!(
+                with("try-restart", t) || with("enable --now", t),
+                "systemd install trial {trial}: {t} never restarted ({all:?})"
+            );
+        }
+        for t in &gone_timers {
+            assert!(
+                with("disable --now", t),
+                "systemd install trial {trial}: {t} never disabled ({all:?})"
+            );
+        }
+        assert!(
+            lines.contains(&"daemon-reload"),
+            "systemd install trial {trial}: systemd never reloaded ({all:?})"
+        );
+    }
+    trials.report();
+}

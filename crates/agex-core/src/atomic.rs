@@ -52,12 +52,56 @@ pub struct Staged {
     target: PathBuf,
 }
 
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// `.agex-<pid>-`: the temp file of a writer killed before its rename names its process,
+/// so the next writer knows it for a dead one's ([`remove_dead_temps`]).
+fn temp_prefix() -> String {
+    format!(".agex-{}-", std::process::id())
+}
+
+/// The pid in a temp file name `.agex-<pid>-<random>.tmp`.
+fn temp_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix(".agex-")?.strip_suffix(TEMP_SUFFIX)?;
+    let (pid, random) = rest.split_once('-')?;
+    if random.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok().filter(|p| *p > 0)
+}
+
+/// Removes from `dir` the temp files of atomic writes whose process no longer runs
+/// (SIGKILLed between writing and renaming); returns their paths. A directory that
+/// cannot be read holds nothing to remove.
+pub fn remove_dead_temps(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(temp_pid) else {
+            continue;
+        };
+        let gone = rustix::process::Pid::from_raw(pid).is_some_and(|p| {
+            matches!(
+                rustix::process::test_kill_process(p),
+                Err(rustix::io::Errno::SRCH)
+            )
+        });
+        if gone && e.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
 /// Writes `data` to a temp file beside `path`, without flushing it: the first half of
 /// replacing many files with one flush for all.
 pub fn stage(path: &Path, data: &[u8], mode: u32) -> io::Result<Staged> {
     let mut tmp = tempfile::Builder::new()
-        .prefix(".agex-")
-        .suffix(".tmp")
+        .prefix(&temp_prefix())
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(parent(path))?;
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))?;
@@ -132,5 +176,34 @@ mod batch_tests {
         );
         let left: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(left.len(), 2, "no temp files left behind");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temps_of_dead_writers_are_removed_and_others_kept() {
+        assert_eq!(temp_pid(".agex-123-abc.tmp"), Some(123));
+        assert_eq!(temp_pid(".agex-restore-abc"), None);
+        assert_eq!(temp_pid(".agex-abc.tmp"), None);
+        let dir = tempfile::tempdir().unwrap();
+        // A pid above the kernel's maximum never runs.
+        let dead = dir.path().join(".agex-2147483000-x1.tmp");
+        let live = dir
+            .path()
+            .join(format!(".agex-{}-x2.tmp", std::process::id()));
+        let other = dir.path().join("a.timer");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(remove_dead_temps(dir.path()), vec![dead.clone()]);
+        assert!(!dead.exists() && live.exists() && other.exists());
+        let staged = stage(&dir.path().join("t"), b"y", 0o600).unwrap();
+        assert_eq!(
+            temp_pid(&staged.tmp.path().file_name().unwrap().to_string_lossy()),
+            Some(std::process::id() as i32)
+        );
     }
 }

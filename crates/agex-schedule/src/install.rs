@@ -50,6 +50,28 @@ impl UnitDir {
             root.join(INSTALLED_FILE)
         }
     }
+
+    fn owed(&self, root: &Path) -> PathBuf {
+        self.record(root).with_file_name(if self.is_runtime() {
+            "agex-systemd-units-owed.json"
+        } else {
+            "systemd-units-owed.json"
+        })
+    }
+}
+
+/// The systemctl work an installation owes once its files changed: recorded before the
+/// first file changes and removed once systemctl did it, so a run killed in between
+/// leaves it to the next run, whose plan may find no file left to write (timers written
+/// but never enabled, or units never reloaded, would otherwise stay so).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Owed {
+    /// New timers to enable and start.
+    enable: Vec<String>,
+    /// Changed timers to restart.
+    restart: Vec<String>,
+    /// Whether `agex-activate.service` is to be enabled.
+    activate: bool,
 }
 /// What agex installed, under `--root`.
 pub const INSTALLED_FILE: &str = "var/lib/agex/systemd-units.json";
@@ -135,8 +157,52 @@ pub fn apply(
     systemctl: Option<&Systemctl>,
 ) -> Result<InstallReport, ScheduleError> {
     let mut report = InstallReport::default();
-    if plan.is_noop() {
+    let owed_path = to.owed(root);
+    // What a run killed mid-write left: temp files never renamed into units or records.
+    let dir = to.under(root);
+    let mut dirs: BTreeSet<PathBuf> = plan
+        .all
+        .iter()
+        .chain(&plan.remove)
+        .filter_map(|n| dir.join(n).parent().map(Path::to_path_buf))
+        .collect();
+    dirs.extend(owed_path.parent().map(Path::to_path_buf));
+    for d in &dirs {
+        agex_core::atomic::remove_dead_temps(d);
+    }
+    let carried = owed_path.exists();
+    if plan.is_noop() && !carried {
         return Ok(report);
+    }
+    let before: Owed = crate::record::load(&owed_path, "agex's record of owed systemctl work")?;
+    let generated = |n: &String| plan.all.contains(n);
+    let mut enable: BTreeSet<String> = before.enable.into_iter().filter(generated).collect();
+    enable.extend(
+        plan.add
+            .iter()
+            .filter(|u| u.is_timer())
+            .map(|u| u.name.clone()),
+    );
+    let restart: BTreeSet<String> = before
+        .restart
+        .into_iter()
+        .filter(generated)
+        .chain(
+            plan.change
+                .iter()
+                .filter(|u| u.is_timer())
+                .map(|u| u.name.clone()),
+        )
+        .filter(|n| !enable.contains(n))
+        .collect();
+    let owed = Owed {
+        enable: enable.into_iter().collect(),
+        restart: restart.into_iter().collect(),
+        activate: (before.activate && plan.all.iter().any(|n| n == ACTIVATE_UNIT))
+            || plan.add.iter().any(|u| u.name == ACTIVATE_UNIT),
+    };
+    if systemctl.is_some() {
+        crate::record::save(&owed_path, &owed)?;
     }
     let dir = to.under(root);
     let wants = dir.join("timers.target.wants");
@@ -188,42 +254,32 @@ pub fn apply(
 
     let Some(sc) = systemctl else {
         report.skipped = Some("no systemctl command for this root (pass --systemctl CMD)".into());
+        let _ = std::fs::remove_file(&owed_path);
         return Ok(report);
     };
     report.commands.push(sc.run(&["daemon-reload"])?);
-    let new_timers: Vec<&str> = plan
-        .add
-        .iter()
-        .filter(|u| u.is_timer())
-        .map(|u| u.name.as_str())
-        .collect();
-    if !new_timers.is_empty() {
+    if !owed.enable.is_empty() {
         let mut args = if to.is_runtime() {
             vec!["start"]
         } else {
             vec!["enable", "--now"]
         };
-        args.extend(new_timers);
+        args.extend(owed.enable.iter().map(String::as_str));
         report.commands.push(sc.run(&args)?);
     }
-    if !to.is_runtime() && plan.add.iter().any(|u| u.name == "agex-activate.service") {
-        report
-            .commands
-            .push(sc.run(&["enable", "agex-activate.service"])?);
+    if !to.is_runtime() && owed.activate {
+        report.commands.push(sc.run(&["enable", ACTIVATE_UNIT])?);
     }
-    let changed_timers: Vec<&str> = plan
-        .change
-        .iter()
-        .filter(|u| u.is_timer())
-        .map(|u| u.name.as_str())
-        .collect();
-    if !changed_timers.is_empty() {
+    if !owed.restart.is_empty() {
         let mut args = vec!["try-restart"];
-        args.extend(changed_timers);
+        args.extend(owed.restart.iter().map(String::as_str));
         report.commands.push(sc.run(&args)?);
     }
+    std::fs::remove_file(&owed_path).map_err(ScheduleError::io(&owed_path))?;
     Ok(report)
 }
+
+const ACTIVATE_UNIT: &str = "agex-activate.service";
 
 #[cfg(test)]
 mod tests {
@@ -259,6 +315,33 @@ mod tests {
             plan(root, &to, &foreign),
             Err(ScheduleError::Foreign { .. })
         ));
+    }
+
+    #[test]
+    fn systemctl_work_a_failed_run_owed_is_done_by_the_next_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let to = UnitDir::default();
+        let units = vec![unit("a.timer", "1"), unit("agex-activate.service", "x")];
+        let failing = Systemctl::parse("false").unwrap();
+        assert!(apply(root, &to, &plan(root, &to, &units).unwrap(), Some(&failing)).is_err());
+        // The files are in place, so the plan finds nothing to write ...
+        let p = plan(root, &to, &units).unwrap();
+        assert!(p.is_noop());
+        // ... and the next run still reloads, enables the timer and the service.
+        let ok = Systemctl::parse("true").unwrap();
+        let report = apply(root, &to, &p, Some(&ok)).unwrap();
+        assert_eq!(
+            report.commands,
+            [
+                "true daemon-reload",
+                "true enable --now a.timer",
+                "true enable agex-activate.service"
+            ]
+        );
+        // Done once: nothing is owed any more.
+        let report = apply(root, &to, &plan(root, &to, &units).unwrap(), Some(&ok)).unwrap();
+        assert!(report.commands.is_empty(), "{:?}", report.commands);
     }
 
     #[test]
