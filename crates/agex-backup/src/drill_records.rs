@@ -9,11 +9,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::BackupError;
+use crate::paths::DRILLS_DIR;
 use crate::status::{exposition, unix_seconds, write_prom, Gauge};
 use crate::verdict::Verdict;
-
-/// Where drill records are written, under `--root`.
-pub const DRILLS_DIR: &str = "/var/lib/agex/drills";
 
 /// The outcome of one drill of one service in one repository.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ use agex_secrets::ramdir::RamDir;
 use zeroize::Zeroizing;
 
 use crate::error::BackupError;
-use crate::manifest::under;
+use crate::paths::under;
 use crate::postgres::Connection;
 use crate::process;
 use crate::tee::{Copied, Tee};

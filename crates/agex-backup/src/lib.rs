@@ -13,6 +13,7 @@ pub mod lock;
 pub mod manifest;
 pub mod manifest_stream;
 pub mod object_store;
+pub mod paths;
 pub mod pending;
 pub mod postgres;
 pub mod process;

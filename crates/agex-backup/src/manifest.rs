@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::digest_cache::{CacheReader, CacheWriter, Stamp};
 use crate::error::BackupError;
+use crate::paths::{host_path, under};
 
 /// Where dumps and manifests appear inside snapshots and archives.
 pub use agex_core::policy::DUMPS_DIR;
@@ -694,19 +695,6 @@ fn escape(s: &str) -> String {
         out.push(c);
     }
     out
-}
-
-/// `p` (a host path) under `root`.
-pub fn under(root: &Path, p: &Path) -> PathBuf {
-    root.join(p.strip_prefix("/").unwrap_or(p))
-}
-
-/// A path read under `root`, as the host sees it.
-pub fn host_path(root: &Path, p: &Path) -> PathBuf {
-    match p.strip_prefix(root) {
-        Ok(rel) => Path::new("/").join(rel),
-        Err(_) => p.to_path_buf(),
-    }
 }
 
 /// Why the manifest inside an extracted snapshot could not be read.

@@ -15,7 +15,7 @@ use agex_secrets::plainbuf;
 use zeroize::Zeroizing;
 
 use crate::error::BackupError;
-use crate::manifest::under;
+use crate::paths::under;
 use crate::process;
 
 /// Counts the rows of every user table, one `schema.table|rows` line per table. One

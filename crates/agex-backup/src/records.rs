@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::BackupError;
-use crate::manifest::under;
+use crate::paths::under;
 
 /// Writes `record` as `<root><dir>/<id>.json`; `what` names it in errors.
 pub fn save<T: Serialize>(

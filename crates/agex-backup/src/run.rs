@@ -22,20 +22,14 @@ use crate::engine::restic::{Restic, Stream};
 use crate::engine::Engine;
 use crate::error::BackupError;
 use crate::lock;
-use crate::manifest::{
-    self, under, DumpEntry, DumpKind, HostPath, Selection, SpecialEntry, Walked,
-};
+use crate::manifest::{self, DumpEntry, DumpKind, HostPath, Selection, SpecialEntry, Walked};
 use crate::manifest_stream::{ManifestSource, Marks};
+use crate::paths::{self, RUNS_DIR, STATE_DIR};
 use crate::process;
 use crate::progress::{Meter, Progress};
 use crate::tee::{self, Completion, Tee};
 use crate::units::StoppedUnits;
 use crate::verdict::Verdict;
-
-/// Where run records are written, under `--root`.
-pub const RUNS_DIR: &str = "/var/lib/agex/runs";
-/// agex's state directory, under `--root`.
-pub const STATE_DIR: &str = "/var/lib/agex";
 
 /// Which services and repositories a run covers, and how it treats the system.
 #[derive(Debug, Clone, Default)]
@@ -204,7 +198,7 @@ pub fn execute(
     let started = chrono::Utc::now();
     let env = Env {
         root,
-        state: under(root, Path::new(STATE_DIR)),
+        state: paths::state_dir(root),
         access,
         db_passwords,
         run_id: started.format("%Y%m%dT%H%M%S%.3fZ").to_string(),

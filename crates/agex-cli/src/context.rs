@@ -48,7 +48,7 @@ impl Context {
     /// agex's state directory (`/var/lib/agex`: locks, borg's cache and security
     /// state) under `--root`.
     pub fn state_dir(&self) -> PathBuf {
-        self.host_path(Path::new(agex_backup::run::STATE_DIR))
+        self.host_path(Path::new(agex_backup::paths::STATE_DIR))
     }
 
     /// Identities: `-i`, else the user's defaults plus the identity of the host this

@@ -15,11 +15,10 @@ use agex_backup::access::RepoAccess;
 use agex_backup::drill_records::save;
 pub use agex_backup::drill_records::{
     prometheus, records, summarize, write_textfile, DrillRecord, DrillResult, DrillStatus,
-    DRILLS_DIR,
 };
 use agex_backup::error::BackupError;
-use agex_backup::manifest::under;
-use agex_backup::run::STATE_DIR;
+use agex_backup::paths;
+pub use agex_backup::paths::DRILLS_DIR;
 use agex_backup::verdict::Verdict;
 use agex_core::{Policy, Project};
 
@@ -79,7 +78,7 @@ pub fn execute(
 ) -> Result<DrillRecord, BackupError> {
     let started = chrono::Utc::now();
     let run_id = started.format("%Y%m%dT%H%M%S%.3fZ").to_string();
-    let state = under(env.root, Path::new(STATE_DIR));
+    let state = paths::state_dir(env.root);
     std::fs::create_dir_all(&state).map_err(BackupError::io(&state))?;
     let mut results = Vec::new();
     for (service, repo) in pairs {

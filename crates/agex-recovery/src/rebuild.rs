@@ -24,8 +24,7 @@ use serde::Serialize;
 use crate::drill::{self, DrillEnv, DrillOptions, DrillResult};
 use agex_backup::access;
 use agex_backup::error::BackupError;
-use agex_backup::manifest::under;
-use agex_backup::run::STATE_DIR;
+use agex_backup::paths;
 
 /// One step of the rebuild drill.
 #[derive(Debug, Clone, Serialize)]
@@ -109,7 +108,7 @@ pub fn run(
                 .join(", ")
         ))
     })?;
-    let state = under(root, Path::new(STATE_DIR));
+    let state = paths::state_dir(root);
     let scratch = pid_scratch(&state.join("rebuild"), host, "a rebuild drill")?;
     let _wiped_on_signal = ramdir::Registration::tree(scratch.path());
     let key_dir = RamDir::create(false)?;
@@ -268,7 +267,7 @@ fn steps(
         .collect();
     // The scratch root has its own state directory; the host's backups take the real
     // repository locks, so the restores hold those too.
-    let real_state = under(root, Path::new(STATE_DIR));
+    let real_state = paths::state_dir(root);
     let lock_wait = std::time::Duration::from_secs(project.config.backup.lock_wait);
     let _locks = names
         .iter()

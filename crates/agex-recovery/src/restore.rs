@@ -21,9 +21,8 @@ use crate::pg::PgConn;
 use agex_backup::access::RepoAccess;
 use agex_backup::engine::{self, Engine};
 use agex_backup::error::BackupError;
-use agex_backup::manifest::{
-    self, host_path, under, DumpKind, HostPath, Manifest, ManifestUnreadable,
-};
+use agex_backup::manifest::{self, DumpKind, HostPath, Manifest, ManifestUnreadable};
+use agex_backup::paths::{host_path, under};
 use agex_backup::progress::Progress;
 use agex_backup::units::StoppedUnits;
 

@@ -18,7 +18,7 @@ use rustic_core::{
 
 use crate::access::RepoAccess;
 use crate::error::BackupError;
-use crate::manifest::{host_path, under};
+use crate::paths::{host_path, under};
 use crate::progress::{Meter, ResticBars};
 use crate::tee::Completion;
 

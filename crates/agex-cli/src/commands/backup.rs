@@ -368,7 +368,8 @@ pub fn cmd_status(ctx: &Context) -> Result<i32, Failure> {
     if statuses.is_empty() {
         println!(
             "no backup has run yet (no records in {})",
-            ctx.host_path(std::path::Path::new(run::RUNS_DIR)).display()
+            ctx.host_path(std::path::Path::new(agex_backup::paths::RUNS_DIR))
+                .display()
         );
         return Ok(OK);
     }
