@@ -408,7 +408,8 @@ fn pay(fs_dir: &Path, owed: Owed, opts: &ActivateOptions) -> Restarts {
 fn no_room(e: ActivateError, fs_dir: &Path, previous: Option<u64>) -> ActivateError {
     match e {
         ActivateError::Io { path, source }
-            if source.raw_os_error() == Some(libc::ENOSPC) && path.starts_with(fs_dir) =>
+            if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+                && path.starts_with(fs_dir) =>
         {
             ActivateError::SecretsFsFull {
                 fs: fs_dir.to_path_buf(),
@@ -673,7 +674,7 @@ fn write_file(dir: &Path, f: &PlannedFile, content: &[u8]) -> Result<(), Activat
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&path)
         .map_err(ActivateError::io(&path))?;
     file.write_all(content).map_err(ActivateError::io(&path))?;

@@ -69,15 +69,7 @@ fn parse_journal_stream(v: &str) -> Option<(u64, u64)> {
 
 /// The device and inode of file descriptor 2.
 fn stderr_identity() -> Option<(u64, u64)> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat writes a whole `stat` into the buffer on success and nothing is read
-    // from it otherwise.
-    let rc = unsafe { libc::fstat(2, st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: fstat returned 0, so the buffer is initialised.
-    let st = unsafe { st.assume_init() };
+    let st = rustix::fs::fstat(std::io::stderr()).ok()?;
     #[allow(clippy::unnecessary_cast)] // the field types differ between targets
     Some((st.st_dev as u64, st.st_ino as u64))
 }

@@ -16,19 +16,15 @@ pub fn protect(own_signal_handling: bool) {
 }
 
 fn non_dumpable() -> std::io::Result<()> {
-    let zero = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain system calls on this process with valid arguments.
-    unsafe {
-        if libc::setrlimit(libc::RLIMIT_CORE, &zero) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    use rustix::process::{DumpableBehavior, Resource, Rlimit};
+    rustix::process::setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
     Ok(())
 }
 
