@@ -458,6 +458,7 @@ fn drill_passes_with_rpo_and_rto_in_status_and_metrics_and_fails_on_a_corrupt_pa
     assert!(corrupted > 0);
     let out = s.agex(&["drill", "--service", "testapp"]);
     let err = assert_fails(&out, 3);
+    assert!(!err.contains("panicked"), "{err}");
     let table = stdout(&out);
     assert!(
         table
@@ -483,6 +484,22 @@ fn drill_passes_with_rpo_and_rto_in_status_and_metrics_and_fails_on_a_corrupt_pa
     assert!(restic_row["drill"]["last_success"].is_string(), "{status}");
     let prom = fs::read_to_string(s.host("/var/lib/node-exporter/agex_drill.prom")).unwrap();
     assert!(prom.contains("agex_drill_result{service=\"testapp\",repo=\"offsite-restic\"} 0"));
+    // A restore from the damaged repository fails as an error of that repository, not as
+    // a panic of agex.
+    let to = tmp.path().join("from-damaged");
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--repo",
+        "offsite-restic",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    let err = assert_fails(&out, 1);
+    assert!(err.contains("offsite-restic"), "{err}");
+    assert!(err.contains("the repository is damaged"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     let _ = (&p.borg_url, &p.rsh);
 }
 

@@ -174,9 +174,7 @@ fn drill_one(
         passwords: &passwords,
         name: &name,
     };
-    let streamed = without_panics(repo, || {
-        stream_verify::verify(access, state, &snap, service, scratch.path(), &pg)
-    })?;
+    let streamed = stream_verify::verify(access, state, &snap, service, scratch.path(), &pg)?;
     drop(scratch);
     let verified = streamed.verified;
     let now = chrono::Utc::now();
@@ -199,32 +197,6 @@ fn drill_one(
         databases: verified.databases,
         peak_memory_bytes: None,
         scratch_bytes: Some(streamed.scratch_peak),
-    })
-}
-
-/// Runs `f`, turning a panic inside the engine (rustic_core's worker threads on a
-/// damaged pack) into this pair's failure instead of agex's abort. The default hook
-/// would print the panic as if agex had crashed; drills run one pair at a time, so
-/// swapping the process-wide hook for the call is safe.
-fn without_panics<T>(
-    repo: &str,
-    f: impl FnOnce() -> Result<T, BackupError>,
-) -> Result<T, BackupError> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(hook);
-    result.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown error");
-        Err(BackupError::Restic {
-            repo: repo.to_string(),
-            message: format!("reading the snapshot failed: {what}"),
-            source: None,
-        })
     })
 }
 

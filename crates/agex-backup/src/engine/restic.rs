@@ -591,7 +591,6 @@ pub fn extract(
     meter: Option<&Arc<Meter>>,
     key: Option<MasterKey>,
 ) -> Result<(), BackupError> {
-    let name = access.repo.name.clone();
     let err = restic_err(&access.repo.name);
     let repo = Restic::open_metered(access, meter, key)?
         .into_inner()
@@ -609,38 +608,24 @@ pub fn extract(
     let plan = repo
         .prepare_restore(&opts, ls.clone(), &dest, false)
         .map_err(&err)?;
-    // rustic_core 0.13 unwraps a pack that fails to decrypt inside its restore threads
-    // (the panic reaches this thread through rayon's scope): a damaged repository must
-    // fail this restore, not abort agex.
-    // The default hook would print the panic as if agex had crashed; the failure is
-    // reported as an error instead. Restores run one at a time, so swapping the
-    // process-wide hook for their duration is safe.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        repo.restore(plan, &opts, ls, &dest)
-    }));
-    std::panic::set_hook(hook);
-    match restored {
-        Ok(r) => r.map_err(&err),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown error");
-            let reason = if what.contains("MAC check failed") {
-                "data decryption failed (MAC check failed): the repository is damaged"
-            } else {
-                what
-            };
-            Err(BackupError::Restic {
-                repo: name,
-                message: format!("restore failed: {reason}"),
-                source: None,
-            })
-        }
-    }
+    // A pack that fails to decrypt (a damaged repository) is an error of this restore
+    // (vendored rustic_core, change 2), not a panic in its threads; it is said plainly.
+    repo.restore(plan, &opts, ls, &dest)
+        .map_err(&err)
+        .map_err(|e| match e {
+            BackupError::Restic {
+                repo,
+                message,
+                source,
+            } if message.contains("MAC check failed") => BackupError::Restic {
+                repo,
+                message: "restore failed: data decryption failed (MAC check failed): the \
+                          repository is damaged"
+                    .into(),
+                source,
+            },
+            other => other,
+        })
 }
 
 /// What agex reads of a snapshot file (the fuzz target `restic_snapshot` drives this).
