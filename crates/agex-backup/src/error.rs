@@ -147,6 +147,17 @@ pub enum BackupError {
         /// The repository.
         repo: String,
     },
+    /// A snapshot holds a database the service's policy no longer names (exit 2: the
+    /// policy is to be fixed, or the snapshot restored with `--to`).
+    #[error(
+        "the snapshot holds database `{database}` but policies/{service}.toml no longer names it"
+    )]
+    PolicyMismatch {
+        /// The service.
+        service: String,
+        /// The database's name in the snapshot's manifest.
+        database: String,
+    },
     /// The command was asked for something it cannot do as given (exit 2).
     #[error("{0}")]
     Usage(String),

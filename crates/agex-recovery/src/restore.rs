@@ -586,6 +586,53 @@ pub fn apply_in_place(
     }
     let units = StoppedUnits::stop(opts.systemctl.as_ref(), &policy.stop_units)?;
     let mut applied = Applied::default();
+    put_back_files(staged, manifest, root, &mut applied)?;
+    for host in &policy.paths {
+        applied.links += restore_tree_shape(staged, root, host)?;
+    }
+    // A special file that is gone is put back; whatever took its place is left alone.
+    for sp in &manifest.specials {
+        let to = Placed::new(root, sp.path.as_path())?;
+        if std::fs::symlink_metadata(&to.path).is_err() {
+            sp.create(&to.path).map_err(BackupError::io(&to.shown))?;
+        }
+    }
+    if opts.delete {
+        applied.deleted = delete_extras(staged, manifest, policy, root)?;
+    }
+    for d in &manifest.dumps {
+        let Some(db) = policy_database(policy, d) else {
+            return Err(BackupError::PolicyMismatch {
+                service: policy.service.clone(),
+                database: d.name.clone(),
+            });
+        };
+        let dump = under(staged, Path::new(&d.path));
+        let placed = match db {
+            Database::Sqlite { path, .. } => put_back_sqlite(d, &dump, root, path)?,
+            Database::Postgres { .. } => {
+                let conn = connect(db, root, passwords)?.ok_or_else(|| {
+                    BackupError::Usage(format!("database `{}` is not PostgreSQL", d.name))
+                })?;
+                put_back_postgres(&conn, &dump, opts.as_database.as_deref())?
+            }
+        };
+        applied.databases.push(format!("{} → {placed}", d.name));
+    }
+    // Every file and database is back: a unit that does not start now is the
+    // restore's failure to report, not something to drop silently.
+    units.start()?;
+    Ok(applied)
+}
+
+/// Puts every file of the snapshot's manifest back under `root`, hardlinked files as
+/// links again, counting them into `applied`.
+fn put_back_files(
+    staged: &Path,
+    manifest: &Manifest,
+    root: &Path,
+    applied: &mut Applied,
+) -> Result<(), BackupError> {
     // The first place each hardlinked inode of the snapshot was put back: its other
     // names become links to it again.
     let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
@@ -613,91 +660,71 @@ pub fn apply_in_place(
         }
         applied.bytes += to.told(replace_with(&from, &to.path))?;
     }
-    for host in &policy.paths {
-        applied.links += restore_tree_shape(staged, root, host)?;
-    }
-    // A special file that is gone is put back; whatever took its place is left alone.
-    for sp in &manifest.specials {
-        let to = Placed::new(root, sp.path.as_path())?;
-        if std::fs::symlink_metadata(&to.path).is_err() {
-            sp.create(&to.path).map_err(BackupError::io(&to.shown))?;
-        }
-    }
-    if opts.delete {
-        applied.deleted = delete_extras(staged, manifest, policy, root)?;
-    }
-    for d in &manifest.dumps {
-        let Some(db) = policy_database(policy, d) else {
-            return Err(BackupError::Usage(format!(
-                "the snapshot holds database `{}` but policies/{}.toml no longer names it",
-                d.name, policy.service
-            )));
-        };
-        let dump = under(staged, Path::new(&d.path));
-        match db {
-            Database::Sqlite { path, .. } => {
-                sqlite_check(&dump).map_err(|e| BackupError::Tool {
-                    tool: format!("sqlite integrity check of {}", d.path),
-                    status: "failed".into(),
-                    stderr: e,
-                })?;
-                let live = Placed::new(root, path)?;
-                for suffix in ["-wal", "-shm", "-journal"] {
-                    let side = PathBuf::from(format!("{}{suffix}", live.path.display()));
-                    match std::fs::remove_file(&side) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            let shown = format!("{}{suffix}", live.shown.display());
-                            return Err(BackupError::io(shown)(e));
-                        }
-                    }
-                }
-                live.told(replace_with(&dump, &live.path))?;
-                applied
-                    .databases
-                    .push(format!("{} → {}", d.name, path.display()));
-            }
-            Database::Postgres { .. } => {
-                let conn = connect(db, root, passwords)?.ok_or_else(|| {
-                    BackupError::Usage(format!("database `{}` is not PostgreSQL", d.name))
-                })?;
-                let target = match &opts.as_database {
-                    Some(new) => {
-                        conn.create_database(new)?;
-                        let restored =
-                            conn.restore(&dump, new, &["--exit-on-error", "--single-transaction"]);
-                        if let Err(e) = restored {
-                            // The database was created for this restore: leave nothing.
-                            let _ = conn.drop_database(new);
-                            return Err(e);
-                        }
-                        new.clone()
-                    }
-                    None => {
-                        conn.restore(
-                            &dump,
-                            conn.database(),
-                            &[
-                                "--clean",
-                                "--if-exists",
-                                "--exit-on-error",
-                                "--single-transaction",
-                            ],
-                        )?;
-                        conn.database().to_string()
-                    }
-                };
-                applied
-                    .databases
-                    .push(format!("{} → postgres database {target}", d.name));
+    Ok(())
+}
+
+/// Checks an SQLite dump and puts it in place of the live file at `path` (its WAL,
+/// shared memory and journal removed first); says where it went.
+fn put_back_sqlite(
+    d: &manifest::DumpEntry,
+    dump: &Path,
+    root: &Path,
+    path: &Path,
+) -> Result<String, BackupError> {
+    sqlite_check(dump).map_err(|e| BackupError::Tool {
+        tool: format!("sqlite integrity check of {}", d.path),
+        status: "failed".into(),
+        stderr: e,
+    })?;
+    let live = Placed::new(root, path)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let side = PathBuf::from(format!("{}{suffix}", live.path.display()));
+        match std::fs::remove_file(&side) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let shown = format!("{}{suffix}", live.shown.display());
+                return Err(BackupError::io(shown)(e));
             }
         }
     }
-    // Every file and database is back: a unit that does not start now is the
-    // restore's failure to report, not something to drop silently.
-    units.start()?;
-    Ok(applied)
+    live.told(replace_with(dump, &live.path))?;
+    Ok(path.display().to_string())
+}
+
+/// Restores a PostgreSQL dump into its database, or into the new database `as_database`
+/// (dropped again if the restore fails); says where it went.
+fn put_back_postgres(
+    conn: &PgConn,
+    dump: &Path,
+    as_database: Option<&str>,
+) -> Result<String, BackupError> {
+    let target = match as_database {
+        Some(new) => {
+            conn.create_database(new)?;
+            let restored = conn.restore(dump, new, &["--exit-on-error", "--single-transaction"]);
+            if let Err(e) = restored {
+                // The database was created for this restore: leave nothing.
+                let _ = conn.drop_database(new);
+                return Err(e);
+            }
+            new.to_string()
+        }
+        None => {
+            conn.restore(
+                dump,
+                conn.database(),
+                &[
+                    "--clean",
+                    "--if-exists",
+                    "--exit-on-error",
+                    "--single-transaction",
+                ],
+            )?;
+            conn.database().to_string()
+        }
+    };
+    Ok(format!("postgres database {target}"))
 }
 
 /// Removes, below the policy's paths under `root`, the regular files and symbolic links

@@ -28,6 +28,7 @@ impl From<BackupError> for Failure {
             e @ (BackupError::UnknownRepository { .. }
             | BackupError::UnknownService { .. }
             | BackupError::Usage(_)
+            | BackupError::PolicyMismatch { .. }
             | BackupError::Units(UnitsError::NoSystemctl { .. })) => {
                 Failure::new(CONFIG, e.to_string())
             }
