@@ -1141,11 +1141,22 @@ impl Partial {
                 }
             }
         }
-        let cleanup = if kept.is_empty() {
+        let cleanup = if kept.is_empty() && self.before.is_empty() {
             format!(
                 "removed the {} it had written there, so nothing in {} is a half-restored file",
                 count_of(files, "partial file"),
                 self.shown.display()
+            )
+        } else if kept.is_empty() {
+            let there: Vec<String> = self
+                .before
+                .iter()
+                .map(|n| self.shown.join(n).display().to_string())
+                .collect();
+            format!(
+                "removed the {} it had written there; what was there before ({}) was left alone, and a file this restore wrote inside it may be partial",
+                count_of(files, "partial file"),
+                there.join(", ")
             )
         } else {
             let names: Vec<String> = kept.iter().map(|k| k.display().to_string()).collect();
@@ -1209,6 +1220,10 @@ mod tests {
         let shown = err.to_string();
         assert!(shown.contains("disk full"), "{shown}");
         assert!(shown.contains("removed the 3 partial files"), "{shown}");
+        assert!(
+            shown.contains("there-before) was left alone"),
+            "what was there is named, not claimed clean: {shown}"
+        );
         assert_eq!(
             entries(&dir).unwrap().into_iter().collect::<Vec<_>>(),
             vec![OsString::from("there-before")]
