@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agex_backup::access;
 use agex_core::systemctl::Systemctl;
-use agex_core::Project;
+use agex_core::{Policy, Project};
 use agex_recovery::drill::{self, DrillEnv, DrillOptions};
 use agex_recovery::restore::{self, InPlaceOptions, Target};
 
@@ -19,42 +19,7 @@ use crate::output;
 pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     let project = ctx.project()?;
     let policy = access::policy(&project, &args.service)?;
-    if args.to.is_none() && !args.in_place {
-        return Err(Failure::new(
-            CONFIG,
-            "say where to restore: --to DIR (a new directory) or --in-place (under --root)",
-        ));
-    }
-    if args.as_database.is_some() && !args.in_place {
-        return Err(Failure::new(
-            CONFIG,
-            "--as NAME restores a PostgreSQL database in place: it needs --in-place",
-        ));
-    }
-    if args.delete && !args.in_place {
-        return Err(Failure::new(
-            CONFIG,
-            "--delete removes what the snapshot lacks from the live paths: it needs --in-place",
-        ));
-    }
-    if let Some(dir) = &args.to {
-        if !restore::is_empty_dir(dir)? {
-            return Err(Failure::new(
-                CONFIG,
-                format!(
-                    "--to {}: the directory is not empty; restore into a new or empty directory",
-                    dir.display()
-                ),
-            ));
-        }
-    }
-    let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
-    if args.in_place && !args.yes && !interactive {
-        return Err(Failure::new(
-            CONFIG,
-            "an in-place restore overwrites live data: pass --yes, or run it on a terminal to confirm",
-        ));
-    }
+    check_restore_flags(args)?;
     let repos: Vec<String> = match &args.repo {
         Some(r) => {
             access::repository(&project, r)?;
@@ -65,31 +30,7 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     let ids = ctx.identities(&project)?;
     let state = ctx.state_dir();
     let accesses = agex_backup::access::unlock_all(&project, &ids, &repos);
-    let mut lists = Vec::new();
-    let mut errors = Vec::new();
-    for (name, a) in &accesses {
-        match a {
-            Ok(a) => match restore::snapshots(a, &state, &args.service) {
-                Ok(l) => lists.push((name.clone(), l)),
-                Err(e) => errors.push(format!("{name}: {e}")),
-            },
-            Err(e) => errors.push(format!("{name}: {e}")),
-        }
-    }
-    if lists.is_empty() {
-        return Err(Failure::new(
-            FAILURE,
-            format!(
-                "no repository of {} could be read:\n  {}",
-                args.service,
-                errors.join("\n  ")
-            ),
-        ));
-    }
-    for e in &errors {
-        tracing::warn!("{e}");
-    }
-    let snap = restore::choose(&args.service, &lists, args.snapshot.as_deref())?;
+    let snap = newest_or_named(args, &state, &accesses)?;
     let Some(Ok(a)) = accesses.get(&snap.repo) else {
         return Err(Failure::new(
             FAILURE,
@@ -133,6 +74,96 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     if ctx.global.json {
         output::json(&report)?;
     }
+    print_restored(ctx, args, policy, &report);
+    Ok(OK)
+}
+
+/// The flag rules of `agex restore` that clap does not check (exit 2).
+fn check_restore_flags(args: &RestoreArgs) -> Result<(), Failure> {
+    if args.to.is_none() && !args.in_place {
+        return Err(Failure::new(
+            CONFIG,
+            "say where to restore: --to DIR (a new directory) or --in-place (under --root)",
+        ));
+    }
+    if args.as_database.is_some() && !args.in_place {
+        return Err(Failure::new(
+            CONFIG,
+            "--as NAME restores a PostgreSQL database in place: it needs --in-place",
+        ));
+    }
+    if args.delete && !args.in_place {
+        return Err(Failure::new(
+            CONFIG,
+            "--delete removes what the snapshot lacks from the live paths: it needs --in-place",
+        ));
+    }
+    if let Some(dir) = &args.to {
+        if !restore::is_empty_dir(dir)? {
+            return Err(Failure::new(
+                CONFIG,
+                format!(
+                    "--to {}: the directory is not empty; restore into a new or empty directory",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    if args.in_place && !args.yes && !interactive {
+        return Err(Failure::new(
+            CONFIG,
+            "an in-place restore overwrites live data: pass --yes, or run it on a terminal to confirm",
+        ));
+    }
+    Ok(())
+}
+
+/// The snapshot to restore: `--snapshot` (or the newest) among the snapshots of the
+/// service in the repositories that could be read; the others are warned about.
+fn newest_or_named(
+    args: &RestoreArgs,
+    state: &std::path::Path,
+    accesses: &std::collections::BTreeMap<String, Result<access::RepoAccess, String>>,
+) -> Result<restore::Snapshot, Failure> {
+    let mut lists = Vec::new();
+    let mut errors = Vec::new();
+    for (name, a) in accesses {
+        match a {
+            Ok(a) => match restore::snapshots(a, state, &args.service) {
+                Ok(l) => lists.push((name.clone(), l)),
+                Err(e) => errors.push(format!("{name}: {e}")),
+            },
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    if lists.is_empty() {
+        return Err(Failure::new(
+            FAILURE,
+            format!(
+                "no repository of {} could be read:\n  {}",
+                args.service,
+                errors.join("\n  ")
+            ),
+        ));
+    }
+    for e in &errors {
+        tracing::warn!("{e}");
+    }
+    Ok(restore::choose(
+        &args.service,
+        &lists,
+        args.snapshot.as_deref(),
+    )?)
+}
+
+/// What `agex restore` says it did: counts, verification, and where the dumps are.
+fn print_restored(
+    ctx: &Context,
+    args: &RestoreArgs,
+    policy: &Policy,
+    report: &restore::RestoreReport,
+) {
     let (files, bytes) = match &report.applied {
         Some(a) => (a.files, a.bytes),
         None => (report.extracted.files, report.extracted.bytes),
@@ -174,7 +205,6 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
             tracing::info!("  database {d}");
         }
     }
-    Ok(OK)
 }
 
 fn confirm(
