@@ -6,6 +6,19 @@ pub use agex_core::human::{count, short_id, size, when, when_ago};
 
 use crate::error::{Failure, FAILURE};
 
+/// Asks on stderr and reads one line from stdin: whether the person typed `yes`.
+pub fn ask_yes(prompt: &str) -> Result<bool, Failure> {
+    use std::io::{BufRead, Write};
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
+    Ok(line.trim() == "yes")
+}
+
 /// Prints a value as pretty JSON.
 pub fn json<T: Serialize>(value: &T) -> Result<(), Failure> {
     let text = serde_json::to_string_pretty(value)

@@ -474,7 +474,7 @@ pub fn cmd_repo_unlock(ctx: &Context, name: &str) -> Result<i32, Failure> {
 }
 
 pub fn cmd_repo_trust(ctx: &Context, name: &str, yes: bool) -> Result<i32, Failure> {
-    use std::io::{BufRead, IsTerminal, Write};
+    use std::io::IsTerminal;
     let project = ctx.project()?;
     let plan = agex_backup::trust::plan(&project, name)?;
     println!("{} ({name}) offers these host keys:", plan.server);
@@ -498,14 +498,9 @@ pub fn cmd_repo_trust(ctx: &Context, name: &str, yes: bool) -> Result<i32, Failu
                 "compare the fingerprints with the ones your provider publishes, then pass --yes (or run it on a terminal to confirm)",
             ));
         }
-        eprint!("Compare them with the fingerprints your provider publishes. Pin them in agex.toml? Type `yes`: ");
-        let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
-        if line.trim() != "yes" {
+        if !output::ask_yes(
+            "Compare them with the fingerprints your provider publishes. Pin them in agex.toml? Type `yes`: ",
+        )? {
             println!("nothing changed");
             return Ok(FAILURE);
         }

@@ -1,7 +1,7 @@
 //! Recovery commands: restore, drill, drill rebuild, host rekey, recovery kit,
 //! repo rotate-password.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
@@ -213,7 +213,7 @@ fn confirm(
     snap: &restore::Snapshot,
     delete: bool,
 ) -> Result<bool, Failure> {
-    eprint!(
+    output::ask_yes(&format!(
         "Restore {service} in place under {} from {} snapshot {} ({})?\n\
          This overwrites its files and databases{}. Type `yes` to go on: ",
         ctx.global.root.display(),
@@ -225,14 +225,7 @@ fn confirm(
         } else {
             ""
         }
-    );
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
-    Ok(line.trim() == "yes")
+    ))
 }
 
 pub fn cmd_drill(ctx: &Context, args: &DrillArgs) -> Result<i32, Failure> {
@@ -477,18 +470,14 @@ pub fn cmd_host_rekey(
             );
             // On a terminal the fingerprint is confirmed against the host's console
             // (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`); scripts pass.
-            if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
-                eprint!("Is this {host}'s new host key? Type `yes` to rekey: ");
-                let _ = std::io::stderr().flush();
-                let mut line = String::new();
-                std::io::stdin()
-                    .lock()
-                    .read_line(&mut line)
-                    .map_err(|e| Failure::new(FAILURE, format!("reading the answer: {e}")))?;
-                if line.trim() != "yes" {
-                    tracing::info!("nothing changed");
-                    return Ok(FAILURE);
-                }
+            let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+            if interactive
+                && !output::ask_yes(&format!(
+                    "Is this {host}'s new host key? Type `yes` to rekey: "
+                ))?
+            {
+                tracing::info!("nothing changed");
+                return Ok(FAILURE);
             }
             k
         }
