@@ -194,21 +194,15 @@ pub fn unlock(project: &Project, name: &str, ids: &Identities) -> Result<RepoAcc
     )
 }
 
+/// Each named repository's credentials, or why they did not open.
+pub type Unlocked = BTreeMap<String, Result<RepoAccess, BackupError>>;
+
 /// Decrypts the credentials of each named repository; a repository whose secrets fail
 /// to open is reported, not fatal, so the other can still run.
-pub fn unlock_all(
-    project: &Project,
-    ids: &Identities,
-    names: &[String],
-) -> BTreeMap<String, Result<RepoAccess, String>> {
+pub fn unlock_all(project: &Project, ids: &Identities, names: &[String]) -> Unlocked {
     names
         .iter()
-        .map(|n| {
-            (
-                n.clone(),
-                unlock(project, n, ids).map_err(|e| e.to_string()),
-            )
-        })
+        .map(|n| (n.clone(), unlock(project, n, ids)))
         .collect()
 }
 

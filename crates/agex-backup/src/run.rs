@@ -15,7 +15,7 @@ use rustic_core::repofile::MasterKey;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::access::RepoAccess;
+use crate::access::{RepoAccess, Unlocked};
 use crate::dump;
 use crate::engine::borg::{Borg, Create, CreateFailure};
 use crate::engine::restic::{Restic, Stream};
@@ -174,7 +174,7 @@ type Written = (String, Option<u64>);
 struct Env<'a> {
     root: &'a Path,
     state: PathBuf,
-    access: &'a BTreeMap<String, Result<RepoAccess, String>>,
+    access: &'a Unlocked,
     db_passwords: &'a BTreeMap<String, Zeroizing<Vec<u8>>>,
     run_id: String,
     opts: &'a RunOptions,
@@ -191,7 +191,7 @@ pub fn execute(
     project: &Project,
     root: &Path,
     planned: &[PlannedService],
-    access: &BTreeMap<String, Result<RepoAccess, String>>,
+    access: &Unlocked,
     db_passwords: &BTreeMap<String, Zeroizing<Vec<u8>>>,
     opts: &RunOptions,
 ) -> Result<RunRecord, BackupError> {
@@ -347,7 +347,7 @@ fn lock_repositories<'a>(
                 }),
                 Err(e) => results.push(RepoResult::failed(service, r, e.to_string(), 0.0)),
             },
-            Some(Err(e)) => results.push(RepoResult::failed(service, r, e.clone(), 0.0)),
+            Some(Err(e)) => results.push(RepoResult::failed(service, r, e.to_string(), 0.0)),
             None => results.push(RepoResult::failed(
                 service,
                 r,

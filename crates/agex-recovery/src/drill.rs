@@ -4,14 +4,13 @@
 //! clean up, and record the result with the RPO (age of the snapshot) and the RTO (time
 //! to restore and verify).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::peak::PeakWatch;
 use crate::restore::{self, PgScratch};
 use crate::stream_verify;
-use agex_backup::access::RepoAccess;
+use agex_backup::access::{RepoAccess, Unlocked};
 use agex_backup::drill_records::save;
 pub use agex_backup::drill_records::{
     prometheus, records, summarize, write_textfile, DrillRecord, DrillResult, DrillStatus,
@@ -63,7 +62,7 @@ pub struct DrillEnv<'a> {
     /// the rebuild drill, whose scratch root has no database server).
     pub db_root: &'a Path,
     /// Decrypted repository credentials (or why they are not).
-    pub access: &'a BTreeMap<String, Result<RepoAccess, String>>,
+    pub access: &'a Unlocked,
     /// Identities for the PostgreSQL role passwords.
     pub ids: &'a agex_secrets::Identities,
 }
@@ -87,7 +86,7 @@ pub fn execute(
         let mut r = match (env.project.policies.get(service), env.access.get(repo)) {
             (None, _) => failed(service, repo, "service has no policy".into()),
             (_, None) => failed(service, repo, "repository is not open".into()),
-            (_, Some(Err(e))) => failed(service, repo, e.clone()),
+            (_, Some(Err(e))) => failed(service, repo, e.to_string()),
             (Some(policy), Some(Ok(access))) => {
                 drill_one(env, &state, policy, access, &run_id, opts.lock_wait)
                     .unwrap_or_else(|e| failed(service, repo, e.to_string()))

@@ -11,7 +11,6 @@
 //! without root the drill refuses unless told that secrets may go to disk), and what a
 //! killed drill left behind is unmounted and wiped by the next one.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -256,15 +255,7 @@ fn steps(
     let mut names: Vec<String> = pairs.iter().map(|(_, r)| r.clone()).collect();
     names.sort();
     names.dedup();
-    let accesses: BTreeMap<String, Result<access::RepoAccess, String>> = names
-        .iter()
-        .map(|n| {
-            (
-                n.clone(),
-                access::unlock(&scratch_project, n, &new_ids).map_err(|e| e.to_string()),
-            )
-        })
-        .collect();
+    let accesses = access::unlock_all(&scratch_project, &new_ids, &names);
     // The scratch root has its own state directory; the host's backups take the real
     // repository locks, so the restores hold those too.
     let real_state = paths::state_dir(root);

@@ -124,7 +124,7 @@ fn check_restore_flags(args: &RestoreArgs) -> Result<(), Failure> {
 fn newest_or_named(
     args: &RestoreArgs,
     state: &std::path::Path,
-    accesses: &std::collections::BTreeMap<String, Result<access::RepoAccess, String>>,
+    accesses: &access::Unlocked,
 ) -> Result<restore::Snapshot, Failure> {
     let mut lists = Vec::new();
     let mut errors = Vec::new();
