@@ -51,10 +51,10 @@ for t in $targets; do
     real=0
     for a in $new; do
       replayed=0
-      /usr/bin/time -o "$CARGO_TARGET_DIR/replay.time" -f '%e' \
+      /usr/bin/time -o "$CARGO_TARGET_DIR/replay-$t.time" -f '%e' \
         "$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/$t" -runs=1 -timeout=1 \
         "$here/artifacts/$t/$a" >/dev/null 2>&1 || replayed=$?
-      took="$(tail -1 "$CARGO_TARGET_DIR/replay.time")"
+      took="$(tail -1 "$CARGO_TARGET_DIR/replay-$t.time")"
       # A finding unless it ran cleanly within the limit on its own.
       if [ "$replayed" -ne 0 ] || ! awk -v s="$took" 'BEGIN { exit !(s ~ /^[0-9.]+$/ && s + 0 <= 1) }'; then
         real=1
