@@ -33,15 +33,17 @@ measure() { # $1 = label, rest = command (run by bash -c); sets WALL[label], RSS
   local label="$1"
   shift
   sync
-  if ! /usr/bin/time -o "$work/time.out" -f '%e %M' bash -c "$*" > /dev/null 2> "$work/cmd.err"; then
+  if ! /usr/bin/time -o "$work/time.out" -f '%e %M %U %S' bash -c "$*" > /dev/null 2> "$work/cmd.err"; then
     echo "$label failed:" >&2
     tail -20 "$work/cmd.err" >&2
     exit 1
   fi
-  read -r wall rss < <(tail -1 "$work/time.out")
+  read -r wall rss user sys < <(tail -1 "$work/time.out")
   WALL[$label]="$wall"
   RSS[$label]="$((rss / 1024))"
-  printf '  %-28s %8.2fs %6d MiB\n' "$label" "$wall" "$((rss / 1024))"
+  # CPU (user + system) too: on a shared machine it says more than wall time alone.
+  printf '  %-28s %8.2fs %6d MiB %8.2fs CPU  (load %s)\n' "$label" "$wall" "$((rss / 1024))" \
+    "$(echo "$user + $sys" | bc -l)" "$(cut -d' ' -f1 /proc/loadavg)"
 }
 ratio() { echo "$1 / $2" | bc -l; }
 
