@@ -134,11 +134,7 @@ pub fn cmd_activate(
 /// Installs the generation's units and reports, unless nothing was switched.
 fn finish(ctx: &Context, switch: &SwitchArgs, done: Switch) -> Result<i32, Failure> {
     match done {
-        Switch::AlreadyActive {
-            number,
-            hash,
-            owed: None,
-        } => {
+        Switch::AlreadyActive { number, hash, owed } => {
             // A run killed after its switch may not have installed the units yet.
             crate::commands::schedule::install_generation_units(
                 ctx,
@@ -147,27 +143,20 @@ fn finish(ctx: &Context, switch: &SwitchArgs, done: Switch) -> Result<i32, Failu
                 switch.no_restart,
                 true,
             )?;
-            println!(
-                "generation {number} ({hash}) is already active and unchanged: nothing to do (nothing restarted)"
-            );
-            Ok(OK)
-        }
-        Switch::AlreadyActive {
-            number,
-            hash,
-            owed: Some(restarts),
-        } => {
-            crate::commands::schedule::install_generation_units(
-                ctx,
-                number,
-                switch.systemctl.as_deref(),
-                switch.no_restart,
-                true,
-            )?;
-            println!(
-                "generation {number} ({hash}) is already active; the activation that switched to it was killed before it restarted the units"
-            );
-            report_restarts(number, restarts)
+            match owed {
+                None => {
+                    println!(
+                        "generation {number} ({hash}) is already active and unchanged: nothing to do (nothing restarted)"
+                    );
+                    Ok(OK)
+                }
+                Some(restarts) => {
+                    println!(
+                        "generation {number} ({hash}) is already active; the activation that switched to it was killed before it restarted the units"
+                    );
+                    report_restarts(number, restarts)
+                }
+            }
         }
         Switch::Activated(activation) => {
             crate::commands::schedule::install_generation_units(
