@@ -902,6 +902,47 @@ fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
     assert_eq!(list.lines().count(), 1, "{list}");
 }
 
+/// A borg still holding the repository's lock for a moment (one that got SIGTERM when
+/// the agex that started it was killed cleans up before it lets go) is waited for by the
+/// next command's borg, not failed after borg's default of one second (kill harness,
+/// issue 15 §4: the drill after a killed drill failed its `borg list` so).
+#[test]
+fn a_borg_lock_held_for_a_moment_is_waited_for_not_failed() {
+    let test = "a_borg_lock_held_for_a_moment_is_waited_for_not_failed";
+    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _, borg_url) = Setup::local(tmp.path());
+    s.policy("testapp", SQLITE_POLICY);
+    app_data(&s, 0);
+    s.init_repos();
+    assert_ok(&s.agex(&["backup", "--service", "testapp"]));
+
+    // A live borg of this host holds the lock for 3 s: not stale, so borg must wait.
+    let mut holder = s
+        .borg(None)
+        .args(["with-lock", &borg_url, "sleep", "3"])
+        .spawn()
+        .unwrap();
+    let lock = Path::new(&borg_url).join("lock.exclusive");
+    let t = Instant::now();
+    while !lock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "borg took no lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    let out = s.agex(&["snapshots", "--repo", "offsite-borg"]);
+    let waited = t.elapsed();
+    assert_ok(&out);
+    assert!(stdout(&out).contains("testapp"), "{}", stdout(&out));
+    assert!(
+        waited > Duration::from_millis(1500),
+        "`borg list` returned after {waited:?}, before the lock was let go"
+    );
+    assert!(holder.wait().unwrap().success());
+}
+
 /// The capabilities a generated unit grants: its template's `CapabilityBoundingSet=`
 /// lines and its drop-in's, merged as systemd merges them, in setpriv's spelling.
 fn unit_capabilities(units: &Path, template: &str, drop_in: &str) -> String {

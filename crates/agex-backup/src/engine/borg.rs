@@ -27,6 +27,12 @@ use crate::progress::{Meter, Progress};
 use crate::ssh::SshAccess;
 use crate::tee::Completion;
 
+/// How long a borg command other than `create` waits for the repository's or its cache's
+/// lock. borg's own default (1 s) fails a command that meets a borg just ending: one that
+/// got SIGTERM when the agex that started it was killed still holds its locks while it
+/// cleans up. Agex's own runs never meet each other here (they hold agex's lock first).
+pub const LOCK_WAIT: Duration = Duration::from_secs(30);
+
 /// A Borg repository, ready for commands.
 pub struct Borg {
     name: String,
@@ -135,6 +141,9 @@ impl Borg {
                 cmd.env_remove("BORG_RSH");
             }
         }
+        // Given before the subcommand: `create` gives its own after it, which borg
+        // lets win, so the policy's `[backup] lock_wait` still rules the backup itself.
+        cmd.arg(format!("--lock-wait={}", LOCK_WAIT.as_secs()));
         if let Some(limit) = self.upload_limit {
             // borg's unit is KiB/s.
             cmd.arg(format!("--upload-ratelimit={}", (limit / 1024).max(1)));
