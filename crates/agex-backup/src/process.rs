@@ -163,11 +163,19 @@ pub fn spawn(
 /// hold a repository lock or a database snapshot forever.
 pub fn die_with_agex(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    let agex = rustix::process::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and
+    // exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            // An agex killed between the fork and the prctl sends no signal: the tool
+            // must not start then.
+            if rustix::process::getppid() != Some(agex) {
+                return Err(std::io::Error::other("agex ended before the tool started"));
+            }
+            Ok(())
         });
     }
 }
