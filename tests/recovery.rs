@@ -249,6 +249,56 @@ fn in_place_restore_starts_units_again_when_it_fails() {
     );
 }
 
+/// What an in-place restore SIGKILLed before its renames left beside the files it was
+/// replacing (temp files named `.agex-<pid>-….tmp`, partial copies the service would see)
+/// is removed by the next in-place restore, which says so; a temp file of a process
+/// that still runs is left alone (kill harness, issue 15 §4).
+#[test]
+fn in_place_restore_removes_the_temp_files_a_killed_restore_left() {
+    let test = "in_place_restore_removes_the_temp_files_a_killed_restore_left";
+    if !tools(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _, _) = local(tmp.path(), SQLITE_POLICY);
+    let before = files_of(&s);
+    // No process has pid 2147483000 (far above any pid_max).
+    let dead = [
+        "/srv/app/files/sub/deeper/.agex-2147483000-Ab12cD.tmp",
+        "/srv/app/files/.agex-2147483000-link-1f-9.tmp",
+        "/srv/app/.agex-2147483000-xYz9Q1.tmp",
+    ];
+    for d in dead {
+        fs::write(s.host(d), "a partial cop").unwrap();
+    }
+    let live = format!("/srv/app/files/.agex-{}-Keep01.tmp", std::process::id());
+    fs::write(s.host(&live), "someone's write in progress").unwrap();
+    let out = s.agex(&[
+        "restore",
+        "--service",
+        "testapp",
+        "--in-place",
+        "--yes",
+        "--systemctl",
+        "true",
+    ]);
+    assert_ok(&out);
+    for d in dead {
+        assert!(!s.host(d).exists(), "{d} left");
+    }
+    assert!(
+        s.host(&live).exists(),
+        "a live process's temp file was removed"
+    );
+    assert!(
+        stderr(&out).contains("left behind by a restore that did not finish"),
+        "{}",
+        stderr(&out)
+    );
+    fs::remove_file(s.host(&live)).unwrap();
+    assert_eq!(files_of(&s), before);
+}
+
 /// Runs `agex <args> --systemctl S` where S sends SIGTERM, then SIGINT, to agex while
 /// it stops the policy's units: each run exits 128 + signal, saying `<command> interrupted`,
 /// and the units were started again.

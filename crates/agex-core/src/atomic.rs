@@ -52,11 +52,12 @@ pub struct Staged {
     target: PathBuf,
 }
 
-const TEMP_SUFFIX: &str = ".tmp";
+/// The suffix of a temp file named with [`temp_prefix`].
+pub const TEMP_SUFFIX: &str = ".tmp";
 
 /// `.agex-<pid>-`: the temp file of a writer killed before its rename names its process,
 /// so the next writer knows it for a dead one's ([`remove_dead_temps`]).
-fn temp_prefix() -> String {
+pub fn temp_prefix() -> String {
     format!(".agex-{}-", std::process::id())
 }
 
@@ -79,21 +80,25 @@ pub fn remove_dead_temps(dir: &Path) -> Vec<PathBuf> {
     };
     let mut removed = Vec::new();
     for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(temp_pid) else {
-            continue;
-        };
-        let gone = rustix::process::Pid::from_raw(pid).is_some_and(|p| {
-            matches!(
-                rustix::process::test_kill_process(p),
-                Err(rustix::io::Errno::SRCH)
-            )
-        });
-        if gone && e.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(e.path()).is_ok() {
+        let dead = e.file_name().to_str().is_some_and(is_dead_temp);
+        if dead && e.file_type().is_ok_and(|t| t.is_file()) && fs::remove_file(e.path()).is_ok() {
             removed.push(e.path());
         }
     }
     removed
+}
+
+/// Whether `name` is a temp file (`.agex-<pid>-<random>.tmp`) of a process that no
+/// longer runs: one killed before it renamed the file into place.
+pub fn is_dead_temp(name: &str) -> bool {
+    temp_pid(name)
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|p| {
+            matches!(
+                rustix::process::test_kill_process(p),
+                Err(rustix::io::Errno::SRCH)
+            )
+        })
 }
 
 /// Writes `data` to a temp file beside `path`, without flushing it: the first half of

@@ -586,6 +586,7 @@ pub fn apply_in_place(
     }
     let units = StoppedUnits::stop(opts.systemctl.as_ref(), &policy.stop_units)?;
     let mut applied = Applied::default();
+    remove_dead_restore_temps(policy, root)?;
     put_back_files(staged, manifest, root, &mut applied)?;
     for host in &policy.paths {
         applied.links += restore_tree_shape(staged, root, host)?;
@@ -786,6 +787,60 @@ fn delete_extras(
     Ok(removed)
 }
 
+/// Removes the temp files an in-place restore killed before it renamed them left in the
+/// service's directories (partial copies, visible to the service), saying so: below the
+/// policy's paths (as the backup selects them) and beside its SQLite databases.
+fn remove_dead_restore_temps(policy: &Policy, root: &Path) -> Result<(), BackupError> {
+    let selection = agex_backup::manifest::Selection::new(policy)?;
+    let mut found = Vec::new();
+    for host in selection.paths() {
+        let top = under(root, host);
+        let walker = walkdir::WalkDir::new(&top)
+            .follow_links(false)
+            .min_depth(1)
+            .into_iter()
+            .filter_entry(|e| !selection.excluded(&host_path(root, e.path())));
+        // What cannot be read now is met again, with its error, by the restore itself.
+        found.extend(
+            walker
+                .flatten()
+                .filter(|e| !e.file_type().is_dir())
+                .filter_map(|e| {
+                    let name = e.file_name().to_str()?;
+                    agex_core::atomic::is_dead_temp(name).then(|| host_path(root, e.path()))
+                }),
+        );
+    }
+    for db in &policy.databases {
+        if let Database::Sqlite { path, .. } = db {
+            let Some(dir) = path.parent() else { continue };
+            let Ok(entries) = std::fs::read_dir(under(root, dir)) else {
+                continue;
+            };
+            found.extend(entries.flatten().filter_map(|e| {
+                let name = e.file_name();
+                let name = name.to_str()?;
+                agex_core::atomic::is_dead_temp(name).then(|| dir.join(name))
+            }));
+        }
+    }
+    found.sort();
+    found.dedup();
+    for host in found {
+        // Through its parent reached without following a symlink, as every removal here.
+        let at = Placed::existing(root, &host)?;
+        match std::fs::remove_file(&at.path) {
+            Ok(()) => agex_secrets::ramdir::notice(&format!(
+                "removed {}, left behind by a restore that did not finish",
+                at.shown.display()
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BackupError::io(&at.shown)(e)),
+        }
+    }
+    Ok(())
+}
+
 /// A host path below the root whose parent was reached without following a symlink:
 /// `path` goes through the held parent directory (`/proc/self/fd/<n>/<name>`), so a
 /// service user who owns a parent cannot redirect what root writes, links or removes
@@ -851,10 +906,9 @@ fn restore_tree_shape(staged: &Path, root: &Path, host: &Path) -> Result<u64, Ba
         } else if ft.is_symlink() {
             let target = std::fs::read_link(e.path()).map_err(BackupError::io(e.path()))?;
             let at = Placed::new(root, &host)?;
-            let tmp = at.path.with_file_name(format!(
-                ".agex-restore-link-{}",
-                rand_suffix(e.path().as_os_str().len())
-            ));
+            let tmp = at
+                .path
+                .with_file_name(link_temp_name(e.path().as_os_str().len()));
             let _ = std::fs::remove_file(&tmp);
             std::os::unix::fs::symlink(&target, &tmp).map_err(BackupError::io(&to))?;
             std::fs::rename(&tmp, &at.path).map_err(BackupError::io(&to))?;
@@ -882,12 +936,18 @@ fn restore_tree_shape(staged: &Path, root: &Path, host: &Path) -> Result<u64, Ba
     Ok(links)
 }
 
-fn rand_suffix(salt: usize) -> String {
+/// The name of a link made beside its target and renamed over it: an atomic write's
+/// temp name (`.agex-<pid>-…tmp`), so the next restore removes one a killed run left.
+fn link_temp_name(salt: usize) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{}-{nanos:x}-{salt}", std::process::id())
+    format!(
+        "{}link-{nanos:x}-{salt}{}",
+        agex_core::atomic::temp_prefix(),
+        agex_core::atomic::TEMP_SUFFIX
+    )
 }
 
 /// Replaces `to` with the content, mode and owner of `from`: a temp file in `to`'s
@@ -896,8 +956,11 @@ fn replace_with(from: &Path, to: &Path) -> Result<u64, BackupError> {
     let meta = std::fs::metadata(from).map_err(BackupError::io(from))?;
     let dir = to.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+    // Named as an atomic write's temp file, with this process's id: one a killed restore
+    // left is known for a dead process's and removed by the next restore.
     let mut tmp = tempfile::Builder::new()
-        .prefix(".agex-restore-")
+        .prefix(&agex_core::atomic::temp_prefix())
+        .suffix(agex_core::atomic::TEMP_SUFFIX)
         .tempfile_in(dir)
         .map_err(BackupError::io(dir))?;
     let mut src = std::fs::File::open(from).map_err(BackupError::io(from))?;
@@ -953,10 +1016,7 @@ fn copy_xattrs(from: &Path, to: &std::fs::File) -> std::io::Result<()> {
 fn link_over(first: &Path, to: &Path) -> Result<(), BackupError> {
     let dir = to.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
-    let tmp = dir.join(format!(
-        ".agex-restore-link-{}",
-        rand_suffix(to.as_os_str().len())
-    ));
+    let tmp = dir.join(link_temp_name(to.as_os_str().len()));
     let _ = std::fs::remove_file(&tmp);
     std::fs::hard_link(first, &tmp).map_err(BackupError::io(&tmp))?;
     std::fs::rename(&tmp, to).map_err(|e| {
