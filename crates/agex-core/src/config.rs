@@ -262,11 +262,33 @@ impl NotifyTargets {
     }
 }
 
+/// Why a notification target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotifyUrlError {
+    /// `secret:` alone.
+    #[error("`secret:` names no secret")]
+    NoSecret,
+    /// Neither http(s):// nor `secret:`.
+    #[error("`{0}` is not an http:// or https:// URL (or `secret:NAME`)")]
+    NotHttp(String),
+    /// A port that is no number.
+    #[error("`{url}`: port `{port}` is not a number")]
+    Port {
+        /// The URL.
+        url: String,
+        /// The port given.
+        port: String,
+    },
+    /// No host, or whitespace.
+    #[error("`{0}` has no host or contains spaces")]
+    NoHost(String),
+}
+
 /// Checks a notification target: an `http(s)://host...` URL or `secret:NAME`.
-pub fn check_notify_url(value: &str) -> Result<(), String> {
+pub fn check_notify_url(value: &str) -> Result<(), NotifyUrlError> {
     if let Some(name) = value.strip_prefix("secret:") {
         return if name.is_empty() {
-            Err("`secret:` names no secret".into())
+            Err(NotifyUrlError::NoSecret)
         } else {
             Ok(())
         };
@@ -274,20 +296,23 @@ pub fn check_notify_url(value: &str) -> Result<(), String> {
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
-        .ok_or_else(|| format!("`{value}` is not an http:// or https:// URL (or `secret:NAME`)"))?;
+        .ok_or_else(|| NotifyUrlError::NotHttp(value.to_string()))?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host_only = host.rsplit_once('@').map_or(host, |(_, h)| h);
     let name = match host_only.rsplit_once(':') {
         Some((h, port)) if !h.ends_with(']') || host_only.starts_with('[') => {
             if port.parse::<u16>().is_err() {
-                return Err(format!("`{value}`: port `{port}` is not a number"));
+                return Err(NotifyUrlError::Port {
+                    url: value.to_string(),
+                    port: port.to_string(),
+                });
             }
             h
         }
         _ => host_only,
     };
     if name.is_empty() || value.chars().any(char::is_whitespace) {
-        return Err(format!("`{value}` has no host or contains spaces"));
+        return Err(NotifyUrlError::NoHost(value.to_string()));
     }
     Ok(())
 }

@@ -29,4 +29,4 @@ pub use project::Project;
 pub use recipient::{RecipientKey, RecipientKind};
 pub use repo_url::{RepoUrl, SshEndpoint};
 pub use rules::{Generator, Rules, SecretRule, TemplateRule};
-pub use schedule::Schedule;
+pub use schedule::{Schedule, ScheduleError};

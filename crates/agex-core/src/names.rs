@@ -3,25 +3,46 @@
 
 use std::path::PathBuf;
 
+/// Why a host path from the configuration was refused; the message follows the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostPathError {
+    /// A relative path.
+    #[error("must be an absolute host path")]
+    Relative,
+    /// `/` itself.
+    #[error("must name something below `/`, not `/` itself")]
+    Root,
+    /// A NUL byte, which no system call takes.
+    #[error("must not contain a NUL byte")]
+    Nul,
+    /// `//` or a trailing `/`.
+    #[error("must not contain an empty component (`//` or a trailing `/`)")]
+    Empty,
+    /// A `.` component.
+    #[error("must not contain `.` components")]
+    Dot,
+    /// A `..` component, which could leave `--root`.
+    #[error("must not contain `..`")]
+    DotDot,
+}
+
 /// A host path: absolute, and every component a normal name (no `..`, no `.`, no empty
 /// component from `//` or a trailing `/`). With `--root R` it is then always below `R`.
-pub fn host_path(p: &str) -> Result<PathBuf, String> {
+pub fn host_path(p: &str) -> Result<PathBuf, HostPathError> {
     let Some(rest) = p.strip_prefix('/') else {
-        return Err("must be an absolute host path".into());
+        return Err(HostPathError::Relative);
     };
     if rest.is_empty() {
-        return Err("must name something below `/`, not `/` itself".into());
+        return Err(HostPathError::Root);
     }
     if p.contains('\0') {
-        return Err("must not contain a NUL byte".into());
+        return Err(HostPathError::Nul);
     }
     for part in rest.split('/') {
         match part {
-            "" => {
-                return Err("must not contain an empty component (`//` or a trailing `/`)".into())
-            }
-            "." => return Err("must not contain `.` components".into()),
-            ".." => return Err("must not contain `..`".into()),
+            "" => return Err(HostPathError::Empty),
+            "." => return Err(HostPathError::Dot),
+            ".." => return Err(HostPathError::DotDot),
             _ => {}
         }
     }

@@ -323,7 +323,9 @@ impl Policy {
         let schedule = match &raw.schedule {
             None => DEFAULT_SCHEDULE
                 .parse()
-                .map_err(|e: String| Diagnostics(vec![source.error(None, e)]))?,
+                .map_err(|e: crate::schedule::ScheduleError| {
+                    Diagnostics(vec![source.error(None, e.to_string())])
+                })?,
             Some(s) => match s.get_ref().parse::<Schedule>() {
                 Ok(sch) => sch,
                 Err(why) => {
@@ -334,7 +336,9 @@ impl Policy {
                     );
                     DEFAULT_SCHEDULE
                         .parse()
-                        .map_err(|e: String| Diagnostics(vec![source.error(None, e)]))?
+                        .map_err(|e: crate::schedule::ScheduleError| {
+                            Diagnostics(vec![source.error(None, e.to_string())])
+                        })?
                 }
             },
         };
@@ -487,15 +491,26 @@ impl Policy {
     }
 }
 
+/// Why a database's dump name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DumpNameError {
+    /// The `name` given is no file name.
+    #[error("name `{0}` may only hold letters, digits, `-`, `_`, `.` and must not start with `.`")]
+    Given(String),
+    /// The name taken from the database or file is no file name.
+    #[error("the dump would be named `{0}`, which is not a file name: give a `name` of letters, digits, `-`, `_`, `.`")]
+    Derived(String),
+}
+
 /// A dump's name becomes a file name below the dumps directory: it passes the name check.
-fn check_dump_name(name: &str, given: bool) -> Result<(), String> {
+fn check_dump_name(name: &str, given: bool) -> Result<(), DumpNameError> {
     if valid_name(name) {
         return Ok(());
     }
     Err(if given {
-        format!("name `{name}` may only hold letters, digits, `-`, `_`, `.` and must not start with `.`")
+        DumpNameError::Given(name.to_string())
     } else {
-        format!("the dump would be named `{name}`, which is not a file name: give a `name` of letters, digits, `-`, `_`, `.`")
+        DumpNameError::Derived(name.to_string())
     })
 }
 

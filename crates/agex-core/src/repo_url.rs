@@ -107,20 +107,108 @@ impl fmt::Display for RepoUrl {
     }
 }
 
+/// Why a repository URL, a pinned host key or a rate limit was refused; the message
+/// follows `repository `NAME`: ` in the configuration's diagnostic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// Neither a path nor `scheme:`.
+    #[error("`{0}` is not an absolute path and names no backend")]
+    NoBackend(String),
+    /// `local:` with a relative path.
+    #[error("a local: repository needs an absolute path")]
+    LocalRelative,
+    /// A `rest:` URL without http(s)://host.
+    #[error("`{0}`: rest: needs http://host:port/path or https://…")]
+    Rest(String),
+    /// An `rclone:` URL without `remote:`.
+    #[error("`{0}`: rclone: needs remote:path")]
+    Rclone(String),
+    /// An opendal service this build does not have.
+    #[error("`{url}`: this agex is built with the opendal services {} only (not `{service}`)", OPENDAL_SERVICES.join(", "))]
+    OpenDalService {
+        /// The URL.
+        url: String,
+        /// The service asked for.
+        service: String,
+    },
+    /// `opendal:` without a service.
+    #[error("`{0}`: opendal: needs a service name (opendal:s3, opendal:b2, …)")]
+    OpenDalNone(String),
+    /// A scheme restic does not have.
+    #[error("unknown backend `{0}:`")]
+    UnknownBackend(String),
+    /// `file://` with a relative path.
+    #[error("`{0}`: file:// needs an absolute path")]
+    FileRelative(String),
+    /// `ssh://host` with no path.
+    #[error("`{0}`: ssh:// needs a path after the host")]
+    SshNoPath(String),
+    /// `user@:path`.
+    #[error("`{0}`: no host")]
+    NoHost(String),
+    /// Not a Borg location in any form.
+    #[error("`{0}` is not an absolute path or an ssh location")]
+    NotBorg(String),
+    /// A malformed `sftp:` URL (the whole URL).
+    #[error("`{0}`: sftp needs user@host:/path or sftp://user@host:port//path")]
+    Sftp(String),
+    /// A malformed `s3:` URL (the whole URL).
+    #[error("`{0}`: s3 needs s3:https://host[:port]/bucket[/prefix]")]
+    S3(String),
+    /// An S3 bucket name S3 refuses.
+    #[error(
+        "`{url}`: bucket `{bucket}` may hold only lowercase letters, digits, `-`, `.` and `_`"
+    )]
+    S3Bucket {
+        /// The URL.
+        url: String,
+        /// The bucket.
+        bucket: String,
+    },
+    /// `[host` without `]`.
+    #[error("unclosed `[`")]
+    Unclosed,
+    /// An authority without a host.
+    #[error("`{0}` names no host")]
+    HostMissing(String),
+    /// A port that is not 1-65535.
+    #[error("`{0}` is not a port")]
+    Port(String),
+    /// A known_hosts line with fewer than three fields.
+    #[error("`{0}` is not a known_hosts line (`[host]:port ssh-ed25519 AAAA…`)")]
+    KnownHostLine(String),
+    /// A known_hosts marker line.
+    #[error("markers (@cert-authority, @revoked) are not supported in known_hosts")]
+    KnownHostMarker,
+    /// A key type that is not an ssh host key's.
+    #[error("`{0}` is not an ssh host key type")]
+    KeyType(String),
+    /// A key that is not base64.
+    #[error("the key of `{0}` is not base64")]
+    KeyBase64(String),
+    /// A rate that is no number.
+    #[error("`{0}` is not a rate like \"4 MiB/s\"")]
+    Rate(String),
+    /// A rate's unit agex does not know.
+    #[error("`{0}` is not a unit: use B, KB, MB, GB, KiB, MiB or GiB per second")]
+    RateUnit(String),
+    /// A rate below 1 KiB/s.
+    #[error("`{0}`: a limit must be at least 1 KiB/s")]
+    RateTooLow(String),
+}
+
 /// Parses a Restic repository URL in one of restic's forms.
-pub fn parse_restic(url: &str) -> Result<RepoUrl, String> {
+pub fn parse_restic(url: &str) -> Result<RepoUrl, UrlError> {
     let url = url.trim();
     if url.starts_with('/') {
         return Ok(RepoUrl::Local(url.to_string()));
     }
     let Some((scheme, rest)) = url.split_once(':') else {
-        return Err(format!(
-            "`{url}` is not an absolute path and names no backend"
-        ));
+        return Err(UrlError::NoBackend(url.to_string()));
     };
     match scheme {
         "local" if rest.starts_with('/') => Ok(RepoUrl::Local(rest.to_string())),
-        "local" => Err("a local: repository needs an absolute path".into()),
+        "local" => Err(UrlError::LocalRelative),
         "sftp" => parse_sftp(rest),
         "rest" => {
             let ok = (rest.starts_with("http://") || rest.starts_with("https://"))
@@ -128,9 +216,7 @@ pub fn parse_restic(url: &str) -> Result<RepoUrl, String> {
             if ok {
                 Ok(RepoUrl::Rest(rest.to_string()))
             } else {
-                Err(format!(
-                    "`{url}`: rest: needs http://host:port/path or https://…"
-                ))
+                Err(UrlError::Rest(url.to_string()))
             }
         }
         "s3" => parse_s3(rest),
@@ -138,17 +224,15 @@ pub fn parse_restic(url: &str) -> Result<RepoUrl, String> {
             Some((remote, _)) if !remote.is_empty() && !remote.contains('/') => {
                 Ok(RepoUrl::Rclone(rest.to_string()))
             }
-            _ => Err(format!("`{url}`: rclone: needs remote:path")),
+            _ => Err(UrlError::Rclone(url.to_string())),
         },
         "opendal" if OPENDAL_SERVICES.contains(&rest) => Ok(RepoUrl::OpenDal(rest.to_string())),
-        "opendal" if !rest.is_empty() => Err(format!(
-            "`{url}`: this agex is built with the opendal services {} only (not `{rest}`)",
-            OPENDAL_SERVICES.join(", ")
-        )),
-        "opendal" => Err(format!(
-            "`{url}`: opendal: needs a service name (opendal:s3, opendal:b2, …)"
-        )),
-        other => Err(format!("unknown backend `{other}:`")),
+        "opendal" if !rest.is_empty() => Err(UrlError::OpenDalService {
+            url: url.to_string(),
+            service: rest.to_string(),
+        }),
+        "opendal" => Err(UrlError::OpenDalNone(url.to_string())),
+        other => Err(UrlError::UnknownBackend(other.to_string())),
     }
 }
 
@@ -157,7 +241,7 @@ pub fn parse_restic(url: &str) -> Result<RepoUrl, String> {
 pub const OPENDAL_SERVICES: &[&str] = &["s3", "b2", "azblob"];
 
 /// Parses a Borg repository URL: a path, `file://`, `ssh://` or scp-style `user@host:path`.
-pub fn parse_borg(url: &str) -> Result<RepoUrl, String> {
+pub fn parse_borg(url: &str) -> Result<RepoUrl, UrlError> {
     let url = url.trim();
     if url.starts_with('/') {
         return Ok(RepoUrl::Local(url.to_string()));
@@ -166,15 +250,15 @@ pub fn parse_borg(url: &str) -> Result<RepoUrl, String> {
         return if p.starts_with('/') {
             Ok(RepoUrl::Local(p.to_string()))
         } else {
-            Err(format!("`{url}`: file:// needs an absolute path"))
+            Err(UrlError::FileRelative(url.to_string()))
         };
     }
     if let Some(rest) = url.strip_prefix("ssh://") {
         let (authority, path) = rest
             .split_once('/')
-            .ok_or_else(|| format!("`{url}`: ssh:// needs a path after the host"))?;
+            .ok_or_else(|| UrlError::SshNoPath(url.to_string()))?;
         if path.is_empty() {
-            return Err(format!("`{url}`: ssh:// needs a path after the host"));
+            return Err(UrlError::SshNoPath(url.to_string()));
         }
         return Ok(RepoUrl::BorgSsh(endpoint(authority)?));
     }
@@ -182,7 +266,7 @@ pub fn parse_borg(url: &str) -> Result<RepoUrl, String> {
         if !authority.contains('/') && !path.is_empty() && !authority.is_empty() {
             let (user, host) = split_user(authority);
             if host.is_empty() {
-                return Err(format!("`{url}`: no host"));
+                return Err(UrlError::NoHost(url.to_string()));
             }
             return Ok(RepoUrl::BorgSsh(SshEndpoint {
                 user,
@@ -191,14 +275,11 @@ pub fn parse_borg(url: &str) -> Result<RepoUrl, String> {
             }));
         }
     }
-    Err(format!(
-        "`{url}` is not an absolute path or an ssh location"
-    ))
+    Err(UrlError::NotBorg(url.to_string()))
 }
 
-fn parse_sftp(rest: &str) -> Result<RepoUrl, String> {
-    let bad =
-        || format!("`sftp:{rest}`: sftp needs user@host:/path or sftp://user@host:port//path");
+fn parse_sftp(rest: &str) -> Result<RepoUrl, UrlError> {
+    let bad = || UrlError::Sftp(format!("sftp:{rest}"));
     if let Some(r) = rest.strip_prefix("//") {
         // sftp://user@host:port/path — restic keeps what follows the first `/` as the
         // path, so `//abs` is absolute and `/rel` relative to the login directory.
@@ -226,7 +307,7 @@ fn parse_sftp(rest: &str) -> Result<RepoUrl, String> {
     })
 }
 
-fn parse_s3(rest: &str) -> Result<RepoUrl, String> {
+fn parse_s3(rest: &str) -> Result<RepoUrl, UrlError> {
     let (scheme, hostpath) = if let Some(r) = rest.strip_prefix("https://") {
         ("https", r)
     } else if let Some(r) = rest.strip_prefix("http://") {
@@ -238,7 +319,7 @@ fn parse_s3(rest: &str) -> Result<RepoUrl, String> {
     let host = parts.next().unwrap_or_default();
     let bucket = parts.next().unwrap_or_default();
     let prefix = parts.next().unwrap_or_default().trim_matches('/');
-    let bad = || format!("`s3:{rest}`: s3 needs s3:https://host[:port]/bucket[/prefix]");
+    let bad = || UrlError::S3(format!("s3:{rest}"));
     if host.is_empty() || bucket.is_empty() {
         return Err(bad());
     }
@@ -247,9 +328,10 @@ fn parse_s3(rest: &str) -> Result<RepoUrl, String> {
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_'));
     if !bucket_ok {
-        return Err(format!(
-            "`s3:{rest}`: bucket `{bucket}` may hold only lowercase letters, digits, `-`, `.` and `_`"
-        ));
+        return Err(UrlError::S3Bucket {
+            url: format!("s3:{rest}"),
+            bucket: bucket.to_string(),
+        });
     }
     Ok(RepoUrl::S3 {
         endpoint: format!("{scheme}://{host}"),
@@ -265,9 +347,9 @@ fn after_scheme(url: &str) -> &str {
 }
 
 /// `host` or `host:port` (IPv6 in brackets), with a valid port.
-fn host_port(authority: &str) -> Result<(String, Option<u16>), String> {
+fn host_port(authority: &str) -> Result<(String, Option<u16>), UrlError> {
     let (host, port) = if let Some(r) = authority.strip_prefix('[') {
-        let (h, after) = r.split_once(']').ok_or("unclosed `[`")?;
+        let (h, after) = r.split_once(']').ok_or(UrlError::Unclosed)?;
         (h, after.strip_prefix(':'))
     } else {
         match authority.rsplit_once(':') {
@@ -276,14 +358,14 @@ fn host_port(authority: &str) -> Result<(String, Option<u16>), String> {
         }
     };
     if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(format!("`{authority}` names no host"));
+        return Err(UrlError::HostMissing(authority.to_string()));
     }
     let port = match port {
         Some(p) => Some(
             p.parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("`{p}` is not a port"))?,
+                .ok_or_else(|| UrlError::Port(p.to_string()))?,
         ),
         None => None,
     };
@@ -297,7 +379,7 @@ fn split_user(authority: &str) -> (Option<String>, &str) {
     }
 }
 
-fn endpoint(authority: &str) -> Result<SshEndpoint, String> {
+fn endpoint(authority: &str) -> Result<SshEndpoint, UrlError> {
     let (user, hostport) = split_user(authority);
     let (host, port) = host_port(hostport)?;
     Ok(SshEndpoint { user, host, port })
@@ -305,44 +387,40 @@ fn endpoint(authority: &str) -> Result<SshEndpoint, String> {
 
 /// Checks one pinned known_hosts line (`[host]:port ssh-ed25519 AAAA…`); returns the
 /// host patterns it names.
-pub fn parse_known_host(line: &str) -> Result<Vec<String>, String> {
+pub fn parse_known_host(line: &str) -> Result<Vec<String>, UrlError> {
     let mut fields = line.split_whitespace();
     let (Some(hosts), Some(kind), Some(key)) = (fields.next(), fields.next(), fields.next()) else {
-        return Err(format!(
-            "`{line}` is not a known_hosts line (`[host]:port ssh-ed25519 AAAA…`)"
-        ));
+        return Err(UrlError::KnownHostLine(line.to_string()));
     };
     if hosts.starts_with('@') {
-        return Err("markers (@cert-authority, @revoked) are not supported in known_hosts".into());
+        return Err(UrlError::KnownHostMarker);
     }
     let known = kind.starts_with("ssh-")
         || kind.starts_with("ecdsa-sha2-")
         || kind.starts_with("sk-ssh-")
         || kind.starts_with("sk-ecdsa-");
     if !known {
-        return Err(format!("`{kind}` is not an ssh host key type"));
+        return Err(UrlError::KeyType(kind.to_string()));
     }
     if key.len() < 16
         || !key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
     {
-        return Err(format!("the key of `{hosts}` is not base64"));
+        return Err(UrlError::KeyBase64(hosts.to_string()));
     }
     Ok(hosts.split(',').map(str::to_string).collect())
 }
 
 /// A bandwidth limit such as `"4 MiB/s"`, `"500 KiB/s"`, `"2MB/s"`; bytes per second.
-pub fn parse_rate(text: &str) -> Result<u64, String> {
+pub fn parse_rate(text: &str) -> Result<u64, UrlError> {
     let t = text.trim();
     let t = t.strip_suffix("/s").unwrap_or(t).trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{text}` is not a rate like \"4 MiB/s\""))?;
+    let value: f64 = num.parse().map_err(|_| UrlError::Rate(text.to_string()))?;
     let mult: f64 = match unit.trim() {
         "" | "B" => 1.0,
         "k" | "K" | "kB" | "KB" => 1e3,
@@ -351,15 +429,11 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         "KiB" | "Ki" => 1024.0,
         "MiB" | "Mi" => 1024.0 * 1024.0,
         "GiB" | "Gi" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "`{other}` is not a unit: use B, KB, MB, GB, KiB, MiB or GiB per second"
-            ))
-        }
+        other => return Err(UrlError::RateUnit(other.to_string())),
     };
     let rate = value * mult;
     if rate.is_nan() || rate.is_infinite() || rate < 1024.0 {
-        return Err(format!("`{text}`: a limit must be at least 1 KiB/s"));
+        return Err(UrlError::RateTooLow(text.to_string()));
     }
     Ok(rate as u64)
 }

@@ -414,20 +414,58 @@ impl Rules {
 
 use crate::names::{host_path, valid_name, valid_unit_name};
 
+/// Why a value of a secret's rule was refused; the message follows the secret's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// A `file` outside `secrets/`.
+    #[error("file `{file}` is outside secrets/: give a path inside the secrets directory, like `{suggest}`")]
+    FileOutside {
+        /// The file given.
+        file: String,
+        /// Its file name, as a path that would do.
+        suggest: String,
+    },
+    /// A `file` without `.age`.
+    #[error("file `{0}` must end in `.age`")]
+    FileExtension(String),
+    /// A mode that is not octal.
+    #[error("mode `{0}` is not an octal mode like \"0400\"")]
+    ModeNotOctal(String),
+    /// A mode with setuid, setgid or sticky bits.
+    #[error("mode `{0}` sets setuid/setgid/sticky bits, which a secret never needs")]
+    ModeSpecial(String),
+    /// A group- or world-writable mode.
+    #[error(
+        "mode `{0}` is group- or world-writable; secrets are read-only for others (e.g. \"0440\")"
+    )]
+    ModeWritable(String),
+    /// A mode the owner cannot read.
+    #[error("mode `{0}` does not let the owner read the file")]
+    ModeUnreadable(String),
+    /// A generated password's length out of range.
+    #[error("generator password length {0} is out of range (8 to 4096)")]
+    PasswordLength(usize),
+    /// A generated hex secret's size out of range.
+    #[error("generator hex bytes {0} is out of range (8 to 4096)")]
+    HexBytes(usize),
+}
+
 /// The `file` of a rule must stay inside `secrets/`.
-fn secret_file_path(file: &str) -> Result<PathBuf, String> {
+fn secret_file_path(file: &str) -> Result<PathBuf, RuleError> {
     let p = Path::new(file);
     let rel = p.strip_prefix("secrets").unwrap_or(p);
     let clean =
         rel.components().all(|c| matches!(c, Component::Normal(_))) && rel.components().count() > 0;
     if p.is_absolute() || !clean {
-        return Err(format!(
-            "file `{file}` is outside secrets/: give a path inside the secrets directory, like `{}`",
-            p.file_name().map_or("name.age".into(), |n| n.to_string_lossy().into_owned())
-        ));
+        return Err(RuleError::FileOutside {
+            file: file.to_string(),
+            suggest: p
+                .file_name()
+                .map_or("name.age".into(), |n| n.to_string_lossy().into_owned()),
+        });
     }
     if rel.extension().and_then(|e| e.to_str()) != Some("age") {
-        return Err(format!("file `{file}` must end in `.age`"));
+        return Err(RuleError::FileExtension(file.to_string()));
     }
     Ok(PathBuf::from("secrets").join(rel))
 }
@@ -510,36 +548,31 @@ fn placement(
 }
 
 /// Parses an octal mode string; refuses group- or world-writable modes.
-pub fn parse_mode(s: &str) -> Result<u32, String> {
+pub fn parse_mode(s: &str) -> Result<u32, RuleError> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
+    let not_octal = || RuleError::ModeNotOctal(s.to_string());
     if digits.is_empty() || digits.len() > 4 || !digits.chars().all(|c| ('0'..='7').contains(&c)) {
-        return Err(format!("mode `{s}` is not an octal mode like \"0400\""));
+        return Err(not_octal());
     }
-    let bits = u32::from_str_radix(digits, 8).map_err(|e| e.to_string())?;
+    let bits = u32::from_str_radix(digits, 8).map_err(|_| not_octal())?;
     if bits & 0o7000 != 0 {
-        return Err(format!(
-            "mode `{s}` sets setuid/setgid/sticky bits, which a secret never needs"
-        ));
+        return Err(RuleError::ModeSpecial(s.to_string()));
     }
     if bits & 0o022 != 0 {
-        return Err(format!(
-            "mode `{s}` is group- or world-writable; secrets are read-only for others (e.g. \"0440\")"
-        ));
+        return Err(RuleError::ModeWritable(s.to_string()));
     }
     if bits & 0o400 == 0 {
-        return Err(format!("mode `{s}` does not let the owner read the file"));
+        return Err(RuleError::ModeUnreadable(s.to_string()));
     }
     Ok(bits)
 }
 
-fn check_generator(g: &Generator) -> Result<(), String> {
+fn check_generator(g: &Generator) -> Result<(), RuleError> {
     match g {
-        Generator::Password { length, .. } if !(8..=4096).contains(length) => Err(format!(
-            "generator password length {length} is out of range (8 to 4096)"
-        )),
-        Generator::Hex { bytes } if !(8..=4096).contains(bytes) => Err(format!(
-            "generator hex bytes {bytes} is out of range (8 to 4096)"
-        )),
+        Generator::Password { length, .. } if !(8..=4096).contains(length) => {
+            Err(RuleError::PasswordLength(*length))
+        }
+        Generator::Hex { bytes } if !(8..=4096).contains(bytes) => Err(RuleError::HexBytes(*bytes)),
         _ => Ok(()),
     }
 }
@@ -597,9 +630,12 @@ mod tests {
     #[test]
     fn mode_checks() {
         assert_eq!(parse_mode("0440"), Ok(0o440));
-        assert!(parse_mode("0777").unwrap_err().contains("writable"));
-        assert!(parse_mode("abc").unwrap_err().contains("octal"));
-        assert!(parse_mode("0200").unwrap_err().contains("read"));
+        assert!(parse_mode("0777")
+            .unwrap_err()
+            .to_string()
+            .contains("writable"));
+        assert!(parse_mode("abc").unwrap_err().to_string().contains("octal"));
+        assert!(parse_mode("0200").unwrap_err().to_string().contains("read"));
     }
 
     #[test]

@@ -29,15 +29,94 @@ impl fmt::Display for Schedule {
     }
 }
 
+/// Why a schedule expression was refused, worded for the line of the config that holds it.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// Nothing but whitespace.
+    #[error("empty schedule")]
+    Empty,
+    /// A zero or unreadable step in a cron field.
+    #[error("cron {what} `{field}`: bad step `{step}`")]
+    CronStep {
+        /// The field's name.
+        what: &'static str,
+        /// The field.
+        field: String,
+        /// The step.
+        step: String,
+    },
+    /// A cron range from a larger to a smaller value.
+    #[error("cron {what} `{field}`: range `{range}` goes backwards")]
+    CronBackwards {
+        /// The field's name.
+        what: &'static str,
+        /// The field.
+        field: String,
+        /// The range.
+        range: String,
+    },
+    /// A cron value outside its field's range.
+    #[error("cron {what} `{field}` is out of range ({lo}-{hi})")]
+    CronOutOfRange {
+        /// The field's name.
+        what: &'static str,
+        /// The field.
+        field: String,
+        /// The smallest value.
+        lo: u32,
+        /// The largest value.
+        hi: u32,
+    },
+    /// A day-of-week value that names no day.
+    #[error("cron day of week `{field}`: `{day}` is no day (0-7 or Sun..Sat)")]
+    CronNoDay {
+        /// The field.
+        field: String,
+        /// The value.
+        day: String,
+    },
+    /// Both day fields restricted: cron ORs them, a systemd timer cannot.
+    #[error(
+        "cron `{0}` restricts both day of month and day of week, which cron joins with OR \
+         and a systemd timer cannot; split it into two schedules or use OnCalendar"
+    )]
+    CronBothDays(String),
+    /// A stepped day of week, which OnCalendar cannot say.
+    #[error("cron day of week `{0}` with a step has no systemd OnCalendar form; list the days")]
+    CronWeekdayStep(String),
+    /// Month names, which the timer would not say the same way.
+    #[error("cron month `{0}`: use month numbers (1-12) so the timer says the same")]
+    CronMonthName(String),
+    /// An OnCalendar expression agex cannot read.
+    #[error("`{text}` is not a valid OnCalendar expression: {why}")]
+    Calendar {
+        /// The expression.
+        text: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The translated expression was refused by the cron crate.
+    #[error("`{text}` is not a valid schedule ({source})")]
+    Invalid {
+        /// The expression.
+        text: String,
+        /// The cron crate's reason.
+        source: cron::error::Error,
+    },
+    /// A valid expression with no time to come (a date in the past, the 31st of February).
+    #[error("`{0}` never fires")]
+    NeverFires(String),
+}
+
 impl FromStr for Schedule {
-    type Err = String;
+    type Err = ScheduleError;
 
     /// Accepts cron (`0 3 * * *`, or with a leading seconds field `*/1 * * * * *`) or
     /// OnCalendar (`*-*-* 03:00:00`, `daily`, `Mon..Fri 02:30`, `*:*:0/1`).
-    fn from_str(s: &str) -> Result<Schedule, String> {
+    fn from_str(s: &str) -> Result<Schedule, ScheduleError> {
         let text = s.trim();
         if text.is_empty() {
-            return Err("empty schedule".into());
+            return Err(ScheduleError::Empty);
         }
         let fields: Vec<&str> = text.split_whitespace().collect();
         let looks_cron =
@@ -47,10 +126,13 @@ impl FromStr for Schedule {
         } else {
             from_calendar(text)?
         };
-        let cron = cron::Schedule::from_str(&cron_expr)
-            .map_err(|e| format!("`{text}` is not a valid schedule ({e})"))?;
+        let cron =
+            cron::Schedule::from_str(&cron_expr).map_err(|source| ScheduleError::Invalid {
+                text: text.to_string(),
+                source,
+            })?;
         if cron.upcoming(chrono::Utc).next().is_none() {
-            return Err(format!("`{text}` never fires"));
+            return Err(ScheduleError::NeverFires(text.to_string()));
         }
         Ok(Schedule {
             text: text.to_string(),
@@ -95,16 +177,20 @@ const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
 
 /// Cron `[S] M H DOM MON DOW` → (cron crate expression with seconds, OnCalendar).
 /// Errors when systemd cannot say the same thing.
-fn from_cron(all: &[&str]) -> Result<(String, String), String> {
+fn from_cron(all: &[&str]) -> Result<(String, String), ScheduleError> {
     let (sec, f) = match all {
         [s, rest @ ..] if all.len() == 6 => (*s, rest),
         _ => ("0", all),
     };
-    let check = |field: &str, what: &str, lo: u32, hi: u32| -> Result<(), String> {
+    let check = |field: &str, what: &'static str, lo: u32, hi: u32| -> Result<(), ScheduleError> {
         for part in field.split(',') {
             let (range, step) = part.split_once('/').unwrap_or((part, ""));
             if !step.is_empty() && step.parse::<u32>().map_or(true, |s| s == 0) {
-                return Err(format!("cron {what} `{field}`: bad step `{step}`"));
+                return Err(ScheduleError::CronStep {
+                    what,
+                    field: field.to_string(),
+                    step: step.to_string(),
+                });
             }
             if range == "*" {
                 continue;
@@ -112,9 +198,11 @@ fn from_cron(all: &[&str]) -> Result<(String, String), String> {
             if let Some((a, b)) = range.split_once('-') {
                 if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
                     if a > b {
-                        return Err(format!(
-                            "cron {what} `{field}`: range `{range}` goes backwards"
-                        ));
+                        return Err(ScheduleError::CronBackwards {
+                            what,
+                            field: field.to_string(),
+                            range: range.to_string(),
+                        });
                     }
                 }
             }
@@ -129,7 +217,12 @@ fn from_cron(all: &[&str]) -> Result<(String, String), String> {
                     }
                 };
                 if !ok {
-                    return Err(format!("cron {what} `{field}` is out of range ({lo}-{hi})"));
+                    return Err(ScheduleError::CronOutOfRange {
+                        what,
+                        field: field.to_string(),
+                        lo,
+                        hi,
+                    });
                 }
             }
         }
@@ -142,23 +235,13 @@ fn from_cron(all: &[&str]) -> Result<(String, String), String> {
     check(f[3], "month", 1, 12)?;
     check(f[4], "day of week", 0, 7)?;
     if f[2] != "*" && f[4] != "*" {
-        return Err(format!(
-            "cron `{}` restricts both day of month and day of week, which cron joins with OR \
-             and a systemd timer cannot; split it into two schedules or use OnCalendar",
-            all.join(" ")
-        ));
+        return Err(ScheduleError::CronBothDays(all.join(" ")));
     }
     if f[4].contains('/') {
-        return Err(format!(
-            "cron day of week `{}` with a step has no systemd OnCalendar form; list the days",
-            f[4]
-        ));
+        return Err(ScheduleError::CronWeekdayStep(f[4].to_string()));
     }
     if f[3].chars().any(|c| c.is_ascii_alphabetic()) {
-        return Err(format!(
-            "cron month `{}`: use month numbers (1-12) so the timer says the same",
-            f[3]
-        ));
+        return Err(ScheduleError::CronMonthName(f[3].to_string()));
     }
     let (dow, cal_dow) = if f[4] == "*" {
         ("*".to_string(), String::new())
@@ -263,16 +346,17 @@ struct Weekdays {
 /// Expands cron's day of week (0-7 from Sunday, or names; lists and ranges) into the
 /// set of days. Both outputs list the days from Monday: a cron range across the end of
 /// systemd's week (`0-3`, Sunday to Wednesday) is no valid `Sun..Wed` for systemd.
-fn weekdays(field: &str) -> Result<Weekdays, String> {
+fn weekdays(field: &str) -> Result<Weekdays, ScheduleError> {
     // Index 0 is Monday, as in systemd's week and in DAYS.
-    let day = |d: &str| -> Result<usize, String> {
+    let day = |d: &str| -> Result<usize, ScheduleError> {
         match d.parse::<usize>() {
             Ok(n) if n <= 7 => Ok((n + 6) % 7),
             _ => DAYS
                 .iter()
                 .position(|n| n.eq_ignore_ascii_case(d))
-                .ok_or_else(|| {
-                    format!("cron day of week `{field}`: `{d}` is no day (0-7 or Sun..Sat)")
+                .ok_or_else(|| ScheduleError::CronNoDay {
+                    field: field.to_string(),
+                    day: d.to_string(),
                 }),
         }
     };
@@ -284,9 +368,11 @@ fn weekdays(field: &str) -> Result<Weekdays, String> {
         let (from, to) = (day(a)?, day(b)?);
         let (lo, hi) = (cron_order(a, from), cron_order(b, to));
         if lo > hi {
-            return Err(format!(
-                "cron day of week `{field}`: range `{part}` goes backwards"
-            ));
+            return Err(ScheduleError::CronBackwards {
+                what: "day of week",
+                field: field.to_string(),
+                range: part.to_string(),
+            });
         }
         for d in lo..=hi {
             set[(d + 6) % 7] = true;
@@ -319,7 +405,7 @@ fn weekdays(field: &str) -> Result<Weekdays, String> {
 }
 
 /// OnCalendar → (cron crate expression with seconds, normalised OnCalendar).
-fn from_calendar(text: &str) -> Result<(String, String), String> {
+fn from_calendar(text: &str) -> Result<(String, String), ScheduleError> {
     let expanded = match text.to_ascii_lowercase().as_str() {
         "minutely" => "*-*-* *:*:00".to_string(),
         "hourly" => "*-*-* *:00:00".to_string(),
@@ -331,7 +417,10 @@ fn from_calendar(text: &str) -> Result<(String, String), String> {
         "semiannually" => "*-01,07-01 00:00:00".to_string(),
         _ => text.to_string(),
     };
-    let bad = |why: &str| format!("`{text}` is not a valid OnCalendar expression: {why}");
+    let bad = |why: &str| ScheduleError::Calendar {
+        text: text.to_string(),
+        why: why.to_string(),
+    };
     let mut parts: Vec<&str> = expanded.split_whitespace().collect();
     let mut dow = "*".to_string();
     if let Some(first) = parts.first() {
@@ -377,7 +466,7 @@ fn from_calendar(text: &str) -> Result<(String, String), String> {
         [h, m, s] => (*h, *m, *s),
         _ => return Err(bad("the time must be `HH:MM` or `HH:MM:SS`")),
     };
-    let field = |v: &str, what: &str, lo: u32, hi: u32| -> Result<String, String> {
+    let field = |v: &str, what: &str, lo: u32, hi: u32| -> Result<String, ScheduleError> {
         let mut out = Vec::new();
         for part in v.split(',') {
             let (range, step) = match part.split_once('/') {
