@@ -217,6 +217,10 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
             )));
         }
     }
+    let store = |source| BackupError::ObjectStore {
+        repo: repo.name.clone(),
+        source: Box::new(source),
+    };
     let pieces = match &repo.location {
         RepoUrl::Local(path) => BackendPieces {
             backend: Arc::new(
@@ -261,7 +265,7 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
             o.insert("disable_config_load".into(), "true".into());
             o.insert("disable_ec2_metadata".into(), "true".into());
             BackendPieces {
-                backend: Arc::new(crate::object_store::ObjectStore::new("s3", o).map_err(fail)?),
+                backend: Arc::new(crate::object_store::ObjectStore::new("s3", o).map_err(store)?),
                 guard: None,
             }
         }
@@ -271,7 +275,9 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
                 o.insert(k.to_ascii_lowercase(), v.to_string());
             }
             BackendPieces {
-                backend: Arc::new(crate::object_store::ObjectStore::new(service, o).map_err(fail)?),
+                backend: Arc::new(
+                    crate::object_store::ObjectStore::new(service, o).map_err(store)?,
+                ),
                 guard: None,
             }
         }

@@ -130,6 +130,14 @@ pub enum BackupError {
         /// What is wrong.
         message: String,
     },
+    /// A Restic repository's object store (`s3:`, `opendal:`) could not be set up.
+    #[error("repository `{repo}`: {source}")]
+    ObjectStore {
+        /// The repository.
+        repo: String,
+        /// Why (boxed: opendal's error is large).
+        source: Box<crate::object_store::ObjectStoreError>,
+    },
     /// The repository's storage is full (a full disk or a quota), or the disk of
     /// this host that the tool writes its cache to.
     #[error("repository `{repo}`: no space left {place} ({detail}); free space or raise the quota there, and the next run goes on from what is stored")]

@@ -8,7 +8,7 @@
 //! A timeout layer turns a server that stopped answering into such an error.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,19 +20,44 @@ use rustic_core::{
     ALL_FILE_TYPES,
 };
 
+/// Why an object store could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectStoreError {
+    /// The runtime opendal runs on could not start (shared: it is started once).
+    #[error("starting the object store runtime: {0}")]
+    Runtime(#[source] Arc<std::io::Error>),
+    /// opendal refused the service's options.
+    #[error("configuring the {scheme} service: {source}")]
+    Configure {
+        /// The opendal service.
+        scheme: String,
+        /// opendal's reason.
+        source: opendal::Error,
+    },
+    /// opendal could not start the service.
+    #[error("starting the {scheme} service: {source}")]
+    Start {
+        /// The opendal service.
+        scheme: String,
+        /// opendal's reason.
+        source: opendal::Error,
+    },
+}
+
 /// The runtime opendal's blocking operator drives its requests on.
-fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
-    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+fn runtime() -> Result<&'static tokio::runtime::Runtime, ObjectStoreError> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, Arc<std::io::Error>>> =
+        OnceLock::new();
     RUNTIME
         .get_or_init(|| {
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
-                .map_err(|e| format!("starting the object store runtime: {e}"))
+                .map_err(Arc::new)
         })
         .as_ref()
-        .map_err(Clone::clone)
+        .map_err(|e| ObjectStoreError::Runtime(Arc::clone(e)))
 }
 
 /// A restic repository in an opendal service.
@@ -87,20 +112,29 @@ pub(crate) fn out_of_space(e: &opendal::Error) -> Option<&'static str> {
 
 impl ObjectStore {
     /// The repository in opendal service `scheme` configured by `options`.
-    pub fn new(scheme: &str, options: BTreeMap<String, String>) -> Result<ObjectStore, String> {
+    pub fn new(
+        scheme: &str,
+        options: BTreeMap<String, String>,
+    ) -> Result<ObjectStore, ObjectStoreError> {
         // A server that stops answering (a hung host, a black-holed link) fails the
         // request instead of holding the backup for ever: 30 s for a metadata request;
         // an upload is one I/O step, and 2 minutes carry a data pack (8 MiB) over a
         // 0.6 Mbit/s uplink.
         let op = opendal::Operator::via_iter(scheme, options)
-            .map_err(|e| format!("configuring the {scheme} service: {e}"))?
+            .map_err(|source| ObjectStoreError::Configure {
+                scheme: scheme.to_string(),
+                source,
+            })?
             .layer(
                 opendal::layers::TimeoutLayer::new()
                     .with_timeout(Duration::from_secs(30))
                     .with_io_timeout(Duration::from_secs(120)),
             );
         let _guard = runtime()?.enter();
-        let op = Operator::new(op).map_err(|e| format!("starting the {scheme} service: {e}"))?;
+        let op = Operator::new(op).map_err(|source| ObjectStoreError::Start {
+            scheme: scheme.to_string(),
+            source,
+        })?;
         Ok(ObjectStore { op })
     }
 

@@ -27,8 +27,14 @@ pub const DEPTH: usize = 16;
 
 enum Msg {
     Data(Arc<[u8]>),
-    End(Result<(), String>),
+    End(Result<(), StreamFailed>),
 }
+
+/// Why a producer ended a stream as failed (a dump that broke off): what a reader's
+/// `io::Error` carries, so a consumer can tell a torn source from its own failure.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct StreamFailed(Arc<str>);
 
 /// The producing end: every chunk written goes to every consumer still reading.
 pub struct Tee {
@@ -138,7 +144,7 @@ impl Tee {
 
     /// Ends the stream as failed: readers get `why` as an error instead of an end.
     pub fn fail(mut self, why: &str) {
-        self.send(Msg::End(Err(why.to_string())));
+        self.send(Msg::End(Err(StreamFailed(why.into()))));
     }
 
     fn send(&mut self, msg: Msg) {
