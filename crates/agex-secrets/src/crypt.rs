@@ -30,7 +30,24 @@ pub fn encrypt(
 /// host's ssh key to X25519 once, not once per file. A key that does not parse is
 /// reported by the first [`Sealer::seal`] that needs it, naming that file.
 pub struct Sealer {
-    parsed: HashMap<String, Result<Parsed, String>>,
+    parsed: HashMap<String, Result<Parsed, RecipientError>>,
+}
+
+/// Why a recipient key cannot be encrypted to.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipientError {
+    /// Not an `age1…` key.
+    #[error("not a valid age X25519 recipient")]
+    X25519,
+    /// An ssh-ed25519 key agex cannot use.
+    #[error(transparent)]
+    SshEd25519(#[from] crate::x25519::SshKeyError),
+    /// An ssh-rsa key age cannot parse (age's error has no Display, so its name is shown).
+    #[error("{0:?}")]
+    SshRsa(age::ssh::ParseRecipientKeyError),
+    /// A plugin recipient age cannot parse.
+    #[error("{0}")]
+    Plugin(&'static str),
 }
 
 /// One recipient key, ready to wrap file keys.
@@ -124,21 +141,21 @@ impl Sealer {
 }
 
 /// Parses one recipient key; the error says what is wrong with it.
-fn parse(key: &RecipientKey) -> Result<Parsed, String> {
+fn parse(key: &RecipientKey) -> Result<Parsed, RecipientError> {
     let native: Box<dyn age::Recipient + Send + Sync> = match key.kind() {
-        RecipientKind::X25519 => Box::new(
-            X25519Recipient::parse(key.as_str()).ok_or("not a valid age X25519 recipient")?,
-        ),
+        RecipientKind::X25519 => {
+            Box::new(X25519Recipient::parse(key.as_str()).ok_or(RecipientError::X25519)?)
+        }
         RecipientKind::SshEd25519 => Box::new(SshEd25519Recipient::new(key)?),
         RecipientKind::SshRsa => Box::new(
             key.as_str()
                 .parse::<age::ssh::Recipient>()
-                .map_err(|e| format!("{e:?}"))?,
+                .map_err(RecipientError::SshRsa)?,
         ),
         RecipientKind::Plugin => {
             key.as_str()
                 .parse::<age::plugin::Recipient>()
-                .map_err(|e| e.to_string())?;
+                .map_err(RecipientError::Plugin)?;
             return Ok(Parsed::Plugin);
         }
     };

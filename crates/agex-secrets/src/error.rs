@@ -166,6 +166,14 @@ pub enum SecretsError {
         /// What is wrong.
         reason: String,
     },
+    /// `agex.toml` cannot take the host's new key (exit 2).
+    #[error("host `{host}`: {source}")]
+    HostConfig {
+        /// The host.
+        host: String,
+        /// What is wrong with agex.toml.
+        source: crate::host_rekey::ConfigEditError,
+    },
     /// `ssh-keyscan` found no usable key.
     #[error("ssh-keyscan {target}: {reason}")]
     Keyscan {
@@ -203,6 +211,7 @@ impl SecretsError {
                 | SecretsError::UnknownSecret { .. }
                 | SecretsError::OutsideSecrets { .. }
                 | SecretsError::HostKey { .. }
+                | SecretsError::HostConfig { .. }
                 | SecretsError::AlreadyInitialised { .. }
         )
     }

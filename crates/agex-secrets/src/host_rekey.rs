@@ -57,7 +57,11 @@ pub fn plan(project: &Project, host: &str, new_key: &str) -> Result<HostRekeyPla
     let config_path = project.path(CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path)
         .map_err(SecretsError::io(project.display(CONFIG_FILE)))?;
-    let config_text = replace_key(&text, host, key.as_str()).map_err(err)?;
+    let config_text =
+        replace_key(&text, host, key.as_str()).map_err(|source| SecretsError::HostConfig {
+            host: host.to_string(),
+            source,
+        })?;
     let config = Config::parse(SourceFile::new(project.display(CONFIG_FILE), &*config_text))
         .map_err(|d| SecretsError::Config(agex_core::ConfigError::Invalid(d)))?;
     let rules_text = std::fs::read_to_string(project.path(RULES_FILE))
@@ -93,26 +97,46 @@ pub fn plan(project: &Project, host: &str, new_key: &str) -> Result<HostRekeyPla
     })
 }
 
+/// Why `agex.toml` cannot take a host's new key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigEditError {
+    /// The file is not TOML (boxed: toml_edit's error is large).
+    #[error("agex.toml does not parse: {0}")]
+    Parse(#[source] Box<toml_edit::TomlError>),
+    /// No `[hosts]`.
+    #[error("agex.toml has no [hosts] table")]
+    NoHosts,
+    /// No `[hosts.NAME]`.
+    #[error("agex.toml has no [hosts.{0}] table")]
+    NoHost(String),
+    /// The host has no `key`.
+    #[error("[hosts.{0}] has no `key`")]
+    NoKey(String),
+    /// The host's `key` is a table or an array.
+    #[error("[hosts.{0}] key is not a string")]
+    KeyNotValue(String),
+}
+
 /// `agex.toml`'s text with `hosts.<host>.key` set to `key`; every comment, blank line
 /// and the value's own trailing comment stay where they were.
-pub fn replace_key(text: &str, host: &str, key: &str) -> Result<String, String> {
+pub fn replace_key(text: &str, host: &str, key: &str) -> Result<String, ConfigEditError> {
     let mut doc: toml_edit::DocumentMut = text
         .parse()
-        .map_err(|e| format!("agex.toml does not parse: {e}"))?;
+        .map_err(|e| ConfigEditError::Parse(Box::new(e)))?;
     let hosts = doc
         .get_mut("hosts")
         .and_then(|h| h.as_table_like_mut())
-        .ok_or("agex.toml has no [hosts] table")?;
+        .ok_or(ConfigEditError::NoHosts)?;
     let entry = hosts
         .get_mut(host)
         .and_then(|h| h.as_table_like_mut())
-        .ok_or_else(|| format!("agex.toml has no [hosts.{host}] table"))?;
+        .ok_or_else(|| ConfigEditError::NoHost(host.to_string()))?;
     let slot = entry
         .get_mut("key")
-        .ok_or_else(|| format!("[hosts.{host}] has no `key`"))?;
+        .ok_or_else(|| ConfigEditError::NoKey(host.to_string()))?;
     let value = slot
         .as_value_mut()
-        .ok_or_else(|| format!("[hosts.{host}] key is not a string"))?;
+        .ok_or_else(|| ConfigEditError::KeyNotValue(host.to_string()))?;
     let decor = value.decor().clone();
     *value = toml_edit::Value::from(key);
     *value.decor_mut() = decor;
@@ -180,7 +204,7 @@ pub fn keyscan(target: &str) -> Result<String, SecretsError> {
         .ok_or_else(|| {
             // ssh-keyscan says nothing when it cannot connect: find out why ourselves.
             if let Err(why) = reachable(host, port.unwrap_or(22)) {
-                return fail(why);
+                return fail(why.to_string());
             }
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             fail(if err.is_empty() {
@@ -191,13 +215,36 @@ pub fn keyscan(target: &str) -> Result<String, SecretsError> {
         })
 }
 
+/// Why a TCP connection to an ssh server did not open.
+#[derive(Debug, thiserror::Error)]
+enum Unreachable {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {host} port {port}: connection refused (is sshd running there?)")]
+    Refused { host: String, port: u16 },
+    #[error("cannot connect to {host} port {port}: {source}")]
+    Connect {
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+}
+
 /// Whether a TCP connection to `host:port` opens, else why not (`connection refused`).
-fn reachable(host: &str, port: u16) -> Result<(), String> {
+fn reachable(host: &str, port: u16) -> Result<(), Unreachable> {
     use std::net::{TcpStream, ToSocketAddrs};
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<_> = (host, port)
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .map_err(|source| Unreachable::Resolve {
+            host: host.to_string(),
+            source,
+        })?
         .collect();
     let mut last = None;
     for a in addrs {
@@ -206,14 +253,13 @@ fn reachable(host: &str, port: u16) -> Result<(), String> {
             Err(e) => last = Some(e),
         }
     }
+    let host = host.to_string();
     Err(match last {
         Some(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!(
-                "cannot connect to {host} port {port}: connection refused (is sshd running there?)"
-            )
+            Unreachable::Refused { host, port }
         }
-        Some(e) => format!("cannot connect to {host} port {port}: {e}"),
-        None => format!("{host} resolves to no address"),
+        Some(source) => Unreachable::Connect { host, port, source },
+        None => Unreachable::NoAddress(host),
     })
 }
 

@@ -284,24 +284,42 @@ pub struct SshEd25519Recipient {
     tweaked: FixedPoint,
 }
 
+/// Why an ssh-ed25519 recipient key cannot be encrypted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SshKeyError {
+    /// The key's text is not base64.
+    #[error("the ssh key is not valid base64")]
+    NotBase64,
+    /// The blob is not `string "ssh-ed25519", string key`.
+    #[error("not an ssh-ed25519 public key blob")]
+    NotEd25519,
+    /// The 32 bytes are not a point of the curve.
+    #[error("the ed25519 public key is not a point on the curve")]
+    NotOnCurve,
+    /// The tweak derived from the key is not a scalar.
+    #[error("cannot derive the ssh-ed25519 tweak")]
+    Tweak,
+    /// The key is a low-order point, which would give a known shared secret.
+    #[error("the ed25519 public key is a low-order point")]
+    LowOrder,
+}
+
 impl SshEd25519Recipient {
     /// From an ssh-ed25519 recipient key; the error says what is wrong with it.
-    pub fn new(key: &RecipientKey) -> Result<SshEd25519Recipient, String> {
-        let wire = key.ssh_wire().ok_or("the ssh key is not valid base64")?;
-        let tag = key
-            .ssh_stanza_tag()
-            .ok_or("the ssh key is not valid base64")?;
+    pub fn new(key: &RecipientKey) -> Result<SshEd25519Recipient, SshKeyError> {
+        let wire = key.ssh_wire().ok_or(SshKeyError::NotBase64)?;
+        let tag = key.ssh_stanza_tag().ok_or(SshKeyError::NotBase64)?;
         let point = ed25519_key(&wire)
-            .ok_or("not an ssh-ed25519 public key blob")
+            .ok_or(SshKeyError::NotEd25519)
             .and_then(|k| {
                 curve25519_dalek::edwards::CompressedEdwardsY(k)
                     .decompress()
-                    .ok_or("the ed25519 public key is not a point on the curve")
+                    .ok_or(SshKeyError::NotOnCurve)
             })?;
         let tweak_bytes: Zeroizing<[u8; 32]> = Zeroizing::new(hkdf(&wire, SSH_ED25519_LABEL, &[]));
-        let tweak = scalar(&tweak_bytes).ok_or("cannot derive the ssh-ed25519 tweak")?;
+        let tweak = scalar(&tweak_bytes).ok_or(SshKeyError::Tweak)?;
         let public = point.to_montgomery().to_bytes();
-        let tweaked = dh(&tweak, &public).ok_or("the ed25519 public key is a low-order point")?;
+        let tweaked = dh(&tweak, &public).ok_or(SshKeyError::LowOrder)?;
         Ok(SshEd25519Recipient {
             tag,
             public,
