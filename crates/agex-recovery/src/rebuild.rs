@@ -57,10 +57,14 @@ pub struct RebuildReport {
     pub total_seconds: f64,
 }
 
+/// Why a step of the rebuild drill failed: the error of whichever crate the step called
+/// (its message is the step's detail in the report).
+pub type StepError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Activates the host's configuration under a scratch root (second argument) for the host
 /// (third) with the scratch host key at the path given last; returns a one-line summary
 /// or why it failed.
-pub type Activate<'a> = dyn FnMut(&Project, &Path, &str, &Path) -> Result<String, String> + 'a;
+pub type Activate<'a> = dyn FnMut(&Project, &Path, &str, &Path) -> Result<String, StepError> + 'a;
 
 /// How the rebuild drill may run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -164,14 +168,14 @@ fn steps(
     s_config: &Path,
     report: &mut RebuildReport,
 ) -> Result<(), BackupError> {
-    let mut step = |name: &str, f: &mut dyn FnMut() -> Result<String, String>| -> bool {
+    let mut step = |name: &str, f: &mut dyn FnMut() -> Result<String, StepError>| -> bool {
         let t = Instant::now();
         let r = f();
         let ok = r.is_ok();
         report.steps.push(StepResult {
             step: name.to_string(),
             ok,
-            detail: r.unwrap_or_else(|e| e),
+            detail: r.unwrap_or_else(|e| e.to_string()),
             seconds: t.elapsed().as_secs_f64(),
         });
         ok
@@ -186,12 +190,9 @@ fn steps(
         let fresh = agex_secrets::generate::generate_value(
             &Generator::SshEd25519,
             &format!("root@{host}-rebuild-drill"),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         public = fresh.public.clone().ok_or("no public key generated")?;
-        let shown = key_dir
-            .write(KEY, &fresh.secret)
-            .map_err(|e| e.to_string())?;
+        let shown = key_dir.write(KEY, &fresh.secret)?;
         Ok(format!(
             "{} in RAM at {}",
             host_rekey::fingerprint(&public).unwrap_or_default(),
@@ -218,10 +219,10 @@ fn steps(
                     copy_tree(&from, &s_config.join(item))?;
                 }
             }
-            let copy = Project::load(s_config).map_err(|e| e.to_string())?;
-            let plan = host_rekey::plan(&copy, host, &public).map_err(|e| e.to_string())?;
-            let done = host_rekey::execute(&plan, admin).map_err(|e| e.to_string())?;
-            scratch_project = Some(Project::load(s_config).map_err(|e| e.to_string())?);
+            let copy = Project::load(s_config)?;
+            let plan = host_rekey::plan(&copy, host, &public)?;
+            let done = host_rekey::execute(&plan, admin)?;
+            scratch_project = Some(Project::load(s_config)?);
             Ok(format!(
                 "{} re-encrypted",
                 agex_core::human::count(done.rekeyed.len(), "secret")
@@ -279,22 +280,22 @@ fn steps(
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(from).map_err(|e| format!("{}: {e}", from.display()))?;
+fn copy_tree(from: &Path, to: &Path) -> Result<(), BackupError> {
+    let meta = std::fs::symlink_metadata(from).map_err(BackupError::io(from))?;
     if meta.is_dir() {
-        std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
-        let entries = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?;
+        std::fs::create_dir_all(to).map_err(BackupError::io(to))?;
+        let entries = std::fs::read_dir(from).map_err(BackupError::io(from))?;
         for e in entries.flatten() {
             copy_tree(&e.path(), &to.join(e.file_name()))?;
         }
         Ok(())
     } else {
         if let Some(dir) = to.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
         }
         std::fs::copy(from, to)
             .map(|_| ())
-            .map_err(|e| format!("{}: {e}", from.display()))
+            .map_err(BackupError::io(from))
     }
 }
 

@@ -15,6 +15,17 @@ use rustic_core::{IndexedFullStatus, LsOptions, Repository};
 use sha2::{Digest, Sha256};
 
 use crate::restore::{self, PgScratch, Snapshot, Verified};
+
+/// Why a file's bytes could not be read from the snapshot while it was checked.
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    /// rustic_core's dump of the file failed.
+    #[error(transparent)]
+    Restic(Box<rustic_core::RusticError>),
+    /// Borg's tar stream broke off inside the file.
+    #[error(transparent)]
+    Io(io::Error),
+}
 use crate::tar_stream;
 use agex_backup::access::RepoAccess;
 use agex_backup::engine::borg::Borg;
@@ -168,7 +179,7 @@ impl Source {
                     host.extend_from_slice(path.as_os_str().as_bytes());
                     checker.entry(&host, |w| {
                         repo.dump(&node, &mut WriteRef(w))
-                            .map_err(|e| e.to_string())
+                            .map_err(FeedError::Restic)
                     });
                 }
                 Ok(())
@@ -187,7 +198,7 @@ impl Source {
                         host.extend_from_slice(&e.path);
                         match e.kind {
                             tar_stream::EntryKind::File => checker.entry(&host, |w| {
-                                io::copy(body, w).map(|_| ()).map_err(|e| e.to_string())
+                                io::copy(body, w).map(|_| ()).map_err(FeedError::Io)
                             }),
                             tar_stream::EntryKind::HardLink => {
                                 let mut target = b"/".to_vec();
@@ -332,7 +343,7 @@ impl<'a> Checker<'a> {
     }
 
     /// One regular file at host path `path`; `feed` writes its bytes.
-    fn entry(&mut self, path: &[u8], feed: impl FnOnce(&mut dyn Write) -> Result<(), String>) {
+    fn entry(&mut self, path: &[u8], feed: impl FnOnce(&mut dyn Write) -> Result<(), FeedError>) {
         self.out.files += 1;
         match self.listed.get(path).copied() {
             Some(Listed::Dump(i)) => self.dump(i, feed),
@@ -366,7 +377,7 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn dump(&mut self, i: usize, feed: impl FnOnce(&mut dyn Write) -> Result<(), String>) {
+    fn dump(&mut self, i: usize, feed: impl FnOnce(&mut dyn Write) -> Result<(), FeedError>) {
         let manifest = self.manifest;
         let d = &manifest.dumps[i];
         self.dumps_seen[i] = true;

@@ -9,6 +9,7 @@ use agex_backup::access;
 use agex_core::systemctl::Systemctl;
 use agex_core::{Policy, Project};
 use agex_recovery::drill::{self, DrillEnv, DrillOptions};
+use agex_recovery::rebuild::StepError;
 use agex_recovery::restore::{self, InPlaceOptions, Target};
 
 use crate::cli::{DrillArgs, RestoreArgs};
@@ -392,11 +393,11 @@ pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i
     // Activation lives in agex-activate, which agex-backup does not depend on: the
     // drill gets it as a step to call.
     let mut activate =
-        |p: &Project, scratch_root: &Path, host: &str, key: &Path| -> Result<String, String> {
-            let inputs = Manifest::from_project(p, host).map_err(|e| e.to_string())?;
+        |p: &Project, scratch_root: &Path, host: &str, key: &Path| -> Result<String, StepError> {
+            let inputs = Manifest::from_project(p, host)?;
             let layout = Layout::new(scratch_root);
-            let lock = StateLock::acquire(&layout).map_err(|e| e.to_string())?;
-            let built = store::build(&lock, &inputs).map_err(|e| e.to_string())?;
+            let lock = StateLock::acquire(&layout)?;
+            let built = store::build(&lock, &inputs)?;
             let opts = ActivateOptions {
                 // As root the scratch root's secrets filesystem is its own ramfs mount;
                 // without root only when the user accepted secrets on disk.
@@ -406,7 +407,7 @@ pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i
                 systemctl: None,
                 no_restart: true,
             };
-            match agex_activate::activate(&lock, built.number, &opts).map_err(|e| e.to_string())? {
+            match agex_activate::activate(&lock, built.number, &opts)? {
                 agex_activate::Switch::Activated(a) => Ok(format!(
                     "generation {} ({}) activated: {} file(s) decrypted with the new key",
                     a.number,
@@ -416,7 +417,8 @@ pub fn cmd_drill_rebuild(ctx: &Context, allow_secrets_on_disk: bool) -> Result<i
                 // A fresh scratch root has nothing active; reaching this means it was reused.
                 agex_activate::Switch::AlreadyActive { number, .. } => Err(format!(
                 "generation {number} was already active in the scratch root; nothing was decrypted"
-            )),
+            )
+                .into()),
             }
         };
     let report =
