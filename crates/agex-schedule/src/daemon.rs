@@ -79,7 +79,7 @@ impl State {
 /// Makes the notifier of a job (the CLI decrypts `secret:` URLs).
 pub type MakeNotifier = dyn Fn(&Project, &str) -> Notifier + Send + Sync;
 /// Loads and validates the configuration (on start and on SIGHUP).
-pub type Load = dyn Fn() -> Result<Project, String> + Send + Sync;
+pub type Load = dyn Fn() -> Result<Project, agex_core::ConfigError> + Send + Sync;
 
 /// How the daemon runs jobs.
 pub struct DaemonOptions {
@@ -168,9 +168,7 @@ pub fn run(
     load: Arc<Load>,
     notifier: Arc<MakeNotifier>,
 ) -> Result<(), ScheduleError> {
-    let project = load().map_err(|e| {
-        ScheduleError::Runtime(std::io::Error::other(format!("configuration: {e}")))
-    })?;
+    let project = load().map_err(ScheduleError::Config)?;
     let state = State::load(&opts.root)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

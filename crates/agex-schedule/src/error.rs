@@ -51,6 +51,9 @@ pub enum ScheduleError {
         /// What was wrong.
         why: String,
     },
+    /// The configuration did not load when the daemon started.
+    #[error("cannot start the daemon: configuration: {0}")]
+    Config(#[source] agex_core::ConfigError),
     /// The async runtime or a signal handler could not be set up.
     #[error("cannot start the daemon: {0}")]
     Runtime(std::io::Error),

@@ -341,8 +341,8 @@ impl Notifier {
     /// Sends with a bounded retry: transport errors, 429 and 5xx are retried after 0.5 s
     /// and 1 s; other answers are final. A request with query parameters is a GET (the
     /// push protocols that take their data in the URL), any other a POST.
-    fn request(&self, r: &Request) -> Result<(), String> {
-        let mut last = String::new();
+    fn request(&self, r: &Request) -> Result<(), SendError> {
+        let mut last = SendError::Transport(String::new());
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
@@ -367,14 +367,29 @@ impl Notifier {
             match sent {
                 Ok(_) => return Ok(()),
                 Err(ureq::Error::Status(code, _)) if code == 429 || code >= 500 => {
-                    last = format!("HTTP {code}");
+                    last = SendError::Status(code);
                 }
-                Err(ureq::Error::Status(code, _)) => return Err(format!("HTTP {code}")),
-                Err(e) => last = redact(&e.to_string(), r.url.as_str()),
+                Err(ureq::Error::Status(code, _)) => return Err(SendError::Status(code)),
+                Err(e) => last = SendError::Transport(redact(&e.to_string(), r.url.as_str())),
             }
         }
-        Err(format!("{last} (after {ATTEMPTS} attempts)"))
+        Err(SendError::GaveUp(Box::new(last)))
     }
+}
+
+/// Why a notification request failed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The server answered with an error status.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// The request did not get an answer; the text has the URL (which can hold a token)
+    /// taken out, so ureq's error itself is not kept.
+    #[error("{0}")]
+    Transport(String),
+    /// Every attempt failed; the last one's reason.
+    #[error("{0} (after {ATTEMPTS} attempts)")]
+    GaveUp(Box<SendError>),
 }
 
 struct Request {

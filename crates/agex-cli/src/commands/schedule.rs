@@ -350,7 +350,7 @@ pub fn cmd_daemon(ctx: &Context) -> Result<i32, Failure> {
     ));
     let agex = std::env::current_exe()
         .map_err(|e| Failure::new(FAILURE, format!("cannot find the agex binary: {e}")))?;
-    let load = Arc::new(move || Project::load(&dir).map_err(|e| Failure::from(e).message));
+    let load = Arc::new(move || Project::load(&dir));
     let identity = ctx.global.identity.clone();
     let host = ctx.host_name();
     let root = ctx.global.root.clone();
