@@ -572,12 +572,14 @@ fn populate(
     }
     let mut rendered: BTreeMap<String, Plaintext> = BTreeMap::new();
     for t in &manifest.templates {
-        let out = render(&t.pieces, &plaintexts).map_err(|name| ActivateError::Invalid {
-            path: generation.path.clone(),
-            reason: format!(
-                "template `{}` uses secret `{name}`, which is not in the generation",
-                t.name
-            ),
+        let out = render(&t.pieces, &plaintexts).map_err(|MissingSecret(name)| {
+            ActivateError::Invalid {
+                path: generation.path.clone(),
+                reason: format!(
+                    "template `{}` uses secret `{name}`, which is not in the generation",
+                    t.name
+                ),
+            }
         })?;
         rendered.insert(t.name.clone(), out);
     }
@@ -633,12 +635,17 @@ fn populate(
     Ok(digests)
 }
 
+/// A secret a template uses that the plaintexts given to [`render`] lack (its name).
+#[derive(Debug, thiserror::Error)]
+#[error("secret `{0}` is not among the decrypted secrets")]
+pub struct MissingSecret(pub String);
+
 /// A template's content with each secret's plaintext (trailing newlines removed) in
 /// place; `Err` names a secret `plaintexts` lacks.
 pub fn render(
     pieces: &[Piece],
     plaintexts: &BTreeMap<String, Plaintext>,
-) -> Result<Plaintext, String> {
+) -> Result<Plaintext, MissingSecret> {
     // Sized before the first byte goes in: a buffer that grows leaves unwiped copies.
     let size = pieces
         .iter()
@@ -652,7 +659,9 @@ pub fn render(
         match piece {
             Piece::Text(text) => out.extend_from_slice(text.as_bytes()),
             Piece::Secret(name) => {
-                let plain = plaintexts.get(name).ok_or_else(|| name.clone())?;
+                let plain = plaintexts
+                    .get(name)
+                    .ok_or_else(|| MissingSecret(name.clone()))?;
                 out.extend_from_slice(trim_newlines(plain));
             }
         }

@@ -123,9 +123,9 @@ impl Inputs {
         content: Vec<u8>,
         note: String,
     ) -> Result<(), ActivateError> {
-        check_carried_path(path).map_err(|reason| ActivateError::Invalid {
+        check_carried_path(path).map_err(|e| ActivateError::Invalid {
             path: PathBuf::from(path),
-            reason,
+            reason: e.to_string(),
         })?;
         self.manifest.files.retain(|f| f.path != path);
         self.manifest.files.push(CarriedFile {
@@ -139,8 +139,18 @@ impl Inputs {
     }
 }
 
+/// A carried file's path that is not relative, plain and visible.
+#[derive(Debug, thiserror::Error)]
+#[error("carried file `{0}` is not a plain relative path")]
+struct NotPlainPath(String);
+
+/// A name that is not one visible file name.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a plain file name")]
+struct NotFileName(String);
+
 /// A carried file's path: relative, plain components, none hidden.
-fn check_carried_path(path: &str) -> Result<(), String> {
+fn check_carried_path(path: &str) -> Result<(), NotPlainPath> {
     let p = Path::new(path);
     let ok = !path.is_empty()
         && p.components().all(|c| match c {
@@ -150,9 +160,7 @@ fn check_carried_path(path: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "carried file `{path}` is not a plain relative path"
-        ))
+        Err(NotPlainPath(path.to_string()))
     }
 }
 
@@ -326,7 +334,7 @@ impl Manifest {
             }
         }
         for f in &self.files {
-            check_carried_path(&f.path).map_err(bad)?;
+            check_carried_path(&f.path).map_err(|e| bad(e.to_string()))?;
         }
         Ok(())
     }
@@ -387,12 +395,12 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn check_file_name(name: &str) -> Result<(), String> {
+fn check_file_name(name: &str) -> Result<(), NotFileName> {
     let p = Path::new(name);
     let mut comps = p.components();
     let ok = matches!(comps.next(), Some(Component::Normal(_))) && comps.next().is_none();
     if !ok || name.starts_with('.') || name.contains('/') {
-        return Err(format!("`{name}` is not a plain file name"));
+        return Err(NotFileName(name.to_string()));
     }
     Ok(())
 }

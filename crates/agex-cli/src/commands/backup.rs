@@ -312,7 +312,7 @@ pub fn cmd_forget(
     let ids = ctx.identities(&project)?;
     let mut errors = Vec::new();
     let mut done = 0;
-    let mut cache: BTreeMap<String, Result<RepoAccess, String>> = BTreeMap::new();
+    let mut cache: BTreeMap<String, Result<RepoAccess, BackupError>> = BTreeMap::new();
     for p in &planned {
         let Some(retention) = project
             .policies
@@ -329,7 +329,7 @@ pub fn cmd_forget(
         for r in &p.repositories {
             let a = cache
                 .entry(r.clone())
-                .or_insert_with(|| access::unlock(&project, r, &ids).map_err(|e| e.to_string()));
+                .or_insert_with(|| access::unlock(&project, r, &ids));
             let a = match a {
                 Ok(a) => a,
                 Err(e) => {
