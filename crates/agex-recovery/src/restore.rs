@@ -362,19 +362,32 @@ pub(crate) fn compare_rows(
     }
 }
 
+/// Why a restored SQLite file failed its check.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteCheckError {
+    /// SQLite could not open or count it.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// `PRAGMA integrity_check` could not run.
+    #[error("integrity_check: {0}")]
+    Check(#[source] rusqlite::Error),
+    /// `PRAGMA integrity_check` found damage; what it said.
+    #[error("integrity_check says: {0}")]
+    Damaged(String),
+}
+
 /// `PRAGMA integrity_check` of an SQLite file, then its row counts.
-pub fn sqlite_check(path: &Path) -> Result<BTreeMap<String, u64>, String> {
+pub fn sqlite_check(path: &Path) -> Result<BTreeMap<String, u64>, SqliteCheckError> {
     let conn =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| e.to_string())?;
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let result: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .map_err(|e| format!("integrity_check: {e}"))?;
+        .map_err(SqliteCheckError::Check)?;
     if result != "ok" {
-        return Err(format!("integrity_check says: {result}"));
+        return Err(SqliteCheckError::Damaged(result));
     }
     drop(conn);
-    agex_backup::dump::sqlite_row_counts(path).map_err(|e| e.to_string())
+    Ok(agex_backup::dump::sqlite_row_counts(path)?)
 }
 
 /// A dump being restored into a drill's scratch database from a stream.
@@ -675,7 +688,7 @@ fn put_back_sqlite(
     sqlite_check(dump).map_err(|e| BackupError::Tool {
         tool: format!("sqlite integrity check of {}", d.path),
         status: "failed".into(),
-        stderr: e,
+        stderr: e.to_string(),
     })?;
     let live = Placed::new(root, path)?;
     for suffix in ["-wal", "-shm", "-journal"] {
