@@ -51,17 +51,15 @@ pub fn start(
     cmd.args(["serve", "restic", "--addr", "127.0.0.1:0", "--"])
         .arg(target)
         .env("RCLONE_USER", &user)
-        .env("RCLONE_PASS", pass.as_str())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("RCLONE_PASS", pass.as_str());
     for (k, v) in env {
         cmd.env(k, v.as_str());
     }
     crate::process::die_with_agex(&mut cmd);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| fail(format!("cannot run rclone: {e}")))?;
+    // The runner logs the command line (never the environment, which holds the
+    // credentials); its Spawn error already reads "cannot run rclone: …".
+    let mut child = crate::process::start(&mut cmd, Stdio::null(), Stdio::null(), Stdio::piped())
+        .map_err(|e| fail(e.to_string()))?;
     let Some(stderr) = child.stderr.take() else {
         let _ = child.kill();
         return Err(fail("rclone started without stderr".into()));
