@@ -4,8 +4,6 @@
 //! these options — so, like agenix and sops-nix, agex mounts one unless the directory
 //! already is a ramfs/tmpfs mount point (its own from an earlier activation).
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use agex_core::beneath::{parent_of, Dir};
@@ -80,24 +78,8 @@ fn is_mount_point(dir: &Dir, parent: &Dir) -> std::io::Result<bool> {
 }
 
 fn mount(dir: &Path, fstype: &str) -> std::io::Result<()> {
-    let target = CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let source = CString::new("agex").map_err(std::io::Error::other)?;
-    let kind = CString::new(fstype).map_err(std::io::Error::other)?;
-    let data = CString::new("mode=0751").map_err(std::io::Error::other)?;
-    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    // SAFETY: all pointers are NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            kind.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    use rustix::mount::MountFlags;
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    rustix::mount::mount("agex", dir, fstype, flags, c"mode=0751")?;
+    Ok(())
 }
