@@ -28,6 +28,9 @@ use error::Failure;
 
 fn main() {
     // Die quietly when stdout is a closed pipe (`agex secrets list | head`), as Unix tools do.
+    // libc because nothing safe sets a disposition: std ignores SIGPIPE before main and
+    // only an unstable flag (`-Zon-broken-pipe`) changes that; rustix's sigaction is in
+    // its unsafe `runtime` module, meant for programs without std.
     // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -211,6 +214,7 @@ fn dispatch(ctx: &Context, command: Command) -> Result<i32, Failure> {
 /// of threads that had ever held a big buffer, not with what is held at once.
 fn return_large_buffers_to_the_system() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // libc because mallopt is glibc's own call: no crate wraps it safely.
     // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);

@@ -51,7 +51,8 @@ pub struct BackupArgs<'a> {
 }
 
 pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
-    // Writes into a pipe borg has closed must fail with EPIPE, not kill agex.
+    // Writes into a pipe borg has closed must fail with EPIPE, not kill agex. (libc: no
+    // safe call sets a signal disposition; see main.)
     // SAFETY: changing a signal disposition before any thread of this command starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
