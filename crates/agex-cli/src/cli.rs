@@ -414,8 +414,11 @@ pub enum SystemdCommand {
     },
 }
 
-/// Flags of `agex restore`.
+/// Flags of `agex restore`. Where to restore is required, one way only (exit 2 like
+/// every usage error); --delete and --as need --in-place, said as conflicting with
+/// --to: a `requires` on a bool flag is always met by its default `false`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to", "in_place"])))]
 pub struct RestoreArgs {
     /// The service to restore
     #[arg(long, value_name = "SERVICE")]
@@ -427,7 +430,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "ID")]
     pub snapshot: Option<String>,
     /// Restore files and dumps below this directory (must be empty or absent)
-    #[arg(long, value_name = "DIR", conflicts_with = "in_place")]
+    #[arg(long, value_name = "DIR")]
     pub to: Option<std::path::PathBuf>,
     /// Put files and databases back where the policy says, under --root
     #[arg(long)]
@@ -437,10 +440,10 @@ pub struct RestoreArgs {
     pub yes: bool,
     /// With --in-place: also remove files, links and directories below the policy's
     /// paths that the snapshot lacks (excluded paths are never touched)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "to")]
     pub delete: bool,
-    /// Restore the PostgreSQL database into this new database instead
-    #[arg(long = "as", value_name = "NAME")]
+    /// With --in-place: restore the PostgreSQL database into this new database instead
+    #[arg(long = "as", value_name = "NAME", conflicts_with = "to")]
     pub as_database: Option<String>,
     /// Command that runs systemctl for `stop_units` (default: `systemctl` when --root is /)
     #[arg(long, value_name = "CMD", env = "AGEX_SYSTEMCTL")]
@@ -483,6 +486,7 @@ pub enum HostCommand {
     #[command(
         after_help = "Examples:\n  agex host rekey bunk --key-file /etc/ssh/ssh_host_ed25519_key.pub\n  agex host rekey bunk --keyscan bunk.lan:22"
     )]
+    #[command(group(clap::ArgGroup::new("source").required(true)))]
     Rekey {
         /// The host's name in agex.toml
         host: String,

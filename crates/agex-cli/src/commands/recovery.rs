@@ -79,26 +79,9 @@ pub fn cmd_restore(ctx: &Context, args: &RestoreArgs) -> Result<i32, Failure> {
     Ok(OK)
 }
 
-/// The flag rules of `agex restore` that clap does not check (exit 2).
+/// The rules of `agex restore` that depend on more than its flags (exit 2); the flag
+/// rules themselves (--to or --in-place; --delete and --as need --in-place) are clap's.
 fn check_restore_flags(args: &RestoreArgs) -> Result<(), Failure> {
-    if args.to.is_none() && !args.in_place {
-        return Err(Failure::new(
-            CONFIG,
-            "say where to restore: --to DIR (a new directory) or --in-place (under --root)",
-        ));
-    }
-    if args.as_database.is_some() && !args.in_place {
-        return Err(Failure::new(
-            CONFIG,
-            "--as NAME restores a PostgreSQL database in place: it needs --in-place",
-        ));
-    }
-    if args.delete && !args.in_place {
-        return Err(Failure::new(
-            CONFIG,
-            "--delete removes what the snapshot lacks from the live paths: it needs --in-place",
-        ));
-    }
     if let Some(dir) = &args.to {
         if !restore::is_empty_dir(dir)? {
             return Err(Failure::new(
@@ -483,6 +466,7 @@ pub fn cmd_host_rekey(
             }
             k
         }
+        // clap's required group `source` lets exactly one through.
         _ => {
             return Err(Failure::new(
                 CONFIG,
