@@ -412,17 +412,38 @@ fn short(text: &str, max: usize) -> String {
     cut
 }
 
-fn resolve(v: &Spanned<String>, decrypt: &Decrypt<'_>) -> Result<Zeroizing<String>, String> {
+/// Why a `secret:NAME` target gives no URL. Never the secret's text: it is a URL that
+/// can hold a token, so the URL check's error is not kept either.
+#[derive(Debug, thiserror::Error)]
+enum SecretUrlError {
+    /// The secret did not decrypt; the caller's reason.
+    #[error("secret `{name}`: {why}")]
+    Decrypt { name: String, why: String },
+    /// The plaintext is not text.
+    #[error("secret `{0}` is not UTF-8 text")]
+    NotUtf8(String),
+    /// The plaintext is not an http(s) URL.
+    #[error("secret `{0}` does not hold an http(s) URL")]
+    NotUrl(String),
+}
+
+fn resolve(
+    v: &Spanned<String>,
+    decrypt: &Decrypt<'_>,
+) -> Result<Zeroizing<String>, SecretUrlError> {
     let Some(name) = v.get_ref().strip_prefix("secret:") else {
         return Ok(Zeroizing::new(v.get_ref().clone()));
     };
-    let plain = decrypt(name).map_err(|e| format!("secret `{name}`: {e}"))?;
+    let plain = decrypt(name).map_err(|why| SecretUrlError::Decrypt {
+        name: name.to_string(),
+        why,
+    })?;
     let text = std::str::from_utf8(&plain)
-        .map_err(|_| format!("secret `{name}` is not UTF-8 text"))?
+        .map_err(|_| SecretUrlError::NotUtf8(name.to_string()))?
         .trim()
         .to_string();
     agex_core::config::check_notify_url(&text)
-        .map_err(|_| format!("secret `{name}` does not hold an http(s) URL"))?;
+        .map_err(|_| SecretUrlError::NotUrl(name.to_string()))?;
     Ok(Zeroizing::new(text))
 }
 
