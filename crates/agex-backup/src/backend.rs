@@ -191,15 +191,17 @@ pub fn open(access: &RepoAccess) -> Result<Arc<dyn WriteBackend>, BackupError> {
     let fail = |message: String| BackupError::Backend {
         repo: repo.name.clone(),
         message,
+        source: None,
     };
-    let rustic = |e: Box<rustic_core::RusticError>| {
-        fail(
-            e.display_log()
-                .lines()
-                .next()
-                .unwrap_or("error")
-                .to_string(),
-        )
+    let rustic = |e: Box<rustic_core::RusticError>| BackupError::Backend {
+        repo: repo.name.clone(),
+        message: e
+            .display_log()
+            .lines()
+            .next()
+            .unwrap_or("error")
+            .to_string(),
+        source: Some(e),
     };
     if let Some(env) = repo.env_secret.as_ref() {
         let missing: Vec<&str> = env_keys(&repo.location)

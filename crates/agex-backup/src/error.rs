@@ -127,8 +127,11 @@ pub enum BackupError {
     Backend {
         /// The repository.
         repo: String,
-        /// What is wrong.
+        /// What is wrong (for an error from a library, its first line).
         message: String,
+        /// The library's error, whole, when one raised it.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
     /// A Restic repository's object store (`s3:`, `opendal:`) could not be set up.
     #[error("repository `{repo}`: {source}")]

@@ -44,6 +44,7 @@ pub fn start(
     let fail = |message: String| BackupError::Backend {
         repo: repo.to_string(),
         message,
+        source: None,
     };
     let user = Alphanumeric.sample_string(&mut rand::thread_rng(), 16);
     let pass = zeroize::Zeroizing::new(Alphanumeric.sample_string(&mut rand::thread_rng(), 32));
@@ -59,7 +60,11 @@ pub fn start(
     // The runner logs the command line (never the environment, which holds the
     // credentials); its Spawn error already reads "cannot run rclone: …".
     let mut child = crate::process::start(&mut cmd, Stdio::null(), Stdio::null(), Stdio::piped())
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| BackupError::Backend {
+        repo: repo.to_string(),
+        message: e.to_string(),
+        source: Some(Box::new(e)),
+    })?;
     let Some(stderr) = child.stderr.take() else {
         let _ = child.kill();
         return Err(fail("rclone started without stderr".into()));
@@ -120,8 +125,14 @@ pub fn start(
         child: Mutex::new(child),
     };
     let rest_url = zeroize::Zeroizing::new(format!("http://{user}:{}@{hostpath}", pass.as_str()));
-    let rest = RestBackend::new(rest_url.as_str(), crate::backend::rest_options())
-        .map_err(|e| fail(format!("rclone's REST server: {}", e.display_log())))?;
+    let rest =
+        RestBackend::new(rest_url.as_str(), crate::backend::rest_options()).map_err(|e| {
+            BackupError::Backend {
+                repo: repo.to_string(),
+                message: format!("rclone's REST server: {}", e.display_log()),
+                source: Some(e),
+            }
+        })?;
     Ok(BackendPieces {
         backend: Arc::new(rest),
         guard: Some(Box::new(server)),

@@ -184,12 +184,17 @@ impl SftpBackend {
         let fail = |message: String| BackupError::Backend {
             repo: repo.to_string(),
             message,
+            source: None,
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
-            .map_err(|e| fail(format!("starting the sftp runtime: {e}")))?;
+            .map_err(|e| BackupError::Backend {
+                repo: repo.to_string(),
+                message: format!("starting the sftp runtime: {e}"),
+                source: Some(Box::new(e)),
+            })?;
         let root = path.trim_end_matches('/').to_string();
         let location = format!("sftp:{}:{}", ssh.endpoint().destination(), root);
         let backend = SftpBackend {
