@@ -4,7 +4,6 @@
 pub mod access;
 pub mod backend;
 pub mod cancel;
-mod digest_cache;
 pub mod drill_records;
 pub mod dump;
 pub mod engine;
@@ -29,5 +28,6 @@ pub mod tee;
 pub mod trust;
 pub mod units;
 pub mod verdict;
+mod walk_file;
 
 pub use error::BackupError;

@@ -6,8 +6,10 @@
 //! last stream of a snapshot, so it is complete when either engine reads it.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use agex_core::{Database, Policy};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -15,9 +17,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::digest_cache::{CacheReader, CacheWriter, Stamp};
 use crate::error::BackupError;
 use crate::paths::{host_path, under};
+use crate::walk_file::{CacheReader, Record, Records, Stamp, WalkWriter};
 
 /// Where dumps and manifests appear inside snapshots and archives.
 pub use agex_core::policy::DUMPS_DIR;
@@ -355,15 +357,18 @@ impl Manifest {
     }
 }
 
-/// What a walk of a policy's paths found: the regular files with their digests (sorted
-/// by path), what each looked like when read, the special files (never opened), and
-/// what could not be read.
-#[derive(Debug, Default)]
+/// What a walk of a policy's paths found: the regular files with their digests, in
+/// walk order, in a file on disk ([`crate::walk_file`]: never held whole in memory),
+/// the special files (never opened), and what could not be read.
+#[derive(Debug)]
 pub struct Walked {
-    /// Regular files read, sorted by path.
-    pub files: Vec<FileEntry>,
-    /// How each file of `files` looked after agex read it.
-    stamps: Vec<Stamp>,
+    /// The walk file, and where it is.
+    records: Arc<File>,
+    path: PathBuf,
+    /// Regular files read.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
     /// Fifos, sockets and device nodes: stored as what they are, never read.
     pub specials: Vec<SpecialEntry>,
     /// Files that could not be read (unreadable, vanished), one message each.
@@ -377,27 +382,58 @@ pub struct Walked {
 /// within one tick of the first leaves mtime and ctime as they were.
 const RACY_NS: i128 = 100_000_000;
 
+/// Files handled together: the reads of one batch run on every core, and memory holds
+/// one batch, not the tree.
+const BATCH: usize = 4096;
+
 impl Walked {
+    /// The regular files read, in walk order.
+    pub(crate) fn records(&self) -> io::Result<Records> {
+        Records::of(Arc::clone(&self.records))
+    }
+
+    /// The manifest entry of a record.
+    pub(crate) fn entry(r: &Record) -> FileEntry {
+        FileEntry {
+            path: HostPath(r.path().to_path_buf()),
+            size: r.size,
+            digest: r.digest_text(),
+            changed: r.changed,
+        }
+    }
+
     /// The files that look different now from when agex read them (or are gone), and
     /// those written so shortly before agex read them that their stamp cannot tell: the
     /// repository read since then may hold another version. Sorted.
-    pub fn changed_since(&self, root: &Path) -> Vec<HostPath> {
+    pub fn changed_since(&self, root: &Path) -> Result<Vec<HostPath>, BackupError> {
         let racy = self.started_ns - RACY_NS;
-        let mut out: Vec<HostPath> = self
-            .files
-            .par_iter()
-            .zip(&self.stamps)
-            .filter(|(f, stamp)| {
-                f.changed
-                    || stamp.mtime_ns.max(stamp.ctime_ns) >= racy
-                    || std::fs::symlink_metadata(under(root, f.path.as_path()))
-                        .map(|m| Stamp::of(&m) != **stamp)
-                        .unwrap_or(true)
-            })
-            .map(|(f, _)| f.path.clone())
-            .collect();
+        let unreadable = |e| BackupError::io(&self.path)(e);
+        let mut records = self.records().map_err(unreadable)?;
+        let mut out: Vec<HostPath> = Vec::new();
+        loop {
+            let batch = records
+                .by_ref()
+                .take(BATCH)
+                .collect::<io::Result<Vec<Record>>>()
+                .map_err(unreadable)?;
+            if batch.is_empty() {
+                break;
+            }
+            out.par_extend(
+                batch
+                    .par_iter()
+                    .filter(|r| {
+                        r.changed
+                            || r.stamp.mtime_ns.max(r.stamp.ctime_ns) >= racy
+                            || std::fs::symlink_metadata(under(root, r.path()))
+                                .map(|m| Stamp::of(&m) != r.stamp)
+                                .unwrap_or(true)
+                    })
+                    .map(|r| HostPath(r.path().to_path_buf())),
+            );
+        }
         out.sort();
-        out
+        Ok(out)
     }
 }
 
@@ -461,6 +497,16 @@ impl Selection {
         })
     }
 
+    /// A selection of `paths`, nothing excluded.
+    #[cfg(test)]
+    pub(crate) fn of_paths(paths: Vec<PathBuf>) -> Selection {
+        Selection {
+            paths,
+            excludes: Vec::new(),
+            set: GlobSet::empty(),
+        }
+    }
+
     /// Host paths to back up.
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths
@@ -476,28 +522,42 @@ impl Selection {
         self.set.is_match(host_path)
     }
 
-    /// Walks the selection under `root` and digests every regular file, sorted by path.
-    /// Nothing but a regular file is ever opened: fifos, sockets and devices are listed
-    /// in [`Walked::specials`]. A file that cannot be read (permission, vanished) is a
+    /// Walks the selection under `root` and digests every regular file, in walk order
+    /// (by path, component by component), into the walk file `cache`. Nothing but a
+    /// regular file is ever opened: fifos, sockets and devices are listed in
+    /// [`Walked::specials`]. A file that cannot be read (permission, vanished) is a
     /// warning, not a failure; a path of the policy that does not exist is an error
     /// naming it: a policy that silently backs up nothing is worse than a failed run.
-    /// With a `cache` file, a file whose size, mtime, ctime and inode are those of the
-    /// last run keeps its digest (as borg's files cache does); the others are read, on
+    /// A file whose size, mtime, ctime and inode are those the last walk recorded in
+    /// `cache` keeps its digest (as borg's files cache does); the others are read, on
     /// every core. A file that changes while agex reads it is read again (twice at
     /// most), then marked changed.
-    pub fn walk(&self, root: &Path, cache: Option<&Path>) -> Result<Walked, BackupError> {
-        use std::os::unix::ffi::OsStrExt;
-        let started = std::time::SystemTime::now()
+    pub fn walk(&self, root: &Path, cache: &Path) -> Result<Walked, BackupError> {
+        let started_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)
             .unwrap_or(0);
-        let mut walked = Walked {
-            started_ns: started,
-            ..Walked::default()
+        let mut batch = Batch {
+            root,
+            // The last walk is read alongside, never held whole.
+            old: CacheReader::open(cache),
+            new: WalkWriter::create(cache, started_ns).map_err(BackupError::io(cache))?,
+            cache,
+            found: Vec::with_capacity(BATCH),
+            files: 0,
+            bytes: 0,
+            warnings: Vec::new(),
         };
-        let mut found = Vec::new();
-        for host in &self.paths {
-            let local = under(root, host);
+        let mut specials = Vec::new();
+        let could_not = |host: &Path, e: &walkdir::Error| {
+            format!(
+                "{} could not be read: {}",
+                shown(host),
+                e.io_error().map(ToString::to_string).unwrap_or_default()
+            )
+        };
+        for host in self.roots() {
+            let local = under(root, &host);
             if std::fs::symlink_metadata(&local).is_err() {
                 return Err(BackupError::io(&local)(io::Error::new(
                     io::ErrorKind::NotFound,
@@ -515,121 +575,137 @@ impl Selection {
                     Err(e) => {
                         // A directory that cannot be listed or vanished: the engines
                         // meet the same and store what they can.
-                        let path = e.path().map(|p| shown(&host_path(root, p)));
-                        walked.warnings.push(format!(
-                            "{} could not be read: {}",
-                            path.unwrap_or_else(|| shown(host)),
-                            e.io_error().map(ToString::to_string).unwrap_or_default()
-                        ));
+                        let path = e.path().map(|p| host_path(root, p));
+                        let warning = could_not(path.as_deref().unwrap_or(&host), &e);
+                        batch.warnings.push(warning);
                         continue;
                     }
                 };
                 let ft = entry.file_type();
-                let host = host_path(root, entry.path());
-                if !ft.is_file() {
-                    if !ft.is_dir() && !ft.is_symlink() {
-                        match entry.metadata() {
-                            Ok(meta) => walked.specials.extend(SpecialEntry::of(host, &meta)),
-                            Err(e) => walked.warnings.push(format!(
-                                "{} could not be read: {}",
-                                shown(&host),
-                                e.io_error().map(ToString::to_string).unwrap_or_default()
-                            )),
-                        }
-                    }
+                let path = host_path(root, entry.path());
+                if ft.is_dir() || ft.is_symlink() {
                     continue;
                 }
                 match entry.metadata() {
-                    Ok(meta) => found.push((host, Stamp::of(&meta))),
-                    Err(e) => walked.warnings.push(format!(
-                        "{} could not be read: {}",
-                        shown(&host),
-                        e.io_error().map(ToString::to_string).unwrap_or_default()
-                    )),
+                    Ok(meta) if ft.is_file() => {
+                        batch.found.push((path, Stamp::of(&meta)));
+                        if batch.found.len() == BATCH {
+                            batch.flush()?;
+                        }
+                    }
+                    Ok(meta) => specials.extend(SpecialEntry::of(path, &meta)),
+                    Err(e) => batch.warnings.push(could_not(&path, &e)),
                 }
             }
         }
-        found.sort_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
-        found.dedup_by(|a, b| a.0 == b.0);
-        // The cache is read alongside the sorted list, never held whole.
-        let mut old = cache.map(CacheReader::open);
-        let cached: Vec<Option<String>> = found
+        batch.flush()?;
+        specials.sort_by(|a, b| a.path.cmp(&b.path));
+        let Batch {
+            new,
+            files,
+            bytes,
+            warnings,
+            ..
+        } = batch;
+        Ok(Walked {
+            records: new.finish(cache).map_err(BackupError::io(cache))?,
+            path: cache.to_path_buf(),
+            files,
+            bytes,
+            specials,
+            warnings,
+            started_ns,
+        })
+    }
+
+    /// The policy's paths in walk order, each once: a path below another one is walked
+    /// as part of it.
+    fn roots(&self) -> Vec<PathBuf> {
+        let mut roots = self.paths.clone();
+        roots.sort();
+        let mut out: Vec<PathBuf> = Vec::with_capacity(roots.len());
+        for r in roots {
+            if !out.last().is_some_and(|last| r.starts_with(last)) {
+                out.push(r);
+            }
+        }
+        out
+    }
+}
+
+/// The files of a walk found but not yet read, and where they go.
+struct Batch<'a> {
+    root: &'a Path,
+    old: CacheReader,
+    new: WalkWriter,
+    cache: &'a Path,
+    /// Host path and stamp of each file found, in walk order.
+    found: Vec<(PathBuf, Stamp)>,
+    files: u64,
+    bytes: u64,
+    warnings: Vec<String>,
+}
+
+impl Batch<'_> {
+    /// Digests the files found (from the last walk where it can, by reading them on
+    /// every core where it cannot) and records them in walk order.
+    fn flush(&mut self) -> Result<(), BackupError> {
+        use std::os::unix::ffi::OsStrExt;
+        let found = std::mem::take(&mut self.found);
+        let cached: Vec<Option<[u8; 32]>> = found
             .iter()
-            .map(|(host, stamp)| {
-                old.as_mut()
-                    .and_then(|c| c.lookup(host.as_os_str().as_bytes(), stamp))
-            })
+            .map(|(host, stamp)| self.old.lookup(host.as_os_str().as_bytes(), stamp))
             .collect();
-        drop(old);
-        let read: Vec<Result<(FileEntry, Stamp), String>> = found
-            .par_iter()
+        let root = self.root;
+        let read: Vec<Result<Record, String>> = found
+            .into_par_iter()
             .zip(cached)
-            .map(|((host, stamp), cached)| match cached {
-                Some(digest) => Ok((
-                    FileEntry {
-                        path: HostPath(host.clone()),
+            .map(|((host, stamp), cached)| {
+                let path = host.as_os_str().as_bytes().to_vec();
+                match cached {
+                    Some(digest) => Ok(Record {
+                        path,
                         size: stamp.size,
+                        stamp,
                         digest,
                         changed: false,
-                    },
-                    stamp.clone(),
-                )),
-                _ => read_stable(&under(root, host), stamp.clone())
-                    .map(|(size, digest, stamp, changed)| {
-                        let path = HostPath(host.clone());
-                        let f = FileEntry {
+                    }),
+                    None => read_stable(&under(root, &host), stamp)
+                        .map(|(size, digest, stamp, changed)| Record {
                             path,
                             size,
+                            stamp,
                             digest,
                             changed,
-                        };
-                        (f, stamp)
-                    })
-                    .map_err(|e| match e.kind() {
-                        io::ErrorKind::NotFound => {
-                            format!("{} vanished before it was read", shown(host))
-                        }
-                        _ => format!("{} could not be read: {e}", shown(host)),
-                    }),
+                        })
+                        .map_err(|e| match e.kind() {
+                            io::ErrorKind::NotFound => {
+                                format!("{} vanished before it was read", shown(&host))
+                            }
+                            _ => format!("{} could not be read: {e}", shown(&host)),
+                        }),
+                }
             })
             .collect();
         for r in read {
             match r {
-                Ok((f, stamp)) => {
-                    walked.files.push(f);
-                    walked.stamps.push(stamp);
+                Ok(r) => {
+                    self.new.add(&r).map_err(BackupError::io(self.cache))?;
+                    self.files += 1;
+                    self.bytes += r.size;
                 }
-                Err(w) => walked.warnings.push(w),
+                Err(w) => self.warnings.push(w),
             }
         }
-        walked.specials.sort_by(|a, b| a.path.cmp(&b.path));
-        if let Some(path) = cache {
-            // A cache that cannot be written only costs the next run a full read.
-            let _ = save_cache(path, &walked, started);
-        }
-        Ok(walked)
+        Ok(())
     }
-}
-
-/// Writes the digests of `walked` for the next walk. Racy entries stay out: a file
-/// changed within the file system's timestamp granularity of this walk (`started`) could
-/// change again unseen, and one that changed while read has no digest to keep.
-fn save_cache(path: &Path, walked: &Walked, started: i128) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut w = CacheWriter::create(path)?;
-    for (f, stamp) in walked.files.iter().zip(&walked.stamps) {
-        if !f.changed && !stamp.recent(started) {
-            w.add(f.path.as_path().as_os_str().as_bytes(), stamp, &f.digest)?;
-        }
-    }
-    w.finish(path)
 }
 
 /// Reads a regular file whose walk saw `stamp`: size, digest, how it looked after the
 /// read, and whether it kept changing while read. It is opened without following a
 /// link and without blocking (a fifo put in its place is not waited on), and must still
 /// be a regular file once open.
-fn read_stable(local: &Path, stamp: Stamp) -> io::Result<(u64, String, Stamp, bool)> {
+fn read_stable(local: &Path, stamp: Stamp) -> io::Result<(u64, [u8; 32], Stamp, bool)> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut before = stamp;
     for _ in 0..3 {
@@ -658,7 +734,7 @@ fn libc_flags() -> i32 {
         .bits() as i32
 }
 
-fn digest_reader(mut f: std::fs::File) -> io::Result<(u64, String)> {
+fn digest_reader(mut f: std::fs::File) -> io::Result<(u64, [u8; 32])> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut size = 0u64;
@@ -674,16 +750,17 @@ fn digest_reader(mut f: std::fs::File) -> io::Result<(u64, String)> {
         hasher.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((
-        size,
-        format!("sha256:{}", agex_secrets::header::hex(&hasher.finalize())),
-    ))
+    Ok((size, hasher.finalize().into()))
 }
 
 /// Size and `sha256:<hex>` of a file.
 pub fn digest_file(path: &Path) -> Result<(u64, String), BackupError> {
     let f = std::fs::File::open(path).map_err(BackupError::io(path))?;
-    digest_reader(f).map_err(BackupError::io(path))
+    let (size, digest) = digest_reader(f).map_err(BackupError::io(path))?;
+    Ok((
+        size,
+        format!("sha256:{}", agex_secrets::header::hex(&digest)),
+    ))
 }
 
 fn escape(s: &str) -> String {

@@ -12,13 +12,16 @@
 //! and recorded in the snapshot's description ([`late_marks_description`]).
 
 use std::io::{self, Read};
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{self, DumpEntry, FileEntry, HostPath, SpecialEntry, Walked};
+use crate::manifest::{self, DumpEntry, HostPath, Walked};
 use crate::tee::Completion;
+use crate::walk_file::Records;
 
 /// What every repository's manifest of one service backup is made from.
 pub struct ManifestSource {
@@ -76,29 +79,8 @@ impl ManifestSource {
     }
 
     /// The files that changed since agex read them (sorted), as seen now.
-    pub fn changed_now(&self) -> Vec<HostPath> {
+    pub fn changed_now(&self) -> Result<Vec<HostPath>, crate::BackupError> {
         self.walked.changed_since(&self.root)
-    }
-
-    /// The manifest as a repository reaching it now holds it, serialized, and the files
-    /// it marks changed. Serialized from the walk as it is (a [`crate::manifest::Manifest`] in JSON), not
-    /// from a copy of it.
-    fn build(&self) -> Result<(Vec<u8>, Vec<HostPath>), String> {
-        let dumps = self.wait_dumps()?;
-        let changed = self.changed_now();
-        let view = ManifestView {
-            format: manifest::FORMAT,
-            service: &self.service,
-            run_id: &self.run_id,
-            files: FilesView {
-                files: &self.walked.files,
-                changed: &changed,
-            },
-            dumps: &dumps,
-            specials: &self.walked.specials,
-        };
-        let bytes = serde_json::to_vec(&view).map_err(|e| format!("manifest: {e}"))?;
-        Ok((bytes, changed))
     }
 
     /// A reader of the manifest for one repository: made on its first read, it counts
@@ -108,46 +90,12 @@ impl ManifestSource {
         let reader = ManifestReader {
             source: Arc::clone(self),
             completion: Some(completion),
-            bytes: None,
+            stage: Stage::Start,
+            buf: Vec::new(),
             pos: 0,
             marks: marks.clone(),
         };
         (reader, marks)
-    }
-}
-
-/// A [`crate::manifest::Manifest`] as it serializes, borrowing the walk.
-#[derive(Serialize)]
-struct ManifestView<'a> {
-    format: u32,
-    service: &'a str,
-    run_id: &'a str,
-    files: FilesView<'a>,
-    dumps: &'a [DumpEntry],
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    specials: &'a [SpecialEntry],
-}
-
-struct FilesView<'a> {
-    files: &'a [FileEntry],
-    /// Sorted.
-    changed: &'a [HostPath],
-}
-
-impl Serialize for FilesView<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.files.len()))?;
-        for f in self.files {
-            if !f.changed && self.changed.binary_search(&f.path).is_ok() {
-                let mut marked = f.clone();
-                marked.changed = true;
-                seq.serialize_element(&marked)?;
-            } else {
-                seq.serialize_element(f)?;
-            }
-        }
-        seq.end()
     }
 }
 
@@ -162,25 +110,131 @@ impl Marks {
     }
 }
 
-/// One repository's manifest stream.
+/// Where a manifest stream is.
+enum Stage {
+    /// Not begun: the dumps and the changed files are not known yet.
+    Start,
+    /// The file entries, from the walk file, with the files marked changed (sorted).
+    Files {
+        records: Records,
+        changed: Vec<HostPath>,
+        dumps: Vec<DumpEntry>,
+        first: bool,
+    },
+    /// Dumps and special files, then the end.
+    Tail(Vec<DumpEntry>),
+    Done,
+    /// Making it failed: every later read says why, never a clean end.
+    Failed(io::ErrorKind, String),
+}
+
+/// One repository's manifest stream: a [`crate::manifest::Manifest`] in JSON, serialized
+/// from the walk file as it is read, a few hundred entries at a time.
 pub struct ManifestReader {
     source: Arc<ManifestSource>,
     completion: Option<Completion>,
-    bytes: Option<Vec<u8>>,
+    stage: Stage,
+    buf: Vec<u8>,
     pos: usize,
     marks: Marks,
 }
 
+/// About this much JSON is made at a time.
+const CHUNK: usize = 64 * 1024;
+
+impl ManifestReader {
+    /// Makes the next piece of JSON into `buf` (nothing once the manifest is complete).
+    fn fill(&mut self) -> io::Result<()> {
+        self.buf.clear();
+        self.pos = 0;
+        let json = |e: serde_json::Error| io::Error::other(format!("manifest: {e}"));
+        match std::mem::replace(&mut self.stage, Stage::Done) {
+            Stage::Start => {
+                let source = &self.source;
+                let dumps = source.wait_dumps().map_err(io::Error::other)?;
+                let changed = source.changed_now().map_err(io::Error::other)?;
+                *self.marks.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(changed.clone());
+                #[derive(Serialize)]
+                struct Head<'a> {
+                    format: u32,
+                    service: &'a str,
+                    run_id: &'a str,
+                }
+                let head = Head {
+                    format: manifest::FORMAT,
+                    service: &source.service,
+                    run_id: &source.run_id,
+                };
+                serde_json::to_writer(&mut self.buf, &head).map_err(json)?;
+                // `{...}` becomes `{..., "files": [`.
+                self.buf.pop();
+                self.buf.extend_from_slice(b",\"files\":[");
+                self.stage = Stage::Files {
+                    records: source.walked.records()?,
+                    changed,
+                    dumps,
+                    first: true,
+                };
+            }
+            Stage::Files {
+                mut records,
+                changed,
+                dumps,
+                mut first,
+            } => {
+                while self.buf.len() < CHUNK {
+                    let Some(r) = records.next().transpose()? else {
+                        self.buf.push(b']');
+                        self.stage = Stage::Tail(dumps);
+                        return Ok(());
+                    };
+                    let mut entry = Walked::entry(&r);
+                    entry.changed = entry.changed || changed.binary_search(&entry.path).is_ok();
+                    if !first {
+                        self.buf.push(b',');
+                    }
+                    first = false;
+                    serde_json::to_writer(&mut self.buf, &entry).map_err(json)?;
+                }
+                self.stage = Stage::Files {
+                    records,
+                    changed,
+                    dumps,
+                    first,
+                };
+            }
+            Stage::Tail(dumps) => {
+                self.buf.extend_from_slice(b",\"dumps\":");
+                serde_json::to_writer(&mut self.buf, &dumps).map_err(json)?;
+                let specials = &self.source.walked.specials;
+                if !specials.is_empty() {
+                    self.buf.extend_from_slice(b",\"specials\":");
+                    serde_json::to_writer(&mut self.buf, specials).map_err(json)?;
+                }
+                self.buf.push(b'}');
+            }
+            Stage::Done => {}
+            Stage::Failed(kind, why) => {
+                self.stage = Stage::Failed(kind, why.clone());
+                return Err(io::Error::new(kind, why));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Read for ManifestReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.bytes.is_none() {
-            let (bytes, changed) = self.source.build().map_err(io::Error::other)?;
-            *self.marks.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(changed);
-            self.bytes = Some(bytes);
+        while self.pos == self.buf.len() && !matches!(self.stage, Stage::Done) {
+            if let Err(e) = self.fill() {
+                if !matches!(self.stage, Stage::Failed(..)) {
+                    self.stage = Stage::Failed(e.kind(), e.to_string());
+                }
+                return Err(e);
+            }
         }
-        let bytes = self.bytes.as_deref().unwrap_or_default();
-        let n = buf.len().min(bytes.len() - self.pos);
-        buf[..n].copy_from_slice(&bytes[self.pos..self.pos + n]);
+        let n = buf.len().min(self.buf.len() - self.pos);
+        buf[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         if n == 0 {
             if let Some(c) = self.completion.take() {
@@ -218,41 +272,71 @@ pub fn late_marks(description: Option<&str>) -> Vec<HostPath> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
 
+    /// A tree walked into a walk file, its manifest streamed in small reads.
     #[test]
-    fn the_view_serializes_as_the_manifest_with_its_marks() {
-        let file = |p: &str| FileEntry {
-            path: p.into(),
-            size: 3,
-            digest: "sha256:ab".into(),
-            changed: false,
+    fn the_stream_is_the_manifest_of_the_walk_with_its_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let srv = root.join("srv");
+        std::fs::create_dir_all(srv.join("a")).unwrap();
+        let odd = std::ffi::OsStr::from_bytes(b"caf\xe9");
+        let names: Vec<PathBuf> = (0..9000)
+            .map(|i| PathBuf::from(format!("a/f{i}")))
+            .chain([PathBuf::from("a-b"), PathBuf::from(odd), PathBuf::from("z")])
+            .collect();
+        for n in &names {
+            std::fs::write(srv.join(n), n.as_os_str().as_bytes()).unwrap();
+        }
+        let selection = crate::manifest::Selection::of_paths(vec!["/srv".into()]);
+        let cache = dir.path().join("state/s.walk");
+        let walked = selection.walk(&root, &cache).unwrap();
+        assert_eq!(walked.files, names.len() as u64);
+        // Written after the walk: marked changed in the manifest.
+        std::fs::write(srv.join("z"), b"later, longer").unwrap();
+        let source = ManifestSource::new(root.clone(), "s", "r", walked);
+        let dump = DumpEntry {
+            name: "x".into(),
+            kind: manifest::DumpKind::Sqlite,
+            path: "/var/lib/agex/dumps/s/db/x".into(),
+            size: 1,
+            digest: "sha256:00".into(),
+            row_counts: Default::default(),
         };
-        let files = vec![file("/a"), file("/b"), file("/c")];
-        let changed: Vec<HostPath> = vec!["/b".into(), "/gone".into()];
-        let view = ManifestView {
-            format: manifest::FORMAT,
-            service: "s",
-            run_id: "r",
-            files: FilesView {
-                files: &files,
-                changed: &changed,
-            },
-            dumps: &[],
-            specials: &[],
-        };
-        let mut m = crate::manifest::Manifest {
-            format: manifest::FORMAT,
-            service: "s".into(),
-            run_id: "r".into(),
-            files: files.clone(),
-            dumps: vec![],
-            specials: vec![],
-        };
-        m.mark_changed(&changed);
-        let parsed: crate::manifest::Manifest =
-            serde_json::from_slice(&serde_json::to_vec(&view).unwrap()).unwrap();
-        assert_eq!(parsed, m);
-        assert!(parsed.files[1].changed && !parsed.files[0].changed);
+        source.set_dumps(Ok(vec![dump.clone()]));
+        let done = Completion::default();
+        let (mut reader, marks) = source.reader(done.clone());
+        let mut bytes = Vec::new();
+        let mut piece = [0u8; 1000];
+        loop {
+            let n = reader.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(done.count(), 1);
+        let m: crate::manifest::Manifest = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!((m.service.as_str(), m.run_id.as_str()), ("s", "r"));
+        assert_eq!(m.dumps, vec![dump]);
+        assert_eq!(m.files.len(), names.len());
+        let z = HostPath::from("/srv/z");
+        assert_eq!(marks.get(), Some(vec![z.clone()]));
+        for f in &m.files {
+            assert_eq!(f.changed, f.path == z, "{}", f.path);
+            let name = f.path.as_path().strip_prefix("/srv").unwrap();
+            let (size, digest) = crate::manifest::digest_file(&srv.join(name)).unwrap_or_default();
+            if f.path != z {
+                assert_eq!((f.size, &f.digest), (size, &digest), "{}", f.path);
+            }
+        }
+        // In walk order: component by component.
+        let paths: Vec<&Path> = m.files.iter().map(|f| f.path.as_path()).collect();
+        let mut sorted = paths.clone();
+        sorted.sort();
+        assert_eq!(paths, sorted);
+        assert!(paths.contains(&Path::new(std::ffi::OsStr::from_bytes(b"/srv/caf\xe9"))));
     }
 
     #[test]

@@ -373,13 +373,11 @@ struct Quiesced {
 fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, String> {
     let service = policy.service.as_str();
     let selection = Selection::new(policy).map_err(|e| e.to_string())?;
-    let cache = env.state.join("cache").join(format!("{service}.digests"));
-    // The JSON cache of earlier versions, replaced by the compact one.
-    let _ = std::fs::remove_file(
-        env.state
-            .join("cache")
-            .join(format!("{service}.digests.json")),
-    );
+    let cache = env.state.join("cache").join(format!("{service}.walk"));
+    // The digest caches of earlier versions, replaced by the walk file.
+    for old in ["digests", "digests.json"] {
+        let _ = std::fs::remove_file(env.state.join("cache").join(format!("{service}.{old}")));
+    }
     let units = stop_units(env, policy)?;
     if let Err(e) = run_hooks(&policy.before) {
         drop(units);
@@ -389,7 +387,7 @@ fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, String> {
     // one: a file an engine later finds as agex left it holds the bytes agex digested,
     // one that changed since is marked so in that repository's manifest
     // (crate::manifest_stream). With the digest cache, a nightly walk is mostly stats.
-    match selection.walk(env.root, Some(&cache)) {
+    match selection.walk(env.root, &cache) {
         Ok(walked) => Ok(Quiesced {
             selection,
             units,
@@ -733,10 +731,7 @@ fn backup_service(
     };
     let walk_warnings = walked.warnings.clone();
     let specials = walked.specials.clone();
-    let (bytes, files) = (
-        walked.files.iter().map(|f| f.size).sum::<u64>(),
-        walked.files.len() as u64,
-    );
+    let (bytes, files) = (walked.bytes, walked.files);
     let source = ManifestSource::new(env.root.to_path_buf(), service, &env.run_id, walked);
     let Wiring {
         completions,
@@ -937,15 +932,21 @@ fn restic_side(
     let restic = Restic::open_metered(access, meter, key)?;
     restic.watch(complete.clone(), stall);
     let mut late = None;
+    let mut unknown = None;
     // The manifest was made at its place in path order; files read after it that
     // changed since agex read them are recorded before the snapshot counts as written.
     let describe = || {
         let in_manifest = marks.get().unwrap_or_default();
-        let now: Vec<HostPath> = source
-            .changed_now()
-            .into_iter()
-            .filter(|p| in_manifest.binary_search(p).is_err())
-            .collect();
+        let now: Vec<HostPath> = match source.changed_now() {
+            Ok(now) => now
+                .into_iter()
+                .filter(|p| in_manifest.binary_search(p).is_err())
+                .collect(),
+            Err(e) => {
+                unknown = Some(e);
+                return None;
+            }
+        };
         late = Some(now.clone());
         crate::manifest_stream::late_marks_description(now)
     };
@@ -958,6 +959,11 @@ fn restic_side(
         tags,
         describe,
     )?;
+    // Which files changed after the manifest could not be told: the snapshot's manifest
+    // may describe some as agex read them, not as stored. The run says so.
+    if let Some(e) = unknown {
+        return Err(e);
+    }
     Ok((snap.id, snap.bytes_added, late))
 }
 
