@@ -380,7 +380,7 @@ pub struct Walked {
 /// How close to the walk a change must be for a stamp not to prove the file unchanged:
 /// the kernel stamps writes with a coarse clock (a few milliseconds), so a second write
 /// within one tick of the first leaves mtime and ctime as they were.
-const RACY_NS: i128 = 100_000_000;
+pub(crate) const RACY_NS: i128 = 100_000_000;
 
 /// Files handled together: the reads of one batch run on every core, and memory holds
 /// one batch, not the tree.
@@ -633,6 +633,15 @@ impl Selection {
     }
 }
 
+/// A file the walk found but could not read: the run warns and leaves it out.
+#[derive(Debug, thiserror::Error)]
+enum Unread {
+    #[error("{} vanished before it was read", shown(.0))]
+    Vanished(PathBuf),
+    #[error("{} could not be read: {}", shown(.0), .1)]
+    Failed(PathBuf, #[source] io::Error),
+}
+
 /// The files of a walk found but not yet read, and where they go.
 struct Batch<'a> {
     root: &'a Path,
@@ -657,7 +666,7 @@ impl Batch<'_> {
             .map(|(host, stamp)| self.old.lookup(host.as_os_str().as_bytes(), stamp))
             .collect();
         let root = self.root;
-        let read: Vec<Result<Record, String>> = found
+        let read: Vec<Result<Record, Unread>> = found
             .into_par_iter()
             .zip(cached)
             .map(|((host, stamp), cached)| {
@@ -679,10 +688,8 @@ impl Batch<'_> {
                             changed,
                         })
                         .map_err(|e| match e.kind() {
-                            io::ErrorKind::NotFound => {
-                                format!("{} vanished before it was read", shown(&host))
-                            }
-                            _ => format!("{} could not be read: {e}", shown(&host)),
+                            io::ErrorKind::NotFound => Unread::Vanished(host),
+                            _ => Unread::Failed(host, e),
                         }),
                 }
             })
@@ -694,7 +701,7 @@ impl Batch<'_> {
                     self.files += 1;
                     self.bytes += r.size;
                 }
-                Err(w) => self.warnings.push(w),
+                Err(w) => self.warnings.push(w.to_string()),
             }
         }
         Ok(())

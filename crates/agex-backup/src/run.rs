@@ -165,7 +165,46 @@ impl RunRecord {
 
 /// How one repository's side of a service backup ended: the snapshot id (or archive)
 /// and bytes added or the error, wall seconds, warnings.
-type SideOutcome = (Result<Written, String>, f64, Vec<String>);
+type SideOutcome = (Result<Written, SideError>, f64, Vec<String>);
+
+/// Why a repository's side of a service backup wrote no snapshot.
+#[derive(Debug, thiserror::Error)]
+enum SideError {
+    #[error(transparent)]
+    Engine(#[from] BackupError),
+    #[error("the backup thread died")]
+    Died,
+}
+
+/// Why a service could not be made ready to be read: nothing was backed up.
+#[derive(Debug, thiserror::Error)]
+enum QuiesceError {
+    /// The policy's paths or excludes cannot be used.
+    #[error(transparent)]
+    Selection(BackupError),
+    #[error(transparent)]
+    Units(#[from] crate::units::UnitsError),
+    #[error("before command failed: {0}")]
+    Before(#[source] BackupError),
+    /// The walk failed; `after` says what failed while undoing the rest.
+    #[error("reading the paths failed: {source}{}", .after.as_deref().map(|a| format!("; {a}")).unwrap_or_default())]
+    Walk {
+        source: BackupError,
+        after: Option<String>,
+    },
+}
+
+/// Why a service's dumps are not complete; every repository's side is judged by it.
+#[derive(Debug, Clone, thiserror::Error)]
+enum DumpFailure {
+    #[error("dump of {file} failed: {source}")]
+    Dump {
+        file: String,
+        source: Arc<BackupError>,
+    },
+    #[error("the thread taking the dumps died")]
+    Died,
+}
 
 /// A snapshot id (or archive name) and the bytes it added, when the engine says.
 type Written = (String, Option<u64>);
@@ -265,8 +304,11 @@ pub fn records(root: &Path) -> Result<Vec<RunRecord>, BackupError> {
     crate::records::load_all(root, RUNS_DIR, "run record")
 }
 
-fn stop_units(env: &Env<'_>, policy: &Policy) -> Result<StoppedUnits, String> {
-    StoppedUnits::stop(env.opts.systemctl.as_ref(), &policy.stop_units).map_err(|e| e.to_string())
+fn stop_units(env: &Env<'_>, policy: &Policy) -> Result<StoppedUnits, QuiesceError> {
+    Ok(StoppedUnits::stop(
+        env.opts.systemctl.as_ref(),
+        &policy.stop_units,
+    )?)
 }
 
 fn run_hooks(cmds: &[String]) -> Result<(), BackupError> {
@@ -285,9 +327,9 @@ fn produce(
     service: &str,
     dumps: Vec<(&Database, Tee)>,
     source: &ManifestSource,
-) -> Result<Vec<DumpEntry>, String> {
+) -> Result<Vec<DumpEntry>, DumpFailure> {
     let mut entries = Vec::new();
-    let mut failed: Option<String> = None;
+    let mut failed: Option<DumpFailure> = None;
     for (db, tee) in dumps {
         if let Some(why) = &failed {
             tee.fail(&format!("{} was not dumped: {why}", db.dump_file()));
@@ -311,14 +353,19 @@ fn produce(
                 digest: d.copied.digest,
                 row_counts: d.row_counts,
             }),
-            Err(e) => failed = Some(format!("dump of {} failed: {e}", db.dump_file())),
+            Err(e) => {
+                failed = Some(DumpFailure::Dump {
+                    file: db.dump_file(),
+                    source: Arc::new(e),
+                })
+            }
         }
     }
     let result = match failed {
         Some(why) => Err(why),
         None => Ok(entries),
     };
-    source.set_dumps(result.clone());
+    source.set_dumps(result.clone().map_err(|e| e.to_string()));
     result
 }
 
@@ -370,9 +417,9 @@ struct Quiesced {
 /// Stops the policy's units, runs its `before` commands and reads its paths; on failure
 /// says why, after undoing what it did (the units start again, `after` runs once the
 /// `before` commands did).
-fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, String> {
+fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, QuiesceError> {
     let service = policy.service.as_str();
-    let selection = Selection::new(policy).map_err(|e| e.to_string())?;
+    let selection = Selection::new(policy).map_err(QuiesceError::Selection)?;
     let cache = env.state.join("cache").join(format!("{service}.walk"));
     // The digest caches of earlier versions, replaced by the walk file.
     for old in ["digests", "digests.json"] {
@@ -381,7 +428,7 @@ fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, String> {
     let units = stop_units(env, policy)?;
     if let Err(e) = run_hooks(&policy.before) {
         drop(units);
-        return Err(format!("before command failed: {e}"));
+        return Err(QuiesceError::Before(e));
     }
     // agex reads every file first, after the units stopped and before any engine reads
     // one: a file an engine later finds as agex left it holds the bytes agex digested,
@@ -393,13 +440,10 @@ fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, String> {
             units,
             walked,
         }),
-        Err(e) => {
-            let mut why = format!("reading the paths failed: {e}");
-            if let Some(after) = resume(policy, units) {
-                why.push_str(&format!("; {after}"));
-            }
-            Err(why)
-        }
+        Err(source) => Err(QuiesceError::Walk {
+            source,
+            after: resume(policy, units),
+        }),
     }
 }
 
@@ -549,7 +593,7 @@ fn write_side(env: &Env<'_>, shared: &Shared<'_>, side: Side<'_>) -> SideOutcome
         m.finish(r.is_ok());
     }
     let secs = t.elapsed().as_secs_f64();
-    (r.map_err(|e| e.to_string()), secs, warnings)
+    (r.map_err(SideError::from), secs, warnings)
 }
 
 /// Borg's side: `borg create`, run again when the network failed before borg read a
@@ -641,10 +685,10 @@ enum Judged {
 /// snapshot was written, no archive committed): that is said in the dump's words, not
 /// the engine's; a side the run left behind (`left_behind`, after `stall`) says so.
 fn judge(
-    side: Result<Written, String>,
+    side: Result<Written, SideError>,
     left_behind: bool,
     stall: Option<Duration>,
-    dump_failure: Option<&str>,
+    dump_failure: Option<&DumpFailure>,
 ) -> Judged {
     match (side, dump_failure) {
         (Err(_), _) if left_behind => Judged::Failed(format!(
@@ -658,7 +702,7 @@ fn judge(
             why: why.to_string(),
         },
         (Ok((snapshot, added)), None) => Judged::Written { snapshot, added },
-        (Err(e), None) => Judged::Failed(e),
+        (Err(e), None) => Judged::Failed(e.to_string()),
     }
 }
 
@@ -722,7 +766,8 @@ fn backup_service(
         walked,
     } = match quiesce(env, policy) {
         Ok(q) => q,
-        Err(why) => {
+        Err(e) => {
+            let why = e.to_string();
             for l in &live {
                 results.push(RepoResult::failed(service, l.name, why.clone(), 0.0));
             }
@@ -769,8 +814,7 @@ fn backup_service(
             struct Unblock<'a>(&'a ManifestSource);
             impl Drop for Unblock<'_> {
                 fn drop(&mut self) {
-                    self.0
-                        .fail_unless_dumped("the thread taking the dumps died");
+                    self.0.fail_unless_dumped(&DumpFailure::Died.to_string());
                 }
             }
             let _unblock = Unblock(&source);
@@ -796,12 +840,10 @@ fn backup_service(
             .into_iter()
             .map(|j| {
                 j.join()
-                    .unwrap_or_else(|_| (Err("the backup thread died".into()), 0.0, Vec::new()))
+                    .unwrap_or_else(|_| (Err(SideError::Died), 0.0, Vec::new()))
             })
             .collect();
-        let produced = producer
-            .join()
-            .unwrap_or_else(|_| Err("the thread taking the dumps died".into()));
+        let produced = producer.join().unwrap_or_else(|_| Err(DumpFailure::Died));
         (produced, outcomes)
     });
     let after = resume(policy, units);
@@ -815,7 +857,7 @@ fn backup_service(
             side,
             complete.left_behind(),
             env.opts.stall_timeout,
-            dump_failure.as_deref(),
+            dump_failure.as_ref(),
         );
         let outcome = match judged {
             Judged::Written { snapshot, added } => {
@@ -996,9 +1038,25 @@ fn borg_side(
 mod tests {
     use super::*;
 
-    fn written() -> Result<Written, String> {
+    fn written() -> Result<Written, SideError> {
         Ok(("abc123".to_string(), Some(42)))
     }
+
+    fn stands() -> Result<Written, String> {
+        Ok(("abc123".to_string(), Some(42)))
+    }
+
+    fn dump_failed() -> DumpFailure {
+        DumpFailure::Dump {
+            file: "db.sql".into(),
+            source: Arc::new(BackupError::Output {
+                tool: "sqlite3".into(),
+                detail: "boom".into(),
+            }),
+        }
+    }
+
+    const DUMP_FAILED: &str = "dump of db.sql failed: sqlite3: unexpected output: boom";
 
     #[test]
     fn a_snapshot_stands_only_when_every_dump_completed() {
@@ -1010,31 +1068,40 @@ mod tests {
             }
         );
         assert_eq!(
-            judge(written(), false, None, Some("dump of db.sql failed: boom")),
+            judge(written(), false, None, Some(&dump_failed())),
             Judged::Unwanted {
                 snapshot: "abc123".into(),
-                why: "dump of db.sql failed: boom".into()
+                why: DUMP_FAILED.into()
             }
         );
     }
 
     #[test]
     fn a_failed_side_says_why_in_the_words_of_what_broke_it() {
-        let engine = || Err("the engine's own error".to_string());
+        let engine = || {
+            Err(SideError::Engine(BackupError::Output {
+                tool: "borg create".into(),
+                detail: "the engine's own error".into(),
+            }))
+        };
         assert_eq!(
             judge(engine(), false, None, None),
-            Judged::Failed("the engine's own error".into())
+            Judged::Failed("borg create: unexpected output: the engine's own error".into())
         );
         assert_eq!(
-            judge(engine(), false, None, Some("dump of db.sql failed: boom")),
-            Judged::Failed("dump of db.sql failed: boom; no snapshot was written".into())
+            judge(engine(), false, None, Some(&dump_failed())),
+            Judged::Failed(format!("{DUMP_FAILED}; no snapshot was written"))
+        );
+        assert_eq!(
+            judge(Err(SideError::Died), false, None, None),
+            Judged::Failed("the backup thread died".into())
         );
         // Left behind wins over a dump failure: the repository stalled first.
         let Judged::Failed(why) = judge(
             engine(),
             true,
             Some(Duration::from_secs(3)),
-            Some("dump failed"),
+            Some(&DumpFailure::Died),
         ) else {
             panic!("a side left behind must fail");
         };
@@ -1052,7 +1119,7 @@ mod tests {
 
     #[test]
     fn classify_fails_a_written_snapshot_when_the_service_was_left_worse() {
-        let ok = classify("app", "r", written(), 1.5, vec!["w".into()], None);
+        let ok = classify("app", "r", stands(), 1.5, vec!["w".into()], None);
         assert!(ok.ok());
         assert_eq!(ok.result, Verdict::Ok);
         assert_eq!(ok.error, None);
@@ -1064,7 +1131,7 @@ mod tests {
         let worse = classify(
             "app",
             "r",
-            written(),
+            stands(),
             1.5,
             vec![],
             Some("after command failed: x"),
