@@ -99,17 +99,28 @@ fn verify_restored(s: &Setup, restored: &Path) {
     assert_eq!(sqlite["row_counts"]["items"], 300);
 }
 
-#[test]
-fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
-    let test = "local_restic_and_borg_round_trip_with_the_peer_binaries";
+/// The test app (`testapp`: files and an SQLite database, `big` bytes in its large file)
+/// with both repositories local and initialized; None when a tool the test needs is
+/// missing (`have_tool` says which).
+fn sqlite_app(test: &str, big: usize) -> Option<(tempfile::TempDir, Setup, String, String)> {
     if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
-        return;
+        return None;
     }
     let tmp = tempfile::tempdir().unwrap();
     let (s, restic_url, borg_url) = Setup::local(tmp.path());
     s.policy("testapp", SQLITE_POLICY);
-    app_data(&s, 0);
+    app_data(&s, big);
     s.init_repos();
+    Some((tmp, s, restic_url, borg_url))
+}
+
+#[test]
+fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
+    let Some((tmp, s, restic_url, borg_url)) =
+        sqlite_app("local_restic_and_borg_round_trip_with_the_peer_binaries", 0)
+    else {
+        return;
+    };
     // On a terminal, each repository draws a progress bar that ends done.
     let out = s.agex_on_tty(&["backup", "--service", "testapp"]);
     assert_ok(&out);
@@ -225,15 +236,12 @@ fn local_restic_and_borg_round_trip_with_the_peer_binaries() {
 
 #[test]
 fn a_symlinked_metrics_or_dumps_directory_redirects_nothing() {
-    let test = "a_symlinked_metrics_or_dumps_directory_redirects_nothing";
-    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+    let Some((_tmp, s, _, _)) = sqlite_app(
+        "a_symlinked_metrics_or_dumps_directory_redirects_nothing",
+        0,
+    ) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (s, _, _) = Setup::local(tmp.path());
-    s.policy("testapp", SQLITE_POLICY);
-    app_data(&s, 0);
-    s.init_repos();
+    };
     let outside = tempfile::tempdir().unwrap();
     let empty = |what: &str| {
         assert_eq!(
@@ -702,15 +710,12 @@ fn retention_keeps_what_the_policy_says_in_both_repositories() {
 
 #[test]
 fn kill_9_mid_backup_leaves_both_repositories_healthy() {
-    let test = "kill_9_mid_backup_leaves_both_repositories_healthy";
-    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+    let Some((_tmp, s, restic_url, borg_url)) = sqlite_app(
+        "kill_9_mid_backup_leaves_both_repositories_healthy",
+        24 << 20,
+    ) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (s, restic_url, borg_url) = Setup::local(tmp.path());
-    s.policy("testapp", SQLITE_POLICY);
-    app_data(&s, 24 << 20);
-    s.init_repos();
+    };
 
     // Measure one full run, then kill runs at moments spread over that duration.
     let t = Instant::now();
@@ -908,15 +913,11 @@ fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
 /// issue 15 §4: the drill after a killed drill failed its `borg list` so).
 #[test]
 fn a_borg_lock_held_for_a_moment_is_waited_for_not_failed() {
-    let test = "a_borg_lock_held_for_a_moment_is_waited_for_not_failed";
-    if !have_tool("restic", test) || !have_tool("borg", test) || !have_tool("sqlite3", test) {
+    let Some((_tmp, s, _, borg_url)) =
+        sqlite_app("a_borg_lock_held_for_a_moment_is_waited_for_not_failed", 0)
+    else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let (s, _, borg_url) = Setup::local(tmp.path());
-    s.policy("testapp", SQLITE_POLICY);
-    app_data(&s, 0);
-    s.init_repos();
+    };
     assert_ok(&s.agex(&["backup", "--service", "testapp"]));
 
     // A live borg of this host holds the lock for 3 s: not stale, so borg must wait.
