@@ -58,16 +58,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let project = ctx.project()?;
-    let opts = RunOptions {
-        service: args.service.map(str::to_string),
-        repo: args.repo.map(str::to_string),
-        systemctl: Systemctl::configured(args.systemctl, &ctx.global.root),
-        lock_wait: Duration::from_secs(project.config.backup.lock_wait),
-        stale_lock_age: Some(Duration::from_secs(project.config.backup.stale_lock_age)),
-        stall_timeout: Some(Duration::from_secs(project.config.backup.stall_timeout))
-            .filter(|t| !t.is_zero()),
-        progress: crate::progress::bars(ctx.global.json),
-    };
+    let opts = run_options(ctx, &project, &args);
     let planned = run::plan(&project, &opts)?;
     if planned.is_empty() {
         return Err(Failure::new(
@@ -76,26 +67,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
         ));
     }
     if args.dry_run {
-        if ctx.global.json {
-            output::json(&planned)?;
-        } else {
-            let rows: Vec<Vec<String>> = planned
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.service.clone(),
-                        p.repositories.join(","),
-                        p.paths
-                            .iter()
-                            .map(|x| x.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        p.dumps.join(","),
-                    ]
-                })
-                .collect();
-            output::table(&["SERVICE", "REPOSITORIES", "PATHS", "DUMPS"], &rows);
-        }
+        print_plan(ctx, &planned)?;
         return Ok(OK);
     }
     let ids = ctx.identities(&project)?;
@@ -134,8 +106,71 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
             tracing::warn!("metrics not written: {e}");
         }
     }
-    // Each line at its level (so the journal can filter failures), and all of them as the
-    // tail a notification carries.
+    let lines = result_lines(&record);
+    if ctx.global.json {
+        output::json(&record)?;
+    } else {
+        for (level, line) in &lines {
+            match *level {
+                Level::ERROR => tracing::error!("{line}"),
+                Level::WARN => tracing::warn!("{}", line.replacen(": warning: ", ": ", 1)),
+                _ => tracing::info!("{line}"),
+            }
+        }
+    }
+    let mut log: Vec<String> = lines.into_iter().map(|(_, l)| l).collect();
+    let code = run_code(&record, &mut log);
+    if code != OK {
+        if let Some(last) = log.last() {
+            tracing::error!("{last}");
+        }
+    }
+    crate::commands::schedule::job_done(run, code, &log);
+    Ok(code)
+}
+
+/// The run's options from the command line and `[backup]` in agex.toml.
+fn run_options(ctx: &Context, project: &Project, args: &BackupArgs<'_>) -> RunOptions {
+    RunOptions {
+        service: args.service.map(str::to_string),
+        repo: args.repo.map(str::to_string),
+        systemctl: Systemctl::configured(args.systemctl, &ctx.global.root),
+        lock_wait: Duration::from_secs(project.config.backup.lock_wait),
+        stale_lock_age: Some(Duration::from_secs(project.config.backup.stale_lock_age)),
+        stall_timeout: Some(Duration::from_secs(project.config.backup.stall_timeout))
+            .filter(|t| !t.is_zero()),
+        progress: crate::progress::bars(ctx.global.json),
+    }
+}
+
+/// `backup --dry-run`: what would be backed up where.
+fn print_plan(ctx: &Context, planned: &[run::PlannedService]) -> Result<(), Failure> {
+    if ctx.global.json {
+        output::json(&planned)?;
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = planned
+        .iter()
+        .map(|p| {
+            vec![
+                p.service.clone(),
+                p.repositories.join(","),
+                p.paths
+                    .iter()
+                    .map(|x| x.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                p.dumps.join(","),
+            ]
+        })
+        .collect();
+    output::table(&["SERVICE", "REPOSITORIES", "PATHS", "DUMPS"], &rows);
+    Ok(())
+}
+
+/// One line per service and repository, then its warnings, each at its level (so the
+/// journal can filter failures); together they are the tail a notification carries.
+fn result_lines(record: &run::RunRecord) -> Vec<(Level, String)> {
     let mut lines: Vec<(Level, String)> = Vec::new();
     for r in &record.results {
         match (&r.snapshot, &r.error) {
@@ -171,20 +206,14 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
             ));
         }
     }
-    if ctx.global.json {
-        output::json(&record)?;
-    } else {
-        for (level, line) in &lines {
-            match *level {
-                Level::ERROR => tracing::error!("{line}"),
-                Level::WARN => tracing::warn!("{}", line.replacen(": warning: ", ": ", 1)),
-                _ => tracing::info!("{line}"),
-            }
-        }
-    }
-    let mut log: Vec<String> = lines.into_iter().map(|(_, l)| l).collect();
+    lines
+}
+
+/// The run's exit code: OK, PARTIAL when some service/repository pairs failed, FAILURE
+/// when all did; a failed run's summary line is added to `log`.
+fn run_code(record: &run::RunRecord, log: &mut Vec<String>) -> i32 {
     let (failed, total) = record.failures();
-    let code = match failed {
+    match failed {
         0 => OK,
         n if n == total => {
             log.push(format!(
@@ -198,14 +227,7 @@ pub fn cmd_backup(ctx: &Context, args: BackupArgs<'_>) -> Result<i32, Failure> {
             ));
             PARTIAL
         }
-    };
-    if code != OK {
-        if let Some(last) = log.last() {
-            tracing::error!("{last}");
-        }
     }
-    crate::commands::schedule::job_done(run, code, &log);
-    Ok(code)
 }
 
 /// "N retries" after `lead` when a repository needed any, else nothing.
@@ -605,4 +627,82 @@ pub fn with_drills(
         }));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agex_backup::verdict::Verdict;
+
+    fn result(repo: &str, error: Option<&str>, warnings: &[&str]) -> run::RepoResult {
+        run::RepoResult {
+            service: "app".into(),
+            repo: repo.into(),
+            result: if error.is_none() {
+                Verdict::Ok
+            } else {
+                Verdict::Failed
+            },
+            error: error.map(str::to_string),
+            snapshot: error.is_none().then(|| "0123456789abcdef".to_string()),
+            duration_seconds: 1.25,
+            bytes_added: error.is_none().then_some(2048),
+            warnings: warnings.iter().map(|w| w.to_string()).collect(),
+            retries: if error.is_none() { 0 } else { 2 },
+        }
+    }
+
+    fn record(results: Vec<run::RepoResult>) -> run::RunRecord {
+        run::RunRecord {
+            run_id: "r".into(),
+            started: "s".into(),
+            finished: "f".into(),
+            results,
+            dumps: vec![],
+        }
+    }
+
+    #[test]
+    fn each_result_is_a_line_at_its_level_with_its_warnings_after_it() {
+        let lines = result_lines(&record(vec![
+            result("a", None, &["3 file(s) changed"]),
+            result("b", Some("boom"), &[]),
+        ]));
+        let levels: Vec<Level> = lines.iter().map(|(l, _)| *l).collect();
+        assert_eq!(levels, vec![Level::INFO, Level::WARN, Level::ERROR]);
+        assert!(
+            lines[0].1.starts_with("app → a: ok, snapshot "),
+            "{}",
+            lines[0].1
+        );
+        assert!(
+            lines[0].1.ends_with("(1.2 s, 2.0 KiB added)"),
+            "{}",
+            lines[0].1
+        );
+        assert_eq!(lines[1].1, "app → a: warning: 3 file(s) changed");
+        assert_eq!(lines[2].1, "app → b: FAILED: boom; after 2 retries");
+    }
+
+    #[test]
+    fn the_code_is_ok_partial_or_failure_by_how_many_pairs_failed() {
+        let mut log = Vec::new();
+        assert_eq!(
+            run_code(&record(vec![result("a", None, &[])]), &mut log),
+            OK
+        );
+        assert!(log.is_empty());
+        let some = record(vec![result("a", None, &[]), result("b", Some("x"), &[])]);
+        assert_eq!(run_code(&some, &mut log), PARTIAL);
+        assert_eq!(
+            log.last().map(String::as_str),
+            Some("backup partly failed: 1 of 2 service/repository pairs failed")
+        );
+        let all = record(vec![result("b", Some("x"), &[])]);
+        assert_eq!(run_code(&all, &mut log), FAILURE);
+        assert_eq!(
+            log.last().map(String::as_str),
+            Some("backup failed: 1 of 1 service/repository pairs failed")
+        );
+    }
 }
