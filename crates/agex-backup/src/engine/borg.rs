@@ -626,7 +626,7 @@ impl Borg {
         complete: &Completion,
         meter: Option<&Arc<Meter>>,
     ) -> Result<(String, Option<u64>), CreateFailure> {
-        let (selection, specials, archive) = (what.selection, what.specials, what.archive);
+        let (selection, archive) = (what.selection, what.archive);
         let mut args: Vec<PathBuf> = selection.paths().iter().map(|p| rel(p)).collect();
         let mut fifos = Vec::new();
         let fail = |fifos: &[PathBuf], e: BackupError, streams: Vec<Stream>| {
@@ -658,34 +658,7 @@ impl Borg {
         let manifest_arg = args.pop();
         args.sort();
         args.extend(manifest_arg);
-        let mut cmd = self.command();
-        cmd.current_dir(what.root).args([
-            "create",
-            "--json",
-            "--log-json",
-            "--compression",
-            "zstd,3",
-            "--read-special",
-            "--lock-wait",
-        ]);
-        cmd.arg(what.lock_wait.as_secs().to_string());
-        if meter.is_some() {
-            cmd.arg("--progress");
-        }
-        for e in selection.excludes() {
-            cmd.arg("--exclude")
-                .arg(format!("sh:{}", rel(Path::new(e)).display()));
-        }
-        // `--read-special` (for agex's own pipes) would open a fifo or device of the paths
-        // and read it as content, or wait on it forever: borg is kept away from them (the
-        // Restic side stores them as what they are). Sockets borg skips by itself.
-        for special in specials {
-            let mut pattern = std::ffi::OsString::from("pf:");
-            pattern.push(rel(special.path.as_path()));
-            cmd.arg("--exclude").arg(pattern);
-        }
-        cmd.arg(self.archive_url(archive));
-        cmd.args(&args);
+        let mut cmd = self.create_command(what, &args, meter.is_some());
         let shown = process::describe(&cmd);
         let child = process::start(
             &mut cmd,
@@ -772,6 +745,45 @@ impl Borg {
         }
         let stats = parse_create_stats(&out.stdout).map_err(|e| (e, None))?;
         Ok((archive.to_string(), Some(stats.deduplicated_size)))
+    }
+
+    /// The `borg create` of `what` with its paths and pipes (`args`, relative to the
+    /// root), `--progress` when a meter listens.
+    fn create_command(
+        &self,
+        what: &Create<'_>,
+        args: &[PathBuf],
+        progress: bool,
+    ) -> std::process::Command {
+        let mut cmd = self.command();
+        cmd.current_dir(what.root).args([
+            "create",
+            "--json",
+            "--log-json",
+            "--compression",
+            "zstd,3",
+            "--read-special",
+            "--lock-wait",
+        ]);
+        cmd.arg(what.lock_wait.as_secs().to_string());
+        if progress {
+            cmd.arg("--progress");
+        }
+        for e in what.selection.excludes() {
+            cmd.arg("--exclude")
+                .arg(format!("sh:{}", rel(Path::new(e)).display()));
+        }
+        // `--read-special` (for agex's own pipes) would open a fifo or device of the paths
+        // and read it as content, or wait on it forever: borg is kept away from them (the
+        // Restic side stores them as what they are). Sockets borg skips by itself.
+        for special in what.specials {
+            let mut pattern = std::ffi::OsString::from("pf:");
+            pattern.push(rel(special.path.as_path()));
+            cmd.arg("--exclude").arg(pattern);
+        }
+        cmd.arg(self.archive_url(what.archive));
+        cmd.args(args);
+        cmd
     }
 }
 
