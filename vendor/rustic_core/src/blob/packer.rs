@@ -193,6 +193,17 @@ impl PackSizer {
     }
 }
 
+/// agex: processed blobs (compressed and encrypted) queued for the packing thread.
+const BLOBS_QUEUED: usize = 4;
+
+/// agex: blobs smaller than this are compressed and encrypted by the thread that adds
+/// them; larger ones (chunks of large files, at least 512 KiB) by a pool, so that one
+/// large file still uses every core.
+const INLINE_BLOB: usize = 256 * 1024;
+
+/// A blob compressed and encrypted: its bytes, id, length and length before compression.
+type Processed = (Vec<u8>, BlobId, u64, Option<NonZeroU32>);
+
 /// The `Packer` is responsible for packing blobs into pack files.
 ///
 /// # Type Parameters
@@ -208,8 +219,12 @@ pub struct Packer<BE: DecryptWriteBackend> {
     raw_packer: Arc<RwLock<RawPacker<BE>>>,
     /// The shared indexer containing the backend.
     indexer: SharedIndexer<BE>,
-    /// The sender to send blobs to the raw packer.
-    sender: Sender<(Bytes, BlobId)>,
+    /// The backend, which compresses and encrypts each blob in the thread that adds it.
+    be: BE,
+    /// The sender to send processed blobs to the raw packer.
+    sender: Sender<RusticResult<Processed>>,
+    /// The sender to send large blobs to the pool that processes them.
+    large: Sender<(Bytes, BlobId)>,
     /// The receiver to receive the status from the raw packer.
     finish: Receiver<RusticResult<PackerStats>>,
 }
@@ -247,45 +262,54 @@ impl<BE: DecryptWriteBackend> Packer<BE> {
             pack_sizer,
         )));
 
-        let (tx, rx) = bounded(0);
+        let (tx, rx) = bounded::<RusticResult<Processed>>(BLOBS_QUEUED);
+        let (large_tx, large_rx) = bounded::<(Bytes, BlobId)>(0);
         let (finish_tx, finish_rx) = bounded::<RusticResult<PackerStats>>(0);
         let packer = Self {
             raw_packer: raw_packer.clone(),
             indexer: indexer.clone(),
-            sender: tx,
+            be: be.clone(),
+            sender: tx.clone(),
+            large: large_tx,
             finish: finish_rx,
         };
 
-        let _join_handle = std::thread::spawn(move || {
+        // agex: large blobs are processed in parallel and join the small ones.
+        let _pool_handle = std::thread::spawn(move || {
             scope(|scope| {
-                let status = rx
+                let processed = large_rx
                     .into_iter()
-                    .readahead_scoped(scope)
-                    // early check if id is already contained
-                    .filter(|(_, id)| !indexer.read().unwrap().has(id))
-                    .filter(|(_, id)| !raw_packer.read().unwrap().has(id))
-                    .readahead_scoped(scope)
                     .parallel_map_scoped(scope, |(data, id): (Bytes, BlobId)| {
                         let (data, data_len, uncompressed_length) = be.process_data(&data)?;
                         Ok((data, id, u64::from(data_len), uncompressed_length))
-                    })
-                    .readahead_scoped(scope)
-                    // check again if id is already contained
-                    // TODO: We may still save duplicate blobs - the indexer is only updated when the packfile write has completed
-                    .filter(|res| {
-                        res.as_ref()
-                            .map_or_else(|_| true, |(_, id, _, _)| !indexer.read().unwrap().has(id))
-                    })
-                    .try_for_each(|item: RusticResult<_>| -> RusticResult<()> {
-                        let (data, id, data_len, ul) = item?;
-                        raw_packer
-                            .write()
-                            .unwrap()
-                            .add_raw(data.into(), &id, data_len, ul)
-                    })
-                    .and_then(|()| raw_packer.write().unwrap().finalize());
-                _ = finish_tx.send(status);
+                    });
+                for item in processed {
+                    if tx.send(item).is_err() {
+                        break;
+                    }
+                }
             });
+        });
+
+        // agex: blobs arrive compressed and encrypted by the threads that add them (see
+        // `add`); this thread only packs them.
+        let _join_handle = std::thread::spawn(move || {
+            let status = rx
+                .into_iter()
+                // check again if id is already contained
+                // TODO: We may still save duplicate blobs - the indexer is only updated when the packfile write has completed
+                .try_for_each(|item| -> RusticResult<()> {
+                    let (data, id, data_len, ul) = item?;
+                    if indexer.read().unwrap().has(&id) {
+                        return Ok(());
+                    }
+                    raw_packer
+                        .write()
+                        .unwrap()
+                        .add_raw(data.into(), &id, data_len, ul)
+                })
+                .and_then(|()| raw_packer.write().unwrap().finalize());
+            _ = finish_tx.send(status);
         });
 
         Ok(packer)
@@ -302,11 +326,24 @@ impl<BE: DecryptWriteBackend> Packer<BE> {
     ///
     /// * If sending the message to the raw packer fails.
     pub fn add(&self, data: Bytes, id: BlobId) -> RusticResult<()> {
-        self.sender.send((data, id)).map_err(|err| {
-            RusticError::with_source(
+        // agex: the early check and the compression and encryption run here, in the
+        // adding thread (the file archiver's workers, one per core), instead of in a
+        // pipeline of three readahead threads and a parallel map behind a rendezvous
+        // channel: a backup of many small files paid four thread hand-offs per blob.
+        if self.indexer.read().unwrap().has(&id) || self.raw_packer.read().unwrap().has(&id) {
+            return Ok(());
+        }
+        let sent = if data.len() >= INLINE_BLOB {
+            self.large.send((data, id)).map_err(|_| ())
+        } else {
+            let (data, data_len, uncompressed_length) = self.be.process_data(&data)?;
+            let processed = (data, id, u64::from(data_len), uncompressed_length);
+            self.sender.send(Ok(processed)).map_err(|_| ())
+        };
+        sent.map_err(|()| {
+            RusticError::new(
                 ErrorKind::Internal,
                 "Sending crossbeam message failed: `id`: `{id}`",
-                err,
             )
             .ask_report()
             .attach_context("id", id.to_hex().to_string())
@@ -354,6 +391,7 @@ impl<BE: DecryptWriteBackend> Packer<BE> {
     pub fn finalize(self) -> RusticResult<PackerStats> {
         // cancel channel
         drop(self.sender);
+        drop(self.large);
         // wait for items in channel to be processed
         self.finish
             .recv()
