@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use agex_core::{Database, Policy};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::BackupError;
 use crate::paths::{host_path, under};
-use crate::walk_file::{CacheReader, Record, Records, Stamp, WalkWriter};
+use crate::walk_file::{self, CacheReader, Record, Records, Stamp, Taken, Unsealed, WalkWriter};
 
 /// Where dumps and manifests appear inside snapshots and archives.
 pub use agex_core::policy::DUMPS_DIR;
@@ -357,21 +357,25 @@ impl Manifest {
     }
 }
 
-/// What a walk of a policy's paths found: the regular files with their digests, in
-/// walk order, in a file on disk ([`crate::walk_file`]: never held whole in memory),
-/// the special files (never opened), and what could not be read.
+/// What a walk of a policy's paths found: the regular files, in walk order, in a file
+/// on disk ([`crate::walk_file`]: never held whole in memory) with the digests the last
+/// walk vouched for (the others are taken by [`Walked::digest_pending`]), the special
+/// files (never opened), and what could not be listed.
 #[derive(Debug)]
 pub struct Walked {
-    /// The walk file, and where it is.
+    /// The walk file (open to read and complete), and where it goes once complete.
     records: Arc<File>,
+    unsealed: Mutex<Option<Unsealed>>,
     path: PathBuf,
-    /// Regular files read.
+    /// Files whose digest is still to be taken.
+    pending: u64,
+    /// Regular files found.
     pub files: u64,
     /// Their bytes.
     pub bytes: u64,
     /// Fifos, sockets and device nodes: stored as what they are, never read.
     pub specials: Vec<SpecialEntry>,
-    /// Files that could not be read (unreadable, vanished), one message each.
+    /// What could not be listed, one message each.
     pub warnings: Vec<String>,
     /// When the walk started, nanoseconds since the epoch.
     started_ns: i128,
@@ -392,14 +396,87 @@ impl Walked {
         Records::of(Arc::clone(&self.records))
     }
 
-    /// The manifest entry of a record.
-    pub(crate) fn entry(r: &Record) -> FileEntry {
-        FileEntry {
+    /// The manifest entry of a record; none for a file agex could not read.
+    pub(crate) fn entry(r: &Record) -> Option<FileEntry> {
+        (r.taken != Taken::Unread).then(|| FileEntry {
             path: HostPath(r.path().to_path_buf()),
             size: r.size,
             digest: r.digest_text(),
-            changed: r.changed,
+            changed: r.taken != Taken::Stable,
+        })
+    }
+
+    /// Reads the files the walk found without a digest, on every core, while the engines
+    /// read them too; then puts the walk file in place as the next run's cache. Returns a
+    /// warning per file that could not be read (vanished, unreadable): it is in no
+    /// manifest.
+    ///
+    /// Why a digest taken after the engines started still describes what they stored:
+    /// every engine starts after the walk, and a file's record keeps the walk's stamp. A
+    /// file whose stamp after agex's read, and again after an engine read it
+    /// ([`Walked::changed_since`]), is the walk's was not written since the walk (or
+    /// within [`RACY_NS`] before it, which the stamps cannot tell and which is marked
+    /// changed), so agex and the engine read the same bytes in whichever order. A file
+    /// whose stamp moved is marked changed, and a drill checks it against the
+    /// repository's own record.
+    pub fn digest_pending(&self, root: &Path) -> Result<Vec<String>, BackupError> {
+        let damaged = |e| BackupError::io(&self.path)(e);
+        let mut warnings = Vec::new();
+        if self.pending > 0 {
+            let mut records = self.records().map_err(damaged)?;
+            loop {
+                let mut batch = Vec::with_capacity(BATCH);
+                while batch.len() < BATCH {
+                    match records.next_placed().map_err(damaged)? {
+                        Some((at, r)) if r.taken == Taken::Pending => batch.push((at, r)),
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                let read: Vec<io::Result<Option<String>>> = batch
+                    .into_par_iter()
+                    .map(|(at, mut r)| {
+                        let unread = match read_as_walked(&under(root, r.path()), &r.stamp) {
+                            Ok((size, digest, stable)) => {
+                                r.size = size;
+                                r.digest = digest;
+                                r.taken = if stable {
+                                    Taken::Stable
+                                } else {
+                                    Taken::Changed
+                                };
+                                None
+                            }
+                            Err(e) => {
+                                r.taken = Taken::Unread;
+                                let host = r.path().to_path_buf();
+                                Some(match e.kind() {
+                                    io::ErrorKind::NotFound => Unread::Vanished(host),
+                                    _ => Unread::Failed(host, e),
+                                })
+                            }
+                        };
+                        walk_file::patch(&self.records, at, &r)?;
+                        Ok(unread.map(|u| u.to_string()))
+                    })
+                    .collect();
+                for r in read {
+                    warnings.extend(r.map_err(damaged)?);
+                }
+            }
         }
+        let unsealed = self
+            .unsealed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(u) = unsealed {
+            u.seal(&self.records, &self.path).map_err(damaged)?;
+        }
+        Ok(warnings)
     }
 
     /// The files that look different now from when agex read them (or are gone), and
@@ -422,8 +499,9 @@ impl Walked {
             out.par_extend(
                 batch
                     .par_iter()
+                    .filter(|r| r.taken != Taken::Unread)
                     .filter(|r| {
-                        r.changed
+                        r.taken != Taken::Stable
                             || r.stamp.mtime_ns.max(r.stamp.ctime_ns) >= racy
                             || std::fs::symlink_metadata(under(root, r.path()))
                                 .map(|m| Stamp::of(&m) != r.stamp)
@@ -522,30 +600,28 @@ impl Selection {
         self.set.is_match(host_path)
     }
 
-    /// Walks the selection under `root` and digests every regular file, in walk order
-    /// (by path, component by component), into the walk file `cache`. Nothing but a
-    /// regular file is ever opened: fifos, sockets and devices are listed in
-    /// [`Walked::specials`]. A file that cannot be read (permission, vanished) is a
-    /// warning, not a failure; a path of the policy that does not exist is an error
-    /// naming it: a policy that silently backs up nothing is worse than a failed run.
-    /// A file whose size, mtime, ctime and inode are those the last walk recorded in
-    /// `cache` keeps its digest (as borg's files cache does); the others are read, on
-    /// every core. A file that changes while agex reads it is read again (twice at
-    /// most), then marked changed.
+    /// Walks the selection under `root` and records every regular file, in walk order
+    /// (by path, component by component), into a new walk file that replaces `cache`
+    /// once [`Walked::digest_pending`] completed it. Nothing is opened here: fifos,
+    /// sockets and devices are listed in [`Walked::specials`]. A directory that cannot
+    /// be listed is a warning, not a failure; a path of the policy that does not exist
+    /// is an error naming it: a policy that silently backs up nothing is worse than a
+    /// failed run. A file whose size, mtime, ctime and inode are those the last walk
+    /// recorded in `cache` keeps its digest (as borg's files cache does); the others
+    /// are pending.
     pub fn walk(&self, root: &Path, cache: &Path) -> Result<Walked, BackupError> {
         let started_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)
             .unwrap_or(0);
-        let mut batch = Batch {
-            root,
+        let mut found = Found {
             // The last walk is read alongside, never held whole.
             old: CacheReader::open(cache),
             new: WalkWriter::create(cache, started_ns).map_err(BackupError::io(cache))?,
             cache,
-            found: Vec::with_capacity(BATCH),
             files: 0,
             bytes: 0,
+            pending: 0,
             warnings: Vec::new(),
         };
         let mut specials = Vec::new();
@@ -577,7 +653,7 @@ impl Selection {
                         // meet the same and store what they can.
                         let path = e.path().map(|p| host_path(root, p));
                         let warning = could_not(path.as_deref().unwrap_or(&host), &e);
-                        batch.warnings.push(warning);
+                        found.warnings.push(warning);
                         continue;
                     }
                 };
@@ -588,28 +664,28 @@ impl Selection {
                 }
                 match entry.metadata() {
                     Ok(meta) if ft.is_file() => {
-                        batch.found.push((path, Stamp::of(&meta)));
-                        if batch.found.len() == BATCH {
-                            batch.flush()?;
-                        }
+                        found.add(path, Stamp::of(&meta))?;
                     }
                     Ok(meta) => specials.extend(SpecialEntry::of(path, &meta)),
-                    Err(e) => batch.warnings.push(could_not(&path, &e)),
+                    Err(e) => found.warnings.push(could_not(&path, &e)),
                 }
             }
         }
-        batch.flush()?;
         specials.sort_by(|a, b| a.path.cmp(&b.path));
-        let Batch {
+        let Found {
             new,
             files,
             bytes,
+            pending,
             warnings,
             ..
-        } = batch;
+        } = found;
+        let (records, unsealed) = new.finish().map_err(BackupError::io(cache))?;
         Ok(Walked {
-            records: new.finish(cache).map_err(BackupError::io(cache))?,
+            records,
+            unsealed: Mutex::new(Some(unsealed)),
             path: cache.to_path_buf(),
+            pending,
             files,
             bytes,
             specials,
@@ -642,98 +718,61 @@ enum Unread {
     Failed(PathBuf, #[source] io::Error),
 }
 
-/// The files of a walk found but not yet read, and where they go.
-struct Batch<'a> {
-    root: &'a Path,
+/// The regular files a walk found, recorded as they come.
+struct Found<'a> {
     old: CacheReader,
     new: WalkWriter,
     cache: &'a Path,
-    /// Host path and stamp of each file found, in walk order.
-    found: Vec<(PathBuf, Stamp)>,
     files: u64,
     bytes: u64,
+    /// Files without a digest from the last walk.
+    pending: u64,
     warnings: Vec<String>,
 }
 
-impl Batch<'_> {
-    /// Digests the files found (from the last walk where it can, by reading them on
-    /// every core where it cannot) and records them in walk order.
-    fn flush(&mut self) -> Result<(), BackupError> {
-        use std::os::unix::ffi::OsStrExt;
-        let found = std::mem::take(&mut self.found);
-        let cached: Vec<Option<[u8; 32]>> = found
-            .iter()
-            .map(|(host, stamp)| self.old.lookup(host.as_os_str().as_bytes(), stamp))
-            .collect();
-        let root = self.root;
-        let read: Vec<Result<Record, Unread>> = found
-            .into_par_iter()
-            .zip(cached)
-            .map(|((host, stamp), cached)| {
-                let path = host.as_os_str().as_bytes().to_vec();
-                match cached {
-                    Some(digest) => Ok(Record {
-                        path,
-                        size: stamp.size,
-                        stamp,
-                        digest,
-                        changed: false,
-                    }),
-                    None => read_stable(&under(root, &host), stamp)
-                        .map(|(size, digest, stamp, changed)| Record {
-                            path,
-                            size,
-                            stamp,
-                            digest,
-                            changed,
-                        })
-                        .map_err(|e| match e.kind() {
-                            io::ErrorKind::NotFound => Unread::Vanished(host),
-                            _ => Unread::Failed(host, e),
-                        }),
-                }
-            })
-            .collect();
-        for r in read {
-            match r {
-                Ok(r) => {
-                    self.new.add(&r).map_err(BackupError::io(self.cache))?;
-                    self.files += 1;
-                    self.bytes += r.size;
-                }
-                Err(w) => self.warnings.push(w.to_string()),
-            }
-        }
+impl Found<'_> {
+    /// Records a file the walk saw as `stamp`, with the last walk's digest if it vouches
+    /// for it, pending otherwise.
+    fn add(&mut self, host: PathBuf, stamp: Stamp) -> Result<(), BackupError> {
+        use std::os::unix::ffi::OsStringExt;
+        let path = host.into_os_string().into_vec();
+        let cached = self.old.lookup(&path, &stamp);
+        let record = Record {
+            size: stamp.size,
+            digest: cached.unwrap_or([0; 32]),
+            taken: if cached.is_some() {
+                Taken::Stable
+            } else {
+                Taken::Pending
+            },
+            path,
+            stamp,
+        };
+        self.new.add(&record).map_err(BackupError::io(self.cache))?;
+        self.files += 1;
+        self.bytes += record.size;
+        self.pending += u64::from(record.taken == Taken::Pending);
         Ok(())
     }
 }
 
-/// Reads a regular file whose walk saw `stamp`: size, digest, how it looked after the
-/// read, and whether it kept changing while read. It is opened without following a
-/// link and without blocking (a fifo put in its place is not waited on), and must still
-/// be a regular file once open.
-fn read_stable(local: &Path, stamp: Stamp) -> io::Result<(u64, [u8; 32], Stamp, bool)> {
+/// Reads a regular file the walk saw as `walked`: size, digest, and whether it still
+/// looked as the walk saw it once read (else agex may have read another version than
+/// an engine did). It is opened without following a link and without blocking (a fifo
+/// put in its place is not waited on), and must still be a regular file once open.
+fn read_as_walked(local: &Path, walked: &Stamp) -> io::Result<(u64, [u8; 32], bool)> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut before = stamp;
-    for _ in 0..3 {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc_flags())
-            .open(local)?;
-        let meta = f.metadata()?;
-        if !meta.file_type().is_file() {
-            return Err(io::Error::other("it is no longer a regular file"));
-        }
-        let (size, digest) = digest_reader(f)?;
-        let after = Stamp::of(&std::fs::symlink_metadata(local)?);
-        if after == before && size == after.size {
-            return Ok((size, digest, after, false));
-        }
-        before = after;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(local)?;
+    let meta = f.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::other("it is no longer a regular file"));
     }
-    let (size, digest) = digest_reader(std::fs::File::open(local)?)?;
+    let (size, digest) = digest_reader(f)?;
     let after = Stamp::of(&std::fs::symlink_metadata(local)?);
-    Ok((size, digest, after, true))
+    Ok((size, digest, after == *walked && size == walked.size))
 }
 
 fn libc_flags() -> i32 {

@@ -1,12 +1,14 @@
 //! The manifest each repository of a run gets, made when that repository's engine reaches
 //! it, so that it is true to what that engine stored.
 //!
-//! agex reads every file before the engines start (the walk), so an engine reads each
-//! file after agex did. A file that looks the same (size, mtime, ctime, inode) when an
-//! engine reaches its manifest as when agex read it was not written in between: the
-//! engine stored the bytes agex digested. One that looks different (or is gone) may be
-//! stored in another version: the manifest marks it `changed`, and a drill verifies it
-//! by the repository's own record instead of agex's digest. Borg reads the manifest
+//! agex stats every file before the engines start (the walk) and reads the files whose
+//! digest the last walk cannot vouch for while the engines run
+//! ([`ManifestSource::digest`]). A file that looks the same (size, mtime, ctime, inode)
+//! after agex read it and when an engine reaches its manifest as when the walk saw it
+//! was not written in between: the engine stored the bytes agex digested. One that
+//! looks different (or is gone) may be stored in another version: the manifest marks it
+//! `changed`, and a drill verifies it by the repository's own record instead of agex's
+//! digest. Borg reads the manifest
 //! after every file (it is its last argument); the Restic side reaches it at its place
 //! in path order, so what it reads after that is checked once its snapshot is written,
 //! and recorded in the snapshot's description ([`late_marks_description`]).
@@ -29,8 +31,11 @@ pub struct ManifestSource {
     service: String,
     run_id: String,
     walked: Walked,
+    /// Warnings of the files agex could not read, once read; or why reading failed.
+    digested: Mutex<Option<Result<Vec<String>, String>>>,
     dumps: Mutex<Option<Result<Vec<DumpEntry>, String>>>,
-    dumped: Condvar,
+    /// Notified when either of the two above is settled.
+    settled: Condvar,
 }
 
 impl ManifestSource {
@@ -41,9 +46,54 @@ impl ManifestSource {
             service: service.to_string(),
             run_id: run_id.to_string(),
             walked,
+            digested: Mutex::new(None),
             dumps: Mutex::new(None),
-            dumped: Condvar::new(),
+            settled: Condvar::new(),
         })
+    }
+
+    /// Reads the files the walk left without a digest ([`Walked::digest_pending`]);
+    /// manifests wait for it. Runs beside the engines.
+    pub fn digest(&self) {
+        // Also if reading panics, no manifest waits for it forever.
+        struct Unblock<'a>(&'a ManifestSource);
+        impl Drop for Unblock<'_> {
+            fn drop(&mut self) {
+                let s = self.0;
+                s.settle(&s.digested, Err("reading the files stopped".to_string()));
+            }
+        }
+        let _unblock = Unblock(self);
+        let read = self
+            .walked
+            .digest_pending(&self.root)
+            .map_err(|e| e.to_string());
+        self.settle(&self.digested, read);
+    }
+
+    /// The warnings of the files agex could not read (waits for the reading).
+    pub fn read_warnings(&self) -> Vec<String> {
+        self.wait(&self.digested).unwrap_or_default()
+    }
+
+    /// Fills `slot` unless it is filled, and wakes who waits.
+    fn settle<T>(&self, slot: &Mutex<Option<T>>, value: T) {
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(value);
+            self.settled.notify_all();
+        }
+    }
+
+    /// What `slot` is filled with, once it is.
+    fn wait<T: Clone>(&self, slot: &Mutex<Option<T>>) -> T {
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(d) = &*slot {
+                return d.clone();
+            }
+            slot = self.settled.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The walk the manifests describe.
@@ -55,27 +105,13 @@ impl ManifestSource {
     /// them go on.
     pub fn set_dumps(&self, dumps: Result<Vec<DumpEntry>, String>) {
         *self.dumps.lock().unwrap_or_else(|p| p.into_inner()) = Some(dumps);
-        self.dumped.notify_all();
+        self.settled.notify_all();
     }
 
     /// Ends the wait for dumps with `why` unless they were handed over: a producer that
     /// stops early never leaves a manifest waiting.
     pub fn fail_unless_dumped(&self, why: &str) {
-        let mut slot = self.dumps.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(Err(why.to_string()));
-            self.dumped.notify_all();
-        }
-    }
-
-    fn wait_dumps(&self) -> Result<Vec<DumpEntry>, String> {
-        let mut slot = self.dumps.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(d) = &*slot {
-                return d.clone();
-            }
-            slot = self.dumped.wait(slot).unwrap_or_else(|p| p.into_inner());
-        }
+        self.settle(&self.dumps, Err(why.to_string()));
     }
 
     /// The files that changed since agex read them (sorted), as seen now.
@@ -151,7 +187,10 @@ impl ManifestReader {
         match std::mem::replace(&mut self.stage, Stage::Done) {
             Stage::Start => {
                 let source = &self.source;
-                let dumps = source.wait_dumps().map_err(io::Error::other)?;
+                source
+                    .wait(&source.digested)
+                    .map_err(|why| io::Error::other(format!("reading the files: {why}")))?;
+                let dumps = source.wait(&source.dumps).map_err(io::Error::other)?;
                 let changed = source.changed_now().map_err(io::Error::other)?;
                 *self.marks.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(changed.clone());
                 #[derive(Serialize)]
@@ -188,7 +227,9 @@ impl ManifestReader {
                         self.stage = Stage::Tail(dumps);
                         return Ok(());
                     };
-                    let mut entry = Walked::entry(&r);
+                    let Some(mut entry) = Walked::entry(&r) else {
+                        continue;
+                    };
                     entry.changed = entry.changed || changed.binary_search(&entry.path).is_ok();
                     if !first {
                         self.buf.push(b',');
@@ -300,7 +341,14 @@ mod tests {
         assert_eq!(walked.files, names.len() as u64);
         // Written after the walk: marked changed in the manifest.
         std::fs::write(srv.join("z"), b"later, longer").unwrap();
+        // Gone before agex read it: a warning, and in no manifest.
+        std::fs::remove_file(srv.join("a/f5")).unwrap();
         let source = ManifestSource::new(root.clone(), "s", "r", walked);
+        source.digest();
+        let warnings = source.read_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("/srv/a/f5 vanished"), "{warnings:?}");
+        assert!(cache.exists(), "the walk file is in place once read");
         let dump = DumpEntry {
             name: "x".into(),
             kind: manifest::DumpKind::Sqlite,
@@ -325,7 +373,11 @@ mod tests {
         let m: crate::manifest::Manifest = serde_json::from_slice(&bytes).unwrap();
         assert_eq!((m.service.as_str(), m.run_id.as_str()), ("s", "r"));
         assert_eq!(m.dumps, vec![dump]);
-        assert_eq!(m.files.len(), names.len());
+        assert_eq!(m.files.len(), names.len() - 1);
+        assert!(m
+            .files
+            .iter()
+            .all(|f| f.path != HostPath::from("/srv/a/f5")));
         let z = HostPath::from("/srv/z");
         assert_eq!(marks.get(), Some(vec![z.clone()]));
         for f in &m.files {

@@ -421,19 +421,21 @@ fn quiesce(env: &Env<'_>, policy: &Policy) -> Result<Quiesced, QuiesceError> {
     let service = policy.service.as_str();
     let selection = Selection::new(policy).map_err(QuiesceError::Selection)?;
     let cache = env.state.join("cache").join(format!("{service}.walk"));
-    // The digest caches of earlier versions, replaced by the walk file.
+    // The digest caches of earlier versions, replaced by the walk file, and the walk
+    // files of killed runs.
     for old in ["digests", "digests.json"] {
         let _ = std::fs::remove_file(env.state.join("cache").join(format!("{service}.{old}")));
     }
+    agex_core::atomic::remove_dead_temps(&env.state.join("cache"));
     let units = stop_units(env, policy)?;
     if let Err(e) = run_hooks(&policy.before) {
         drop(units);
         return Err(QuiesceError::Before(e));
     }
-    // agex reads every file first, after the units stopped and before any engine reads
-    // one: a file an engine later finds as agex left it holds the bytes agex digested,
-    // one that changed since is marked so in that repository's manifest
-    // (crate::manifest_stream). With the digest cache, a nightly walk is mostly stats.
+    // agex sees every file first, after the units stopped and before any engine reads
+    // one (it reads the new ones while the engines run): a file an engine later finds as
+    // the walk saw it holds the bytes agex digested, one that changed since is marked so
+    // in that repository's manifest (crate::manifest_stream). A walk is stats only.
     match selection.walk(env.root, &cache) {
         Ok(walked) => Ok(Quiesced {
             selection,
@@ -576,6 +578,7 @@ fn write_side(env: &Env<'_>, shared: &Shared<'_>, side: Side<'_>) -> SideOutcome
     if r.is_ok() {
         lock::foreign_lock_cleared(&env.state, &access.repo.name);
         warnings.extend(shared.walk_warnings.iter().cloned());
+        warnings.extend(shared.source.read_warnings());
         let changed = match &r {
             Ok((_, _, Some(late))) => {
                 let mut all = marks.get().unwrap_or_default();
@@ -809,6 +812,7 @@ fn backup_service(
         walk_warnings: &walk_warnings,
     };
     let (produced, outcomes) = std::thread::scope(|scope| {
+        scope.spawn(|| source.digest());
         let producer = scope.spawn(|| {
             // Also if taking the dumps panics, no manifest waits for them forever.
             struct Unblock<'a>(&'a ManifestSource);
