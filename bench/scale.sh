@@ -32,6 +32,9 @@ admin_pub="$(age-keygen -y "$base/admin.txt")"
 measure() { # $1 = label, rest = command (run by bash -c); sets WALL[label], RSS[label] (MiB)
   local label="$1"
   shift
+  # The same warm page cache for every command: these machines reclaim idle page cache
+  # within a minute (DAMON), so a warm-up at the start would favour whoever runs first.
+  find "$src" -type f -exec cat {} + > /dev/null
   sync
   if ! /usr/bin/time -o "$work/time.out" -f '%e %M %U %S' bash -c "$*" > /dev/null 2> "$work/cmd.err"; then
     echo "$label failed:" >&2
@@ -121,7 +124,6 @@ TOML
 
   restic -r "$work/repos/restic" init -q > /dev/null
   agex repo init scale-restic > /dev/null
-  find "$src/files" -type f -exec cat {} + > /dev/null   # the same warm cache for everyone
   echo "N=$N:"
   measure "restic first" "$restic_run '$work/repos/restic' $restic_run_tail"
   measure "agex first" "$agex_cmd backup --service scale --repo scale-restic"

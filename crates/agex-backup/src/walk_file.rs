@@ -443,7 +443,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.bin");
         let r = record(b"/f", 9);
-        written(&path, r.stamp.mtime_ns + 1_000_000_000, std::slice::from_ref(&r));
+        written(
+            &path,
+            r.stamp.mtime_ns + 1_000_000_000,
+            std::slice::from_ref(&r),
+        );
         assert_eq!(CacheReader::open(&path).lookup(b"/f", &r.stamp), None);
     }
 
