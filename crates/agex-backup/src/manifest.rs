@@ -479,10 +479,15 @@ impl Walked {
         Ok(warnings)
     }
 
-    /// The files that look different now from when agex read them (or are gone), and
-    /// those written so shortly before agex read them that their stamp cannot tell: the
-    /// repository read since then may hold another version. Sorted.
-    pub fn changed_since(&self, root: &Path) -> Result<Vec<HostPath>, BackupError> {
+    /// The files that look different now from when the walk saw them (or are gone), and
+    /// those written so shortly before the walk that their stamp cannot tell: the
+    /// repository read since then may hold another version. Only files after `after`
+    /// in walk order are looked at, if it is given. Sorted.
+    pub fn changed_since(
+        &self,
+        root: &Path,
+        after: Option<&Path>,
+    ) -> Result<Vec<HostPath>, BackupError> {
         let racy = self.started_ns - RACY_NS;
         let unreadable = |e| BackupError::io(&self.path)(e);
         let mut records = self.records().map_err(unreadable)?;
@@ -500,6 +505,7 @@ impl Walked {
                 batch
                     .par_iter()
                     .filter(|r| r.taken != Taken::Unread)
+                    .filter(|r| after.is_none_or(|a| r.path() > a))
                     .filter(|r| {
                         r.taken != Taken::Stable
                             || r.stamp.mtime_ns.max(r.stamp.ctime_ns) >= racy

@@ -116,7 +116,14 @@ impl ManifestSource {
 
     /// The files that changed since agex read them (sorted), as seen now.
     pub fn changed_now(&self) -> Result<Vec<HostPath>, crate::BackupError> {
-        self.walked.changed_since(&self.root)
+        self.walked.changed_since(&self.root, None)
+    }
+
+    /// The files after the manifest in path order (those an engine that reads in path
+    /// order reads after it) that changed since agex read them (sorted), as seen now.
+    pub fn changed_after_manifest(&self) -> Result<Vec<HostPath>, crate::BackupError> {
+        let manifest = manifest::manifest_path(&self.service);
+        self.walked.changed_since(&self.root, Some(&manifest))
     }
 
     /// A reader of the manifest for one repository: made on its first read, it counts
@@ -380,6 +387,15 @@ mod tests {
             .all(|f| f.path != HostPath::from("/srv/a/f5")));
         let z = HostPath::from("/srv/z");
         assert_eq!(marks.get(), Some(vec![z.clone()]));
+        // What an engine reading in path order reads after a path: only that is looked at.
+        let after = |p: &str| {
+            source
+                .walked()
+                .changed_since(&root, Some(Path::new(p)))
+                .unwrap()
+        };
+        assert_eq!(after("/srv/a-b"), vec![z.clone()]);
+        assert_eq!(after("/srv/z"), Vec::<HostPath>::new());
         for f in &m.files {
             assert_eq!(f.changed, f.path == z, "{}", f.path);
             let name = f.path.as_path().strip_prefix("/srv").unwrap();

@@ -1011,7 +1011,7 @@ fn restic_side(
     // changed since agex read them are recorded before the snapshot counts as written.
     let describe = || {
         let in_manifest = marks.get().unwrap_or_default();
-        let now: Vec<HostPath> = match source.changed_now() {
+        let now: Vec<HostPath> = match source.changed_after_manifest() {
             Ok(now) => now
                 .into_iter()
                 .filter(|p| in_manifest.binary_search(p).is_err())
