@@ -479,6 +479,16 @@ impl Walked {
         Ok(warnings)
     }
 
+    /// Whether a file looks different now from when the walk saw it (or is gone), or was
+    /// written so shortly before the walk that its stamp cannot tell, or agex saw it change.
+    pub(crate) fn changed_now(&self, root: &Path, r: &Record) -> bool {
+        r.taken != Taken::Stable
+            || r.stamp.mtime_ns.max(r.stamp.ctime_ns) >= self.started_ns - RACY_NS
+            || std::fs::symlink_metadata(under(root, r.path()))
+                .map(|m| Stamp::of(&m) != r.stamp)
+                .unwrap_or(true)
+    }
+
     /// The files that look different now from when the walk saw them (or are gone), and
     /// those written so shortly before the walk that their stamp cannot tell: the
     /// repository read since then may hold another version. Only files after `after`
@@ -488,7 +498,6 @@ impl Walked {
         root: &Path,
         after: Option<&Path>,
     ) -> Result<Vec<HostPath>, BackupError> {
-        let racy = self.started_ns - RACY_NS;
         let unreadable = |e| BackupError::io(&self.path)(e);
         let mut records = self.records().map_err(unreadable)?;
         let mut out: Vec<HostPath> = Vec::new();
@@ -506,13 +515,7 @@ impl Walked {
                     .par_iter()
                     .filter(|r| r.taken != Taken::Unread)
                     .filter(|r| after.is_none_or(|a| r.path() > a))
-                    .filter(|r| {
-                        r.taken != Taken::Stable
-                            || r.stamp.mtime_ns.max(r.stamp.ctime_ns) >= racy
-                            || std::fs::symlink_metadata(under(root, r.path()))
-                                .map(|m| Stamp::of(&m) != r.stamp)
-                                .unwrap_or(true)
-                    })
+                    .filter(|r| self.changed_now(root, r))
                     .map(|r| HostPath(r.path().to_path_buf())),
             );
         }

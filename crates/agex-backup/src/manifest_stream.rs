@@ -4,14 +4,14 @@
 //! agex stats every file before the engines start (the walk) and reads the files whose
 //! digest the last walk cannot vouch for while the engines run
 //! ([`ManifestSource::digest`]). A file that looks the same (size, mtime, ctime, inode)
-//! after agex read it and when an engine reaches its manifest as when the walk saw it
-//! was not written in between: the engine stored the bytes agex digested. One that
-//! looks different (or is gone) may be stored in another version: the manifest marks it
-//! `changed`, and a drill verifies it by the repository's own record instead of agex's
-//! digest. Borg reads the manifest
-//! after every file (it is its last argument); the Restic side reaches it at its place
-//! in path order, so what it reads after that is checked once its snapshot is written,
-//! and recorded in the snapshot's description ([`late_marks_description`]).
+//! after agex read it and when its entry in an engine's manifest is made (the engine
+//! reached the manifest, so it read the file) as when the walk saw it was not written in
+//! between: the engine stored the bytes agex digested. One that looks different (or is
+//! gone) may be stored in another version: the manifest marks it `changed`, and a drill
+//! verifies it by the repository's own record instead of agex's digest. Borg reads the
+//! manifest after every file (it is its last argument); the Restic side reaches it at its
+//! place in path order, so what it reads after that is checked once its snapshot is
+//! written, and recorded in the snapshot's description ([`late_marks_description`]).
 
 use std::io::{self, Read};
 #[cfg(test)]
@@ -19,6 +19,7 @@ use std::path::Path;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, DumpEntry, HostPath, Walked};
@@ -114,11 +115,6 @@ impl ManifestSource {
         self.settle(&self.dumps, Err(why.to_string()));
     }
 
-    /// The files that changed since agex read them (sorted), as seen now.
-    pub fn changed_now(&self) -> Result<Vec<HostPath>, crate::BackupError> {
-        self.walked.changed_since(&self.root, None)
-    }
-
     /// The files after the manifest in path order (those an engine that reads in path
     /// order reads after it) that changed since agex read them (sorted), as seen now.
     pub fn changed_after_manifest(&self) -> Result<Vec<HostPath>, crate::BackupError> {
@@ -157,7 +153,7 @@ impl Marks {
 enum Stage {
     /// Not begun: the dumps and the changed files are not known yet.
     Start,
-    /// The file entries, from the walk file, with the files marked changed (sorted).
+    /// The file entries, from the walk file, with the files marked changed so far.
     Files {
         records: Records,
         changed: Vec<HostPath>,
@@ -182,8 +178,8 @@ pub struct ManifestReader {
     marks: Marks,
 }
 
-/// About this much JSON is made at a time.
-const CHUNK: usize = 64 * 1024;
+/// Files checked and serialized at a time (about 64 KiB of JSON).
+const BATCH: usize = 512;
 
 impl ManifestReader {
     /// Makes the next piece of JSON into `buf` (nothing once the manifest is complete).
@@ -198,8 +194,6 @@ impl ManifestReader {
                     .wait(&source.digested)
                     .map_err(|why| io::Error::other(format!("reading the files: {why}")))?;
                 let dumps = source.wait(&source.dumps).map_err(io::Error::other)?;
-                let changed = source.changed_now().map_err(io::Error::other)?;
-                *self.marks.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(changed.clone());
                 #[derive(Serialize)]
                 struct Head<'a> {
                     format: u32,
@@ -217,27 +211,43 @@ impl ManifestReader {
                 self.buf.extend_from_slice(b",\"files\":[");
                 self.stage = Stage::Files {
                     records: source.walked.records()?,
-                    changed,
+                    changed: Vec::new(),
                     dumps,
                     first: true,
                 };
             }
             Stage::Files {
                 mut records,
-                changed,
+                mut changed,
                 dumps,
                 mut first,
             } => {
-                while self.buf.len() < CHUNK {
-                    let Some(r) = records.next().transpose()? else {
-                        self.buf.push(b']');
-                        self.stage = Stage::Tail(dumps);
-                        return Ok(());
-                    };
-                    let Some(mut entry) = Walked::entry(&r) else {
+                // Each file is checked as its entry is made (a batch at a time, on every
+                // core), so the engine takes the first entries while agex checks the rest.
+                let batch = records
+                    .by_ref()
+                    .take(BATCH)
+                    .collect::<io::Result<Vec<_>>>()?;
+                if batch.is_empty() {
+                    self.buf.push(b']');
+                    changed.sort();
+                    *self.marks.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(changed);
+                    self.stage = Stage::Tail(dumps);
+                    return Ok(());
+                }
+                let (source, root) = (&self.source, &self.source.root);
+                let now: Vec<bool> = batch
+                    .par_iter()
+                    .map(|r| source.walked.changed_now(root, r))
+                    .collect();
+                for (r, now) in batch.iter().zip(now) {
+                    let Some(mut entry) = Walked::entry(r) else {
                         continue;
                     };
-                    entry.changed = entry.changed || changed.binary_search(&entry.path).is_ok();
+                    if now {
+                        entry.changed = true;
+                        changed.push(entry.path.clone());
+                    }
                     if !first {
                         self.buf.push(b',');
                     }
