@@ -534,8 +534,6 @@ struct Shared<'a> {
     tags: &'a [String],
     archive: &'a str,
     walk_warnings: &'a [String],
-    /// A Borg repository is written beside the Restic ones.
-    beside_borg: bool,
 }
 
 /// One repository's part of a service backup.
@@ -560,23 +558,18 @@ fn write_side(env: &Env<'_>, shared: &Shared<'_>, side: Side<'_>) -> SideOutcome
     let t = Instant::now();
     let mut warnings = Vec::new();
     let r = match access.repo.kind {
-        RepositoryKind::Restic => {
-            if shared.beside_borg {
-                make_way_for_borg();
-            }
-            restic_side(
-                access,
-                env.root,
-                shared.selection,
-                streams,
-                complete.clone(),
-                shared.tags,
-                meter,
-                restic_key(env, &access.repo.name, complete),
-                (shared.source, marks),
-                env.opts.stall_timeout,
-            )
-        }
+        RepositoryKind::Restic => restic_side(
+            access,
+            env.root,
+            shared.selection,
+            streams,
+            complete.clone(),
+            shared.tags,
+            meter,
+            restic_key(env, &access.repo.name, complete),
+            (shared.source, marks),
+            env.opts.stall_timeout,
+        ),
         RepositoryKind::Borg => {
             borg_with_retries(env, shared, access, streams, complete, meter, &mut warnings)
                 .map(|(id, added)| (id, added, None))
@@ -604,21 +597,6 @@ fn write_side(env: &Env<'_>, shared: &Shared<'_>, side: Side<'_>) -> SideOutcome
     }
     let secs = t.elapsed().as_secs_f64();
     (r.map_err(SideError::from), secs, warnings)
-}
-
-/// Lowers the CPU priority of the calling thread, a Restic side's, and so of the threads
-/// its engine starts (on Linux a thread's nice value is its own, and a new thread takes
-/// its creator's): `borg create` is one single-threaded process, the long pole of a
-/// backup to both kinds, while the Restic side reads on every core and then waits for
-/// borg to take the dumps. Given equal weight, the Restic side took a fifth of borg's
-/// core while both read files; at nice +10 borg keeps its core (measured on 150,000
-/// small files, 2 cores: borg at 80 % of a core for the first 9 s, at 100 % with this).
-fn make_way_for_borg() {
-    use rustix::process::{getpriority_process, setpriority_process};
-    if let Ok(nice) = getpriority_process(None) {
-        // Best effort: a priority that cannot be changed leaves the backup as it was.
-        let _ = setpriority_process(None, (nice + 10).min(19));
-    }
 }
 
 /// Borg's side: `borg create`, run again when the network failed before borg read a
@@ -825,13 +803,7 @@ fn backup_service(
         "agex".to_string(),
     ];
     let archive = format!("{service}-{}", env.run_id);
-    // The rayon pool's threads take the priority of the thread that starts them: start
-    // them here, not from a Restic side that made way for borg (make_way_for_borg).
-    rayon::current_num_threads();
     let shared = Shared {
-        beside_borg: live
-            .iter()
-            .any(|l| l.access.repo.kind == RepositoryKind::Borg),
         selection: &selection,
         specials: &specials,
         source: &source,
