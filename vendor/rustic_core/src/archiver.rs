@@ -131,6 +131,7 @@ impl<'a, BE: DecryptFullBackend, I: ReadGlobalIndex> Archiver<'a, BE, I> {
         as_path: Option<&PathBuf>,
         skip_identical_parent: bool,
         no_scan: bool,
+        read_threads: usize,
         p: &Progress,
     ) -> RusticResult<SnapshotFile>
     where
@@ -197,7 +198,7 @@ impl<'a, BE: DecryptFullBackend, I: ReadGlobalIndex> Archiver<'a, BE, I> {
             // of its second backup waking threads. Deeper queues let each thread run
             // through many files per wake-up; an item is a path and a node, so 1,024 of
             // them are a few hundred KiB.
-            .parallel_map_scoped_custom(s, |o| o.buffer_size(1024), |item| {
+            .parallel_map_scoped_custom(s, |o| o.buffer_size(1024).threads(read_threads), |item| {
                 self.file_archiver.process(item, p)
             })
             .readahead_scoped_custom(s, |o| o.buffer_size(1024))

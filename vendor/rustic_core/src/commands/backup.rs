@@ -195,6 +195,12 @@ pub struct BackupOptions {
     #[serde(flatten)]
     /// Options how to filter from a local source
     pub ignore_filter_opts: LocalSourceFilterOptions,
+
+    /// agex: the number of threads that read and chunk files (0: one per core)
+    #[cfg_attr(feature = "clap", clap(skip))]
+    #[cfg_attr(feature = "merge", merge(skip))]
+    #[serde(skip)]
+    pub read_threads: usize,
 }
 
 /// Backup data, create a snapshot.
@@ -293,6 +299,7 @@ where
         as_path.as_ref(),
         opts.parent_opts.skip_if_unchanged,
         opts.no_scan,
+        opts.read_threads,
         &p,
     )
 }
