@@ -1268,6 +1268,20 @@ fn a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes() {
         hung_failure(&err);
         eprintln!("S3 hang: the run ended after {:?}:\n{err}", t.elapsed());
         assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+        // Hung before the run opens the repository: the open is left behind as well
+        // (it was not watched, and waited out two 30 s request timeouts).
+        weed.signal(libc::SIGSTOP);
+        let t = Instant::now();
+        let out = backup_in_background(&s).wait_with_output().unwrap();
+        weed.signal(libc::SIGCONT);
+        let err = assert_fails(&out, 3);
+        assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
+        hung_failure(&err);
+        eprintln!(
+            "S3 hung at the start: the run ended after {:?}:\n{err}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
     }
     // sftp: the session's server processes stop.
     let tmp = tempfile::tempdir().unwrap();

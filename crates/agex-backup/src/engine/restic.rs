@@ -36,6 +36,8 @@ pub struct Restic {
     be: Arc<dyn WriteBackend>,
     gate: Gate,
     meter: Option<Arc<Meter>>,
+    /// Threads that read and chunk files in a backup (0: one per core).
+    read_threads: usize,
 }
 
 /// A snapshot as agex shows it.
@@ -353,6 +355,7 @@ impl Restic {
             be: Arc::clone(&be),
             gate,
             meter: None,
+            read_threads: 0,
         };
         restic.add_key(access.password.as_str())?;
         if let Some(first) = first {
@@ -391,12 +394,37 @@ impl Restic {
         meter: Option<&Arc<Meter>>,
         key: Option<MasterKey>,
     ) -> Result<Restic, BackupError> {
+        Restic::open_with(access, meter, key, None)
+    }
+
+    /// Opens an existing repository for the backup run `completion` counts, its
+    /// requests watched from the first one on (see [`Gate::watch`]): a server that
+    /// hangs while the repository is opened is left behind like one that hangs later.
+    pub fn open_watched(
+        access: &RepoAccess,
+        meter: Option<&Arc<Meter>>,
+        key: Option<MasterKey>,
+        completion: Completion,
+        stall: Option<std::time::Duration>,
+    ) -> Result<Restic, BackupError> {
+        Restic::open_with(access, meter, key, Some((completion, stall)))
+    }
+
+    fn open_with(
+        access: &RepoAccess,
+        meter: Option<&Arc<Meter>>,
+        key: Option<MasterKey>,
+        watch: Option<(Completion, Option<std::time::Duration>)>,
+    ) -> Result<Restic, BackupError> {
         let err = restic_err(&access.repo.name);
         let credentials = match key {
             Some(k) => Credentials::Masterkey(k),
             None => Credentials::password(access.password.as_str()),
         };
         let Unopened { repo, be, gate } = unopened(access, meter)?;
+        if let Some((completion, stall)) = watch {
+            gate.watch(completion, stall);
+        }
         let repo = repo.open(&credentials).map_err(err)?;
         Ok(Restic {
             name: access.repo.name.clone(),
@@ -404,19 +432,19 @@ impl Restic {
             be,
             gate,
             meter: meter.cloned(),
+            read_threads: 0,
         })
+    }
+
+    /// Backups read and chunk files on `threads` threads (0, the default: one per core).
+    pub fn read_with(mut self, threads: usize) -> Restic {
+        self.read_threads = threads;
+        self
     }
 
     /// The repository's name in agex.toml.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// Watches this repository's requests for the backup run `completion` counts: once
-    /// the run leaves it behind, or no request was answered for `stall`, every request
-    /// fails at once.
-    pub fn watch(&self, completion: Completion, stall: Option<std::time::Duration>) {
-        self.gate.watch(completion, stall);
     }
 
     /// Every snapshot, oldest first.
@@ -458,7 +486,7 @@ impl Restic {
         if backup_paths.is_empty() {
             backup_paths.push(PathBuf::from("/"));
         }
-        let opts = BackupOptions::default();
+        let opts = BackupOptions::default().read_threads(self.read_threads);
         let mut snap = indexed
             .archive(&opts, &source, snap, &backup_paths)
             .map_err(&err)?;
