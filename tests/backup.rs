@@ -872,12 +872,7 @@ fn a_borg_lock_left_by_another_machine_is_broken_after_stale_lock_age() {
         .process_group(0)
         .spawn()
         .unwrap();
-    let lock = Path::new(&borg_url).join("lock.exclusive");
-    let t = Instant::now();
-    while !lock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "borg took no lock");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let lock = borg_lock_taken(&borg_url);
     // The whole group: borg and its `sleep`.
     let group = format!("-{}", holder.id());
     run(Command::new("kill").args(["-KILL", "--", &group]), "kill");
@@ -926,12 +921,7 @@ fn a_borg_lock_held_for_a_moment_is_waited_for_not_failed() {
         .args(["with-lock", &borg_url, "sleep", "3"])
         .spawn()
         .unwrap();
-    let lock = Path::new(&borg_url).join("lock.exclusive");
-    let t = Instant::now();
-    while !lock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "borg took no lock");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    borg_lock_taken(&borg_url);
     let t = Instant::now();
     let out = s.agex(&["snapshots", "--repo", "offsite-borg"]);
     let waited = t.elapsed();
@@ -1036,4 +1026,15 @@ fn the_units_capabilities_suffice_to_back_up_and_drill_postgres_over_its_socket(
     for r in rec["results"].as_array().unwrap() {
         assert_eq!(r["result"], "ok", "{rec}");
     }
+}
+
+/// Waits until a borg holds the lock of the repository at `borg_url`; the lock's path.
+fn borg_lock_taken(borg_url: &str) -> PathBuf {
+    let lock = Path::new(borg_url).join("lock.exclusive");
+    let t = Instant::now();
+    while !lock.exists() {
+        assert!(t.elapsed() < Duration::from_secs(30), "borg took no lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lock
 }
