@@ -1218,6 +1218,20 @@ fn big_dump(s: &Setup) {
     );
 }
 
+/// A run with one server hung, begun at `started`: it failed (exit 3), borg's side
+/// completed, the hung repository failed for the hang (see [`hung_failure`]), and the
+/// run ended within `limit`.
+fn left_behind(out: &std::process::Output, started: Instant, what: &str, limit: Duration) {
+    let err = assert_fails(out, 3);
+    assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
+    hung_failure(&err);
+    eprintln!(
+        "{what}: the run ended after {:?}:\n{err}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
+}
+
 /// The hung repository failed for the hang: left behind by `stall_timeout` while the
 /// other waited for it, or (when rustic_core had taken the whole dump into its packs
 /// before the server stopped, so nobody waited) its own request deadline.
@@ -1263,25 +1277,14 @@ fn a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes() {
         weed.signal(libc::SIGSTOP);
         let out = child.wait_with_output().unwrap();
         weed.signal(libc::SIGCONT);
-        let err = assert_fails(&out, 3);
-        assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
-        hung_failure(&err);
-        eprintln!("S3 hang: the run ended after {:?}:\n{err}", t.elapsed());
-        assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+        left_behind(&out, t, "S3 hang", Duration::from_secs(60));
         // Hung before the run opens the repository: the open is left behind as well
         // (it was not watched, and waited out two 30 s request timeouts).
         weed.signal(libc::SIGSTOP);
         let t = Instant::now();
         let out = backup_in_background(&s).wait_with_output().unwrap();
         weed.signal(libc::SIGCONT);
-        let err = assert_fails(&out, 3);
-        assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
-        hung_failure(&err);
-        eprintln!(
-            "S3 hung at the start: the run ended after {:?}:\n{err}",
-            t.elapsed()
-        );
-        assert!(t.elapsed() < Duration::from_secs(25), "{:?}", t.elapsed());
+        left_behind(&out, t, "S3 hung at the start", Duration::from_secs(25));
     }
     // sftp: the session's server processes stop.
     let tmp = tempfile::tempdir().unwrap();
@@ -1297,11 +1300,7 @@ fn a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes() {
     sshd.signal_sessions(libc::SIGSTOP);
     let out = child.wait_with_output().unwrap();
     sshd.signal_sessions(libc::SIGCONT);
-    let err = assert_fails(&out, 3);
-    assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
-    hung_failure(&err);
-    eprintln!("sftp hang: the run ended after {:?}:\n{err}", t.elapsed());
-    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    left_behind(&out, t, "sftp hang", Duration::from_secs(60));
 }
 
 /// The fenced block of the recovery kit whose first line is `# kit: <title>`.
