@@ -1303,6 +1303,43 @@ fn a_hung_s3_or_sftp_server_is_left_behind_and_the_other_completes() {
     left_behind(&out, t, "sftp hang", Duration::from_secs(60));
 }
 
+/// `stall_timeout` is for a repository that does nothing: one that is slower than the
+/// other but at work (borg reading and uploading files at its `limit_upload`) is waited
+/// for at a dump however much longer than the timeout it takes to reach it.
+#[test]
+fn a_slow_repository_at_work_is_waited_for_longer_than_the_stall_timeout() {
+    let test = "a_slow_repository_at_work_is_waited_for_longer_than_the_stall_timeout";
+    if !have_tool("borg", test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // borg over ssh at 4 MiB/s reads 32 MiB of files for ~8 s before it reaches the dump
+    // (it reports progress every chunk, ~0.5 s); the Restic side (a local directory)
+    // reaches the dump at once and waits.
+    let Some((s, _sshd)) = ssh_setup_over(test, tmp.path(), 32 << 20, Over::BorgOnly) else {
+        return;
+    };
+    repo_line(&s, "offsite-borg", "limit_upload = \"4 MiB/s\"");
+    s.fx.edit_config("lock_wait = 5", "lock_wait = 5\nstall_timeout = 3");
+    // A dump larger than the tee and the pipes hold: its producer waits for borg.
+    run(
+        Command::new("sqlite3").arg(s.host("/srv/app/app.db")).arg(
+            "CREATE TABLE blobs(b BLOB); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
+             SELECT x+1 FROM c WHERE x < 1800) INSERT INTO blobs SELECT randomblob(4096) FROM c;",
+        ),
+        "sqlite3",
+    );
+    s.init_repos();
+    let t = Instant::now();
+    let out = backup_in_background(&s).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("testapp → offsite-borg: ok"), "{err}");
+    assert!(err.contains("testapp → offsite-restic: ok"), "{err}");
+    // Else borg was not slow enough for the Restic side to wait past the timeout.
+    assert!(t.elapsed() > Duration::from_secs(6), "{:?}", t.elapsed());
+}
+
 /// The fenced block of the recovery kit whose first line is `# kit: <title>`.
 fn kit_block(kit: &str, title: &str) -> String {
     let marker = format!("# kit: {title}\n");

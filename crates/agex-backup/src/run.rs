@@ -703,8 +703,8 @@ fn judge(
 ) -> Judged {
     match (side, dump_failure) {
         (Err(_), _) if left_behind => Judged::Failed(format!(
-            "left behind: it took no data for {} s while the other repository waited \
-             (`[backup] stall_timeout`); no snapshot was written",
+            "left behind: it took no data and showed no sign of work for {} s while the \
+             other repository waited (`[backup] stall_timeout`); no snapshot was written",
             stall.unwrap_or_default().as_secs()
         )),
         (Err(_), Some(why)) => Judged::Failed(format!("{why}; no snapshot was written")),
@@ -1121,7 +1121,7 @@ mod tests {
             panic!("a side left behind must fail");
         };
         assert!(
-            why.starts_with("left behind: it took no data for 3 s while"),
+            why.starts_with("left behind: it took no data and showed no sign of work for 3 s"),
             "{why}"
         );
         assert!(why.ends_with("no snapshot was written"), "{why}");

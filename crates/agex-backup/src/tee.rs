@@ -2,9 +2,11 @@
 //! database dump, the manifest): each repository reads the same chunks through its own
 //! bounded channel, so memory stays at [`DEPTH`] chunks of [`CHUNK`] bytes per
 //! repository and the slowest repository paces the producer (backpressure). A
-//! repository that stops reading (it failed) is let go; one that takes nothing for
-//! longer than the stall timeout (a backend that hangs) is left behind, so it cannot
-//! hold the others back for longer; the others go on.
+//! repository that stops reading (it failed) is let go; one that takes nothing and shows
+//! no other sign of work ([`Completion::active`]) for longer than the stall timeout (a
+//! backend that hangs) is left behind, so it cannot hold the others back for longer; the
+//! others go on. One still at its files when another reached the stream is waited for,
+//! however long that takes.
 //!
 //! A reader ends with `Ok(0)` only after the producer said the stream is complete; a
 //! failed or abandoned stream ends in an error, so no engine takes a torn dump for a
@@ -12,9 +14,9 @@
 //! snapshot is written only when that count is every stream it was given.
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use agex_secrets::header::hex;
@@ -51,24 +53,66 @@ pub struct Copied {
     pub digest: String,
 }
 
-/// How many of a repository's streams ended complete, and whether a tee left it behind.
-#[derive(Debug, Clone, Default)]
-pub struct Completion(Arc<(AtomicUsize, AtomicBool)>);
+/// How many of a repository's streams ended complete, whether a tee left it behind, and
+/// when its engine last showed it was at work.
+#[derive(Debug, Clone)]
+pub struct Completion(Arc<Counts>);
+
+#[derive(Debug)]
+struct Counts {
+    complete: AtomicUsize,
+    left_behind: AtomicBool,
+    /// Milliseconds from [`epoch`] to the last sign of work.
+    active: AtomicU64,
+}
+
+/// What [`Completion`]'s times count from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+impl Default for Completion {
+    /// None complete, not left behind, at work now.
+    fn default() -> Self {
+        Completion(Arc::new(Counts {
+            complete: AtomicUsize::new(0),
+            left_behind: AtomicBool::new(false),
+            active: AtomicU64::new(since_epoch()),
+        }))
+    }
+}
 
 impl Completion {
     /// Streams read to their complete end so far.
     pub fn count(&self) -> usize {
-        self.0 .0.load(Ordering::SeqCst)
+        self.0.complete.load(Ordering::SeqCst)
     }
 
     /// Counts one more stream read to its complete end (for streams that are not tees).
     pub(crate) fn complete_one(&self) {
-        self.0 .0.fetch_add(1, Ordering::SeqCst);
+        self.0.complete.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether a stream gave up on this repository for taking nothing for too long.
     pub fn left_behind(&self) -> bool {
-        self.0 .1.load(Ordering::SeqCst)
+        self.0.left_behind.load(Ordering::SeqCst)
+    }
+
+    /// The repository's engine is at work (it read a file, a request of it was answered,
+    /// borg reported progress): a tee waits for it however long it takes to reach the
+    /// stream, and leaves behind only one that shows no sign of work for the stall timeout.
+    pub fn active(&self) {
+        self.0.active.fetch_max(since_epoch(), Ordering::Relaxed);
+    }
+
+    /// How long since the engine last showed it was at work.
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(since_epoch().saturating_sub(self.0.active.load(Ordering::Relaxed)))
     }
 }
 
@@ -82,8 +126,9 @@ pub struct TeeReader {
 }
 
 /// A tee with one reader per entry of `completions` (each reader counts its complete
-/// end into its completion). A consumer whose queue stays full for `stall` is left
-/// behind (None: waited for however long it takes).
+/// end into its completion). A consumer whose queue stays full for `stall` while its
+/// engine shows no sign of work for as long is left behind (None: waited for however
+/// long it takes).
 pub fn tee(completions: &[Completion], stall: Option<Duration>) -> (Tee, Vec<TeeReader>) {
     let (consumers, readers) = completions
         .iter()
@@ -164,8 +209,8 @@ impl Tee {
                     Ok(()) => return true,
                     Err(TrySendError::Disconnected(_)) => return false,
                     Err(TrySendError::Full(back)) => {
-                        if since.elapsed() >= stall {
-                            completion.0 .1.store(true, Ordering::SeqCst);
+                        if since.elapsed() >= stall && completion.idle_for() >= stall {
+                            completion.0.left_behind.store(true, Ordering::SeqCst);
                             return false;
                         }
                         msg = back;
@@ -201,7 +246,7 @@ impl Read for TeeReader {
                     self.ended = true;
                     self.chunk = None;
                     if let Some(c) = self.completion.take() {
-                        c.0 .0.fetch_add(1, Ordering::SeqCst);
+                        c.complete_one();
                     }
                 }
                 Ok(Msg::End(Err(why))) => return Err(io::Error::other(why)),
@@ -294,6 +339,33 @@ mod tests {
         assert_eq!((done[0].count(), done[1].count()), (0, 1));
         // What it had queued is still there, but it never sees an end.
         assert!(read_all(stuck).is_err());
+    }
+
+    #[test]
+    fn a_reader_at_work_elsewhere_is_waited_for_past_the_stall_timeout() {
+        let done = [Completion::default(), Completion::default()];
+        let stall = Duration::from_millis(200);
+        let (tee, mut readers) = tee(&done, Some(stall));
+        let late = readers.remove(0);
+        let data = vec![5u8; (DEPTH + 4) * CHUNK];
+        let producer = produce(tee, data.clone());
+        // The first reads nothing for five stall timeouts, at work on its files meanwhile.
+        let busy = {
+            let c = done[0].clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                while t.elapsed() < 5 * stall {
+                    c.active();
+                    std::thread::sleep(stall / 10);
+                }
+                read_all(late)
+            })
+        };
+        assert_eq!(read_all(readers.remove(0)).unwrap(), data);
+        assert_eq!(busy.join().unwrap().unwrap(), data);
+        producer.join().unwrap();
+        assert!(!done[0].left_behind());
+        assert_eq!((done[0].count(), done[1].count()), (1, 1));
     }
 
     #[test]

@@ -166,9 +166,10 @@ pub struct BackupSettings {
     #[serde(default = "default_stale_lock_age")]
     pub stale_lock_age: u64,
     /// Seconds one repository may take no data from a dump while the other waits for it
-    /// (the dump is streamed to both with bounded memory, so the slower paces it); after
-    /// that it is left out of this run of the service, failed, and the other goes on.
-    /// 0 waits for ever.
+    /// (the dump is streamed to both with bounded memory, so the slower paces it) and
+    /// show no other sign of work (a file read, a request answered, progress from borg);
+    /// after that it is left out of this run of the service, failed, and the other goes
+    /// on. 0 waits for ever.
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: u64,
 }

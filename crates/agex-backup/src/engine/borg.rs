@@ -542,16 +542,24 @@ fn progress_line(line: &str) -> Option<LogProgress> {
     }
 }
 
-/// `borg create`'s log: its progress moves `meter`.
-fn read_create_log(stderr: impl std::io::Read, meter: Option<&Meter>) -> String {
-    read_log(stderr, |p| match p {
-        LogProgress::Archive { bytes, files } => {
-            if let (Some(m), Some(bytes), Some(files)) = (meter, bytes, files) {
-                m.set(bytes, files);
+/// `borg create`'s log: its progress moves `meter`, and every line of it says borg is at
+/// work (to the tees that wait for it, [`Completion::active`]).
+fn read_create_log(
+    stderr: impl std::io::Read,
+    meter: Option<&Meter>,
+    complete: &Completion,
+) -> String {
+    read_log(stderr, |p| {
+        complete.active();
+        match p {
+            LogProgress::Archive { bytes, files } => {
+                if let (Some(m), Some(bytes), Some(files)) = (meter, bytes, files) {
+                    m.set(bytes, files);
+                }
+                true
             }
-            true
+            LogProgress::Percent { .. } => false,
         }
-        LogProgress::Percent { .. } => false,
     })
 }
 
@@ -658,7 +666,7 @@ impl Borg {
         let manifest_arg = args.pop();
         args.sort();
         args.extend(manifest_arg);
-        let mut cmd = self.create_command(what, &args, meter.is_some());
+        let mut cmd = self.create_command(what, &args);
         let shown = process::describe(&cmd);
         let child = process::start(
             &mut cmd,
@@ -686,8 +694,8 @@ impl Borg {
         // stderr is read as it comes: borg's progress lines move the meter, the rest is kept
         // for the error message.
         let log = child.stderr.take().map(|e| {
-            let meter = meter.cloned();
-            std::thread::spawn(move || read_create_log(e, meter.as_deref()))
+            let (meter, complete) = (meter.cloned(), complete.clone());
+            std::thread::spawn(move || read_create_log(e, meter.as_deref(), &complete))
         });
         // A borg the dumps left behind (it took nothing for the stall timeout: its server
         // hangs, say) is stopped: it would hold this run, and its lock, however long.
@@ -748,13 +756,9 @@ impl Borg {
     }
 
     /// The `borg create` of `what` with its paths and pipes (`args`, relative to the
-    /// root), `--progress` when a meter listens.
-    fn create_command(
-        &self,
-        what: &Create<'_>,
-        args: &[PathBuf],
-        progress: bool,
-    ) -> std::process::Command {
+    /// root). With `--progress`, borg reports at work every 0.2 s (a meter shows it, a
+    /// tee waiting for borg knows it is not stuck).
+    fn create_command(&self, what: &Create<'_>, args: &[PathBuf]) -> std::process::Command {
         let mut cmd = self.command();
         cmd.current_dir(what.root).args([
             "create",
@@ -763,12 +767,10 @@ impl Borg {
             "--compression",
             "zstd,3",
             "--read-special",
+            "--progress",
             "--lock-wait",
         ]);
         cmd.arg(what.lock_wait.as_secs().to_string());
-        if progress {
-            cmd.arg("--progress");
-        }
         for e in what.selection.excludes() {
             cmd.arg("--exclude")
                 .arg(format!("sh:{}", rel(Path::new(e)).display()));

@@ -174,10 +174,11 @@ impl Gate {
         None
     }
 
-    /// A request ended (with an answer or an error of its own).
+    /// A request ended (with an answer or an error of its own): the side is at work.
     fn answered(&self) {
         if let Some(w) = self.state().watch.as_mut() {
             w.last_done = std::time::Instant::now();
+            w.completion.active();
         }
     }
 
@@ -218,7 +219,7 @@ impl Gated {
             match why {
             Unanswered::LeftBehind => RusticError::new(
                 ErrorKind::Backend,
-                "left behind: it took no data for the stall timeout while the other repository waited",
+                "left behind: it took no data and showed no sign of work for the stall timeout while the other repository waited",
             ),
             Unanswered::Stalled(d) => RusticError::new(
                 ErrorKind::Backend,
@@ -474,13 +475,13 @@ impl Restic {
         describe: impl FnOnce() -> Option<String>,
     ) -> Result<SnapshotInfo, BackupError> {
         let err = restic_err(&self.name);
-        self.gate.set(complete, streams.len());
+        self.gate.set(complete.clone(), streams.len());
         let indexed = self.repo.to_indexed_ids().map_err(&err)?;
         let mut snap_opts = SnapshotOptions::default();
         snap_opts = snap_opts.add_tags(&tags.join(",")).map_err(&err)?;
         let snap = SnapshotFile::from_options(&snap_opts).map_err(&err)?;
-        let source =
-            Combined::new(root, paths, excludes, streams, self.meter.clone()).map_err(&err)?;
+        let source = Combined::new(root, paths, excludes, streams, self.meter.clone(), complete)
+            .map_err(&err)?;
         let mut backup_paths: Vec<PathBuf> = paths.to_vec();
         backup_paths.extend(source.stream_paths());
         if backup_paths.is_empty() {
@@ -686,6 +687,8 @@ struct Combined {
     streams: std::sync::Mutex<Vec<Stream>>,
     stream_paths: Vec<PathBuf>,
     meter: Option<Arc<Meter>>,
+    /// Told of every entry the archiver takes: the side is at work.
+    complete: Completion,
 }
 
 impl Combined {
@@ -695,6 +698,7 @@ impl Combined {
         excludes: &[String],
         streams: Vec<Stream>,
         meter: Option<Arc<Meter>>,
+        complete: Completion,
     ) -> RusticResult<Combined> {
         let under_root: Vec<PathBuf> = paths.iter().map(|p| under(root, p)).collect();
         let local = if under_root.is_empty() {
@@ -719,6 +723,7 @@ impl Combined {
             streams: std::sync::Mutex::new(streams),
             stream_paths,
             meter,
+            complete,
         })
     }
 
@@ -804,6 +809,7 @@ impl ReadSource for Combined {
             local: local.peekable(),
             streams,
             meter: self.meter.clone(),
+            complete: self.complete.clone(),
         }
     }
 }
@@ -815,6 +821,7 @@ pub struct Merged {
         std::iter::Peekable<Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<Open>>> + Send>>,
     streams: Vec<ReadSourceEntry<Open>>,
     meter: Option<Arc<Meter>>,
+    complete: Completion,
 }
 
 impl Iterator for Merged {
@@ -832,6 +839,7 @@ impl Iterator for Merged {
         } else {
             self.local.next()
         };
+        self.complete.active();
         if let (Some(meter), Some(Ok(e))) = (&self.meter, &next) {
             if e.node.node_type == rustic_core::repofile::NodeType::File {
                 meter.add_file();
