@@ -10,16 +10,18 @@
 //! gone) may be stored in another version: the manifest marks it `changed`, and a drill
 //! verifies it by the repository's own record instead of agex's digest. Borg reads the
 //! manifest after every file (it is its last argument); the Restic side reaches it at its
-//! place in path order, so what it reads after that is checked once its snapshot is
-//! written, and recorded in the snapshot's description ([`late_marks_description`]).
+//! place in path order, once it has read every file before it (it reads on several
+//! threads; the manifest waits for them: `engine::restic::InFlight`), so what it reads
+//! after that is checked once its snapshot is written, and recorded in the snapshot's
+//! description ([`late_marks_description`]).
 
 use std::io::{self, Read};
 #[cfg(test)]
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, DumpEntry, HostPath, Walked};
@@ -127,12 +129,16 @@ impl ManifestSource {
     pub fn reader(self: &Arc<Self>, completion: Completion) -> (ManifestReader, Marks) {
         let marks = Marks::default();
         let reader = ManifestReader {
-            source: Arc::clone(self),
+            maker: Some(Maker {
+                source: Arc::clone(self),
+                stage: Stage::Start,
+                marks: marks.clone(),
+            }),
             completion: Some(completion),
-            stage: Stage::Start,
+            pieces: None,
+            ended: None,
             buf: Vec::new(),
             pos: 0,
-            marks: marks.clone(),
         };
         (reader, marks)
     }
@@ -149,7 +155,7 @@ impl Marks {
     }
 }
 
-/// Where a manifest stream is.
+/// Where a manifest being made is.
 enum Stage {
     /// Not begun: the dumps and the changed files are not known yet.
     Start,
@@ -163,29 +169,64 @@ enum Stage {
     /// Dumps and special files, then the end.
     Tail(Vec<DumpEntry>),
     Done,
-    /// Making it failed: every later read says why, never a clean end.
+}
+
+/// Makes one repository's manifest, a piece at a time.
+struct Maker {
+    source: Arc<ManifestSource>,
+    stage: Stage,
+    marks: Marks,
+}
+
+/// What the maker hands the reader.
+enum Piece {
+    Json(Vec<u8>),
+    /// The manifest is complete.
+    End,
+    /// Making it failed: the reader says why on every later read, never a clean end.
     Failed(io::ErrorKind, String),
 }
 
 /// One repository's manifest stream: a [`crate::manifest::Manifest`] in JSON, serialized
-/// from the walk file as it is read, a few hundred entries at a time.
+/// from the walk file by a thread of its own, a few hundred entries at a time, up to
+/// [`AHEAD`] pieces ahead of the engine: the engine takes one piece while agex checks the
+/// files of the next ones.
 pub struct ManifestReader {
-    source: Arc<ManifestSource>,
+    /// Until the first read starts it.
+    maker: Option<Maker>,
     completion: Option<Completion>,
-    stage: Stage,
+    pieces: Option<Receiver<Piece>>,
+    /// How the stream ended, once it did.
+    ended: Option<Result<(), (io::ErrorKind, String)>>,
     buf: Vec<u8>,
     pos: usize,
-    marks: Marks,
 }
 
 /// Files checked and serialized at a time (about 64 KiB of JSON).
 const BATCH: usize = 512;
+/// Pieces made ahead of the reader.
+const AHEAD: usize = 16;
 
-impl ManifestReader {
+impl Maker {
+    /// Hands every piece of the manifest to `to` until it is complete, making fails, or the
+    /// reader is gone.
+    fn run(mut self, to: SyncSender<Piece>) {
+        loop {
+            let mut buf = Vec::new();
+            let piece = match self.fill(&mut buf) {
+                Ok(()) if buf.is_empty() && matches!(self.stage, Stage::Done) => Piece::End,
+                Ok(()) => Piece::Json(buf),
+                Err(e) => Piece::Failed(e.kind(), e.to_string()),
+            };
+            let last = !matches!(piece, Piece::Json(_));
+            if to.send(piece).is_err() || last {
+                return;
+            }
+        }
+    }
+
     /// Makes the next piece of JSON into `buf` (nothing once the manifest is complete).
-    fn fill(&mut self) -> io::Result<()> {
-        self.buf.clear();
-        self.pos = 0;
+    fn fill(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
         let json = |e: serde_json::Error| io::Error::other(format!("manifest: {e}"));
         match std::mem::replace(&mut self.stage, Stage::Done) {
             Stage::Start => {
@@ -205,10 +246,10 @@ impl ManifestReader {
                     service: &source.service,
                     run_id: &source.run_id,
                 };
-                serde_json::to_writer(&mut self.buf, &head).map_err(json)?;
+                serde_json::to_writer(&mut *buf, &head).map_err(json)?;
                 // `{...}` becomes `{..., "files": [`.
-                self.buf.pop();
-                self.buf.extend_from_slice(b",\"files\":[");
+                buf.pop();
+                buf.extend_from_slice(b",\"files\":[");
                 self.stage = Stage::Files {
                     records: source.walked.records()?,
                     changed: Vec::new(),
@@ -229,17 +270,14 @@ impl ManifestReader {
                     .take(BATCH)
                     .collect::<io::Result<Vec<_>>>()?;
                 if batch.is_empty() {
-                    self.buf.push(b']');
+                    buf.push(b']');
                     changed.sort();
                     *self.marks.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(changed);
                     self.stage = Stage::Tail(dumps);
                     return Ok(());
                 }
                 let (source, root) = (&self.source, &self.source.root);
-                let now: Vec<bool> = batch
-                    .par_iter()
-                    .map(|r| source.walked.changed_now(root, r))
-                    .collect();
+                let now = source.walked.changed_now(root, &batch);
                 for (r, now) in batch.iter().zip(now) {
                     let Some(mut entry) = Walked::entry(r) else {
                         continue;
@@ -249,10 +287,10 @@ impl ManifestReader {
                         changed.push(entry.path.clone());
                     }
                     if !first {
-                        self.buf.push(b',');
+                        buf.push(b',');
                     }
                     first = false;
-                    serde_json::to_writer(&mut self.buf, &entry).map_err(json)?;
+                    serde_json::to_writer(&mut *buf, &entry).map_err(json)?;
                 }
                 self.stage = Stage::Files {
                     records,
@@ -262,43 +300,63 @@ impl ManifestReader {
                 };
             }
             Stage::Tail(dumps) => {
-                self.buf.extend_from_slice(b",\"dumps\":");
-                serde_json::to_writer(&mut self.buf, &dumps).map_err(json)?;
+                buf.extend_from_slice(b",\"dumps\":");
+                serde_json::to_writer(&mut *buf, &dumps).map_err(json)?;
                 let specials = &self.source.walked.specials;
                 if !specials.is_empty() {
-                    self.buf.extend_from_slice(b",\"specials\":");
-                    serde_json::to_writer(&mut self.buf, specials).map_err(json)?;
+                    buf.extend_from_slice(b",\"specials\":");
+                    serde_json::to_writer(&mut *buf, specials).map_err(json)?;
                 }
-                self.buf.push(b'}');
+                buf.push(b'}');
             }
             Stage::Done => {}
-            Stage::Failed(kind, why) => {
-                self.stage = Stage::Failed(kind, why.clone());
-                return Err(io::Error::new(kind, why));
-            }
         }
         Ok(())
     }
 }
 
+impl ManifestReader {
+    /// The next piece from the maker, started on the first call.
+    fn next_piece(&mut self) -> Piece {
+        if let Some(maker) = self.maker.take() {
+            let (to, from) = sync_channel(AHEAD);
+            let started = std::thread::Builder::new()
+                .name("agex-manifest".into())
+                .spawn(move || maker.run(to));
+            if let Err(e) = started {
+                return Piece::Failed(e.kind(), format!("manifest: {e}"));
+            }
+            self.pieces = Some(from);
+        }
+        match self.pieces.as_ref().map(Receiver::recv) {
+            Some(Ok(piece)) => piece,
+            _ => Piece::Failed(io::ErrorKind::Other, "making the manifest stopped".into()),
+        }
+    }
+}
+
 impl Read for ManifestReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.buf.len() && !matches!(self.stage, Stage::Done) {
-            if let Err(e) = self.fill() {
-                if !matches!(self.stage, Stage::Failed(..)) {
-                    self.stage = Stage::Failed(e.kind(), e.to_string());
+        while self.pos == self.buf.len() {
+            match &self.ended {
+                Some(Ok(())) => {
+                    if let Some(c) = self.completion.take() {
+                        c.complete_one();
+                    }
+                    return Ok(0);
                 }
-                return Err(e);
+                Some(Err((kind, why))) => return Err(io::Error::new(*kind, why.clone())),
+                None => {}
+            }
+            match self.next_piece() {
+                Piece::Json(json) => (self.buf, self.pos) = (json, 0),
+                Piece::End => self.ended = Some(Ok(())),
+                Piece::Failed(kind, why) => self.ended = Some(Err((kind, why))),
             }
         }
         let n = buf.len().min(self.buf.len() - self.pos);
         buf[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
-        if n == 0 {
-            if let Some(c) = self.completion.take() {
-                c.complete_one();
-            }
-        }
         Ok(n)
     }
 }
