@@ -734,9 +734,9 @@ impl Combined {
 
 /// How an entry is opened: a local file, or a stream handed over once.
 pub enum Open {
-    /// A file under the root.
-    Local(<LocalSource as ReadSource>::Open),
-    /// A dump stream.
+    /// A file under the root, in flight until it is read or dropped.
+    Local(LocalOpen, Ticket),
+    /// A dump stream or a manifest.
     Stream(Box<dyn Read + Send>),
 }
 
@@ -745,9 +745,86 @@ impl ReadSourceOpen for Open {
 
     fn open(self) -> RusticResult<Self::Reader> {
         match self {
-            Open::Local(o) => Ok(Box::new(o.open()?)),
+            Open::Local(o, ticket) => Ok(Box::new(Ticketed {
+                reader: o.open()?,
+                _ticket: ticket,
+            })),
             Open::Stream(r) => Ok(r),
         }
+    }
+}
+
+/// The files the archiver took and has not finished reading, by their place in the walk.
+///
+/// rustic_core reads files on several threads, so a stream could be opened while a file
+/// before it in path order is still being read. A stream waits for those first
+/// ([`AfterFiles`]): the manifest is made only once the snapshot holds what it read of
+/// every file before it, so its check that a file was not written since agex read it
+/// comes after the engine's read, as it must (the files after it are checked once the
+/// snapshot is written).
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<(Mutex<std::collections::BTreeSet<u64>>, std::sync::Condvar)>);
+
+impl InFlight {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ticket for the file at `place`, in flight until the ticket is dropped.
+    fn take(&self, place: u64) -> Ticket {
+        self.set().insert(place);
+        Ticket {
+            place,
+            in_flight: self.clone(),
+        }
+    }
+
+    /// Waits until no file before `place` is in flight.
+    fn wait_before(&self, place: u64) {
+        let mut set = self.set();
+        while set.first().is_some_and(|first| *first < place) {
+            set = self.0 .1.wait(set).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// One file in flight (see [`InFlight`]).
+pub struct Ticket {
+    place: u64,
+    in_flight: InFlight,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.in_flight.set().remove(&self.place);
+        self.in_flight.0 .1.notify_all();
+    }
+}
+
+/// A local file's reader, in flight until it is dropped.
+struct Ticketed<R> {
+    reader: R,
+    _ticket: Ticket,
+}
+
+impl<R: Read> Read for Ticketed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+/// A stream that is read only once no file before it is in flight.
+struct AfterFiles {
+    inner: Box<dyn Read + Send>,
+    wait: Option<(InFlight, u64)>,
+}
+
+impl Read for AfterFiles {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some((in_flight, place)) = self.wait.take() {
+            in_flight.wait_before(place);
+        }
+        self.inner.read(buf)
     }
 }
 
@@ -761,7 +838,7 @@ impl ReadSource for Combined {
 
     fn entries(&self) -> Self::Iter {
         let now = rustic_core::jiff::Zoned::now().timestamp();
-        let mut streams: Vec<ReadSourceEntry<Open>> =
+        let mut streams: Vec<ReadSourceEntry<Box<dyn Read + Send>>> =
             std::mem::take(&mut *self.streams.lock().unwrap_or_else(|p| p.into_inner()))
                 .into_iter()
                 .map(|s| {
@@ -787,20 +864,19 @@ impl ReadSource for Combined {
                     ReadSourceEntry {
                         path: s.path,
                         node,
-                        open: Some(Open::Stream(s.reader)),
+                        open: Some(s.reader),
                     }
                 })
                 .collect();
         // Popped from the back: keep the greatest path first.
         streams.sort_by(|a, b| b.path.cmp(&a.path));
         let root = self.root.clone();
-        let local: Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<Open>>> + Send> =
+        let local: Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<LocalOpen>>> + Send> =
             match &self.local {
                 Some(l) => Box::new(l.entries().map(move |e| {
                     e.map(|e| ReadSourceEntry {
                         path: host_path(&root, &e.path),
-                        node: e.node,
-                        open: e.open.map(Open::Local),
+                        ..e
                     })
                 })),
                 None => Box::new(std::iter::empty()),
@@ -810,18 +886,26 @@ impl ReadSource for Combined {
             streams,
             meter: self.meter.clone(),
             complete: self.complete.clone(),
+            in_flight: InFlight::default(),
+            place: 0,
         }
     }
 }
 
+type LocalOpen = <LocalSource as ReadSource>::Open;
+
 /// The local walk (already in path order) merged with the few stream entries, lazily:
 /// memory stays flat however many files the paths hold.
 pub struct Merged {
-    local:
-        std::iter::Peekable<Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<Open>>> + Send>>,
-    streams: Vec<ReadSourceEntry<Open>>,
+    local: std::iter::Peekable<
+        Box<dyn Iterator<Item = RusticResult<ReadSourceEntry<LocalOpen>>> + Send>,
+    >,
+    streams: Vec<ReadSourceEntry<Box<dyn Read + Send>>>,
     meter: Option<Arc<Meter>>,
     complete: Completion,
+    /// The files taken and not yet read, by their place in this walk.
+    in_flight: InFlight,
+    place: u64,
 }
 
 impl Iterator for Merged {
@@ -834,10 +918,29 @@ impl Iterator for Merged {
             (Some(Err(_)), Some(_)) => false,
             (Some(Ok(l)), Some(s)) => s.path < l.path,
         };
+        self.place += 1;
+        let (in_flight, place) = (&self.in_flight, self.place);
         let next = if stream_first {
-            self.streams.pop().map(Ok)
+            self.streams.pop().map(|e| {
+                Ok(ReadSourceEntry {
+                    open: e.open.map(|inner| {
+                        Open::Stream(Box::new(AfterFiles {
+                            inner,
+                            wait: Some((in_flight.clone(), place)),
+                        }))
+                    }),
+                    path: e.path,
+                    node: e.node,
+                })
+            })
         } else {
-            self.local.next()
+            self.local.next().map(|e| {
+                e.map(|e| ReadSourceEntry {
+                    open: e.open.map(|o| Open::Local(o, in_flight.take(place))),
+                    path: e.path,
+                    node: e.node,
+                })
+            })
         };
         self.complete.active();
         if let (Some(meter), Some(Ok(e))) = (&self.meter, &next) {
@@ -846,5 +949,40 @@ impl Iterator for Merged {
             }
         }
         next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A stream is read only once every file before it in the walk was read, whichever
+    /// thread reads what; files after it do not hold it.
+    #[test]
+    fn a_stream_waits_for_the_files_before_it_only() {
+        let in_flight = InFlight::default();
+        let first = in_flight.take(1);
+        let second = in_flight.take(2);
+        let after = in_flight.take(4);
+        let stream = AfterFiles {
+            inner: Box::new(&b"manifest"[..]),
+            wait: Some((in_flight.clone(), 3)),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut out = Vec::new();
+            stream.read_to_end(&mut out).unwrap();
+            tx.send(out).unwrap();
+        });
+        drop(first);
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(second);
+        let read = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(read, b"manifest");
+        reader.join().unwrap();
+        drop(after);
+        assert!(in_flight.set().is_empty());
     }
 }
