@@ -15,18 +15,20 @@
 //! after that is checked once its snapshot is written, and recorded in the snapshot's
 //! description ([`late_marks_description`]).
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 #[cfg(test)]
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, DumpEntry, HostPath, Walked};
 use crate::tee::Completion;
-use crate::walk_file::Records;
+use crate::walk_file::{Record, Records};
 
 /// What every repository's manifest of one service backup is made from.
 pub struct ManifestSource {
@@ -39,6 +41,8 @@ pub struct ManifestSource {
     dumps: Mutex<Option<Result<Vec<DumpEntry>, String>>>,
     /// Notified when either of the two above is settled.
     settled: Condvar,
+    /// Pieces one repository's manifest made for another's to take.
+    shared: Mutex<Shared>,
 }
 
 impl ManifestSource {
@@ -52,6 +56,7 @@ impl ManifestSource {
             digested: Mutex::new(None),
             dumps: Mutex::new(None),
             settled: Condvar::new(),
+            shared: Mutex::new(Shared::default()),
         })
     }
 
@@ -99,6 +104,10 @@ impl ManifestSource {
         }
     }
 
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The walk the manifests describe.
     pub fn walked(&self) -> &Walked {
         &self.walked
@@ -128,11 +137,19 @@ impl ManifestSource {
     /// its complete end into `completion` and leaves the files it marked in `marks`.
     pub fn reader(self: &Arc<Self>, completion: Completion) -> (ManifestReader, Marks) {
         let marks = Marks::default();
+        let number = {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.makers.push(None);
+            shared.makers.len() - 1
+        };
         let reader = ManifestReader {
             maker: Some(Maker {
                 source: Arc::clone(self),
                 stage: Stage::Start,
                 marks: marks.clone(),
+                number,
+                reached: Instant::now(),
+                batch: 0,
             }),
             completion: Some(completion),
             pieces: None,
@@ -176,6 +193,83 @@ struct Maker {
     source: Arc<ManifestSource>,
     stage: Stage,
     marks: Marks,
+    /// Its number among the source's makers.
+    number: usize,
+    /// When its engine reached the manifest (had read every file before it): only a
+    /// check begun after that says what this engine stored.
+    reached: Instant,
+    /// The batch of file entries it makes next.
+    batch: usize,
+}
+
+/// The file entries of one batch, checked and serialized.
+struct Made {
+    /// The entries, separated by commas (none for a batch of unread files only).
+    json: Vec<u8>,
+    /// The files marked changed.
+    changed: Vec<HostPath>,
+}
+
+/// The manifests of one run describe the same files in the same batches, and when two
+/// engines reach theirs at about the same time (the usual case: both wait for the same
+/// dumps) their checks and JSON would be the same work done twice. A maker that is ahead
+/// leaves each batch it made for the makers behind it, which take it if it was checked
+/// after their engine reached the manifest (else they make their own).
+#[derive(Default)]
+struct Shared {
+    /// Per maker: when its engine reached the manifest and the batch it is at, from its
+    /// start to its end.
+    makers: Vec<Option<(Instant, usize)>>,
+    /// Batch number -> when its check began, what was made, and how many makers may
+    /// still take it.
+    pieces: HashMap<usize, (Instant, Arc<Made>, usize)>,
+}
+
+/// Batches kept for makers behind (about 64 KiB each): a maker far behind makes its own.
+const SHARED_MAX: usize = 64;
+
+impl Shared {
+    /// Maker `number` (its engine reached the manifest at `reached`) is at `batch`: what
+    /// another maker made of it after `reached`, if there is such a piece.
+    fn take(&mut self, number: usize, reached: Instant, batch: usize) -> Option<Arc<Made>> {
+        if let Some(at) = self.makers.get_mut(number) {
+            *at = Some((reached, batch));
+        }
+        let (checked, made, takers) = self.pieces.get_mut(&batch)?;
+        if *checked < reached {
+            return None;
+        }
+        let made = Arc::clone(made);
+        *takers -= 1;
+        if *takers == 0 {
+            self.pieces.remove(&batch);
+        }
+        Some(made)
+    }
+
+    /// Maker `number` made `batch` with a check begun at `checked`: kept for the makers
+    /// behind it whose engines had reached the manifest by then.
+    fn leave(&mut self, number: usize, batch: usize, checked: Instant, made: &Arc<Made>) {
+        let takers = self
+            .makers
+            .iter()
+            .enumerate()
+            .filter(|(n, at)| {
+                *n != number && at.is_some_and(|(reached, at)| reached <= checked && at < batch)
+            })
+            .count();
+        if takers > 0 && self.pieces.len() < SHARED_MAX {
+            self.pieces
+                .insert(batch, (checked, Arc::clone(made), takers));
+        }
+    }
+
+    /// Maker `number` ended (complete or not).
+    fn end(&mut self, number: usize) {
+        if let Some(at) = self.makers.get_mut(number) {
+            *at = None;
+        }
+    }
 }
 
 /// What the maker hands the reader.
@@ -211,6 +305,18 @@ impl Maker {
     /// Hands every piece of the manifest to `to` until it is complete, making fails, or the
     /// reader is gone.
     fn run(mut self, to: SyncSender<Piece>) {
+        self.reached = Instant::now();
+        struct End<'a>(&'a ManifestSource, usize);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                self.0.shared().end(self.1);
+            }
+        }
+        let source = Arc::clone(&self.source);
+        let _end = End(&source, self.number);
+        if let Some(at) = source.shared().makers.get_mut(self.number) {
+            *at = Some((self.reached, 0));
+        }
         loop {
             let mut buf = Vec::new();
             let piece = match self.fill(&mut buf) {
@@ -223,6 +329,42 @@ impl Maker {
                 return;
             }
         }
+    }
+
+    /// The entries of the next batch of files: taken from a maker ahead if it checked
+    /// them late enough for this one, else checked (each file as its entry is made, on
+    /// every core, so the engine takes the first entries while agex checks the rest) and
+    /// serialized here.
+    fn made(&mut self, batch: &[Record]) -> io::Result<Arc<Made>> {
+        let number = (self.number, self.batch);
+        self.batch += 1;
+        let source = &self.source;
+        if let Some(made) = source.shared().take(number.0, self.reached, number.1) {
+            return Ok(made);
+        }
+        let checked = Instant::now();
+        let now = source.walked.changed_now(&source.root, batch);
+        let mut made = Made {
+            json: Vec::new(),
+            changed: Vec::new(),
+        };
+        for (r, now) in batch.iter().zip(now) {
+            let Some(mut entry) = Walked::entry(r) else {
+                continue;
+            };
+            if now {
+                entry.changed = true;
+                made.changed.push(entry.path.clone());
+            }
+            if !made.json.is_empty() {
+                made.json.push(b',');
+            }
+            serde_json::to_writer(&mut made.json, &entry)
+                .map_err(|e| io::Error::other(format!("manifest: {e}")))?;
+        }
+        let made = Arc::new(made);
+        source.shared().leave(number.0, number.1, checked, &made);
+        Ok(made)
     }
 
     /// Makes the next piece of JSON into `buf` (nothing once the manifest is complete).
@@ -276,22 +418,15 @@ impl Maker {
                     self.stage = Stage::Tail(dumps);
                     return Ok(());
                 }
-                let (source, root) = (&self.source, &self.source.root);
-                let now = source.walked.changed_now(root, &batch);
-                for (r, now) in batch.iter().zip(now) {
-                    let Some(mut entry) = Walked::entry(r) else {
-                        continue;
-                    };
-                    if now {
-                        entry.changed = true;
-                        changed.push(entry.path.clone());
-                    }
+                let made = self.made(&batch)?;
+                if !made.json.is_empty() {
                     if !first {
                         buf.push(b',');
                     }
                     first = false;
-                    serde_json::to_writer(&mut *buf, &entry).map_err(json)?;
+                    buf.extend_from_slice(&made.json);
                 }
+                changed.extend(made.changed.iter().cloned());
                 self.stage = Stage::Files {
                     records,
                     changed,
@@ -478,6 +613,92 @@ mod tests {
         sorted.sort();
         assert_eq!(paths, sorted);
         assert!(paths.contains(&Path::new(std::ffi::OsStr::from_bytes(b"/srv/caf\xe9"))));
+    }
+
+    /// A batch made by one maker is taken by another only if it was checked after that
+    /// one's engine reached the manifest, by as many makers as were behind, and kept
+    /// only for makers behind.
+    #[test]
+    fn a_maker_takes_only_what_was_checked_after_its_engine_reached_the_manifest() {
+        let made = |n: &str| {
+            Arc::new(Made {
+                json: n.as_bytes().to_vec(),
+                changed: vec![],
+            })
+        };
+        let t0 = Instant::now();
+        let t = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let mut shared = Shared {
+            makers: vec![None, None, None],
+            ..Default::default()
+        };
+        // Maker 0 reached at 10 ms and is at batch 0; maker 1 reached at 20 ms, at batch 2.
+        assert!(shared.take(0, t(10), 0).is_none());
+        assert!(shared.take(1, t(20), 2).is_none());
+        // Maker 1 made batch 2 (checked at 25 ms): maker 0, behind, may take it.
+        shared.leave(1, 2, t(25), &made("b2"));
+        // Batch 1 made by maker 1 before maker 0 was behind it? Maker 0 is at 0 < 1: kept.
+        shared.leave(1, 1, t(15), &made("b1"));
+        // Maker 0 is not behind batch 0: nobody to keep it for.
+        shared.leave(1, 0, t(30), &made("b0"));
+        assert!(!shared.pieces.contains_key(&0));
+        // Checked at 15 ms, after maker 0 reached (10 ms): taken.
+        assert_eq!(shared.take(0, t(10), 1).unwrap().json, b"b1");
+        assert!(shared.take(0, t(10), 2).is_some());
+        assert!(shared.pieces.is_empty(), "each piece had one taker");
+        // Maker 2 reached at 40 ms: a batch checked at 35 ms is not for it.
+        assert!(shared.take(2, t(40), 3).is_none());
+        shared.makers[0] = Some((t(10), 3));
+        shared.leave(1, 4, t(35), &made("b4"));
+        assert_eq!(shared.pieces[&4].2, 1, "only maker 0 had reached by 35 ms");
+        assert!(shared.take(2, t(40), 4).is_none());
+        assert_eq!(shared.take(0, t(10), 4).unwrap().json, b"b4");
+        // A maker that ended is no taker.
+        shared.end(0);
+        shared.leave(1, 5, t(50), &made("b5"));
+        assert!(shared.take(2, t(40), 5).is_some());
+        assert!(shared.pieces.is_empty());
+    }
+
+    /// Two repositories' manifests read side by side are the same manifest.
+    #[test]
+    fn manifests_made_side_by_side_are_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let srv = root.join("srv");
+        std::fs::create_dir_all(srv.join("a")).unwrap();
+        for i in 0..20_000 {
+            std::fs::write(srv.join(format!("a/f{i}")), format!("{i}")).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_nanos(
+            2 * crate::manifest::RACY_NS as u64,
+        ));
+        let selection = crate::manifest::Selection::of_paths(vec!["/srv".into()]);
+        let walked = selection.walk(&root, &dir.path().join("s.walk")).unwrap();
+        let source = ManifestSource::new(root.clone(), "s", "r", walked);
+        source.digest();
+        source.set_dumps(Ok(vec![]));
+        let read = |(mut reader, marks): (ManifestReader, Marks)| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let mut piece = [0u8; 700];
+                loop {
+                    let n = reader.read(&mut piece).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    bytes.extend_from_slice(&piece[..n]);
+                }
+                (bytes, marks.get())
+            })
+        };
+        let a = read(source.reader(Completion::default()));
+        let b = read(source.reader(Completion::default()));
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        assert_eq!(a, b);
+        let m: crate::manifest::Manifest = serde_json::from_slice(&a.0).unwrap();
+        assert_eq!(m.files.len(), 20_000);
+        assert_eq!(a.1, Some(vec![]));
     }
 
     #[test]
