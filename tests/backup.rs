@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::services::{Postgres, RcloneRestic, Sshd};
 use common::setup::{
-    app_data, dump_entry, fake_systemctl, pseudo_random, restored_manifest, run,
+    app_data, blob_rows, dump_entry, fake_systemctl, pseudo_random, restored_manifest, run,
     sqlite_and_postgres_policy, sqlite_count, Setup, SQLITE_POLICY,
 };
 use common::{assert_fails, assert_ok, have_tool, stderr, stdout, wrapped};
@@ -614,13 +614,7 @@ fn a_repository_that_hangs_is_left_behind_and_the_other_completes() {
     s.policy("testapp", SQLITE_POLICY);
     app_data(&s, 0);
     // A dump much larger than what the tee, the pipes and TCP can hold in between.
-    run(
-        Command::new("sqlite3").arg(s.host("/srv/app/app.db")).arg(
-            "CREATE TABLE blobs(b BLOB); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
-             SELECT x+1 FROM c WHERE x < 12000) INSERT INTO blobs SELECT randomblob(4096) FROM c;",
-        ),
-        "sqlite3",
-    );
+    blob_rows(&s, 12000);
     s.init_repos();
 
     let child = s

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::services::{ssh_keygen, SeaweedFs, Sshd, S3_ACCESS_KEY, S3_SECRET_KEY};
-use common::setup::{app_data, pseudo_random, run, Setup, SQLITE_POLICY};
+use common::setup::{app_data, blob_rows, pseudo_random, run, Setup, SQLITE_POLICY};
 use common::{assert_fails, assert_ok, have_tool, stderr, stdout, Fixture};
 
 /// Replaces secret `name`'s plaintext (through `agex encrypt`, to its rule's recipients).
@@ -1209,13 +1209,7 @@ fn borg_ssh_server_dying_mid_backup_fails_that_repository_and_the_next_run_compl
 /// A database whose dump (48 MiB) is much larger than what the tee, the pipes and TCP
 /// hold in between: a repository that stops taking it holds the other one up.
 fn big_dump(s: &Setup) {
-    run(
-        Command::new("sqlite3").arg(s.host("/srv/app/app.db")).arg(
-            "CREATE TABLE blobs(b BLOB); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
-             SELECT x+1 FROM c WHERE x < 12000) INSERT INTO blobs SELECT randomblob(4096) FROM c;",
-        ),
-        "sqlite3",
-    );
+    blob_rows(s, 12000);
 }
 
 /// A run with one server hung, begun at `started`: it failed (exit 3), borg's side
@@ -1322,13 +1316,7 @@ fn a_slow_repository_at_work_is_waited_for_longer_than_the_stall_timeout() {
     repo_line(&s, "offsite-borg", "limit_upload = \"4 MiB/s\"");
     s.fx.edit_config("lock_wait = 5", "lock_wait = 5\nstall_timeout = 3");
     // A dump larger than the tee and the pipes hold: its producer waits for borg.
-    run(
-        Command::new("sqlite3").arg(s.host("/srv/app/app.db")).arg(
-            "CREATE TABLE blobs(b BLOB); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
-             SELECT x+1 FROM c WHERE x < 1800) INSERT INTO blobs SELECT randomblob(4096) FROM c;",
-        ),
-        "sqlite3",
-    );
+    blob_rows(&s, 1800);
     s.init_repos();
     let t = Instant::now();
     let out = backup_in_background(&s).wait_with_output().unwrap();

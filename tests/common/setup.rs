@@ -196,6 +196,20 @@ pub fn app_data(s: &Setup, big: usize) {
     assert_ok(&out);
 }
 
+/// Adds a table of `rows` random 4 KiB blobs to the app's SQLite database: its dump is
+/// about `rows` × 4 KiB that no compression shrinks.
+pub fn blob_rows(s: &Setup, rows: usize) {
+    run(
+        Command::new("sqlite3")
+            .arg(s.host("/srv/app/app.db"))
+            .arg(format!(
+                "CREATE TABLE blobs(b BLOB); WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
+             SELECT x+1 FROM c WHERE x < {rows}) INSERT INTO blobs SELECT randomblob(4096) FROM c;"
+            )),
+        "sqlite3",
+    );
+}
+
 /// The manifest a restored snapshot of `service` holds.
 pub fn restored_manifest(restored: &Path, service: &str) -> serde_json::Value {
     let path = restored.join(format!("var/lib/agex/dumps/{service}/manifest.json"));

@@ -525,6 +525,18 @@ mod tests {
     use super::*;
     use std::os::unix::ffi::OsStrExt;
 
+    /// Everything `reader` gives, read `size` bytes at a time at most.
+    fn read_in_pieces(reader: &mut impl Read, size: usize) -> Vec<u8> {
+        let (mut bytes, mut piece) = (Vec::new(), vec![0u8; size]);
+        loop {
+            let n = reader.read(&mut piece).unwrap();
+            if n == 0 {
+                return bytes;
+            }
+            bytes.extend_from_slice(&piece[..n]);
+        }
+    }
+
     /// A tree walked into a walk file, its manifest streamed in small reads.
     #[test]
     fn the_stream_is_the_manifest_of_the_walk_with_its_marks() {
@@ -570,15 +582,7 @@ mod tests {
         source.set_dumps(Ok(vec![dump.clone()]));
         let done = Completion::default();
         let (mut reader, marks) = source.reader(done.clone());
-        let mut bytes = Vec::new();
-        let mut piece = [0u8; 1000];
-        loop {
-            let n = reader.read(&mut piece).unwrap();
-            if n == 0 {
-                break;
-            }
-            bytes.extend_from_slice(&piece[..n]);
-        }
+        let bytes = read_in_pieces(&mut reader, 1000);
         assert_eq!(done.count(), 1);
         let m: crate::manifest::Manifest = serde_json::from_slice(&bytes).unwrap();
         assert_eq!((m.service.as_str(), m.run_id.as_str()), ("s", "r"));
@@ -679,18 +683,7 @@ mod tests {
         source.digest();
         source.set_dumps(Ok(vec![]));
         let read = |(mut reader, marks): (ManifestReader, Marks)| {
-            std::thread::spawn(move || {
-                let mut bytes = Vec::new();
-                let mut piece = [0u8; 700];
-                loop {
-                    let n = reader.read(&mut piece).unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    bytes.extend_from_slice(&piece[..n]);
-                }
-                (bytes, marks.get())
-            })
+            std::thread::spawn(move || (read_in_pieces(&mut reader, 700), marks.get()))
         };
         let a = read(source.reader(Completion::default()));
         let b = read(source.reader(Completion::default()));
