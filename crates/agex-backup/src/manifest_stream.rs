@@ -138,7 +138,7 @@ impl ManifestSource {
     pub fn reader(self: &Arc<Self>, completion: Completion) -> (ManifestReader, Marks) {
         let marks = Marks::default();
         let number = {
-            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shared = self.shared();
             shared.makers.push(None);
             shared.makers.len() - 1
         };
@@ -148,6 +148,7 @@ impl ManifestSource {
                 stage: Stage::Start,
                 marks: marks.clone(),
                 number,
+                // Set again when the first read starts the maker.
                 reached: Instant::now(),
                 batch: 0,
             }),
@@ -229,11 +230,18 @@ struct Shared {
 const SHARED_MAX: usize = 64;
 
 impl Shared {
+    /// Maker `number` started: its engine reached the manifest at `reached`.
+    fn start(&mut self, number: usize, reached: Instant) {
+        if let Some(at) = self.makers.get_mut(number) {
+            *at = Some((reached, 0));
+        }
+    }
+
     /// Maker `number` (its engine reached the manifest at `reached`) is at `batch`: what
     /// another maker made of it after `reached`, if there is such a piece.
     fn take(&mut self, number: usize, reached: Instant, batch: usize) -> Option<Arc<Made>> {
-        if let Some(at) = self.makers.get_mut(number) {
-            *at = Some((reached, batch));
+        if let Some(Some((_, at))) = self.makers.get_mut(number) {
+            *at = batch;
         }
         let (checked, made, takers) = self.pieces.get_mut(&batch)?;
         if *checked < reached {
@@ -314,9 +322,7 @@ impl Maker {
         }
         let source = Arc::clone(&self.source);
         let _end = End(&source, self.number);
-        if let Some(at) = source.shared().makers.get_mut(self.number) {
-            *at = Some((self.reached, 0));
-        }
+        source.shared().start(self.number, self.reached);
         loop {
             let mut buf = Vec::new();
             let piece = match self.fill(&mut buf) {
@@ -336,10 +342,10 @@ impl Maker {
     /// every core, so the engine takes the first entries while agex checks the rest) and
     /// serialized here.
     fn made(&mut self, batch: &[Record]) -> io::Result<Arc<Made>> {
-        let number = (self.number, self.batch);
+        let (number, batch_number) = (self.number, self.batch);
         self.batch += 1;
         let source = &self.source;
-        if let Some(made) = source.shared().take(number.0, self.reached, number.1) {
+        if let Some(made) = source.shared().take(number, self.reached, batch_number) {
             return Ok(made);
         }
         let checked = Instant::now();
@@ -363,7 +369,7 @@ impl Maker {
                 .map_err(|e| io::Error::other(format!("manifest: {e}")))?;
         }
         let made = Arc::new(made);
-        source.shared().leave(number.0, number.1, checked, &made);
+        source.shared().leave(number, batch_number, checked, &made);
         Ok(made)
     }
 
@@ -637,6 +643,8 @@ mod tests {
             ..Default::default()
         };
         // Maker 0 reached at 10 ms and is at batch 0; maker 1 reached at 20 ms, at batch 2.
+        shared.start(0, t(10));
+        shared.start(1, t(20));
         assert!(shared.take(0, t(10), 0).is_none());
         assert!(shared.take(1, t(20), 2).is_none());
         // Maker 1 made batch 2 (checked at 25 ms): maker 0, behind, may take it.
@@ -651,6 +659,7 @@ mod tests {
         assert!(shared.take(0, t(10), 2).is_some());
         assert!(shared.pieces.is_empty(), "each piece had one taker");
         // Maker 2 reached at 40 ms: a batch checked at 35 ms is not for it.
+        shared.start(2, t(40));
         assert!(shared.take(2, t(40), 3).is_none());
         shared.makers[0] = Some((t(10), 3));
         shared.leave(1, 4, t(35), &made("b4"));
